@@ -1,0 +1,62 @@
+// cpu_chunks.h — split a list of tensors into fixed-size chunks so one OpenMP loop
+// balances a group whose tensors range from 512 to 16M elements.
+#pragma once
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "common.h"
+
+namespace spam {
+
+// 16Ki elements: 64 KiB of fp32 per buffer, large enough to amortise scheduling and
+// small enough that a 2-core machine splits even a single 512x512 matrix.
+constexpr int64_t kCpuChunk = int64_t{1} << 14;
+// A group smaller than one chunk runs on the calling thread: waking an OpenMP team costs
+// more than stepping 16Ki elements, and far more when the machine is oversubscribed.
+
+// Below this many elements in a whole call the work stays on the calling thread.
+constexpr int64_t kCpuParallelMin = int64_t{1} << 16;
+
+struct Chunk {
+  int32_t tensor;  // index into the caller's tensor list
+  int64_t begin, end;
+};
+
+struct ChunkPlan {
+  std::vector<Chunk> chunks;
+  bool parallel;  // worth waking the OpenMP team
+};
+
+inline ChunkPlan make_chunks(const std::vector<int64_t>& numels) {
+  std::vector<Chunk> chunks;
+  int64_t total = 0;
+  for (int64_t n : numels) total += n;
+  for (size_t t = 0; t < numels.size(); ++t)
+    for (int64_t b = 0; b < numels[t]; b += kCpuChunk)
+      chunks.push_back(Chunk{static_cast<int32_t>(t), b, b + kCpuChunk < numels[t] ? b + kCpuChunk : numels[t]});
+  return ChunkPlan{std::move(chunks), total >= kCpuParallelMin};
+}
+
+// Calls f(type_tag) with the storage type of dtype; the one place an enum becomes a type.
+template <typename T> struct TypeTag { using type = T; };
+
+template <typename F>
+decltype(auto) dispatch_dtype(DType dtype, F&& f);
+
+}  // namespace spam
+
+#include "half.h"
+
+namespace spam {
+template <typename F>
+decltype(auto) dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(TypeTag<float>{});
+    case DType::kBFloat16: return f(TypeTag<bf16_t>{});
+    case DType::kFloat16: return f(TypeTag<f16_t>{});
+  }
+  throw Error("spam_lowmem: unsupported dtype");
+}
+}  // namespace spam

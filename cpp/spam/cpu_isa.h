@@ -1,0 +1,29 @@
+// cpu_isa.h — the CPU kernels are compiled once per instruction set (baseline, AVX2,
+// AVX-512) into separate namespaces; cpu_dispatch.cpp picks one at run time from cpuid.
+// This keeps wheels portable while matching torch's own AVX-512 kernels in speed.
+//
+// A kernel translation unit is compiled with -DSPAM_CPU_ISA=<namespace> and defines
+// spam::<namespace>::cpu_spam_step / cpu_stable_spam_step with the cpu_ops.h signatures.
+#pragma once
+
+#include "cpu_ops.h"
+
+#ifndef SPAM_CPU_ISA
+#define SPAM_CPU_ISA isa_baseline
+#endif
+
+namespace spam {
+
+#define SPAM_DECLARE_CPU_KERNELS(ns)                                                           \
+  namespace ns {                                                                               \
+  void cpu_spam_step(const std::vector<SpamTensor>&, const SpamHyper&, int64_t*);              \
+  void cpu_stable_spam_step(const std::vector<StableSpamTensor>&, const StableAdamHyper&,      \
+                            int64_t*);                                                         \
+  }
+
+SPAM_DECLARE_CPU_KERNELS(isa_baseline)
+SPAM_DECLARE_CPU_KERNELS(isa_avx2)
+SPAM_DECLARE_CPU_KERNELS(isa_avx512)
+#undef SPAM_DECLARE_CPU_KERNELS
+
+}  // namespace spam

@@ -1,0 +1,157 @@
+// cpu_stable_spam.cpp — CPU Stable-SPAM step (ALGORITHMS.md §4.4), all tensors of a group:
+//   pass 1  per-chunk max|g| and sum g^2 (finite entries), combined per tensor in chunk order
+//           so the result does not depend on the thread count;
+//   scalar  AdaClip: M <- g3 M + (1-g3) max|g|, threshold M_hat (math.h);
+//   pass 2  only for tensors that clip: sum of squares of the clipped gradient;
+//   scalar  AdaGN: mu, nu EMAs and the target norm c;
+//   pass 3  the fused element update (clip, normalise, Adam, decay).
+#include <algorithm>
+#include <cmath>
+
+#include "cpu_chunks.h"
+#include "cpu_isa.h"
+#include "half.h"
+#include "math.h"
+
+namespace spam {
+namespace SPAM_CPU_ISA {
+namespace {
+
+// Scalars that make stable_clip the identity (pass 1 reduces the raw gradient).
+constexpr StableTensorScalars kNoClip{INFINITY, 1.0f, 0.0f, 0.0f};
+
+struct Partial {
+  float max_abs = 0.0f;
+  double sum_sq = 0.0;
+};
+
+// Max |g| and sum g^2 over [begin, end) of the (optionally clipped) gradient, leaving out
+// non-finite entries under the "skip" policy. `omp simd` reductions vectorise without -ffast-math; fp32 partial
+// sums are folded into a double every kBlock elements, which bounds their rounding error,
+// and the fixed block order keeps the result independent of the thread count.
+template <typename T>
+Partial reduce_chunk(const TensorRef& grad, int64_t begin, int64_t end,
+                     const StableTensorScalars& clip, bool skip_nonfinite) {
+  constexpr int64_t kBlock = 1024;
+  const T* __restrict g = static_cast<const T*>(grad.data);
+  float max_abs = 0.0f;
+  double sum_sq = 0.0;
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t e = b + kBlock < end ? b + kBlock : end;
+    float block_sq = 0.0f, block_max = 0.0f;
+#pragma omp simd reduction(+ : block_sq) reduction(max : block_max)
+    for (int64_t i = b; i < e; ++i) {
+      float x = Storage<T>::load(g, i);
+      x = (is_finite(x) | !skip_nonfinite) ? stable_clip(x, clip) : 0.0f;
+      block_sq += x * x;
+      block_max = block_max > fabsf(x) ? block_max : fabsf(x);
+    }
+    sum_sq += block_sq;
+    max_abs = max_abs > block_max ? max_abs : block_max;
+  }
+  // Under "propagate" a NaN entry must poison max|g| as it does in torch; the simd max
+  // reduction may drop it, but it always reaches the sum of squares.
+  if (!skip_nonfinite && std::isnan(sum_sq)) max_abs = NAN;
+  return Partial{max_abs, sum_sq};
+}
+
+template <typename T>
+void update_chunk(const StableSpamTensor& t, const StableTensorScalars& scalars, int64_t begin,
+                  int64_t end, const StableAdamHyper& hyper, int64_t& clipped, int64_t& nonfinite) {
+  // Local copies: the compiler may then load every field unconditionally and vectorise.
+  const StableTensorScalars s = scalars;
+  const StableAdamHyper h = hyper;
+  const StableAdamTensor adam = t.adam;
+  T* __restrict p = static_cast<T*>(t.param.data);
+  const T* __restrict g = static_cast<const T*>(t.grad.data);
+  T* __restrict m = static_cast<T*>(t.exp_avg.data);
+  T* __restrict v = static_cast<T*>(t.exp_avg_sq.data);
+  int64_t n_clip = 0, n_bad = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    float pi = Storage<T>::load(p, i), mi = Storage<T>::load(m, i), vi = Storage<T>::load(v, i);
+    const ElementFlags f = stable_spam_element(pi, Storage<T>::load(g, i), mi, vi, h, adam, s);
+    Storage<T>::store(p, i, pi);
+    Storage<T>::store(m, i, mi);
+    Storage<T>::store(v, i, vi);
+    n_clip += f.clipped;
+    n_bad += f.nonfinite;
+  }
+  clipped += n_clip;
+  nonfinite += n_bad;
+}
+
+// Runs reduce_chunk over the chunks whose tensor is selected and combines per tensor.
+void reduce_tensors(const std::vector<StableSpamTensor>& tensors, const ChunkPlan& plan,
+                    const std::vector<StableTensorScalars>* clip, const std::vector<char>& selected,
+                    bool skip_nonfinite, std::vector<Partial>& per_tensor) {
+  const std::vector<Chunk>& chunks = plan.chunks;
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  std::vector<Partial> partials(chunks.size());
+#pragma omp parallel for schedule(static) if (plan.parallel)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const Chunk& ch = chunks[c];
+    if (!selected[ch.tensor]) continue;
+    const StableSpamTensor& t = tensors[ch.tensor];
+    const StableTensorScalars& s = clip ? (*clip)[ch.tensor] : kNoClip;
+    partials[c] = dispatch_dtype(t.grad.dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      return reduce_chunk<T>(t.grad, ch.begin, ch.end, s, skip_nonfinite);
+    });
+  }
+  per_tensor.assign(tensors.size(), Partial{});
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    Partial& acc = per_tensor[chunks[c].tensor];
+    acc.max_abs = std::max(acc.max_abs, partials[c].max_abs);
+    acc.sum_sq += partials[c].sum_sq;
+  }
+}
+
+}  // namespace
+
+void cpu_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
+                          const StableAdamHyper& hyper, int64_t* counters) {
+  const size_t n = tensors.size();
+  std::vector<int64_t> numels;
+  numels.reserve(n);
+  for (const auto& t : tensors) numels.push_back(t.param.numel);
+  const ChunkPlan plan = make_chunks(numels);
+  const std::vector<Chunk>& chunks = plan.chunks;
+
+  std::vector<Partial> stats;
+  reduce_tensors(tensors, plan, nullptr, std::vector<char>(n, 1), hyper.nonfinite.skip, stats);
+
+  std::vector<StableTensorScalars> scalars(n);
+  std::vector<char> clips(n, 0);
+  bool any_clip = false;
+  for (size_t i = 0; i < n; ++i) {
+    stable_adaclip(tensors[i].grad_stats, stats[i].max_abs, tensors[i].stat, scalars[i]);
+    clips[i] = stable_clips(scalars[i], stats[i].max_abs);
+    any_clip = any_clip || clips[i];
+  }
+  if (any_clip) {
+    std::vector<Partial> clipped_stats;
+    reduce_tensors(tensors, plan, &scalars, clips, hyper.nonfinite.skip, clipped_stats);
+    for (size_t i = 0; i < n; ++i)
+      if (clips[i]) stats[i].sum_sq = clipped_stats[i].sum_sq;
+  }
+  for (size_t i = 0; i < n; ++i)
+    stable_adagn(tensors[i].grad_stats, static_cast<float>(std::sqrt(stats[i].sum_sq)),
+                 tensors[i].stat, scalars[i]);
+
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  int64_t clipped = 0, nonfinite = 0;
+#pragma omp parallel for schedule(static) reduction(+ : clipped, nonfinite) if (plan.parallel)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const Chunk& ch = chunks[c];
+    const StableSpamTensor& t = tensors[ch.tensor];
+    dispatch_dtype(t.param.dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      update_chunk<T>(t, scalars[ch.tensor], ch.begin, ch.end, hyper, clipped, nonfinite);
+    });
+  }
+  counters[Counters::kClipped] += clipped;
+  counters[Counters::kNonFinite] += nonfinite;
+}
+
+}  // namespace SPAM_CPU_ISA
+}  // namespace spam

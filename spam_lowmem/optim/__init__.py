@@ -1,0 +1,8 @@
+"""Optimizers whose arithmetic runs in the spam_lowmem C++/CUDA core."""
+
+from __future__ import annotations
+
+from .spam import SPAM
+from .stable_spam import StableSPAM
+
+__all__ = ["SPAM", "StableSPAM"]

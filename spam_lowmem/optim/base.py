@@ -1,0 +1,199 @@
+"""Shared machinery of the spam_lowmem optimizers (torch.optim conventions).
+
+* validation of parameters and gradients (clear errors, nothing lost);
+* gathering the tensors of a group per device into the lists the core steps in one call,
+  with an explicit copy-back path for non-contiguous parameters (never a silent copy
+  that drops the in-place update);
+* spike telemetry counted on the device (no sync in ``step()``);
+* ``load_state_dict`` that keeps float32 side state float32 for bf16/fp16 parameters
+  (torch's loader would cast it to the parameter dtype, DESIGN.md P7) and checks shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any
+
+import torch
+
+from .. import _backend
+
+__all__ = ["SpikeAwareOptimizer", "DeviceBatch"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+NONFINITE_POLICIES = ("skip", "propagate")
+
+
+@dataclass
+class DeviceBatch:
+    """The tensors of one group on one device, in the order the core receives them."""
+
+    params: list[torch.Tensor] = field(default_factory=list)  # contiguous views or copies
+    grads: list[torch.Tensor] = field(default_factory=list)
+    owners: list[torch.Tensor] = field(default_factory=list)  # the user's parameters
+    states: list[dict[str, Any]] = field(default_factory=list)
+    copy_back: list[int] = field(default_factory=list)  # indices whose params are copies
+
+    def write_back(self) -> None:
+        """Copy the updated contiguous copies into non-contiguous parameters."""
+        for i in self.copy_back:
+            self.owners[i].detach().copy_(self.params[i])
+
+
+def check_range(name: str, value: float, low: float, high: float, *, closed_high: bool = False) -> None:
+    ok = low <= value <= high if closed_high else low <= value < high
+    if not ok:
+        bracket = "]" if closed_high else ")"
+        raise ValueError(f"Invalid {name}: {value} (expected a value in [{low}, {high}{bracket})")
+
+
+def check_non_negative(name: str, value: float) -> None:
+    if not value >= 0.0:  # also rejects NaN
+        raise ValueError(f"Invalid {name}: {value} (expected >= 0)")
+
+
+class SpikeAwareOptimizer(torch.optim.Optimizer):
+    """Base class: subclasses define ``_validate_group``, ``_init_state``, ``_step_group``."""
+
+    #: state entries that stay float32 whatever the parameter dtype
+    _fp32_state_keys: tuple[str, ...] = ()
+    #: state entries every initialised parameter must have (checked on load)
+    _required_state_keys: tuple[str, ...] = ("step", "exp_avg", "exp_avg_sq")
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        self._telemetry: dict[tuple[int, torch.device], torch.Tensor] = {}
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ construction
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group.setdefault("calls", 0)
+        for p in group["params"]:
+            self._check_param(p)
+        self._validate_group(group)
+
+    @staticmethod
+    def _check_param(p: torch.Tensor) -> None:
+        if p.is_complex():
+            raise ValueError("spam_lowmem optimizers do not support complex parameters "
+                             "(view them as real with torch.view_as_real first)")
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"spam_lowmem: parameter dtype {p.dtype} is not supported; "
+                            "use float32, bfloat16 or float16")
+        if p.is_sparse:
+            raise ValueError("spam_lowmem: sparse parameters are not supported")
+        _backend.check_device(p.device)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _step_group(self, group_index: int, group: dict[str, Any]) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ stepping
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            self._validate_group(group)
+            self._step_group(index, group)
+            group["calls"] += 1
+        return loss
+
+    def _gather(self, group: dict[str, Any]) -> dict[torch.device, DeviceBatch]:
+        """Collect the parameters with gradients, per device, initialising state lazily."""
+        batches: dict[torch.device, DeviceBatch] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            grad = p.grad
+            if grad.is_sparse:
+                raise RuntimeError("spam_lowmem optimizers do not support sparse gradients")
+            if grad.dtype != p.dtype or grad.shape != p.shape:
+                raise RuntimeError(f"spam_lowmem: gradient {grad.dtype}{tuple(grad.shape)} does not "
+                                   f"match its parameter {p.dtype}{tuple(p.shape)}")
+            state = self.state[p]
+            if not state:
+                self._init_state(p, state)
+            batch = batches.setdefault(p.device, DeviceBatch())
+            data = p.detach()
+            if not data.is_contiguous():
+                batch.copy_back.append(len(batch.params))
+                data = data.contiguous()
+            batch.params.append(data)
+            batch.grads.append(grad.detach().contiguous())
+            batch.owners.append(p)
+            batch.states.append(state)
+        return batches
+
+    # ------------------------------------------------------------------ telemetry
+    def _counters(self, group_index: int, device: torch.device) -> torch.Tensor:
+        key = (group_index, device)
+        counters = self._telemetry.get(key)
+        if counters is None:
+            counters = torch.zeros(2, dtype=torch.int64, device=device)
+            self._telemetry[key] = counters
+        return counters
+
+    def spike_stats(self) -> dict[str, Any]:
+        """Gradient entries clipped as spikes (and non-finite entries seen) since the last call.
+
+        Counted on the device inside ``step()`` without a host sync; reading them here syncs
+        once. Returns ``{"clipped": int, "nonfinite": int, "groups": [{"clipped", "nonfinite"}]}``
+        and resets the counters.
+        """
+        groups = [{"clipped": 0, "nonfinite": 0} for _ in self.param_groups]
+        for (index, _device), counters in self._telemetry.items():
+            clipped, nonfinite = counters.tolist()
+            counters.zero_()
+            if index < len(groups):
+                groups[index]["clipped"] += int(clipped)
+                groups[index]["nonfinite"] += int(nonfinite)
+        return {
+            "clipped": sum(g["clipped"] for g in groups),
+            "nonfinite": sum(g["nonfinite"] for g in groups),
+            "groups": groups,
+        }
+
+    # ------------------------------------------------------------------ state dict
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; float32 side state stays float32 and shapes are checked."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        if len(saved_ids) != len(params):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match "
+                             "the size of optimizer's group")
+        id_to_param = dict(zip(saved_ids, params))
+        for pid, saved in state_dict["state"].items():
+            p = id_to_param.get(pid)
+            if p is None:
+                raise ValueError(f"loaded state dict has state for unknown parameter id {pid}")
+            missing = [k for k in self._required_state_keys if k not in saved]
+            if missing:
+                raise ValueError(f"loaded state for a parameter of shape {tuple(p.shape)} lacks "
+                                 f"{missing}: it was not saved by {type(self).__name__}")
+            for key in ("exp_avg", "exp_avg_sq"):
+                if tuple(saved[key].shape) != tuple(p.shape):
+                    raise ValueError(f"loaded '{key}' has shape {tuple(saved[key].shape)} but the "
+                                     f"parameter has shape {tuple(p.shape)}")
+        super().load_state_dict(state_dict)
+        for pid, saved in state_dict["state"].items():
+            p = id_to_param[pid]
+            for key in self._fp32_state_keys:
+                if key in saved:
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
+            for key in ("exp_avg", "exp_avg_sq"):  # the core needs contiguous state
+                self.state[p][key] = self.state[p][key].contiguous()

@@ -1,0 +1,167 @@
+"""Stable-SPAM: AdaClip + AdaGN + momentum reset (Huang et al., arXiv 2502.17055).
+
+Follows ALGORITHMS.md §4 (the authors' code) exactly, quirks included; each clean-up the
+specification recommends is an explicit keyword.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .. import functional as F
+from ..schedules import is_reset_call, stable_spam_decay
+from .base import NONFINITE_POLICIES, SpikeAwareOptimizer, check_non_negative, check_range
+
+__all__ = ["StableSPAM"]
+
+
+class StableSPAM(SpikeAwareOptimizer):
+    r"""Stable-SPAM, arithmetic in the C++/CUDA core.
+
+    Call :math:`T` of a group, :math:`sc = \eta_{min} + (1-\eta_{min})\tfrac12(1+\cos(\pi T/(T_{tot}+1)))`
+    (1 without ``total_steps``), then per tensor (paper Alg. 1):
+
+    .. math::
+        &p \gets p(1-\eta\lambda);\quad k \gets k+1\\
+        &M \gets \gamma_3 M + (1-\gamma_3)\max|g|,\quad \hat M = M/(1-\gamma_3^k),\quad
+          g_i \gets g_i \hat M/\max|g| \text{ where } |g_i| > \hat M \quad\text{(AdaClip)}\\
+        &\mu \gets \gamma_1 sc\,\mu + (1-\gamma_1 sc)\|g\|,\quad \nu \gets \gamma_2\nu + (1-\gamma_2)\|g\|^2,\quad
+          g \gets \frac{g}{\|g\|}\cdot\frac{\mu/(1-(\gamma_1 sc)^k)}{\sqrt{\nu/(1-\gamma_2^k)}+\epsilon}
+          \quad\text{(AdaGN)}\\
+        &\textbf{if } T \bmod \Delta T = 0: \text{momentum reset, } k \gets 1\\
+        &m \gets \beta_1' m + (1-\beta_1') g,\ \beta_1' = \beta_1 sc;\quad v \gets \beta_2 v + (1-\beta_2)g^2\\
+        &p \gets p - \frac{\eta}{1-\beta_1'^k}\,\frac{m}{\sqrt{v}/\sqrt{1-\beta_2^k}+\epsilon}
+
+    Statistics are per tensor and live on the parameter's device (``state["grad_stats"]``,
+    float32 ``[M, mu, nu]``); no host sync happens in ``step()``.
+
+    Args:
+        params: parameters or param-group dicts; every keyword below is also a group key.
+        lr: learning rate. Default 1e-3.
+        betas: :math:`(\beta_1, \beta_2)`. Default (0.9, 0.999).
+        gammas: :math:`(\gamma_1, \gamma_2, \gamma_3)`; :math:`\gamma_1 = -1` means "use
+            :math:`\beta_1`". Default (0.7, 0.9, 0.999) (the paper's 4-bit setting; its BF16
+            runs use (0.85, 0.99999, 0.999) with ``reset_interval=1000``).
+        eps: added after bias correction (torch convention). Default 1e-8.
+        weight_decay: decoupled, applied first. Default 0.
+        reset_interval: momentum-reset period :math:`\Delta T`; 0 never resets. Default 1000.
+        total_steps: :math:`T_{tot}` of the cosine decay of :math:`\beta_1` and :math:`\gamma_1`;
+            None disables it. Past it the cosine wraps around, as implemented. Default None.
+        eta_min: the floor :math:`\eta_{min}` of that decay. Default 0.5.
+        stale_reset_step: clean-up option. True (default, as implemented, §4.5a): the reset
+            call still steps with the old moments at bias-correction count 1 (about 0.32 of an
+            Adam step), then stores zeros. False: moments are zeroed before the reset call's update.
+        restart_stat_counts: clean-up option. True (default, as implemented, §4.5b): the reset
+            also restarts the count used by AdaClip/AdaGN bias corrections, which inflates the
+            clip threshold for ~100 calls after each reset. False: that count never restarts.
+        nonfinite: ``"skip"`` (default): NaN/Inf gradient entries are left out of max/norm and
+            of the update, and counted in :meth:`spike_stats`; ``"propagate"``: as the authors.
+
+    Notes:
+        ``p.grad`` is not modified (the authors rescale it in place). State per parameter:
+        ``step`` (Adam count), ``stat_step`` (statistics count), ``exp_avg``, ``exp_avg_sq``
+        (parameter dtype) and ``grad_stats`` (3 x float32). Memory: 2 x parameter bytes + 12 B.
+    """
+
+    _fp32_state_keys = ("grad_stats",)
+    _required_state_keys = ("step", "stat_step", "exp_avg", "exp_avg_sq", "grad_stats")
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        gammas: tuple[float, float, float] = (0.7, 0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        reset_interval: int = 1000,
+        total_steps: int | None = None,
+        eta_min: float = 0.5,
+        *,
+        stale_reset_step: bool = True,
+        restart_stat_counts: bool = True,
+        nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=tuple(betas), gammas=tuple(gammas), eps=eps, weight_decay=weight_decay,
+            reset_interval=reset_interval, total_steps=total_steps, eta_min=eta_min,
+            stale_reset_step=stale_reset_step, restart_stat_counts=restart_stat_counts,
+            nonfinite=nonfinite,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_non_negative("learning rate", group["lr"])
+        beta1, beta2 = group["betas"]
+        check_range("beta1", beta1, 0.0, 1.0)
+        check_range("beta2", beta2, 0.0, 1.0)
+        gamma1, gamma2, gamma3 = group["gammas"]
+        if gamma1 != -1:
+            check_range("gamma1", gamma1, 0.0, 1.0)
+        check_range("gamma2", gamma2, 0.0, 1.0)
+        check_range("gamma3", gamma3, 0.0, 1.0)
+        check_non_negative("eps", group["eps"])
+        check_non_negative("weight_decay", group["weight_decay"])
+        interval = group["reset_interval"]
+        if not isinstance(interval, int) or isinstance(interval, bool) or interval < 0:
+            raise ValueError(f"Invalid reset_interval: {interval!r} (expected an int >= 0)")
+        total = group["total_steps"]
+        if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total <= 0):
+            raise ValueError(f"Invalid total_steps: {total!r} (expected None or an int > 0)")
+        check_range("eta_min", group["eta_min"], 0.0, 1.0, closed_high=True)
+        if group["nonfinite"] not in NONFINITE_POLICIES:
+            raise ValueError(f"Invalid nonfinite policy: {group['nonfinite']!r} "
+                             f"(expected one of {NONFINITE_POLICIES})")
+
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        state["step"] = 0
+        state["stat_step"] = 0
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        state["grad_stats"] = torch.zeros(3, dtype=torch.float32, device=p.device)
+
+    def _step_group(self, group_index: int, group: dict[str, Any]) -> None:
+        T = group["calls"] + 1
+        sc = stable_spam_decay(T, group["total_steps"], group["eta_min"])
+        beta1, beta2 = group["betas"]
+        gamma1, gamma2, gamma3 = group["gammas"]
+        gamma1 = (beta1 if gamma1 == -1 else gamma1) * sc
+        beta1 = beta1 * sc
+        reset = is_reset_call(T, group["reset_interval"])
+        lr = group["lr"]
+        if not reset:
+            mode = F.MomentReset.NONE
+        elif group["stale_reset_step"]:
+            mode = F.MomentReset.AFTER_UPDATE
+        else:
+            mode = F.MomentReset.BEFORE_UPDATE
+        for device, batch in self._gather(group).items():
+            stat_bcs: list[float] = []
+            step_sizes: list[float] = []
+            sqrt_bc2s: list[float] = []
+            for state in batch.states:
+                state["step"] += 1
+                state["stat_step"] += 1
+                k_stat = state["stat_step"]
+                stat_bcs += [1.0 - gamma1**k_stat, 1.0 - gamma2**k_stat, 1.0 - gamma3**k_stat]
+                if reset:
+                    state["step"] = 1
+                    if group["restart_stat_counts"]:
+                        state["stat_step"] = 1
+                k = state["step"]
+                step_sizes.append(lr / (1.0 - beta1**k))
+                sqrt_bc2s.append(math.sqrt(1.0 - beta2**k))
+            F.stable_spam_step(
+                batch.params, batch.grads,
+                [s["exp_avg"] for s in batch.states], [s["exp_avg_sq"] for s in batch.states],
+                [s["grad_stats"] for s in batch.states], stat_bcs, step_sizes, sqrt_bc2s,
+                self._counters(group_index, device),
+                gamma1=gamma1, gamma2=gamma2, gamma3=gamma3, beta1=beta1, beta2=beta2,
+                eps=group["eps"], weight_keep=1.0 - lr * group["weight_decay"], reset=mode,
+                skip_nonfinite=group["nonfinite"] == "skip",
+            )
+            batch.write_back()

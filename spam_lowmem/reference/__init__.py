@@ -1,0 +1,13 @@
+"""Pure-PyTorch reference (oracle) implementations of SPAM and Stable-SPAM.
+
+These are the oracles the C++/CUDA optimizers are tested against (ALGORITHMS.md §2 and
+§4). They import only ``torch``, ``math`` and :mod:`spam_lowmem.schedules`, never the
+compiled extension, so they work before it is built.
+"""
+
+from __future__ import annotations
+
+from spam_lowmem.reference.spam import ReferenceSPAM
+from spam_lowmem.reference.stable_spam import ReferenceStableSPAM
+
+__all__ = ["ReferenceSPAM", "ReferenceStableSPAM"]

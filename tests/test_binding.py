@@ -1,0 +1,59 @@
+"""The C++ boundary itself: bad buffers raise clear Python errors and nothing is written."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.dlpack import to_dlpack
+
+from spam_lowmem import _C
+
+KW: dict[str, Any] = dict(beta1=0.9, one_minus_beta1=0.1, beta2=0.999, one_minus_beta2=0.001,
+                          eps=1e-6, clip_threshold=0.0, weight_decay_scale=0.0, reset=0,
+                          skip_nonfinite=True)
+
+
+def call(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+         counters: torch.Tensor | None = None, scales: list[float] | None = None, **kw: Any) -> None:
+    counters = torch.zeros(2, dtype=torch.int64) if counters is None else counters
+    _C.spam_step([to_dlpack(p)], [to_dlpack(g)], [to_dlpack(m)], [to_dlpack(v)],
+                 [0.1] if scales is None else scales, to_dlpack(counters), **{**KW, **kw})
+
+
+def test_valid_call_writes_in_place() -> None:
+    p, g, m, v = torch.zeros(5), torch.ones(5), torch.zeros(5), torch.zeros(5)
+    call(p, g, m, v)
+    torch.testing.assert_close(m, torch.full((5,), 0.1))
+    assert (p < 0).all()
+
+
+def test_non_contiguous_tensor_is_rejected_not_copied() -> None:
+    p = torch.zeros(4, 6).t()
+    g, m, v = torch.ones(6, 4), torch.zeros(6, 4), torch.zeros(6, 4)
+    with pytest.raises(TypeError, match="contiguous"):
+        call(p, g, m, v)
+    assert torch.equal(m, torch.zeros(6, 4))
+
+
+def test_wrong_dtype_size_and_lengths() -> None:
+    ok = [torch.zeros(5) for _ in range(4)]
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        call(torch.zeros(5, dtype=torch.float64), *ok[1:])
+    with pytest.raises(ValueError, match="numel"):
+        call(ok[0], torch.zeros(6), *ok[2:])
+    with pytest.raises(TypeError, match="dtype differs"):
+        call(ok[0], ok[1], torch.zeros(5, dtype=torch.bfloat16), ok[3])
+    with pytest.raises(ValueError, match="update_scales"):
+        call(*ok, scales=[0.1, 0.2])
+    with pytest.raises(TypeError, match="counters"):
+        call(*ok, counters=torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="reset"):
+        call(*ok, reset=7)
+    assert all(torch.equal(t, torch.zeros(5)) for t in ok)
+
+
+def test_cpu_module_reports_threads_and_isa() -> None:
+    assert _C.num_threads() >= 1
+    assert _C.isa() in ("baseline", "avx2", "avx512")
