@@ -1,124 +1,12 @@
-// module_cpu.cpp — NB_MODULE(_C): the CPU core, bound with nanobind. Converts and checks
-// arguments (convert.h), assembles the hyper-parameter structs from named keywords, and
-// calls cpp/spam with the GIL released. No arithmetic lives here.
-#include <nanobind/stl/vector.h>
-
-#include "../spam/cpu_ops.h"
-#include "convert.h"
+// module_cpu.cpp — NB_MODULE(_C): the private CPU module. Each cpu_*.cpp binding file
+// registers one family of functions; no arithmetic lives in cpp/bindings.
+#include <nanobind/nanobind.h>
 
 namespace nb = nanobind;
-using namespace nb::literals;
-using spam::bind::ArrayList;
 
-namespace {
-
-constexpr int kCpu = nb::device::cpu::value;
-
-struct Quad {
-  std::vector<spam::TensorRef> p, g, m, v;
-};
-
-Quad convert_quad(const ArrayList& params, const ArrayList& grads, const ArrayList& exp_avgs,
-                  const ArrayList& exp_avg_sqs) {
-  using namespace spam::bind;
-  const size_t n = params.size();
-  check_lengths(n, grads.size(), "grads");
-  check_lengths(n, exp_avgs.size(), "exp_avgs");
-  check_lengths(n, exp_avg_sqs.size(), "exp_avg_sqs");
-  Quad q;
-  for (size_t i = 0; i < n; ++i) {
-    q.p.push_back(float_ref(params[i], kCpu, describe("params", i)));
-    q.g.push_back(float_ref(grads[i], kCpu, describe("grads", i)));
-    q.m.push_back(float_ref(exp_avgs[i], kCpu, describe("exp_avgs", i)));
-    q.v.push_back(float_ref(exp_avg_sqs[i], kCpu, describe("exp_avg_sqs", i)));
-    check_same(q.p[i], q.g[i], describe("grads", i));
-    check_same(q.p[i], q.m[i], describe("exp_avgs", i));
-    check_same(q.p[i], q.v[i], describe("exp_avg_sqs", i));
-  }
-  return q;
-}
-
-spam::MomentReset to_reset(int reset) {
-  if (reset < 0 || reset > 2) throw nb::value_error("spam_lowmem: reset must be 0, 1 or 2");
-  return static_cast<spam::MomentReset>(reset);
-}
-
-void spam_step(const ArrayList& params, const ArrayList& grads, const ArrayList& exp_avgs,
-               const ArrayList& exp_avg_sqs, const std::vector<double>& update_scales,
-               const nb::ndarray<>& counters, double beta1, double one_minus_beta1, double beta2,
-               double one_minus_beta2, double eps, double clip_threshold,
-               double weight_decay_scale, int reset, bool skip_nonfinite) {
-  using namespace spam::bind;
-  Quad q = convert_quad(params, grads, exp_avgs, exp_avg_sqs);
-  check_lengths(params.size(), update_scales.size(), "update_scales");
-  int64_t* cnt = typed_buffer<int64_t>(counters, kCpu, spam::Counters::kCount, "counters");
-  spam::SpamHyper h{static_cast<float>(beta1),        static_cast<float>(one_minus_beta1),
-                    static_cast<float>(beta2),        static_cast<float>(one_minus_beta2),
-                    static_cast<float>(eps),          static_cast<float>(clip_threshold),
-                    static_cast<float>(weight_decay_scale), to_reset(reset),
-                    spam::NonFinite{skip_nonfinite}};
-  std::vector<spam::SpamTensor> tensors;
-  for (size_t i = 0; i < q.p.size(); ++i)
-    tensors.push_back({q.p[i], q.g[i], q.m[i], q.v[i], static_cast<float>(update_scales[i])});
-  nb::gil_scoped_release release;
-  spam::cpu_spam_step(tensors, h, cnt);
-}
-
-void stable_spam_step(const ArrayList& params, const ArrayList& grads, const ArrayList& exp_avgs,
-                      const ArrayList& exp_avg_sqs, const ArrayList& grad_stats,
-                      const std::vector<double>& stat_bias_corrections,
-                      const std::vector<double>& step_sizes, const std::vector<double>& sqrt_bc2s,
-                      const nb::ndarray<>& counters, double gamma1, double one_minus_gamma1,
-                      double gamma2, double one_minus_gamma2, double gamma3,
-                      double one_minus_gamma3, double beta1, double one_minus_beta1, double beta2,
-                      double one_minus_beta2, double eps, double weight_keep, int reset,
-                      bool skip_nonfinite) {
-  using namespace spam::bind;
-  Quad q = convert_quad(params, grads, exp_avgs, exp_avg_sqs);
-  const size_t n = params.size();
-  check_lengths(n, grad_stats.size(), "grad_stats");
-  check_lengths(3 * n, stat_bias_corrections.size(), "stat_bias_corrections (3 per tensor)");
-  check_lengths(n, step_sizes.size(), "step_sizes");
-  check_lengths(n, sqrt_bc2s.size(), "sqrt_bc2s");
-  int64_t* cnt = typed_buffer<int64_t>(counters, kCpu, spam::Counters::kCount, "counters");
-  spam::StableAdamHyper h{static_cast<float>(beta1), static_cast<float>(one_minus_beta1),
-                          static_cast<float>(beta2), static_cast<float>(one_minus_beta2),
-                          static_cast<float>(eps),   static_cast<float>(weight_keep),
-                          to_reset(reset),           spam::NonFinite{skip_nonfinite}};
-  std::vector<spam::StableSpamTensor> tensors;
-  for (size_t i = 0; i < n; ++i) {
-    float* stats = typed_buffer<float>(grad_stats[i], kCpu, spam::GradStatsIndex::kCount,
-                                       describe("grad_stats", i));
-    spam::StableStatHyper sh{static_cast<float>(gamma1), static_cast<float>(one_minus_gamma1),
-                             static_cast<float>(gamma2), static_cast<float>(one_minus_gamma2),
-                             static_cast<float>(gamma3), static_cast<float>(one_minus_gamma3),
-                             static_cast<float>(stat_bias_corrections[3 * i]),
-                             static_cast<float>(stat_bias_corrections[3 * i + 1]),
-                             static_cast<float>(stat_bias_corrections[3 * i + 2]),
-                             static_cast<float>(eps)};
-    spam::StableAdamTensor at{static_cast<float>(step_sizes[i]), static_cast<float>(sqrt_bc2s[i])};
-    tensors.push_back({q.p[i], q.g[i], q.m[i], q.v[i], stats, sh, at});
-  }
-  nb::gil_scoped_release release;
-  spam::cpu_stable_spam_step(tensors, h, cnt);
-}
-
-}  // namespace
+void bind_cpu_optim(nb::module_& m);
 
 NB_MODULE(_C, m) {
   m.doc() = "spam_lowmem CPU core (private; use spam_lowmem.functional / spam_lowmem.optim)";
-  m.def("spam_step", &spam_step, "params"_a, "grads"_a, "exp_avgs"_a, "exp_avg_sqs"_a,
-        "update_scales"_a, "counters"_a, nb::kw_only(), "beta1"_a, "one_minus_beta1"_a,
-        "beta2"_a, "one_minus_beta2"_a, "eps"_a, "clip_threshold"_a, "weight_decay_scale"_a,
-        "reset"_a, "skip_nonfinite"_a,
-        "SPAM step (ALGORITHMS.md §2.4) over all tensors of one group, in place.");
-  m.def("stable_spam_step", &stable_spam_step, "params"_a, "grads"_a, "exp_avgs"_a,
-        "exp_avg_sqs"_a, "grad_stats"_a, "stat_bias_corrections"_a, "step_sizes"_a,
-        "sqrt_bc2s"_a, "counters"_a, nb::kw_only(), "gamma1"_a, "one_minus_gamma1"_a,
-        "gamma2"_a, "one_minus_gamma2"_a, "gamma3"_a, "one_minus_gamma3"_a, "beta1"_a,
-        "one_minus_beta1"_a, "beta2"_a, "one_minus_beta2"_a, "eps"_a, "weight_keep"_a,
-        "reset"_a, "skip_nonfinite"_a,
-        "Stable-SPAM step (ALGORITHMS.md §4.4) over all tensors of one group, in place.");
-  m.def("num_threads", &spam::cpu_num_threads, "OpenMP threads used by the CPU core.");
-  m.def("isa", &spam::cpu_isa_name, "Instruction set of the CPU kernels chosen at run time.");
+  bind_cpu_optim(m);
 }

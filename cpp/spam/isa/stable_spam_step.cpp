@@ -1,4 +1,4 @@
-// cpu_stable_spam.cpp — CPU Stable-SPAM step (ALGORITHMS.md §4.4), all tensors of a group:
+// isa/stable_spam_step.cpp — CPU Stable-SPAM step (ALGORITHMS.md §4.4), all tensors of a group:
 //   pass 1  per-chunk max|g| and sum g^2 (finite entries), combined per tensor in chunk order
 //           so the result does not depend on the thread count;
 //   scalar  AdaClip: M <- g3 M + (1-g3) max|g|, threshold M_hat (math.h);
@@ -8,10 +8,10 @@
 #include <algorithm>
 #include <cmath>
 
-#include "cpu_chunks.h"
-#include "cpu_isa.h"
-#include "half.h"
-#include "math.h"
+#include "../cpu_chunks.h"
+#include "../cpu_isa.h"
+#include "../half.h"
+#include "../math.h"
 
 namespace spam {
 namespace SPAM_CPU_ISA {

@@ -1,10 +1,10 @@
-// cpu_spam.cpp — CPU SPAM step: one fused pass per element (spike test against the
+// isa/spam_step.cpp — CPU SPAM step: one fused pass per element (spike test against the
 // previous v, clip, moment update, bias-corrected step scaled by the warmup factor,
 // weight decay), OpenMP over chunks of all tensors of a group.
-#include "cpu_chunks.h"
-#include "cpu_isa.h"
-#include "half.h"
-#include "math.h"
+#include "../cpu_chunks.h"
+#include "../cpu_isa.h"
+#include "../half.h"
+#include "../math.h"
 
 namespace spam {
 namespace SPAM_CPU_ISA {
