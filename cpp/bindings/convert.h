@@ -10,8 +10,10 @@
 #include <nanobind/ndarray.h>
 
 #include <string>
+#include <vector>
 
 #include "../spam/common.h"
+#include "../spam/math.h"
 
 namespace spam::bind {
 
@@ -77,5 +79,59 @@ inline void check_lengths(size_t n, size_t m, const char* what) {
 }
 
 using ArrayList = std::vector<nb::ndarray<>>;
+
+// Every array of one CUDA call must be on one device: the launcher makes that device
+// current and a kernel cannot dereference another GPU's memory. (CPU calls: a no-op.)
+class SameDevice {
+ public:
+  void check(const nb::ndarray<>& a, const std::string& name) {
+    if (a.device_type() != nb::device::cuda::value) return;
+    const int id = static_cast<int>(a.device_id());
+    if (device_ < 0) device_ = id;
+    if (id != device_)
+      throw nb::value_error((name + ": tensor is on cuda:" + std::to_string(id) +
+                             ", other arguments are on cuda:" + std::to_string(device_))
+                                .c_str());
+  }
+  int device() const { return device_ < 0 ? 0 : device_; }
+
+ private:
+  int device_ = -1;
+};
+
+// The four per-parameter buffers of an Adam-family step, converted and cross-checked.
+struct Quad {
+  std::vector<TensorRef> p, g, m, v;
+};
+
+inline Quad convert_quad(const ArrayList& params, const ArrayList& grads, const ArrayList& exp_avgs,
+                         const ArrayList& exp_avg_sqs, int device_type, SameDevice& dev) {
+  const size_t n = params.size();
+  check_lengths(n, grads.size(), "grads");
+  check_lengths(n, exp_avgs.size(), "exp_avgs");
+  check_lengths(n, exp_avg_sqs.size(), "exp_avg_sqs");
+  Quad q;
+  auto convert = [&](const nb::ndarray<>& a, const char* what, size_t i) {
+    const std::string name = describe(what, i);
+    TensorRef ref = float_ref(a, device_type, name);
+    dev.check(a, name);
+    return ref;
+  };
+  for (size_t i = 0; i < n; ++i) {
+    q.p.push_back(convert(params[i], "params", i));
+    q.g.push_back(convert(grads[i], "grads", i));
+    q.m.push_back(convert(exp_avgs[i], "exp_avgs", i));
+    q.v.push_back(convert(exp_avg_sqs[i], "exp_avg_sqs", i));
+    check_same(q.p[i], q.g[i], describe("grads", i));
+    check_same(q.p[i], q.m[i], describe("exp_avgs", i));
+    check_same(q.p[i], q.v[i], describe("exp_avg_sqs", i));
+  }
+  return q;
+}
+
+inline MomentReset to_reset(int reset) {
+  if (reset < 0 || reset > 2) throw nb::value_error("spam_lowmem: reset must be 0, 1 or 2");
+  return static_cast<MomentReset>(reset);
+}
 
 }  // namespace spam::bind

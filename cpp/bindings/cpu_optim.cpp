@@ -8,40 +8,11 @@
 
 namespace nb = nanobind;
 using namespace nb::literals;
-using spam::bind::ArrayList;
+using namespace spam::bind;  // NOLINT: binding helpers (convert.h)
 
 namespace {
 
 constexpr int kCpu = nb::device::cpu::value;
-
-struct Quad {
-  std::vector<spam::TensorRef> p, g, m, v;
-};
-
-Quad convert_quad(const ArrayList& params, const ArrayList& grads, const ArrayList& exp_avgs,
-                  const ArrayList& exp_avg_sqs) {
-  using namespace spam::bind;
-  const size_t n = params.size();
-  check_lengths(n, grads.size(), "grads");
-  check_lengths(n, exp_avgs.size(), "exp_avgs");
-  check_lengths(n, exp_avg_sqs.size(), "exp_avg_sqs");
-  Quad q;
-  for (size_t i = 0; i < n; ++i) {
-    q.p.push_back(float_ref(params[i], kCpu, describe("params", i)));
-    q.g.push_back(float_ref(grads[i], kCpu, describe("grads", i)));
-    q.m.push_back(float_ref(exp_avgs[i], kCpu, describe("exp_avgs", i)));
-    q.v.push_back(float_ref(exp_avg_sqs[i], kCpu, describe("exp_avg_sqs", i)));
-    check_same(q.p[i], q.g[i], describe("grads", i));
-    check_same(q.p[i], q.m[i], describe("exp_avgs", i));
-    check_same(q.p[i], q.v[i], describe("exp_avg_sqs", i));
-  }
-  return q;
-}
-
-spam::MomentReset to_reset(int reset) {
-  if (reset < 0 || reset > 2) throw nb::value_error("spam_lowmem: reset must be 0, 1 or 2");
-  return static_cast<spam::MomentReset>(reset);
-}
 
 void spam_step(const ArrayList& params, const ArrayList& grads, const ArrayList& exp_avgs,
                const ArrayList& exp_avg_sqs, const std::vector<double>& update_scales,
@@ -49,13 +20,14 @@ void spam_step(const ArrayList& params, const ArrayList& grads, const ArrayList&
                double one_minus_beta2, double eps, double clip_threshold,
                double weight_decay_scale, int reset, bool skip_nonfinite) {
   using namespace spam::bind;
-  Quad q = convert_quad(params, grads, exp_avgs, exp_avg_sqs);
+  SameDevice dev;
+  Quad q = convert_quad(params, grads, exp_avgs, exp_avg_sqs, kCpu, dev);
   check_lengths(params.size(), update_scales.size(), "update_scales");
   int64_t* cnt = typed_buffer<int64_t>(counters, kCpu, spam::Counters::kCount, "counters");
   spam::SpamHyper h{static_cast<float>(beta1),        static_cast<float>(one_minus_beta1),
                     static_cast<float>(beta2),        static_cast<float>(one_minus_beta2),
                     static_cast<float>(eps),          static_cast<float>(clip_threshold),
-                    static_cast<float>(weight_decay_scale), to_reset(reset),
+                    static_cast<float>(weight_decay_scale), spam::bind::to_reset(reset),
                     spam::NonFinite{skip_nonfinite}};
   std::vector<spam::SpamTensor> tensors;
   for (size_t i = 0; i < q.p.size(); ++i)
@@ -74,7 +46,8 @@ void stable_spam_step(const ArrayList& params, const ArrayList& grads, const Arr
                       double one_minus_beta2, double eps, double weight_keep, int reset,
                       bool skip_nonfinite) {
   using namespace spam::bind;
-  Quad q = convert_quad(params, grads, exp_avgs, exp_avg_sqs);
+  SameDevice dev;
+  Quad q = convert_quad(params, grads, exp_avgs, exp_avg_sqs, kCpu, dev);
   const size_t n = params.size();
   check_lengths(n, grad_stats.size(), "grad_stats");
   check_lengths(3 * n, stat_bias_corrections.size(), "stat_bias_corrections (3 per tensor)");
@@ -84,7 +57,7 @@ void stable_spam_step(const ArrayList& params, const ArrayList& grads, const Arr
   spam::StableAdamHyper h{static_cast<float>(beta1), static_cast<float>(one_minus_beta1),
                           static_cast<float>(beta2), static_cast<float>(one_minus_beta2),
                           static_cast<float>(eps),   static_cast<float>(weight_keep),
-                          to_reset(reset),           spam::NonFinite{skip_nonfinite}};
+                          spam::bind::to_reset(reset),           spam::NonFinite{skip_nonfinite}};
   std::vector<spam::StableSpamTensor> tensors;
   for (size_t i = 0; i < n; ++i) {
     float* stats = typed_buffer<float>(grad_stats[i], kCpu, spam::GradStatsIndex::kCount,

@@ -101,7 +101,9 @@ void reduce_tensors(const std::vector<StableSpamTensor>& tensors, const ChunkPla
   per_tensor.assign(tensors.size(), Partial{});
   for (int64_t c = 0; c < n_chunks; ++c) {
     Partial& acc = per_tensor[chunks[c].tensor];
-    acc.max_abs = std::max(acc.max_abs, partials[c].max_abs);
+    // NaN-propagating max (std::max would drop a NaN partial under "propagate").
+    const float part = partials[c].max_abs;
+    acc.max_abs = (std::isnan(part) || part > acc.max_abs) ? part : acc.max_abs;
     acc.sum_sq += partials[c].sum_sq;
   }
 }

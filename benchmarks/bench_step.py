@@ -1,0 +1,103 @@
+"""Optimizer step time on a LLaMA-60M-shaped parameter set, ours against the baselines.
+
+Every candidate steps its own copy of the same parameters and gradients; candidates are
+timed round-robin in one run. Printed: median step time, IQR, achieved GB/s (bytes the
+step must move / time), that figure as a share of a same-size tensor copy, and ratios to
+torch.optim.AdamW(fused=True) and to our pure-PyTorch reference SPAM.
+
+    python benchmarks/bench_step.py                      # CPU, fp32
+    python benchmarks/bench_step.py --device cuda --dtype bf16 --out bench_out/step.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _common as C  # noqa: E402
+
+import spam_lowmem as sl  # noqa: E402
+from spam_lowmem.reference import ReferenceSPAM, ReferenceStableSPAM  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+Factory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+def candidates(device: str) -> dict[str, tuple[Factory, int]]:
+    """name -> (optimizer factory, state buffers read+written per element besides p and g).
+
+    Every dense Adam-family step reads p, g, m, v and writes p, m, v: 7 element-sized
+    transfers per parameter.
+    """
+    cands: dict[str, tuple[Factory, int]] = {
+        "torch AdamW (foreach)": (lambda ps: torch.optim.AdamW(ps, foreach=True), 7),
+        "torch AdamW (fused)": (lambda ps: torch.optim.AdamW(ps, fused=True), 7),
+        "SPAM (ours)": (lambda ps: sl.SPAM(ps), 7),
+        "StableSPAM (ours)": (lambda ps: sl.StableSPAM(ps), 7),
+        "SPAM (reference)": (lambda ps: ReferenceSPAM(ps), 7),
+        "StableSPAM (reference)": (lambda ps: ReferenceStableSPAM(ps), 7),
+    }
+    return cands
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--rounds", type=int, default=20, help="timed steps per candidate (median)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--only", default="", help="comma-separated substrings of candidate names")
+    parser.add_argument("--layers", type=int, default=C.LLAMA_60M["layers"])
+    parser.add_argument("--out", default=None, help="append JSON lines here")
+    args = parser.parse_args(argv)
+
+    dtype = DTYPES[args.dtype]
+    shapes = C.llama_shapes(C.LLAMA_60M["hidden"], args.layers, C.LLAMA_60M["ffn"], C.LLAMA_60M["vocab"])
+    numel = sum(torch.Size(s).numel() for _, s in shapes)
+    cands = candidates(args.device)
+    if args.only:
+        keep = [s.strip().lower() for s in args.only.split(",")]
+        cands = {k: v for k, v in cands.items() if any(s in k.lower() for s in keep)}
+    steps: dict[str, Callable[[], Any]] = {}
+    for name, (factory, _) in cands.items():
+        opt = factory(C.make_params(shapes, dtype, args.device))
+        steps[name] = opt.step
+    env = C.environment(args.device)
+    copy_gbps = C.copy_bandwidth(numel, dtype, args.device)
+    slow = {n: 30.0 for n in steps if "reference" in n}
+    times = C.time_interleaved(steps, args.device, warmup=args.warmup, rounds=args.rounds, max_seconds=slow)
+
+    summary = {n: C.summarize(t) for n, t in times.items()}
+    fused = summary.get("torch AdamW (fused)", {}).get("median_ms")
+    ref = summary.get("SPAM (reference)", {}).get("median_ms")
+    elem = torch.empty((), dtype=dtype).element_size()
+    rows, records = [], []
+    for name, s in summary.items():
+        moved = cands[name][1] * elem * numel
+        gbps = moved / (s["median_ms"] / 1e3) / 1e9
+        rec = {"bench": "step", "candidate": name, "params": numel, "dtype": args.dtype, **s,
+               "gbps": gbps, "copy_gbps": copy_gbps, "pct_of_copy": 100 * gbps / copy_gbps,
+               "vs_adamw_fused": s["median_ms"] / fused if fused else None,
+               "vs_reference_spam": s["median_ms"] / ref if ref else None, "env": env}
+        records.append(rec)
+        rows.append([name, f"{s['median_ms']:.2f}", f"{s['iqr_ms']:.2f}", s["runs"], f"{gbps:.1f}",
+                     f"{rec['pct_of_copy']:.0f}%",
+                     f"{rec['vs_adamw_fused']:.2f}x" if fused else "-",
+                     f"{rec['vs_reference_spam']:.2f}x" if ref else "-"])
+    print(f"# {numel / 1e6:.2f}M params ({args.layers} layers), {args.dtype}, device {args.device}; "
+          f"copy {copy_gbps:.1f} GB/s; {env['date']}; torch {env['torch']}; {env['cpu']}; "
+          f"core isa {env.get('core_isa')}, threads {env.get('core_threads')}")
+    C.print_table(["optimizer", "median ms", "IQR ms", "runs", "GB/s", "of copy", "vs AdamW fused",
+                   "vs ref SPAM"], rows)
+    C.write_jsonl(args.out, records)
+
+
+if __name__ == "__main__":
+    main()

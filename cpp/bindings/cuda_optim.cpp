@@ -1,0 +1,135 @@
+// cuda_optim.cpp — the optimizer steps of the CUDA module _C_cuda. Same Python
+// signatures as _C (cpu_optim.cpp) plus `stream` (and `scratch` for Stable-SPAM).
+// Compiled by the host compiler: it includes cuda_api.h only, never a CUDA header, so the
+// module imports (and stable_spam_scratch_bytes works) on a machine without a GPU.
+//
+// Checks argument devices, dtypes, sizes and contiguity (convert.h), that every tensor lives
+// on the same CUDA device, assembles the hyper-parameter structs from named keywords, and
+// enqueues the step with the GIL released. Nothing here waits for the GPU.
+#include <nanobind/stl/vector.h>
+
+#include "../spam/cuda_api.h"
+#include "convert.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+using namespace spam::bind;  // NOLINT: binding helpers (convert.h)
+
+namespace {
+
+constexpr int kCuda = nb::device::cuda::value;
+
+int64_t* counters_buffer(const nb::ndarray<>& counters, SameDevice& dev) {
+  int64_t* cnt = spam::bind::typed_buffer<int64_t>(counters, kCuda, spam::Counters::kCount,
+                                                   "counters");
+  dev.check(counters, "counters");
+  return cnt;
+}
+
+
+void spam_step(const ArrayList& params, const ArrayList& grads, const ArrayList& exp_avgs,
+               const ArrayList& exp_avg_sqs, const std::vector<double>& update_scales,
+               const nb::ndarray<>& counters, double beta1, double one_minus_beta1, double beta2,
+               double one_minus_beta2, double eps, double clip_threshold,
+               double weight_decay_scale, int reset, bool skip_nonfinite, uintptr_t stream) {
+  using namespace spam::bind;
+  SameDevice dev;
+  Quad q = convert_quad(params, grads, exp_avgs, exp_avg_sqs, kCuda, dev);
+  check_lengths(params.size(), update_scales.size(), "update_scales");
+  int64_t* cnt = counters_buffer(counters, dev);
+  spam::SpamHyper h{static_cast<float>(beta1),        static_cast<float>(one_minus_beta1),
+                    static_cast<float>(beta2),        static_cast<float>(one_minus_beta2),
+                    static_cast<float>(eps),          static_cast<float>(clip_threshold),
+                    static_cast<float>(weight_decay_scale), spam::bind::to_reset(reset),
+                    spam::NonFinite{skip_nonfinite}};
+  std::vector<spam::SpamTensor> tensors;
+  tensors.reserve(q.p.size());
+  for (size_t i = 0; i < q.p.size(); ++i)
+    tensors.push_back({q.p[i], q.g[i], q.m[i], q.v[i], static_cast<float>(update_scales[i])});
+  const spam::CudaContext ctx{dev.device(), stream};
+  nb::gil_scoped_release release;
+  spam::cuda_spam_step(tensors, h, cnt, ctx);
+}
+
+void stable_spam_step(const ArrayList& params, const ArrayList& grads, const ArrayList& exp_avgs,
+                      const ArrayList& exp_avg_sqs, const ArrayList& grad_stats,
+                      const std::vector<double>& stat_bias_corrections,
+                      const std::vector<double>& step_sizes, const std::vector<double>& sqrt_bc2s,
+                      const nb::ndarray<>& counters, double gamma1, double one_minus_gamma1,
+                      double gamma2, double one_minus_gamma2, double gamma3,
+                      double one_minus_gamma3, double beta1, double one_minus_beta1, double beta2,
+                      double one_minus_beta2, double eps, double weight_keep, int reset,
+                      bool skip_nonfinite, const nb::ndarray<>& scratch, uintptr_t stream) {
+  using namespace spam::bind;
+  SameDevice dev;
+  Quad q = convert_quad(params, grads, exp_avgs, exp_avg_sqs, kCuda, dev);
+  const size_t n = params.size();
+  check_lengths(n, grad_stats.size(), "grad_stats");
+  check_lengths(3 * n, stat_bias_corrections.size(), "stat_bias_corrections (3 per tensor)");
+  check_lengths(n, step_sizes.size(), "step_sizes");
+  check_lengths(n, sqrt_bc2s.size(), "sqrt_bc2s");
+  int64_t* cnt = counters_buffer(counters, dev);
+
+  std::vector<int64_t> numels;
+  numels.reserve(n);
+  for (const auto& p : q.p) numels.push_back(p.numel);
+  const int64_t need = spam::cuda_stable_spam_scratch_bytes(numels);
+  uint8_t* scratch_ptr = typed_buffer<uint8_t>(scratch, kCuda, need, "scratch");
+  dev.check(scratch, "scratch");
+  if (reinterpret_cast<uintptr_t>(scratch_ptr) % 16 != 0)
+    throw nb::value_error("scratch: buffer must be 16-byte aligned (allocate it fresh)");
+
+  spam::StableAdamHyper h{static_cast<float>(beta1), static_cast<float>(one_minus_beta1),
+                          static_cast<float>(beta2), static_cast<float>(one_minus_beta2),
+                          static_cast<float>(eps),   static_cast<float>(weight_keep),
+                          spam::bind::to_reset(reset),           spam::NonFinite{skip_nonfinite}};
+  std::vector<spam::StableSpamTensor> tensors;
+  tensors.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    const std::string name = describe("grad_stats", i);
+    float* stats = typed_buffer<float>(grad_stats[i], kCuda, spam::GradStatsIndex::kCount, name);
+    dev.check(grad_stats[i], name);
+    spam::StableStatHyper sh{static_cast<float>(gamma1), static_cast<float>(one_minus_gamma1),
+                             static_cast<float>(gamma2), static_cast<float>(one_minus_gamma2),
+                             static_cast<float>(gamma3), static_cast<float>(one_minus_gamma3),
+                             static_cast<float>(stat_bias_corrections[3 * i]),
+                             static_cast<float>(stat_bias_corrections[3 * i + 1]),
+                             static_cast<float>(stat_bias_corrections[3 * i + 2]),
+                             static_cast<float>(eps)};
+    spam::StableAdamTensor at{static_cast<float>(step_sizes[i]), static_cast<float>(sqrt_bc2s[i])};
+    tensors.push_back({q.p[i], q.g[i], q.m[i], q.v[i], stats, sh, at});
+  }
+  const spam::CudaContext ctx{dev.device(), stream};
+  const int64_t scratch_bytes = static_cast<int64_t>(scratch.size());
+  nb::gil_scoped_release release;
+  spam::cuda_stable_spam_step(tensors, h, cnt, scratch_ptr, scratch_bytes, ctx);
+}
+
+int64_t stable_spam_scratch_bytes(const std::vector<int64_t>& numels) {
+  for (const int64_t n : numels)
+    if (n < 0) throw nb::value_error("spam_lowmem: numels must be >= 0");
+  return spam::cuda_stable_spam_scratch_bytes(numels);
+}
+
+}  // namespace
+
+void bind_cuda_optim(nb::module_& m) {
+  m.def("spam_step", &spam_step, "params"_a, "grads"_a, "exp_avgs"_a, "exp_avg_sqs"_a,
+        "update_scales"_a, "counters"_a, nb::kw_only(), "beta1"_a, "one_minus_beta1"_a,
+        "beta2"_a, "one_minus_beta2"_a, "eps"_a, "clip_threshold"_a, "weight_decay_scale"_a,
+        "reset"_a, "skip_nonfinite"_a, "stream"_a,
+        "SPAM step (ALGORITHMS.md §2.4) over all tensors of one group, in place, enqueued on "
+        "`stream` (an int cudaStream_t). `counters` (int64 CUDA [clipped, nonfinite]) is added "
+        "into on the device; nothing synchronises.");
+  m.def("stable_spam_step", &stable_spam_step, "params"_a, "grads"_a, "exp_avgs"_a,
+        "exp_avg_sqs"_a, "grad_stats"_a, "stat_bias_corrections"_a, "step_sizes"_a,
+        "sqrt_bc2s"_a, "counters"_a, nb::kw_only(), "gamma1"_a, "one_minus_gamma1"_a,
+        "gamma2"_a, "one_minus_gamma2"_a, "gamma3"_a, "one_minus_gamma3"_a, "beta1"_a,
+        "one_minus_beta1"_a, "beta2"_a, "one_minus_beta2"_a, "eps"_a, "weight_keep"_a,
+        "reset"_a, "skip_nonfinite"_a, "scratch"_a, "stream"_a,
+        "Stable-SPAM step (ALGORITHMS.md §4.4) over all tensors of one group, in place, "
+        "enqueued on `stream`. `scratch` is a uint8 CUDA buffer of at least "
+        "stable_spam_scratch_bytes(numels) bytes, free for the step's duration (stream order).");
+  m.def("stable_spam_scratch_bytes", &stable_spam_scratch_bytes, "numels"_a,
+        "Bytes of device scratch stable_spam_step needs for tensors of these sizes.");
+}

@@ -1,0 +1,46 @@
+// cuda_api.h — host-callable entry points of the CUDA core (implemented in cuda/*.cu).
+//
+// Plain C++ only: this header is included by the nanobind module (host compiler) and by
+// the .cu files (nvcc), so it names no CUDA, nanobind or torch type. The stream travels as
+// an integer (torch's `Stream.cuda_stream`) and is cast to cudaStream_t inside cuda/.
+//
+// Contract shared by every launcher (DESIGN.md §8):
+//   - all pointers are device pointers on `device`; the core never allocates tensor memory;
+//   - the launcher makes `device` current and restores the previous device afterwards;
+//   - work is enqueued on `stream` and nothing waits for it: no host sync, no host<->device
+//     copy; per-call data travels as kernel arguments;
+//   - errors (invalid arguments, failed launches) throw spam::Error.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+#include "cpu_ops.h"  // SpamTensor, StableSpamTensor, Counters: plain structs of both backends
+#include "math.h"
+
+namespace spam {
+
+struct CudaContext {
+  int device = 0;        // CUDA device ordinal of every tensor of the call
+  uintptr_t stream = 0;  // cudaStream_t as an integer; 0 is the legacy default stream
+};
+
+// One SPAM step (ALGORITHMS.md §2.4) over all tensors; same semantics as cpu_spam_step.
+// `counters` is an int64 device buffer [clipped, nonfinite] that the kernels add into.
+void cuda_spam_step(const std::vector<SpamTensor>& tensors, const SpamHyper& hyper,
+                    int64_t* counters, const CudaContext& ctx);
+
+// Bytes of device scratch that cuda_stable_spam_step needs for tensors of these sizes
+// (per-tensor scalars plus one partial per 64Ki-element chunk). Pure host arithmetic.
+int64_t cuda_stable_spam_scratch_bytes(const std::vector<int64_t>& numels);
+
+// One Stable-SPAM step (ALGORITHMS.md §4.4) over all tensors; same semantics as
+// cpu_stable_spam_step. grad_stats pointers are device float[3]; `scratch` is a device
+// buffer of at least cuda_stable_spam_scratch_bytes(numels) bytes, 16-byte aligned, that
+// must not be used by anything else until the step's kernels have run (stream order).
+void cuda_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
+                           const StableAdamHyper& hyper, int64_t* counters, void* scratch,
+                           int64_t scratch_bytes, const CudaContext& ctx);
+
+}  // namespace spam

@@ -1,0 +1,352 @@
+// stable_spam_step.cu — CUDA Stable-SPAM step (ALGORITHMS.md §4.4), all tensors of a group,
+// enqueued as five stream-ordered phases with no host sync in between:
+//
+//   1 reduce    (per chunk)   max|g|, sum g^2 (under "skip" finite entries only) -> partial[chunk]
+//   2 adaclip   (per tensor)  combine the tensor's partials in a fixed tree, M EMA, threshold
+//                             M_hat (stable_adaclip); flag whether the tensor clips
+//   3 reduce    (per chunk)   sum of squares of the *clipped* g -> partial[chunk]; blocks of
+//                             tensors that do not clip return at once
+//   4 adagn     (per tensor)  ||g|| = sqrt(clipped or unclipped sum), mu/nu EMAs, target c
+//   5 update    (per chunk)   fused clip / normalise / Adam / decay (stable_spam_element)
+//
+// This mirrors cpp/spam/cpu_stable_spam.cpp step by step, with the same math.h functions.
+// Non-finite gradient entries: under "skip" they are left out of every reduction; under
+// "propagate" they enter as written, and a NaN anywhere makes max|g| NaN (torch's amax, as in
+// spam_lowmem/reference). Squares are summed in double, so the result differs from the CPU
+// only through summation order (below fp32 rounding of ||g||), and it is reproducible run to
+// run because no reduction uses atomics.
+//
+// Scratch layout (caller-owned device bytes, 16-byte aligned):
+//   [ TensorState x n_tensors ][ ChunkPartial x total_chunks ]
+// where the chunks of tensor i start at chunk_base[i] = sum of ceil(numel/kChunk) over the
+// tensors before it (call order, all dtypes). Phase 3 reuses the partials of phase 1: phase 2
+// has already folded them into TensorState::sum_sq, and stream order separates the phases.
+#include <cmath>
+
+#include "../cpp/spam/cpu_chunks.h"  // dispatch_dtype
+#include "../cpp/spam/cuda_api.h"
+#include "../cpp/spam/half.h"
+#include "../cpp/spam/math.h"
+#include "common.cuh"
+#include "multi_tensor.cuh"
+
+namespace spam::cuda {
+namespace {
+
+struct alignas(16) TensorState {
+  StableTensorScalars scalars;  // written by phase 2 (clip) and phase 4 (norm)
+  double sum_sq;                // unclipped sum of squares, from phase 2
+  int32_t clips;                // stable_clips(): phase 3 needs the clipped sum
+  int32_t pad;
+};
+struct alignas(16) ChunkPartial {
+  double sum_sq;
+  float max_abs;
+  float pad;
+};
+static_assert(sizeof(TensorState) == 32 && sizeof(ChunkPartial) == 16, "scratch layout");
+
+int64_t chunks_of(int64_t numel) { return numel > 0 ? (numel + kChunk - 1) / kChunk : 0; }
+
+// ---------------------------------------------------------------- phases 1 and 3: reduce
+struct ReduceExtra {
+  int64_t chunk_base;  // index of this tensor's first ChunkPartial
+  int32_t tensor;      // index of this tensor's TensorState
+};
+using ReduceArgs = MultiTensorArgs<1, ReduceExtra>;  // ptr: 0 grad
+
+// Call-wide arguments of the reduce and per-tensor kernels.
+struct ScratchPtrs {
+  TensorState* state;
+  ChunkPartial* partials;
+  int32_t skip_nonfinite;  // NonFinite::skip of this call
+};
+
+template <typename T, bool kClipped>
+__global__ void __launch_bounds__(kBlockThreads)
+    grad_reduce_kernel(const __grid_constant__ ReduceArgs args, const ScratchPtrs scratch) {
+  const ChunkRange r = chunk_range(args);
+  const ReduceExtra e = args.extra[r.slot];
+  StableTensorScalars s{};
+  if constexpr (kClipped) {
+    if (!scratch.state[e.tensor].clips) return;  // same value for the whole block
+    s = scratch.state[e.tensor].scalars;
+  }
+  const T* __restrict__ g = static_cast<const T*>(args.ptr[0][r.slot]);
+  float max_abs = 0.0f;
+  double sum_sq = 0.0;
+  for (int64_t base = r.begin; base < r.end; base += int64_t{kBlockThreads} * kIlp) {
+    float x[kIlp];
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) {
+      const int64_t i = base + j * kBlockThreads + threadIdx.x;
+      x[j] = i < r.end ? Storage<T>::load(g, i) : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) {
+      float xj = x[j];
+      if (scratch.skip_nonfinite && !is_finite(xj)) continue;  // "skip": left out
+      if constexpr (kClipped) xj = stable_clip(xj, s);
+      max_abs = fmaxf(max_abs, fabsf(xj));  // drops a NaN; phase 2 restores it from the sum
+      // The square of an fp32 value is exact in double, and a double sum keeps ||g|| within
+      // fp32 rounding whatever the order (the CPU folds fp32 block sums into a double, which
+      // is within the tests' tolerance of this). FP64 rate only matters on consumer GPUs,
+      // and this pass reads one array out of the step's seven.
+      sum_sq += static_cast<double>(xj) * static_cast<double>(xj);
+    }
+  }
+  max_abs = block_reduce(max_abs, MaxOp{}, 0.0f);
+  sum_sq = block_reduce(sum_sq, SumOp{}, 0.0);
+  if (threadIdx.x == 0)
+    scratch.partials[e.chunk_base + r.chunk] = ChunkPartial{sum_sq, max_abs, 0.0f};
+}
+
+// ------------------------------------------------------------ phases 2 and 4: per tensor
+// One block per tensor. Kernel-argument layout (kStatSlots = 56 tensors per launch):
+//   hyper[56]       StableStatHyper  40 B each: gammas, bias corrections, eps
+//   stats[56]       float*           the tensor's grad_stats [M, mu, nu] on the device
+//   chunk_base[56]  int64            first ChunkPartial of the tensor
+//   n_chunks[56]    int32            its number of chunks
+//   first_tensor    int32            TensorState index of block 0 (tensors are consecutive)
+constexpr int kStatSlots = 56;
+struct StatArgs {
+  StableStatHyper hyper[kStatSlots];
+  float* stats[kStatSlots];
+  int64_t chunk_base[kStatSlots];
+  int32_t n_chunks[kStatSlots];
+  int32_t first_tensor;
+};
+static_assert(sizeof(StatArgs) + sizeof(ScratchPtrs) <= 4096, "kernel arguments exceed 4 KB");
+
+// Combines one tensor's chunk partials: each thread folds a strided subset in order, then a
+// fixed block tree; deterministic for a given tensor size.
+__device__ __forceinline__ void combine_partials(const ChunkPartial* part, int32_t n,
+                                                 float& max_abs, double& sum_sq) {
+  float mx = 0.0f;
+  double sum = 0.0;
+  for (int32_t c = threadIdx.x; c < n; c += kBlockThreads) {
+    mx = fmaxf(mx, part[c].max_abs);
+    sum += part[c].sum_sq;
+  }
+  max_abs = block_reduce(mx, MaxOp{}, 0.0f);
+  sum_sq = block_reduce(sum, SumOp{}, 0.0);
+}
+
+__global__ void __launch_bounds__(kBlockThreads)
+    adaclip_kernel(const __grid_constant__ StatArgs args, const ScratchPtrs scratch) {
+  const int k = blockIdx.x;
+  float max_abs;
+  double sum_sq;
+  combine_partials(scratch.partials + args.chunk_base[k], args.n_chunks[k], max_abs, sum_sq);
+  if (threadIdx.x != 0) return;
+  // Under "propagate" a NaN entry must make max|g| NaN, as torch's amax does. fmaxf dropped
+  // it, but it always reaches the sum of squares (squares are >= 0, so infinities alone
+  // cannot make the sum NaN), which makes the test exact and order-independent.
+  if (!scratch.skip_nonfinite && isnan(sum_sq)) max_abs = NAN;
+  TensorState& st = scratch.state[args.first_tensor + k];
+  StableTensorScalars s{};
+  stable_adaclip(args.stats[k], max_abs, args.hyper[k], s);
+  st.scalars = s;
+  st.sum_sq = sum_sq;
+  st.clips = stable_clips(s, max_abs) ? 1 : 0;
+}
+
+__global__ void __launch_bounds__(kBlockThreads)
+    adagn_kernel(const __grid_constant__ StatArgs args, const ScratchPtrs scratch) {
+  const int k = blockIdx.x;
+  TensorState& st = scratch.state[args.first_tensor + k];
+  double sum_sq = st.sum_sq;
+  if (st.clips) {  // same value for the whole block, so the barriers inside are safe
+    float unused;
+    combine_partials(scratch.partials + args.chunk_base[k], args.n_chunks[k], unused, sum_sq);
+  }
+  if (threadIdx.x != 0) return;
+  StableTensorScalars s = st.scalars;
+  stable_adagn(args.stats[k], static_cast<float>(sqrt(sum_sq)), args.hyper[k], s);
+  st.scalars = s;
+}
+
+// ------------------------------------------------------------------- phase 5: update
+struct UpdateExtra {
+  StableAdamTensor adam;  // step_size, sqrt_bc2
+  int32_t tensor;         // TensorState index
+};
+using UpdateArgs = MultiTensorArgs<4, UpdateExtra>;  // ptr: 0 param, 1 grad, 2 m, 3 v
+
+struct UpdateShared {
+  StableAdamHyper hyper;
+  const TensorState* state;
+  int64_t* counters;
+};
+static_assert(sizeof(UpdateShared) <= kSharedBudget && sizeof(ScratchPtrs) <= kSharedBudget,
+              "kernel arguments exceed 4 KB");
+
+template <typename T>
+__global__ void __launch_bounds__(kBlockThreads)
+    stable_update_kernel(const __grid_constant__ UpdateArgs args, const UpdateShared shared) {
+  const ChunkRange r = chunk_range(args);
+  const UpdateExtra e = args.extra[r.slot];
+  const StableTensorScalars s = shared.state[e.tensor].scalars;
+  const StableAdamHyper h = shared.hyper;
+  T* __restrict__ p = static_cast<T*>(args.ptr[0][r.slot]);
+  const T* __restrict__ g = static_cast<const T*>(args.ptr[1][r.slot]);
+  T* __restrict__ m = static_cast<T*>(args.ptr[2][r.slot]);
+  T* __restrict__ v = static_cast<T*>(args.ptr[3][r.slot]);
+
+  int clipped = 0, nonfinite = 0;
+  for (int64_t base = r.begin; base < r.end; base += int64_t{kBlockThreads} * kIlp) {
+    float pr[kIlp] = {}, gr[kIlp] = {}, mr[kIlp] = {}, vr[kIlp] = {};
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) {
+      const int64_t i = base + j * kBlockThreads + threadIdx.x;
+      if (i < r.end) {
+        pr[j] = Storage<T>::load(p, i);
+        gr[j] = Storage<T>::load(g, i);
+        mr[j] = Storage<T>::load(m, i);
+        vr[j] = Storage<T>::load(v, i);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) {
+      const int64_t i = base + j * kBlockThreads + threadIdx.x;
+      if (i < r.end) {
+        const ElementFlags f = stable_spam_element(pr[j], gr[j], mr[j], vr[j], h, e.adam, s);
+        Storage<T>::store(p, i, pr[j]);
+        Storage<T>::store(m, i, mr[j]);
+        Storage<T>::store(v, i, vr[j]);
+        clipped += f.clipped;
+        nonfinite += f.nonfinite;
+      }
+    }
+  }
+  block_add_counts(shared.counters, clipped, nonfinite);
+}
+
+// ------------------------------------------------------------------------- launchers
+struct Plan {
+  std::vector<int64_t> chunk_base;  // per tensor, call order
+  int64_t total_chunks = 0;
+};
+
+Plan make_plan(const std::vector<int64_t>& numels) {
+  Plan plan;
+  plan.chunk_base.reserve(numels.size());
+  for (const int64_t n : numels) {
+    plan.chunk_base.push_back(plan.total_chunks);
+    plan.total_chunks += chunks_of(n);
+  }
+  return plan;
+}
+
+template <typename T, bool kClipped>
+void launch_reduce(const std::vector<StableSpamTensor>& tensors, const std::vector<int>& order,
+                   const Plan& plan, const ScratchPtrs& scratch, cudaStream_t stream) {
+  multi_tensor_apply<ReduceArgs>(
+      order, [&](int i) { return tensors[i].grad.numel; },
+      [&](ReduceArgs& a, int slot, int i) {
+        a.ptr[0][slot] = tensors[i].grad.data;
+        a.extra[slot] = ReduceExtra{plan.chunk_base[i], static_cast<int32_t>(i)};
+      },
+      [&](const ReduceArgs& a, int blocks) {
+        grad_reduce_kernel<T, kClipped><<<blocks, kBlockThreads, 0, stream>>>(a, scratch);
+        check_launch();
+      });
+}
+
+template <typename T>
+void launch_update(const std::vector<StableSpamTensor>& tensors, const std::vector<int>& order,
+                   const UpdateShared& shared, cudaStream_t stream) {
+  multi_tensor_apply<UpdateArgs>(
+      order, [&](int i) { return tensors[i].param.numel; },
+      [&](UpdateArgs& a, int slot, int i) {
+        const StableSpamTensor& t = tensors[i];
+        a.ptr[0][slot] = t.param.data;
+        a.ptr[1][slot] = t.grad.data;
+        a.ptr[2][slot] = t.exp_avg.data;
+        a.ptr[3][slot] = t.exp_avg_sq.data;
+        a.extra[slot] = UpdateExtra{t.adam, static_cast<int32_t>(i)};
+      },
+      [&](const UpdateArgs& a, int blocks) {
+        stable_update_kernel<T><<<blocks, kBlockThreads, 0, stream>>>(a, shared);
+        check_launch();
+      });
+}
+
+// Phases 2 and 4 cover every tensor of the call (zero-size ones too: their statistics
+// still advance, as on the CPU), kStatSlots consecutive tensors per launch.
+template <typename Kernel>
+void launch_per_tensor(Kernel kernel, const std::vector<StableSpamTensor>& tensors,
+                       const Plan& plan, const ScratchPtrs& scratch, cudaStream_t stream) {
+  const int n = static_cast<int>(tensors.size());
+  StatArgs args{};
+  for (int first = 0; first < n; first += kStatSlots) {
+    const int count = n - first < kStatSlots ? n - first : kStatSlots;
+    args.first_tensor = first;
+    for (int k = 0; k < count; ++k) {
+      const StableSpamTensor& t = tensors[first + k];
+      args.hyper[k] = t.stat;
+      args.stats[k] = t.grad_stats;
+      args.chunk_base[k] = plan.chunk_base[first + k];
+      args.n_chunks[k] = static_cast<int32_t>(chunks_of(t.grad.numel));
+    }
+    kernel<<<count, kBlockThreads, 0, stream>>>(args, scratch);
+    check_launch();
+  }
+}
+
+template <typename Fn>
+void for_each_dtype(const std::vector<std::vector<int>>& groups, Fn&& fn) {
+  for (int d = 0; d < static_cast<int>(groups.size()); ++d) {
+    if (groups[d].empty()) continue;
+    dispatch_dtype(static_cast<DType>(d), [&](auto tag) { fn(tag, groups[d]); });
+  }
+}
+
+}  // namespace
+}  // namespace spam::cuda
+
+namespace spam {
+
+int64_t cuda_stable_spam_scratch_bytes(const std::vector<int64_t>& numels) {
+  const cuda::Plan plan = cuda::make_plan(numels);
+  return static_cast<int64_t>(numels.size()) * int64_t{sizeof(cuda::TensorState)} +
+         plan.total_chunks * int64_t{sizeof(cuda::ChunkPartial)};
+}
+
+void cuda_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
+                           const StableAdamHyper& hyper, int64_t* counters, void* scratch,
+                           int64_t scratch_bytes, const CudaContext& ctx) {
+  using namespace spam::cuda;
+  if (tensors.empty()) return;
+  const int n = static_cast<int>(tensors.size());
+  std::vector<int64_t> numels;
+  numels.reserve(tensors.size());
+  for (const auto& t : tensors) numels.push_back(t.param.numel);
+  SPAM_CHECK(scratch_bytes >= cuda_stable_spam_scratch_bytes(numels),
+             "scratch buffer is smaller than stable_spam_scratch_bytes(numels)");
+  SPAM_CHECK(reinterpret_cast<uintptr_t>(scratch) % 16 == 0, "scratch must be 16-byte aligned");
+  SPAM_CHECK(counters != nullptr, "counters must be a device buffer");
+  const Plan plan = make_plan(numels);
+
+  DeviceGuard guard(ctx.device);
+  const cudaStream_t stream = to_stream(ctx.stream);
+  auto* state = static_cast<TensorState*>(scratch);
+  const ScratchPtrs ptrs{state, reinterpret_cast<ChunkPartial*>(state + n),
+                         hyper.nonfinite.skip ? 1 : 0};
+  const auto groups = group_by_dtype(n, [&](int i) { return tensors[i].param.dtype; });
+
+  for_each_dtype(groups, [&](auto tag, const std::vector<int>& order) {  // phase 1
+    launch_reduce<typename decltype(tag)::type, false>(tensors, order, plan, ptrs, stream);
+  });
+  launch_per_tensor(adaclip_kernel, tensors, plan, ptrs, stream);  // phase 2
+  for_each_dtype(groups, [&](auto tag, const std::vector<int>& order) {  // phase 3
+    launch_reduce<typename decltype(tag)::type, true>(tensors, order, plan, ptrs, stream);
+  });
+  launch_per_tensor(adagn_kernel, tensors, plan, ptrs, stream);  // phase 4
+  const UpdateShared shared{hyper, state, counters};
+  for_each_dtype(groups, [&](auto tag, const std::vector<int>& order) {  // phase 5
+    launch_update<typename decltype(tag)::type>(tensors, order, shared, stream);
+  });
+}
+
+}  // namespace spam
