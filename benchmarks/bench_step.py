@@ -30,21 +30,49 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 Factory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
-def candidates(device: str) -> dict[str, tuple[Factory, int]]:
-    """name -> (optimizer factory, state buffers read+written per element besides p and g).
+def candidates(device: str) -> dict[str, tuple[Factory, Callable[[int], float]]]:
+    """name -> (optimizer factory, bytes the step must move per element, given the element size).
 
     Every dense Adam-family step reads p, g, m, v and writes p, m, v: 7 element-sized
-    transfers per parameter.
+    transfers per parameter. 8-bit moments move 4 bytes per element instead of 4 elements: p r/w + g r in the
+    parameter dtype, plus 1-byte codes of m and v read and written (absmax is 1/64 of that).
     """
-    cands: dict[str, tuple[Factory, int]] = {
-        "torch AdamW (foreach)": (lambda ps: torch.optim.AdamW(ps, foreach=True), 7),
-        "torch AdamW (fused)": (lambda ps: torch.optim.AdamW(ps, fused=True), 7),
-        "SPAM (ours)": (lambda ps: sl.SPAM(ps), 7),
-        "StableSPAM (ours)": (lambda ps: sl.StableSPAM(ps), 7),
-        "SPAM (reference)": (lambda ps: ReferenceSPAM(ps), 7),
-        "StableSPAM (reference)": (lambda ps: ReferenceStableSPAM(ps), 7),
+    cands: dict[str, tuple[Factory, Callable[[int], float]]] = {
+        "torch AdamW (foreach)": (lambda ps: torch.optim.AdamW(ps, foreach=True), dense_bytes),
+        "torch AdamW (fused)": (lambda ps: torch.optim.AdamW(ps, fused=True), dense_bytes),
+        "AdamW 32-bit (ours)": (lambda ps: sl.AdamW(ps), dense_bytes),
+        "SPAM (ours)": (lambda ps: sl.SPAM(ps), dense_bytes),
+        "StableSPAM (ours)": (lambda ps: sl.StableSPAM(ps), dense_bytes),
+        "AdamW 8-bit (ours)": (lambda ps: sl.AdamW(ps, state_bits=8), q8_bytes),
+        "SPAM 8-bit (ours)": (lambda ps: sl.SPAM(ps, state_bits=8), q8_bytes),
+        "StableSPAM 8-bit (ours)": (lambda ps: sl.StableSPAM(ps, state_bits=8), q8_bytes),
+        "SPAM (reference)": (lambda ps: ReferenceSPAM(ps), dense_bytes),
+        "StableSPAM (reference)": (lambda ps: ReferenceStableSPAM(ps), dense_bytes),
     }
+    try:
+        import bitsandbytes as bnb
+
+        cands["bitsandbytes AdamW8bit"] = (lambda ps: bnb.optim.AdamW8bit(ps), q8_bytes)
+    except ImportError:
+        print("# bitsandbytes not installed: its row is skipped")
+    try:
+        from torchao.optim import AdamW8bit as TorchaoAdamW8bit
+
+        cands["torchao AdamW8bit"] = (lambda ps: TorchaoAdamW8bit(ps), q8_bytes)
+    except ImportError:
+        print("# torchao not installed: its row is skipped")
     return cands
+
+
+def dense_bytes(elem: int) -> float:
+    """p, g, m, v read and p, m, v written, all in the parameter dtype."""
+    return 7.0 * elem
+
+
+def q8_bytes(elem: int) -> float:
+    """p read/written and g read in the parameter dtype; 1-byte codes of m, v read/written;
+    fp32 absmax of m and v read/written once per 256 elements."""
+    return 3.0 * elem + 4.0 + 16.0 / 256
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,25 +105,31 @@ def main(argv: list[str] | None = None) -> None:
     summary = {n: C.summarize(t) for n, t in times.items()}
     fused = summary.get("torch AdamW (fused)", {}).get("median_ms")
     ref = summary.get("SPAM (reference)", {}).get("median_ms")
+    spam32 = summary.get("SPAM (ours)", {}).get("median_ms")
+    bnb8 = summary.get("bitsandbytes AdamW8bit", {}).get("median_ms")
     elem = torch.empty((), dtype=dtype).element_size()
     rows, records = [], []
     for name, s in summary.items():
-        moved = cands[name][1] * elem * numel
+        moved = cands[name][1](elem) * numel
         gbps = moved / (s["median_ms"] / 1e3) / 1e9
         rec = {"bench": "step", "candidate": name, "params": numel, "dtype": args.dtype, **s,
                "gbps": gbps, "copy_gbps": copy_gbps, "pct_of_copy": 100 * gbps / copy_gbps,
                "vs_adamw_fused": s["median_ms"] / fused if fused else None,
-               "vs_reference_spam": s["median_ms"] / ref if ref else None, "env": env}
+               "vs_reference_spam": s["median_ms"] / ref if ref else None,
+               "vs_spam32": s["median_ms"] / spam32 if spam32 else None,
+               "vs_bnb_adamw8bit": s["median_ms"] / bnb8 if bnb8 else None, "env": env}
         records.append(rec)
         rows.append([name, f"{s['median_ms']:.2f}", f"{s['iqr_ms']:.2f}", s["runs"], f"{gbps:.1f}",
                      f"{rec['pct_of_copy']:.0f}%",
                      f"{rec['vs_adamw_fused']:.2f}x" if fused else "-",
-                     f"{rec['vs_reference_spam']:.2f}x" if ref else "-"])
+                     f"{rec['vs_reference_spam']:.2f}x" if ref else "-",
+                     f"{rec['vs_spam32']:.2f}x" if spam32 else "-",
+                     f"{rec['vs_bnb_adamw8bit']:.2f}x" if bnb8 else "-"])
     print(f"# {numel / 1e6:.2f}M params ({args.layers} layers), {args.dtype}, device {args.device}; "
           f"copy {copy_gbps:.1f} GB/s; {env['date']}; torch {env['torch']}; {env['cpu']}; "
           f"core isa {env.get('core_isa')}, threads {env.get('core_threads')}")
     C.print_table(["optimizer", "median ms", "IQR ms", "runs", "GB/s", "of copy", "vs AdamW fused",
-                   "vs ref SPAM"], rows)
+                   "vs ref SPAM", "vs SPAM 32", "vs bnb 8bit"], rows)
     C.write_jsonl(args.out, records)
 
 

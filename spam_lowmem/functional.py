@@ -1,9 +1,11 @@
 """Stateless, typed entry points into the C++/CUDA core.
 
-Each function steps every tensor of one parameter group on one device in place, with a
-single call into the core (one OpenMP region on CPU, multi-tensor launches on the current
-CUDA stream, no host synchronisation). Callers pass detached, C-contiguous tensors; the
-optimizers in :mod:`spam_lowmem.optim` take care of that.
+Each step function updates every tensor of one parameter group on one device in place, with
+a single call into the core (one OpenMP region on CPU, multi-tensor launches on the current
+CUDA stream, no host synchronisation). Moments are dense (``exp_avgs[i]`` in the parameter
+dtype, ``absmax_*[i]`` empty) or 8-bit (``exp_avgs[i]`` uint8 codes, ``absmax_*[i]`` one
+float32 per 256 elements; see :mod:`spam_lowmem.qmap`). Callers pass detached, C-contiguous
+tensors; the optimizers in :mod:`spam_lowmem.optim` take care of that.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from . import _backend
+from .qmap import BLOCK_SIZE, quant_map
 
-__all__ = ["MomentReset", "spam_step", "stable_spam_step"]
+__all__ = ["MomentReset", "spam_step", "stable_spam_step", "adamw_step", "quantize_blockwise",
+           "dequantize_blockwise"]
 
 
 class MomentReset:
@@ -33,27 +37,32 @@ def _capsules(tensors: Sequence[torch.Tensor]) -> list[object]:
     return [to_dlpack(t) for t in tensors]
 
 
-def _stream_kwargs(device: torch.device) -> dict[str, int]:
-    if device.type != "cuda":
-        return {}
-    return {"stream": torch.cuda.current_stream(device).cuda_stream}
+def _map_capsules(signed: bool, device: torch.device) -> list[object]:
+    q = quant_map(signed, device)
+    return _capsules([q.values, q.midpoints, q.buckets])
+
+
+def _common(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+            exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+            absmax_m: Sequence[torch.Tensor], absmax_v: Sequence[torch.Tensor]) -> list[object]:
+    return [_capsules(params), _capsules(grads), _capsules(exp_avgs), _capsules(exp_avg_sqs),
+            _capsules(absmax_m), _capsules(absmax_v)]
+
+
+def _device_kwargs(device: torch.device) -> dict[str, object]:
+    kw: dict[str, object] = {"m_map": _map_capsules(True, device), "v_map": _map_capsules(False, device)}
+    if device.type == "cuda":
+        kw["stream"] = torch.cuda.current_stream(device).cuda_stream
+    return kw
 
 
 def spam_step(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor],
-    exp_avg_sqs: Sequence[torch.Tensor],
-    update_scales: Sequence[float],
-    counters: torch.Tensor,
-    *,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    clip_threshold: float,
-    weight_decay_scale: float,
-    reset: int,
-    skip_nonfinite: bool,
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+    absmax_m: Sequence[torch.Tensor], absmax_v: Sequence[torch.Tensor],
+    update_scales: Sequence[float], counters: torch.Tensor, *,
+    beta1: float, beta2: float, eps: float, clip_threshold: float, weight_decay_scale: float,
+    reset: int, skip_nonfinite: bool,
 ) -> None:
     """One SPAM step (ALGORITHMS.md §2.4) over tensors that all live on one device.
 
@@ -62,35 +71,24 @@ def spam_step(
     accumulates [clipped, non-finite] entries.
     """
     device = counters.device
+    kw = _device_kwargs(device)
     _backend.module_for(device).spam_step(
-        _capsules(params), _capsules(grads), _capsules(exp_avgs), _capsules(exp_avg_sqs),
-        list(update_scales), to_dlpack(counters),
+        *_common(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), list(update_scales),
+        to_dlpack(counters), kw.pop("m_map"), kw.pop("v_map"),
         beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
         eps=eps, clip_threshold=clip_threshold, weight_decay_scale=weight_decay_scale,
-        reset=reset, skip_nonfinite=skip_nonfinite, **_stream_kwargs(device),
+        reset=reset, skip_nonfinite=skip_nonfinite, **kw,
     )
 
 
 def stable_spam_step(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor],
-    exp_avg_sqs: Sequence[torch.Tensor],
-    grad_stats: Sequence[torch.Tensor],
-    stat_bias_corrections: Sequence[float],
-    step_sizes: Sequence[float],
-    sqrt_bc2s: Sequence[float],
-    counters: torch.Tensor,
-    *,
-    gamma1: float,
-    gamma2: float,
-    gamma3: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_keep: float,
-    reset: int,
-    skip_nonfinite: bool,
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+    absmax_m: Sequence[torch.Tensor], absmax_v: Sequence[torch.Tensor],
+    grad_stats: Sequence[torch.Tensor], stat_bias_corrections: Sequence[float],
+    step_sizes: Sequence[float], sqrt_bc2s: Sequence[float], counters: torch.Tensor, *,
+    gamma1: float, gamma2: float, gamma3: float, beta1: float, beta2: float, eps: float,
+    weight_keep: float, reset: int, skip_nonfinite: bool,
 ) -> None:
     """One Stable-SPAM step (ALGORITHMS.md §4.4) over tensors that all live on one device.
 
@@ -101,16 +99,70 @@ def stable_spam_step(
     """
     device = counters.device
     module = _backend.module_for(device)
-    extra = _stream_kwargs(device)
+    kw = _device_kwargs(device)
     if device.type == "cuda":
         nbytes = module.stable_spam_scratch_bytes([p.numel() for p in params])
-        extra["scratch"] = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+        kw["scratch"] = to_dlpack(torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device))
     module.stable_spam_step(
-        _capsules(params), _capsules(grads), _capsules(exp_avgs), _capsules(exp_avg_sqs),
-        _capsules(grad_stats), list(stat_bias_corrections), list(step_sizes), list(sqrt_bc2s),
-        to_dlpack(counters),
+        *_common(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), _capsules(grad_stats),
+        list(stat_bias_corrections), list(step_sizes), list(sqrt_bc2s), to_dlpack(counters),
+        kw.pop("m_map"), kw.pop("v_map"),
         gamma1=gamma1, one_minus_gamma1=1.0 - gamma1, gamma2=gamma2,
         one_minus_gamma2=1.0 - gamma2, gamma3=gamma3, one_minus_gamma3=1.0 - gamma3,
         beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
-        eps=eps, weight_keep=weight_keep, reset=reset, skip_nonfinite=skip_nonfinite, **extra,
+        eps=eps, weight_keep=weight_keep, reset=reset, skip_nonfinite=skip_nonfinite, **kw,
     )
+
+
+def adamw_step(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+    absmax_m: Sequence[torch.Tensor], absmax_v: Sequence[torch.Tensor],
+    step_sizes: Sequence[float], sqrt_bc2s: Sequence[float], counters: torch.Tensor, *,
+    beta1: float, beta2: float, eps: float, weight_keep: float, skip_nonfinite: bool,
+) -> None:
+    """One AdamW step with ``torch.optim.AdamW``'s conventions (decay first, eps after bias
+    correction); ``step_sizes[i] = lr / (1 - beta1^k_i)``, ``sqrt_bc2s[i] = sqrt(1 - beta2^k_i)``."""
+    device = counters.device
+    kw = _device_kwargs(device)
+    _backend.module_for(device).adamw_step(
+        *_common(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), list(step_sizes),
+        list(sqrt_bc2s), to_dlpack(counters), kw.pop("m_map"), kw.pop("v_map"),
+        beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
+        eps=eps, weight_keep=weight_keep, skip_nonfinite=skip_nonfinite, **kw,
+    )
+
+
+def quantize_blockwise(x: torch.Tensor, *, signed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit quantisation (blocks of 256, fp32 absmax, dynamic map).
+
+    Returns ``(codes, absmax)``: uint8 codes shaped like ``x.flatten()`` and one float32
+    absmax per block. ``signed`` picks the map (True: values in [-1, 1]; False: [0, 1]).
+    """
+    _check_quant_input(x)
+    src = x.detach().contiguous()
+    blocks = (src.numel() + BLOCK_SIZE - 1) // BLOCK_SIZE
+    codes = torch.empty(src.numel(), dtype=torch.uint8, device=src.device)
+    absmax = torch.empty(blocks, dtype=torch.float32, device=src.device)
+    _backend.module_for(src.device).quantize_blockwise(
+        to_dlpack(src), to_dlpack(codes), to_dlpack(absmax), _map_capsules(signed, src.device))
+    return codes, absmax
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, *, signed: bool = True,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise`: a flat tensor of ``codes.numel()`` values."""
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"dequantize_blockwise: codes must be uint8, got {codes.dtype}")
+    if absmax.dtype != torch.float32 or absmax.numel() != (codes.numel() + BLOCK_SIZE - 1) // BLOCK_SIZE:
+        raise ValueError("dequantize_blockwise: absmax must be float32 with one entry per 256 codes")
+    out = torch.empty(codes.numel(), dtype=dtype, device=codes.device)
+    _backend.module_for(codes.device).dequantize_blockwise(
+        to_dlpack(codes.contiguous()), to_dlpack(absmax.contiguous()), to_dlpack(out),
+        _map_capsules(signed, codes.device))
+    return out
+
+
+def _check_quant_input(x: torch.Tensor) -> None:
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"quantize_blockwise: expected a float32/bfloat16/float16 tensor, got {x.dtype}")

@@ -9,6 +9,7 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from spam_lowmem import _C
+from spam_lowmem.qmap import quant_map
 
 KW: dict[str, Any] = dict(beta1=0.9, one_minus_beta1=0.1, beta2=0.999, one_minus_beta2=0.001,
                           eps=1e-6, clip_threshold=0.0, weight_decay_scale=0.0, reset=0,
@@ -18,8 +19,12 @@ KW: dict[str, Any] = dict(beta1=0.9, one_minus_beta1=0.1, beta2=0.999, one_minus
 def call(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
          counters: torch.Tensor | None = None, scales: list[float] | None = None, **kw: Any) -> None:
     counters = torch.zeros(2, dtype=torch.int64) if counters is None else counters
+    empty = torch.empty(0)
+    maps = [[to_dlpack(t) for t in (q.values, q.midpoints, q.buckets)]
+            for q in (quant_map(True), quant_map(False))]
     _C.spam_step([to_dlpack(p)], [to_dlpack(g)], [to_dlpack(m)], [to_dlpack(v)],
-                 [0.1] if scales is None else scales, to_dlpack(counters), **{**KW, **kw})
+                 [to_dlpack(empty)], [to_dlpack(empty)], [0.1] if scales is None else scales,
+                 to_dlpack(counters), *maps, **{**KW, **kw})
 
 
 def test_valid_call_writes_in_place() -> None:
@@ -52,6 +57,24 @@ def test_wrong_dtype_size_and_lengths() -> None:
     with pytest.raises(ValueError, match="reset"):
         call(*ok, reset=7)
     assert all(torch.equal(t, torch.zeros(5)) for t in ok)
+
+
+def test_8bit_buffers_are_checked() -> None:
+    p, g = torch.zeros(300), torch.ones(300)
+    codes, absmax = torch.zeros(300, dtype=torch.uint8), torch.zeros(2)
+    with pytest.raises(ValueError, match="absmax"):
+        _C.spam_step([to_dlpack(p)], [to_dlpack(g)], [to_dlpack(codes)], [to_dlpack(codes.clone())],
+                     [to_dlpack(torch.zeros(1))], [to_dlpack(absmax)], [0.1],
+                     to_dlpack(torch.zeros(2, dtype=torch.int64)),
+                     *[[to_dlpack(t) for t in (q.values, q.midpoints, q.buckets)]
+                       for q in (quant_map(True), quant_map(False))], **KW)
+    with pytest.raises(ValueError, match="exp_avgs\[0\]: buffer too small"):
+        _C.spam_step([to_dlpack(p)], [to_dlpack(g)], [to_dlpack(codes[:299].clone())],
+                     [to_dlpack(codes.clone())], [to_dlpack(absmax)], [to_dlpack(absmax.clone())],
+                     [0.1], to_dlpack(torch.zeros(2, dtype=torch.int64)),
+                     *[[to_dlpack(t) for t in (q.values, q.midpoints, q.buckets)]
+                       for q in (quant_map(True), quant_map(False))], **KW)
+    assert torch.equal(p, torch.zeros(300))
 
 
 def test_cpu_module_reports_threads_and_isa() -> None:

@@ -13,7 +13,9 @@
 #include <vector>
 
 #include "../spam/common.h"
+#include "../spam/cpu_ops.h"
 #include "../spam/math.h"
+#include "../spam/quant8.h"
 
 namespace spam::bind {
 
@@ -99,18 +101,26 @@ class SameDevice {
   int device_ = -1;
 };
 
-// The four per-parameter buffers of an Adam-family step, converted and cross-checked.
-struct Quad {
+// The buffers of an Adam-family step, converted and cross-checked. Moments are either
+// dense (exp_avg / exp_avg_sq in the parameter dtype; absmax entries unused) or 8-bit
+// (exp_avg / exp_avg_sq hold uint8 codes, absmax_m / absmax_v one float32 per 256-block).
+struct StepBuffers {
   std::vector<TensorRef> p, g, m, v;
+  std::vector<Quant8Moments> q8;
+  bool any_q8 = false;
 };
 
-inline Quad convert_quad(const ArrayList& params, const ArrayList& grads, const ArrayList& exp_avgs,
-                         const ArrayList& exp_avg_sqs, int device_type, SameDevice& dev) {
+inline StepBuffers convert_step_buffers(const ArrayList& params, const ArrayList& grads,
+                                        const ArrayList& exp_avgs, const ArrayList& exp_avg_sqs,
+                                        const ArrayList& absmax_m, const ArrayList& absmax_v,
+                                        int device_type, SameDevice& dev) {
   const size_t n = params.size();
   check_lengths(n, grads.size(), "grads");
   check_lengths(n, exp_avgs.size(), "exp_avgs");
   check_lengths(n, exp_avg_sqs.size(), "exp_avg_sqs");
-  Quad q;
+  check_lengths(n, absmax_m.size(), "absmax_m");
+  check_lengths(n, absmax_v.size(), "absmax_v");
+  StepBuffers b;
   auto convert = [&](const nb::ndarray<>& a, const char* what, size_t i) {
     const std::string name = describe(what, i);
     TensorRef ref = float_ref(a, device_type, name);
@@ -118,15 +128,52 @@ inline Quad convert_quad(const ArrayList& params, const ArrayList& grads, const 
     return ref;
   };
   for (size_t i = 0; i < n; ++i) {
-    q.p.push_back(convert(params[i], "params", i));
-    q.g.push_back(convert(grads[i], "grads", i));
-    q.m.push_back(convert(exp_avgs[i], "exp_avgs", i));
-    q.v.push_back(convert(exp_avg_sqs[i], "exp_avg_sqs", i));
-    check_same(q.p[i], q.g[i], describe("grads", i));
-    check_same(q.p[i], q.m[i], describe("exp_avgs", i));
-    check_same(q.p[i], q.v[i], describe("exp_avg_sqs", i));
+    b.p.push_back(convert(params[i], "params", i));
+    b.g.push_back(convert(grads[i], "grads", i));
+    check_same(b.p[i], b.g[i], describe("grads", i));
+    Quant8Moments q;
+    if (exp_avgs[i].dtype() == nb::dtype<uint8_t>()) {
+      const int64_t numel = b.p[i].numel, blocks = (numel + kQuantBlock - 1) / kQuantBlock;
+      auto codes = [&](const nb::ndarray<>& a, const char* what) {
+        uint8_t* ptr = typed_buffer<uint8_t>(a, device_type, numel, describe(what, i));
+        if (static_cast<int64_t>(a.size()) != numel)
+          throw nb::value_error((describe(what, i) + ": 8-bit codes must have one byte per "
+                                 "parameter element").c_str());
+        dev.check(a, describe(what, i));
+        return ptr;
+      };
+      auto absmax = [&](const nb::ndarray<>& a, const char* what) {
+        float* ptr = typed_buffer<float>(a, device_type, blocks, describe(what, i));
+        if (static_cast<int64_t>(a.size()) != blocks)
+          throw nb::value_error((describe(what, i) + ": need one float32 absmax per 256 "
+                                 "elements").c_str());
+        dev.check(a, describe(what, i));
+        return ptr;
+      };
+      q = Quant8Moments{codes(exp_avgs[i], "exp_avgs"), absmax(absmax_m[i], "absmax_m"),
+                        codes(exp_avg_sqs[i], "exp_avg_sqs"), absmax(absmax_v[i], "absmax_v")};
+      b.any_q8 = true;
+      b.m.push_back(TensorRef{});
+      b.v.push_back(TensorRef{});
+    } else {
+      b.m.push_back(convert(exp_avgs[i], "exp_avgs", i));
+      b.v.push_back(convert(exp_avg_sqs[i], "exp_avg_sqs", i));
+      check_same(b.p[i], b.m[i], describe("exp_avgs", i));
+      check_same(b.p[i], b.v[i], describe("exp_avg_sqs", i));
+    }
+    b.q8.push_back(q);
   }
-  return q;
+  return b;
+}
+
+// A code map as [values f32[256], midpoints f32[256], buckets i32[2*kQuantBuckets]] (quant8.h).
+inline QuantMap convert_map(const ArrayList& parts, int device_type, const char* name) {
+  if (parts.size() != 3)
+    throw nb::value_error((std::string(name) + ": expected [values, midpoints, buckets]").c_str());
+  const std::string n(name);
+  return QuantMap{typed_buffer<float>(parts[0], device_type, kQuantCodes, n + ".values"),
+                  typed_buffer<float>(parts[1], device_type, kQuantCodes, n + ".midpoints"),
+                  typed_buffer<int32_t>(parts[2], device_type, 2 * kQuantBuckets, n + ".buckets")};
 }
 
 inline MomentReset to_reset(int reset) {

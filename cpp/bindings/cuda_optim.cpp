@@ -27,14 +27,24 @@ int64_t* counters_buffer(const nb::ndarray<>& counters, SameDevice& dev) {
 }
 
 
+// 8-bit moments are not ported to the CUDA kernels yet: say so instead of misreading codes.
+void require_dense(const StepBuffers& b) {
+  if (b.any_q8)
+    throw nb::type_error("spam_lowmem: 8-bit optimizer state is not implemented in the CUDA "
+                         "core of this build; use state_bits=32 on CUDA");
+}
+
 void spam_step(const ArrayList& params, const ArrayList& grads, const ArrayList& exp_avgs,
-               const ArrayList& exp_avg_sqs, const std::vector<double>& update_scales,
-               const nb::ndarray<>& counters, double beta1, double one_minus_beta1, double beta2,
+               const ArrayList& exp_avg_sqs, const ArrayList& absmax_m, const ArrayList& absmax_v,
+               const std::vector<double>& update_scales, const nb::ndarray<>& counters,
+               const ArrayList& /*m_map*/, const ArrayList& /*v_map*/, double beta1, double one_minus_beta1, double beta2,
                double one_minus_beta2, double eps, double clip_threshold,
                double weight_decay_scale, int reset, bool skip_nonfinite, uintptr_t stream) {
   using namespace spam::bind;
   SameDevice dev;
-  Quad q = convert_quad(params, grads, exp_avgs, exp_avg_sqs, kCuda, dev);
+  const StepBuffers q = convert_step_buffers(params, grads, exp_avgs, exp_avg_sqs, absmax_m,
+                                             absmax_v, kCuda, dev);
+  require_dense(q);
   check_lengths(params.size(), update_scales.size(), "update_scales");
   int64_t* cnt = counters_buffer(counters, dev);
   spam::SpamHyper h{static_cast<float>(beta1),        static_cast<float>(one_minus_beta1),
@@ -52,17 +62,21 @@ void spam_step(const ArrayList& params, const ArrayList& grads, const ArrayList&
 }
 
 void stable_spam_step(const ArrayList& params, const ArrayList& grads, const ArrayList& exp_avgs,
-                      const ArrayList& exp_avg_sqs, const ArrayList& grad_stats,
+                      const ArrayList& exp_avg_sqs, const ArrayList& absmax_m,
+                      const ArrayList& absmax_v, const ArrayList& grad_stats,
                       const std::vector<double>& stat_bias_corrections,
                       const std::vector<double>& step_sizes, const std::vector<double>& sqrt_bc2s,
-                      const nb::ndarray<>& counters, double gamma1, double one_minus_gamma1,
+                      const nb::ndarray<>& counters, const ArrayList& /*m_map*/,
+                      const ArrayList& /*v_map*/, double gamma1, double one_minus_gamma1,
                       double gamma2, double one_minus_gamma2, double gamma3,
                       double one_minus_gamma3, double beta1, double one_minus_beta1, double beta2,
                       double one_minus_beta2, double eps, double weight_keep, int reset,
                       bool skip_nonfinite, const nb::ndarray<>& scratch, uintptr_t stream) {
   using namespace spam::bind;
   SameDevice dev;
-  Quad q = convert_quad(params, grads, exp_avgs, exp_avg_sqs, kCuda, dev);
+  const StepBuffers q = convert_step_buffers(params, grads, exp_avgs, exp_avg_sqs, absmax_m,
+                                             absmax_v, kCuda, dev);
+  require_dense(q);
   const size_t n = params.size();
   check_lengths(n, grad_stats.size(), "grad_stats");
   check_lengths(3 * n, stat_bias_corrections.size(), "stat_bias_corrections (3 per tensor)");
@@ -115,15 +129,17 @@ int64_t stable_spam_scratch_bytes(const std::vector<int64_t>& numels) {
 
 void bind_cuda_optim(nb::module_& m) {
   m.def("spam_step", &spam_step, "params"_a, "grads"_a, "exp_avgs"_a, "exp_avg_sqs"_a,
-        "update_scales"_a, "counters"_a, nb::kw_only(), "beta1"_a, "one_minus_beta1"_a,
+        "absmax_m"_a, "absmax_v"_a, "update_scales"_a, "counters"_a, "m_map"_a, "v_map"_a,
+        nb::kw_only(), "beta1"_a, "one_minus_beta1"_a,
         "beta2"_a, "one_minus_beta2"_a, "eps"_a, "clip_threshold"_a, "weight_decay_scale"_a,
         "reset"_a, "skip_nonfinite"_a, "stream"_a,
         "SPAM step (ALGORITHMS.md §2.4) over all tensors of one group, in place, enqueued on "
         "`stream` (an int cudaStream_t). `counters` (int64 CUDA [clipped, nonfinite]) is added "
         "into on the device; nothing synchronises.");
   m.def("stable_spam_step", &stable_spam_step, "params"_a, "grads"_a, "exp_avgs"_a,
-        "exp_avg_sqs"_a, "grad_stats"_a, "stat_bias_corrections"_a, "step_sizes"_a,
-        "sqrt_bc2s"_a, "counters"_a, nb::kw_only(), "gamma1"_a, "one_minus_gamma1"_a,
+        "exp_avg_sqs"_a, "absmax_m"_a, "absmax_v"_a, "grad_stats"_a,
+        "stat_bias_corrections"_a, "step_sizes"_a, "sqrt_bc2s"_a, "counters"_a, "m_map"_a,
+        "v_map"_a, nb::kw_only(), "gamma1"_a, "one_minus_gamma1"_a,
         "gamma2"_a, "one_minus_gamma2"_a, "gamma3"_a, "one_minus_gamma3"_a, "beta1"_a,
         "one_minus_beta1"_a, "beta2"_a, "one_minus_beta2"_a, "eps"_a, "weight_keep"_a,
         "reset"_a, "skip_nonfinite"_a, "scratch"_a, "stream"_a,

@@ -28,21 +28,40 @@ Isa isa() {
 
 }  // namespace
 
-void cpu_spam_step(const std::vector<SpamTensor>& t, const SpamHyper& h, int64_t* c) {
+// Forwards a call to the kernel build chosen for this CPU.
 #if defined(SPAM_HAVE_X86_ISAS)
-  if (isa() == Isa::kAvx512) return isa_avx512::cpu_spam_step(t, h, c);
-  if (isa() == Isa::kAvx2) return isa_avx2::cpu_spam_step(t, h, c);
+#define SPAM_DISPATCH(fn, ...)                                              \
+  do {                                                                      \
+    if (isa() == Isa::kAvx512) return isa_avx512::fn(__VA_ARGS__);          \
+    if (isa() == Isa::kAvx2) return isa_avx2::fn(__VA_ARGS__);              \
+    return isa_baseline::fn(__VA_ARGS__);                                   \
+  } while (0)
+#else
+#define SPAM_DISPATCH(fn, ...) return isa_baseline::fn(__VA_ARGS__)
 #endif
-  isa_baseline::cpu_spam_step(t, h, c);
+
+void cpu_spam_step(const std::vector<SpamTensor>& t, const SpamHyper& h, const QuantMaps& q,
+                   int64_t* c) {
+  SPAM_DISPATCH(cpu_spam_step, t, h, q, c);
 }
 
 void cpu_stable_spam_step(const std::vector<StableSpamTensor>& t, const StableAdamHyper& h,
-                          int64_t* c) {
-#if defined(SPAM_HAVE_X86_ISAS)
-  if (isa() == Isa::kAvx512) return isa_avx512::cpu_stable_spam_step(t, h, c);
-  if (isa() == Isa::kAvx2) return isa_avx2::cpu_stable_spam_step(t, h, c);
-#endif
-  isa_baseline::cpu_stable_spam_step(t, h, c);
+                          const QuantMaps& q, int64_t* c) {
+  SPAM_DISPATCH(cpu_stable_spam_step, t, h, q, c);
+}
+
+void cpu_adamw_step(const std::vector<AdamTensor>& t, const StableAdamHyper& h,
+                    const QuantMaps& q, int64_t* c) {
+  SPAM_DISPATCH(cpu_adamw_step, t, h, q, c);
+}
+
+void cpu_quantize_blockwise(const TensorRef& x, uint8_t* codes, float* absmax, const QuantMap& m) {
+  SPAM_DISPATCH(cpu_quantize_blockwise, x, codes, absmax, m);
+}
+
+void cpu_dequantize_blockwise(const uint8_t* codes, const float* absmax, const TensorRef& out,
+                              const QuantMap& m) {
+  SPAM_DISPATCH(cpu_dequantize_blockwise, codes, absmax, out, m);
 }
 
 const char* cpu_isa_name() {

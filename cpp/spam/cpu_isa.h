@@ -16,9 +16,15 @@ namespace spam {
 
 #define SPAM_DECLARE_CPU_KERNELS(ns)                                                           \
   namespace ns {                                                                               \
-  void cpu_spam_step(const std::vector<SpamTensor>&, const SpamHyper&, int64_t*);              \
+  void cpu_spam_step(const std::vector<SpamTensor>&, const SpamHyper&, const QuantMaps&,       \
+                     int64_t*);                                                                \
   void cpu_stable_spam_step(const std::vector<StableSpamTensor>&, const StableAdamHyper&,      \
-                            int64_t*);                                                         \
+                            const QuantMaps&, int64_t*);                                       \
+  void cpu_adamw_step(const std::vector<AdamTensor>&, const StableAdamHyper&,                  \
+                      const QuantMaps&, int64_t*);                                             \
+  void cpu_quantize_blockwise(const TensorRef&, uint8_t*, float*, const QuantMap&);            \
+  void cpu_dequantize_blockwise(const uint8_t*, const float*, const TensorRef&,                \
+                                const QuantMap&);                                              \
   }
 
 SPAM_DECLARE_CPU_KERNELS(isa_baseline)

@@ -7,32 +7,66 @@
 
 #include "common.h"
 #include "math.h"
+#include "quant8.h"
 
 namespace spam {
 
 // Spike telemetry, accumulated into a caller-owned int64 buffer [clipped, nonfinite].
 struct Counters { enum : int { kClipped = 0, kNonFinite = 1, kCount = 2 }; };
 
+// 8-bit blockwise moments of one tensor (quant8.h): codes [numel] and one absmax per
+// 256-element block. All null when the tensor keeps dense moments (exp_avg/exp_avg_sq).
+struct Quant8Moments {
+  uint8_t* m_codes = nullptr;
+  float* m_absmax = nullptr;
+  uint8_t* v_codes = nullptr;
+  float* v_absmax = nullptr;
+  bool active() const { return m_codes != nullptr; }
+};
+
+// Signed map for m, unsigned map for v; only read for tensors with 8-bit moments.
+struct QuantMaps {
+  QuantMap m, v;
+};
+
 struct SpamTensor {
-  TensorRef param, grad, exp_avg, exp_avg_sq;  // same numel and dtype
+  TensorRef param, grad, exp_avg, exp_avg_sq;  // same numel and dtype (moments unused if q8)
   float update_scale;                          // lr * s * sqrt(bc2) / bc1, per tensor
+  Quant8Moments q8;
 };
 
 // One SPAM step (ALGORITHMS.md §2.4) over all tensors of a group.
 void cpu_spam_step(const std::vector<SpamTensor>& tensors, const SpamHyper& hyper,
-                   int64_t* counters);
+                   const QuantMaps& maps, int64_t* counters);
 
 struct StableSpamTensor {
   TensorRef param, grad, exp_avg, exp_avg_sq;
   float* grad_stats;  // 3 floats: [M, mu, nu], see GradStatsIndex
   StableStatHyper stat;
   StableAdamTensor adam;
+  Quant8Moments q8;
 };
 
 // One Stable-SPAM step (ALGORITHMS.md §4.4) over all tensors of a group: per-tensor
 // max|g| and ||g|| reductions, AdaClip, AdaGN, then the Adam update, all here.
 void cpu_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
-                          const StableAdamHyper& hyper, int64_t* counters);
+                          const StableAdamHyper& hyper, const QuantMaps& maps, int64_t* counters);
+
+struct AdamTensor {
+  TensorRef param, grad, exp_avg, exp_avg_sq;
+  StableAdamTensor adam;
+  Quant8Moments q8;
+};
+
+// Plain AdamW with torch.optim.AdamW's conventions (decay first, eps after bias correction):
+// the Stable-SPAM element with clipping and normalisation off.
+void cpu_adamw_step(const std::vector<AdamTensor>& tensors, const StableAdamHyper& hyper,
+                    const QuantMaps& maps, int64_t* counters);
+
+// Blockwise quantisation of whole tensors (functional.quantize_blockwise and friends).
+void cpu_quantize_blockwise(const TensorRef& x, uint8_t* codes, float* absmax, const QuantMap& map);
+void cpu_dequantize_blockwise(const uint8_t* codes, const float* absmax, const TensorRef& out,
+                              const QuantMap& map);
 
 // Number of OpenMP threads the core will use, and the kernel build chosen for this CPU
 // (for benchmarks and diagnostics).

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
+from .adamw import AdamW
 from .spam import SPAM
 from .stable_spam import StableSPAM
 
-__all__ = ["SPAM", "StableSPAM"]
+__all__ = ["AdamW", "SPAM", "StableSPAM"]

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .. import _backend
+from . import moments
 
 __all__ = ["SpikeAwareOptimizer", "DeviceBatch"]
 
@@ -35,6 +36,10 @@ class DeviceBatch:
     owners: list[torch.Tensor] = field(default_factory=list)  # the user's parameters
     states: list[dict[str, Any]] = field(default_factory=list)
     copy_back: list[int] = field(default_factory=list)  # indices whose params are copies
+
+    def moment_args(self, device: torch.device) -> dict[str, Any]:
+        """Moment buffers (dense or 8-bit) of this batch, as the core step calls take them."""
+        return moments.moment_args(self.states, device)
 
     def write_back(self) -> None:
         """Copy the updated contiguous copies into non-contiguous parameters."""
@@ -55,12 +60,18 @@ def check_non_negative(name: str, value: float) -> None:
 
 
 class SpikeAwareOptimizer(torch.optim.Optimizer):
-    """Base class: subclasses define ``_validate_group``, ``_init_state``, ``_step_group``."""
+    """Base class: subclasses define ``_validate_group``, ``_init_extra_state``, ``_step_group``.
 
-    #: state entries that stay float32 whatever the parameter dtype
+    Every group also carries ``state_bits`` (32: moments in the parameter dtype; 8: blockwise
+    8-bit moments, :mod:`spam_lowmem.optim.moments`) and ``min_8bit_size``.
+    """
+
+    #: state entries besides the moments that stay float32 whatever the parameter dtype
     _fp32_state_keys: tuple[str, ...] = ()
-    #: state entries every initialised parameter must have (checked on load)
-    _required_state_keys: tuple[str, ...] = ("step", "exp_avg", "exp_avg_sq")
+    #: state entries besides the moments every initialised parameter must have (checked on load)
+    _required_state_keys: tuple[str, ...] = ("step",)
+    #: version of the state layout written by state_dict(); a mismatch on load is an error
+    LAYOUT_VERSION = 1
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._telemetry: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -71,9 +82,20 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group.setdefault("calls", 0)
+        group["layout_version"] = self.LAYOUT_VERSION
         for p in group["params"]:
             self._check_param(p)
         self._validate_group(group)
+        self._validate_precision(group)
+
+    @staticmethod
+    def _validate_precision(group: dict[str, Any]) -> None:
+        bits = group.get("state_bits", 32)
+        if bits not in (8, 32) or isinstance(bits, bool):
+            raise ValueError(f"Invalid state_bits: {bits!r} (expected 8 or 32)")
+        size = group.get("min_8bit_size", 4096)
+        if not isinstance(size, int) or size < 0:
+            raise ValueError(f"Invalid min_8bit_size: {size!r} (expected an int >= 0)")
 
     @staticmethod
     def _check_param(p: torch.Tensor) -> None:
@@ -90,8 +112,13 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:  # pragma: no cover
-        raise NotImplementedError
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        state["step"] = 0
+        moments.init_moments(p, state, moments.wants_8bit(p, group))
+        self._init_extra_state(p, state)
+
+    def _init_extra_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        """Subclass hook for state beyond the step count and the moments."""
 
     def _step_group(self, group_index: int, group: dict[str, Any]) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -106,6 +133,7 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for index, group in enumerate(self.param_groups):
             self._validate_group(group)
+            self._validate_precision(group)
             self._step_group(index, group)
             group["calls"] += 1
         return loss
@@ -124,7 +152,7 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
                                    f"match its parameter {p.dtype}{tuple(p.shape)}")
             state = self.state[p]
             if not state:
-                self._init_state(p, state)
+                self._init_state(p, state, group)
             batch = batches.setdefault(p.device, DeviceBatch())
             data = p.detach()
             if not data.is_contiguous():
@@ -176,24 +204,79 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         if len(saved_ids) != len(params):
             raise ValueError("loaded state dict contains a parameter group that doesn't match "
                              "the size of optimizer's group")
+        for group in saved_groups:
+            version = group.get("layout_version")
+            if version != self.LAYOUT_VERSION:
+                raise ValueError(f"loaded state dict has layout version {version!r}; this "
+                                 f"{type(self).__name__} reads version {self.LAYOUT_VERSION}")
         id_to_param = dict(zip(saved_ids, params))
         for pid, saved in state_dict["state"].items():
             p = id_to_param.get(pid)
             if p is None:
                 raise ValueError(f"loaded state dict has state for unknown parameter id {pid}")
-            missing = [k for k in self._required_state_keys if k not in saved]
-            if missing:
-                raise ValueError(f"loaded state for a parameter of shape {tuple(p.shape)} lacks "
-                                 f"{missing}: it was not saved by {type(self).__name__}")
-            for key in ("exp_avg", "exp_avg_sq"):
-                if tuple(saved[key].shape) != tuple(p.shape):
-                    raise ValueError(f"loaded '{key}' has shape {tuple(saved[key].shape)} but the "
-                                     f"parameter has shape {tuple(p.shape)}")
+            self._check_loaded_state(p, saved)
         super().load_state_dict(state_dict)
         for pid, saved in state_dict["state"].items():
             p = id_to_param[pid]
-            for key in self._fp32_state_keys:
-                if key in saved:
-                    self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
-            for key in ("exp_avg", "exp_avg_sq"):  # the core needs contiguous state
-                self.state[p][key] = self.state[p][key].contiguous()
+            for key, value in saved.items():
+                # torch's loader casts every tensor to the parameter dtype, uint8 codes and
+                # float32 absmax included (DESIGN.md P7): keep what was saved instead.
+                keep = key in self._fp32_state_keys or key in moments.FP32_KEYS
+                if isinstance(value, torch.Tensor) and (keep or not value.is_floating_point()):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+            for key, value in self.state[p].items():  # the core needs contiguous state
+                if isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.contiguous()
+
+    def _check_loaded_state(self, p: torch.Tensor, saved: dict[str, Any]) -> None:
+        shape = tuple(p.shape)
+        keys = moments.QUANT_KEYS if moments.is_quantized(saved) else moments.DENSE_KEYS
+        missing = [k for k in (*self._required_state_keys, *keys) if k not in saved]
+        if missing:
+            raise ValueError(f"loaded state for a parameter of shape {shape} lacks {missing}: "
+                             f"it was not saved by {type(self).__name__}")
+        if moments.is_quantized(saved):
+            blocks = (p.numel() + 255) // 256
+            for key in ("exp_avg_codes", "exp_avg_sq_codes"):
+                if saved[key].dtype != torch.uint8 or saved[key].numel() != p.numel():
+                    raise ValueError(f"loaded '{key}' does not hold one uint8 code per element of "
+                                     f"the parameter of shape {shape}")
+            for key in moments.FP32_KEYS:
+                if saved[key].numel() != blocks:
+                    raise ValueError(f"loaded '{key}' has {saved[key].numel()} blocks; a parameter "
+                                     f"of shape {shape} has {blocks}")
+        else:
+            for key in moments.DENSE_KEYS:
+                if tuple(saved[key].shape) != shape:
+                    raise ValueError(f"loaded '{key}' has shape {tuple(saved[key].shape)} but the "
+                                     f"parameter has shape {shape}")
+
+    # ------------------------------------------------------------------ memory
+    def memory_report(self) -> dict[str, Any]:
+        """Bytes of optimizer state, per parameter and in total, measured from ``self.state``.
+
+        Each entry: ``index`` (position in ``param_groups``), ``shape``, ``numel``,
+        ``state_bits`` (of its moments), ``fallback`` (8-bit asked for but kept dense because
+        it is under ``min_8bit_size``), and bytes of ``values``, ``absmax``, ``other``, ``total``.
+        ``ratio_to_adamw32`` compares the total with 32-bit AdamW state (8 bytes/element).
+        """
+        entries, total, numel = [], 0, 0
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                kinds = moments.state_bytes(state)
+                quant = moments.is_quantized(state)
+                entry = {"index": index, "shape": tuple(p.shape), "numel": p.numel(),
+                         "initialised": bool(state),
+                         "state_bits": 8 if quant else (32 if state else None),
+                         "fallback": bool(state) and not quant and group.get("state_bits", 32) == 8,
+                         **kinds, "total": sum(kinds.values())}
+                entries.append(entry)
+                total += entry["total"]
+                numel += p.numel()
+                index += 1
+        return {"params": entries, "total_bytes": total, "numel": numel,
+                "bytes_per_param": total / numel if numel else 0.0,
+                "ratio_to_adamw32": total / (8 * numel) if numel else 0.0,
+                "fallbacks": [e["index"] for e in entries if e["fallback"]]}

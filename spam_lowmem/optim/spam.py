@@ -56,13 +56,21 @@ class SPAM(SpikeAwareOptimizer):
         nonfinite: ``"skip"`` (default): a NaN/Inf gradient entry leaves its parameter and
             moments untouched this step and is counted in :meth:`spike_stats` (``nonfinite``);
             ``"propagate"``: plain arithmetic, as the authors' code (NaN reaches the state).
+        state_bits: 32 (default): moments in the parameter dtype. 8: blockwise 8-bit moments
+            (256-element blocks, fp32 absmax, dynamic maps; :mod:`spam_lowmem.qmap`),
+            dequantised, updated and requantised in the same fused pass; the spike test reads
+            the dequantised previous v.
+        min_8bit_size: parameters with fewer elements keep 32-bit moments under
+            ``state_bits=8`` (listed by :meth:`memory_report`). Default 4096.
 
     Notes:
         * ``p.grad`` is not modified (the authors write the clipped values into it; nothing
           downstream of ``step()`` reads them).
-        * State per parameter: ``step`` (int), ``exp_avg``, ``exp_avg_sq`` in the parameter
-          dtype (torch's convention; bf16 parameters keep bf16 moments, the papers' "pure
-          BF16" setting). Memory: 2 x parameter bytes. Each group keeps its call count in
+        * State per parameter: ``step`` (int) and the moments: ``exp_avg``, ``exp_avg_sq`` in
+          the parameter dtype (torch's convention; bf16 parameters keep bf16 moments, the
+          papers' "pure BF16" setting), 2 x parameter bytes; or with ``state_bits=8``
+          ``exp_avg_codes``/``exp_avg_sq_codes`` (uint8) and ``*_absmax`` (fp32 per 256),
+          2 + 8/256 bytes per element. Each group keeps its call count in
           ``group["calls"]``, so schedules survive ``state_dict()``/``load_state_dict()``.
     """
 
@@ -81,8 +89,10 @@ class SPAM(SpikeAwareOptimizer):
         spike_clipping: bool = True,
         reset_bias_correction: bool = False,
         nonfinite: str = "skip",
+        state_bits: int = 32,
+        min_8bit_size: int = 4096,
     ) -> None:
-        defaults = dict(
+        defaults = dict(state_bits=state_bits, min_8bit_size=min_8bit_size,
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, threshold=threshold,
             reset_interval=reset_interval, warmup_steps=warmup_steps, clip_delay=clip_delay,
             spike_clipping=spike_clipping, reset_bias_correction=reset_bias_correction,
@@ -108,11 +118,6 @@ class SPAM(SpikeAwareOptimizer):
             raise ValueError(f"Invalid nonfinite policy: {group['nonfinite']!r} "
                              f"(expected one of {NONFINITE_POLICIES})")
 
-    def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-
     def _step_group(self, group_index: int, group: dict[str, Any]) -> None:
         n = group["calls"] + 1
         interval = group["reset_interval"]
@@ -129,9 +134,8 @@ class SPAM(SpikeAwareOptimizer):
                 state["step"] += 1
                 scales.append(spam_update_scale(lr, beta1, beta2, state["step"], warmup))
             F.spam_step(
-                batch.params, batch.grads,
-                [s["exp_avg"] for s in batch.states], [s["exp_avg_sq"] for s in batch.states],
-                scales, self._counters(group_index, device),
+                batch.params, batch.grads, **batch.moment_args(device),
+                update_scales=scales, counters=self._counters(group_index, device),
                 beta1=beta1, beta2=beta2, eps=group["eps"],
                 clip_threshold=float(group["threshold"]) if clip else 0.0,
                 weight_decay_scale=lr * group["weight_decay"],

@@ -60,15 +60,18 @@ class StableSPAM(SpikeAwareOptimizer):
             clip threshold for ~100 calls after each reset. False: that count never restarts.
         nonfinite: ``"skip"`` (default): NaN/Inf gradient entries are left out of max/norm and
             of the update, and counted in :meth:`spike_stats`; ``"propagate"``: as the authors.
+        state_bits: 32 (default) or 8 (blockwise 8-bit moments, as in :class:`SPAM`).
+        min_8bit_size: parameters with fewer elements keep 32-bit moments. Default 4096.
 
     Notes:
         ``p.grad`` is not modified (the authors rescale it in place). State per parameter:
         ``step`` (Adam count), ``stat_step`` (statistics count), ``exp_avg``, ``exp_avg_sq``
-        (parameter dtype) and ``grad_stats`` (3 x float32). Memory: 2 x parameter bytes + 12 B.
+        (parameter dtype; or 8-bit codes + absmax with ``state_bits=8``) and ``grad_stats``
+        (3 x float32). Memory: 2 x parameter bytes + 12 B (8-bit: 2 + 8/256 B per element + 12 B).
     """
 
     _fp32_state_keys = ("grad_stats",)
-    _required_state_keys = ("step", "stat_step", "exp_avg", "exp_avg_sq", "grad_stats")
+    _required_state_keys = ("step", "stat_step", "grad_stats")
 
     def __init__(
         self,
@@ -85,8 +88,10 @@ class StableSPAM(SpikeAwareOptimizer):
         stale_reset_step: bool = True,
         restart_stat_counts: bool = True,
         nonfinite: str = "skip",
+        state_bits: int = 32,
+        min_8bit_size: int = 4096,
     ) -> None:
-        defaults = dict(
+        defaults = dict(state_bits=state_bits, min_8bit_size=min_8bit_size,
             lr=lr, betas=tuple(betas), gammas=tuple(gammas), eps=eps, weight_decay=weight_decay,
             reset_interval=reset_interval, total_steps=total_steps, eta_min=eta_min,
             stale_reset_step=stale_reset_step, restart_stat_counts=restart_stat_counts,
@@ -117,11 +122,8 @@ class StableSPAM(SpikeAwareOptimizer):
             raise ValueError(f"Invalid nonfinite policy: {group['nonfinite']!r} "
                              f"(expected one of {NONFINITE_POLICIES})")
 
-    def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
-        state["step"] = 0
+    def _init_extra_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         state["stat_step"] = 0
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         state["grad_stats"] = torch.zeros(3, dtype=torch.float32, device=p.device)
 
     def _step_group(self, group_index: int, group: dict[str, Any]) -> None:
@@ -156,10 +158,10 @@ class StableSPAM(SpikeAwareOptimizer):
                 step_sizes.append(lr / (1.0 - beta1**k))
                 sqrt_bc2s.append(math.sqrt(1.0 - beta2**k))
             F.stable_spam_step(
-                batch.params, batch.grads,
-                [s["exp_avg"] for s in batch.states], [s["exp_avg_sq"] for s in batch.states],
-                [s["grad_stats"] for s in batch.states], stat_bcs, step_sizes, sqrt_bc2s,
-                self._counters(group_index, device),
+                batch.params, batch.grads, **batch.moment_args(device),
+                grad_stats=[s["grad_stats"] for s in batch.states],
+                stat_bias_corrections=stat_bcs, step_sizes=step_sizes, sqrt_bc2s=sqrt_bc2s,
+                counters=self._counters(group_index, device),
                 gamma1=gamma1, gamma2=gamma2, gamma3=gamma3, beta1=beta1, beta2=beta2,
                 eps=group["eps"], weight_keep=1.0 - lr * group["weight_decay"], reset=mode,
                 skip_nonfinite=group["nonfinite"] == "skip",

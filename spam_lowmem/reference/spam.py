@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from spam_lowmem.reference.moments import init_moments, load_moments, store_moments
 from spam_lowmem.schedules import (
     is_reset_call,
     spam_clip_active,
@@ -114,8 +115,10 @@ class ReferenceSPAM(torch.optim.Optimizer):
         spike_clipping: bool = True,
         reset_bias_correction: bool = False,
         nonfinite: str = "skip",
+        state_bits: int = 32,
+        min_8bit_size: int = 4096,
     ) -> None:
-        defaults = dict(
+        defaults = dict(state_bits=state_bits, min_8bit_size=min_8bit_size,
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, threshold=threshold,
             reset_interval=reset_interval, warmup_steps=warmup_steps, clip_delay=clip_delay,
             spike_clipping=spike_clipping, reset_bias_correction=reset_bias_correction,
@@ -157,8 +160,7 @@ class ReferenceSPAM(torch.optim.Optimizer):
         grad = dense_grad(p, "ReferenceSPAM")
         if not state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            init_moments(p, state, group)
         lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
         beta1, beta2 = (float(b) for b in group["betas"])
         interval = group["reset_interval"]
@@ -177,8 +179,9 @@ class ReferenceSPAM(torch.optim.Optimizer):
         # Element math, math.h spam_element, fp32, same operation order.
         g = grad.float()
         pf = p.float()
-        m_prev = torch.zeros_like(g) if reset else state["exp_avg"].float()
-        v_prev = torch.zeros_like(g) if reset else state["exp_avg_sq"].float()
+        m_old, v_old = load_moments(p, state)
+        m_prev = torch.zeros_like(g) if reset else m_old
+        v_prev = torch.zeros_like(g) if reset else v_old
         finite = torch.isfinite(g)
         cap_sq = f32(theta, g) * v_prev
         if theta > 0.0:
@@ -197,6 +200,5 @@ class ReferenceSPAM(torch.optim.Optimizer):
             m_new = torch.where(drop, m_prev, m_new)
             v_new = torch.where(drop, v_prev, v_new)
         p.copy_(p_new)
-        state["exp_avg"].copy_(m_new)
-        state["exp_avg_sq"].copy_(v_new)
+        store_moments(state, m_new, v_new)
         return int(spike.sum().item()), int((~finite).sum().item())

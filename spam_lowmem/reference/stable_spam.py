@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from spam_lowmem.reference.spam import check_common, dense_grad, f32
+from spam_lowmem.reference.moments import init_moments, load_moments, store_moments
 from spam_lowmem.schedules import is_reset_call, stable_spam_decay
 
 __all__ = ["ReferenceStableSPAM"]
@@ -83,8 +84,10 @@ class ReferenceStableSPAM(torch.optim.Optimizer):
         stale_reset_step: bool = True,
         restart_stat_counts: bool = True,
         nonfinite: str = "skip",
+        state_bits: int = 32,
+        min_8bit_size: int = 4096,
     ) -> None:
-        defaults = dict(
+        defaults = dict(state_bits=state_bits, min_8bit_size=min_8bit_size,
             lr=lr, betas=betas, gammas=gammas, eps=eps, weight_decay=weight_decay,
             reset_interval=reset_interval, total_steps=total_steps, eta_min=eta_min,
             stale_reset_step=stale_reset_step, restart_stat_counts=restart_stat_counts,
@@ -127,8 +130,7 @@ class ReferenceStableSPAM(torch.optim.Optimizer):
         if not state:
             state["step"] = 0
             state["stat_step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            init_moments(p, state, group)
             state["grad_stats"] = torch.zeros(3, dtype=torch.float32, device=p.device)
         lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
         beta1, beta2 = (float(b) for b in group["betas"])
@@ -180,8 +182,9 @@ class ReferenceStableSPAM(torch.optim.Optimizer):
 
         # Element math (math.h stable_spam_element).
         pf = p.float()
-        m_prev = torch.zeros_like(g) if zero_before else state["exp_avg"].float()
-        v_prev = torch.zeros_like(g) if zero_before else state["exp_avg_sq"].float()
+        m_old, v_old = load_moments(p, state)
+        m_prev = torch.zeros_like(g) if zero_before else m_old
+        v_prev = torch.zeros_like(g) if zero_before else v_old
         gn = torch.where(norm > 0.0, gc / norm * target, gc)
         m_new = f32(b1, g) * m_prev + f32(1.0 - b1, g) * gn
         v_new = f32(beta2, g) * v_prev + f32(1.0 - beta2, g) * (gn * gn)
@@ -195,10 +198,7 @@ class ReferenceStableSPAM(torch.optim.Optimizer):
             v_new = torch.where(drop, v_prev, v_new)
         p.copy_(p_new)
         if zero_after:
-            state["exp_avg"].zero_()
-            state["exp_avg_sq"].zero_()
-        else:
-            state["exp_avg"].copy_(m_new)
-            state["exp_avg_sq"].copy_(v_new)
+            m_new, v_new = torch.zeros_like(m_new), torch.zeros_like(v_new)
+        store_moments(state, m_new, v_new)
         n_clipped = int((spike & finite).sum().item())
         return n_clipped, int((~finite).sum().item())

@@ -4,7 +4,8 @@
 //   scalar  AdaClip: M <- g3 M + (1-g3) max|g|, threshold M_hat (math.h);
 //   pass 2  only for tensors that clip: sum of squares of the clipped gradient;
 //   scalar  AdaGN: mu, nu EMAs and the target norm c;
-//   pass 3  the fused element update (clip, normalise, Adam, decay).
+//   pass 3  the fused element update (clip, normalise, Adam, decay; dense or 8-bit moments).
+// Plain AdamW (torch conventions) is the same element with clipping and normalisation off.
 #include <algorithm>
 #include <cmath>
 
@@ -12,12 +13,14 @@
 #include "../cpu_isa.h"
 #include "../half.h"
 #include "../math.h"
+#include "moment_loops.h"
 
 namespace spam {
 namespace SPAM_CPU_ISA {
 namespace {
 
-// Scalars that make stable_clip the identity (pass 1 reduces the raw gradient).
+// Scalars that make the Stable-SPAM element plain AdamW (no clip, no normalisation); pass 1
+// also reduces the raw gradient with them.
 constexpr StableTensorScalars kNoClip{INFINITY, 1.0f, 0.0f, 0.0f};
 
 struct Partial {
@@ -55,31 +58,6 @@ Partial reduce_chunk(const TensorRef& grad, int64_t begin, int64_t end,
   return Partial{max_abs, sum_sq};
 }
 
-template <typename T>
-void update_chunk(const StableSpamTensor& t, const StableTensorScalars& scalars, int64_t begin,
-                  int64_t end, const StableAdamHyper& hyper, int64_t& clipped, int64_t& nonfinite) {
-  // Local copies: the compiler may then load every field unconditionally and vectorise.
-  const StableTensorScalars s = scalars;
-  const StableAdamHyper h = hyper;
-  const StableAdamTensor adam = t.adam;
-  T* __restrict p = static_cast<T*>(t.param.data);
-  const T* __restrict g = static_cast<const T*>(t.grad.data);
-  T* __restrict m = static_cast<T*>(t.exp_avg.data);
-  T* __restrict v = static_cast<T*>(t.exp_avg_sq.data);
-  int64_t n_clip = 0, n_bad = 0;
-  for (int64_t i = begin; i < end; ++i) {
-    float pi = Storage<T>::load(p, i), mi = Storage<T>::load(m, i), vi = Storage<T>::load(v, i);
-    const ElementFlags f = stable_spam_element(pi, Storage<T>::load(g, i), mi, vi, h, adam, s);
-    Storage<T>::store(p, i, pi);
-    Storage<T>::store(m, i, mi);
-    Storage<T>::store(v, i, vi);
-    n_clip += f.clipped;
-    n_bad += f.nonfinite;
-  }
-  clipped += n_clip;
-  nonfinite += n_bad;
-}
-
 // Runs reduce_chunk over the chunks whose tensor is selected and combines per tensor.
 void reduce_tensors(const std::vector<StableSpamTensor>& tensors, const ChunkPlan& plan,
                     const std::vector<StableTensorScalars>* clip, const std::vector<char>& selected,
@@ -111,7 +89,7 @@ void reduce_tensors(const std::vector<StableSpamTensor>& tensors, const ChunkPla
 }  // namespace
 
 void cpu_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
-                          const StableAdamHyper& hyper, int64_t* counters) {
+                          const StableAdamHyper& hyper, const QuantMaps& maps, int64_t* counters) {
   const size_t n = tensors.size();
   std::vector<int64_t> numels;
   numels.reserve(n);
@@ -140,19 +118,25 @@ void cpu_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
     stable_adagn(tensors[i].grad_stats, static_cast<float>(std::sqrt(stats[i].sum_sq)),
                  tensors[i].stat, scalars[i]);
 
-  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-  int64_t clipped = 0, nonfinite = 0;
-#pragma omp parallel for schedule(static) reduction(+ : clipped, nonfinite) if (plan.parallel)
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    const Chunk& ch = chunks[c];
-    const StableSpamTensor& t = tensors[ch.tensor];
-    dispatch_dtype(t.param.dtype, [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      update_chunk<T>(t, scalars[ch.tensor], ch.begin, ch.end, hyper, clipped, nonfinite);
-    });
-  }
-  counters[Counters::kClipped] += clipped;
-  counters[Counters::kNonFinite] += nonfinite;
+  run_group(tensors, maps, [&](int i) {
+    const StableAdamHyper h = hyper;
+    const StableAdamTensor adam = tensors[i].adam;
+    const StableTensorScalars sc = scalars[i];
+    return [h, adam, sc](float& p, float g, float& m, float& v) {
+      return stable_spam_element(p, g, m, v, h, adam, sc);
+    };
+  }, counters);
+}
+
+void cpu_adamw_step(const std::vector<AdamTensor>& tensors, const StableAdamHyper& hyper,
+                    const QuantMaps& maps, int64_t* counters) {
+  run_group(tensors, maps, [&](int i) {
+    const StableAdamHyper h = hyper;
+    const StableAdamTensor adam = tensors[i].adam;
+    return [h, adam](float& p, float g, float& m, float& v) {
+      return stable_spam_element(p, g, m, v, h, adam, kNoClip);
+    };
+  }, counters);
 }
 
 }  // namespace SPAM_CPU_ISA

@@ -1,0 +1,238 @@
+// quant4_cpu.cpp — CPU 4-bit quantisers: fake quantisation, nibble pack/unpack and the
+// stochastic-rounding re-quantisation of packed weights. One OpenMP loop over groups per call;
+// each group is converted once into a small fp32 scratch row (L1-resident), then one scan
+// computes its statistics and one writes its results, so every call reads and writes each
+// element of the tensor once. Scalar rules and formats: quant4.h; layouts: quant4_ops.h.
+#include <type_traits>
+#include <vector>
+
+#include "cpu_chunks.h"  // kCpuParallelMin, dispatch_dtype
+#include "quant4_ops.h"
+
+namespace spam::q4 {
+namespace {
+
+int64_t num_groups(int64_t numel, int64_t group) { return (numel + group - 1) / group; }
+
+// Runs body(group_index, fp32_row, row_length) for every group of `in`, in parallel when the
+// call is large enough; `bad` accumulates the int64 the body returns.
+template <typename T, typename Body>
+int64_t for_each_group(const TensorRef& in, int64_t group, Body&& body) {
+  const T* src = static_cast<const T*>(in.data);
+  const int64_t groups = num_groups(in.numel, group);
+  int64_t bad = 0;
+#pragma omp parallel if (in.numel >= kCpuParallelMin) reduction(+ : bad)
+  {
+    std::vector<float> row(static_cast<size_t>(group));
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t begin = g * group;
+      const int64_t n = in.numel - begin < group ? in.numel - begin : group;
+      for (int64_t j = 0; j < n; ++j) row[j] = Storage<T>::load(src, begin + j);
+      bad += body(g, row.data(), n);
+    }
+  }
+  return bad;
+}
+
+struct MinMax {
+  float lo, hi;
+  bool finite;
+};
+
+// An all-ones exponent marks Inf/NaN; OR-ing the comparison keeps the loop vectorisable.
+inline uint32_t is_nonfinite(float v) { return (float_bits(v) & 0x7f800000u) == 0x7f800000u ? 1u : 0u; }
+
+inline MinMax min_max(const float* x, int64_t n) {
+  float lo = x[0], hi = x[0];
+  uint32_t nonfinite = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    lo = minf(lo, x[j]);
+    hi = maxf(hi, x[j]);
+    nonfinite |= is_nonfinite(x[j]);
+  }
+  return MinMax{lo, hi, nonfinite == 0};
+}
+
+inline Top3 top3(const float* x, int64_t n) {
+  Top3 t;
+  for (int64_t j = 0; j < n; ++j) t.push(absf(x[j]), j);
+  return t;
+}
+
+inline bool all_finite(const float* x, int64_t n) {
+  uint32_t nonfinite = 0;
+  for (int64_t j = 0; j < n; ++j) nonfinite |= is_nonfinite(x[j]);
+  return nonfinite == 0;
+}
+
+// Writes f(x[j]) for every element, then restores the two outliers exactly.
+template <typename T, typename F>
+void write_with_outliers(T* dst, int64_t begin, const float* x, int64_t n, const Top3& t, F&& f) {
+  for (int64_t j = 0; j < n; ++j) Storage<T>::store(dst, begin + j, f(x[j]));
+  if (t.i0 >= 0) Storage<T>::store(dst, begin + t.i0, x[t.i0]);
+  if (t.i1 >= 0) Storage<T>::store(dst, begin + t.i1, x[t.i1]);
+}
+
+void check_group(int64_t group) { SPAM_CHECK(group > 0, "group size must be positive"); }
+
+void check_packed(const TensorRef& w, const Packed& p, Format fmt, int64_t group) {
+  check_group(group);
+  SPAM_CHECK(group % 2 == 0, "packed storage needs an even group size");
+  SPAM_CHECK(w.numel % group == 0, "packed storage needs numel divisible by the group size");
+  SPAM_CHECK(p.codes && p.scale, "packed buffers missing");
+  if (fmt == Format::kInt4) SPAM_CHECK(p.zero, "int4 packing needs the zero-point buffer");
+  if (fmt == Format::kFp4) {
+    SPAM_CHECK(p.outlier_idx && p.outlier_val, "fp4 packing needs the outlier buffers");
+    SPAM_CHECK(group <= 32767, "fp4 packing stores outlier positions as int16: group <= 32767");
+  }
+}
+
+// Codes of one group, two per byte, from code(j) for element j of the group.
+template <typename F>
+void store_codes(uint8_t* codes, int64_t begin, int64_t n, F&& code) {
+  uint8_t* out = codes + begin / 2;
+  for (int64_t j = 0; j < n; j += 2)
+    out[j / 2] = pack_nibbles(static_cast<uint32_t>(code(j)), static_cast<uint32_t>(code(j + 1)));
+}
+
+void store_outliers(const Packed& p, int64_t g, const float* x, const Top3& t) {
+  p.outlier_idx[2 * g] = static_cast<int16_t>(t.i0);
+  p.outlier_idx[2 * g + 1] = static_cast<int16_t>(t.i1);
+  p.outlier_val[2 * g] = x[t.i0];
+  p.outlier_val[2 * g + 1] = x[t.i1];
+}
+
+}  // namespace
+
+void cpu_fake_weight_int4(const TensorRef& in, const TensorRef& out, int64_t group) {
+  check_group(group);
+  dispatch_dtype(in.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    T* dst = static_cast<T*>(out.data);
+    for_each_group<T>(in, group, [&](int64_t g, const float* x, int64_t n) -> int64_t {
+      const MinMax mm = min_max(x, n);
+      const Int4Grid grid = int4_weight_grid(mm.lo, mm.hi);
+      for (int64_t j = 0; j < n; ++j)
+        Storage<T>::store(dst, g * group + j, int4_dequant(int4_weight_code(x[j], grid), grid.zero, grid.scale));
+      return 0;
+    });
+  });
+}
+
+void cpu_fake_act_int4(const TensorRef& in, const TensorRef& out, int64_t group) {
+  check_group(group);
+  dispatch_dtype(in.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    T* dst = static_cast<T*>(out.data);
+    for_each_group<T>(in, group, [&](int64_t g, const float* x, int64_t n) -> int64_t {
+      const Top3 t = top3(x, n);
+      const float scale = act_scale(t.rest_max());
+      write_with_outliers(dst, g * group, x, n, t, [scale](float v) { return int4_act_fake(v, scale); });
+      return 0;
+    });
+  });
+}
+
+void cpu_fake_fp4(const TensorRef& in, const TensorRef& out, int64_t group) {
+  check_group(group);
+  dispatch_dtype(in.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    T* dst = static_cast<T*>(out.data);
+    for_each_group<T>(in, group, [&](int64_t g, const float* x, int64_t n) -> int64_t {
+      const Top3 t = top3(x, n);
+      const float step = fp4_step(t.rest_max());
+      write_with_outliers(dst, g * group, x, n, t, [step](float v) { return fp4_fake(v, step); });
+      return 0;
+    });
+  });
+}
+
+int64_t cpu_pack(const TensorRef& w, const Packed& p, Format fmt, int64_t group) {
+  check_packed(w, p, fmt, group);
+  return dispatch_dtype(w.dtype, [&](auto tag) -> int64_t {
+    using T = typename decltype(tag)::type;
+    return for_each_group<T>(w, group, [&](int64_t g, const float* x, int64_t n) -> int64_t {
+      if (fmt == Format::kInt4) {
+        const MinMax mm = min_max(x, n);
+        if (!mm.finite) return 1;
+        const Int4Grid grid = int4_weight_grid(mm.lo, mm.hi);
+        store_codes(p.codes, g * group, n, [&](int64_t j) { return int4_weight_code(x[j], grid); });
+        p.scale[g] = grid.scale;
+        p.zero[g] = static_cast<uint8_t>(grid.zero);
+      } else {
+        if (!all_finite(x, n)) return 1;
+        const Top3 t = top3(x, n);
+        const float step = fp4_step(t.rest_max());
+        store_codes(p.codes, g * group, n, [&](int64_t j) {
+          return t.is_outlier(j) ? float(kFp4Zero) : fp4_level(x[j], step) + float(kFp4Zero);
+        });
+        p.scale[g] = step;
+        store_outliers(p, g, x, t);
+      }
+      return 0;
+    });
+  });
+}
+
+void cpu_unpack(const Packed& p, const TensorRef& out, Format fmt, int64_t group) {
+  check_packed(out, p, fmt, group);
+  dispatch_dtype(out.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    T* dst = static_cast<T*>(out.data);
+    const int64_t groups = out.numel / group;
+#pragma omp parallel for schedule(static) if (out.numel >= kCpuParallelMin)
+    for (int64_t g = 0; g < groups; ++g) {
+      const float scale = p.scale[g];
+      const float zero = fmt == Format::kInt4 ? float(p.zero[g]) : float(kFp4Zero);
+      const uint8_t* codes = p.codes + g * group / 2;
+      T* o = dst + g * group;
+      for (int64_t j = 0; j < group; j += 2) {
+        const uint32_t byte = codes[j / 2];
+        Storage<T>::store(o, j, int4_dequant(float(byte & 0xfu), zero, scale));
+        Storage<T>::store(o, j + 1, int4_dequant(float(byte >> 4), zero, scale));
+      }
+      if (fmt == Format::kFp4) {
+        Storage<T>::store(o, p.outlier_idx[2 * g], p.outlier_val[2 * g]);
+        Storage<T>::store(o, p.outlier_idx[2 * g + 1], p.outlier_val[2 * g + 1]);
+      }
+    }
+  });
+}
+
+int64_t cpu_requant_sr(const TensorRef& w, const Packed& p, Format fmt, int64_t group,
+                       uint64_t seed, uint64_t step) {
+  check_packed(w, p, fmt, group);
+  const uint64_t key = sr_key(seed, step);
+  return dispatch_dtype(w.dtype, [&](auto tag) -> int64_t {
+    using T = typename decltype(tag)::type;
+    return for_each_group<T>(w, group, [&](int64_t g, float* x, int64_t n) -> int64_t {
+      const int64_t begin = g * group;
+      if (!std::is_same<T, float>::value)  // read the old group before it is overwritten
+        for (int64_t j = 0; j < n; ++j) x[j] = sr_target<T>(x[j], packed_value(p, fmt, group, g, j));
+      if (fmt == Format::kInt4) {
+        const MinMax mm = min_max(x, n);
+        if (!mm.finite) return 1;  // keep the old packed group
+        const Int4Grid grid = int4_requant_grid(p.scale[g], float(p.zero[g]), mm.lo, mm.hi);
+        store_codes(p.codes, begin, n, [&](int64_t j) {
+          return int4_sr_code(x[j], grid, sr_uniform(key, begin + j));
+        });
+        p.scale[g] = grid.scale;
+        p.zero[g] = static_cast<uint8_t>(grid.zero);
+      } else {
+        if (!all_finite(x, n)) return 1;
+        const Top3 t = top3(x, n);
+        const float s = fp4_requant_step(p.scale[g], t.rest_max());
+        store_codes(p.codes, begin, n, [&](int64_t j) {
+          return t.is_outlier(j) ? float(kFp4Zero)
+                                 : fp4_sr_level(x[j], s, sr_uniform(key, begin + j)) + float(kFp4Zero);
+        });
+        p.scale[g] = s;
+        store_outliers(p, g, x, t);
+      }
+      return 0;
+    });
+  });
+}
+
+}  // namespace spam::q4

@@ -1,0 +1,68 @@
+// quant8.h — blockwise 8-bit quantisation of optimizer state, one definition for CPU and CUDA.
+//
+// Format (the numerics of bitsandbytes' and torchao's 8-bit optimizers, so results compare):
+//   * blocks of kQuantBlock = 256 consecutive elements, one fp32 absmax per block;
+//   * a code is an index into a sorted 256-entry map of values in [-1, 1] (signed "dynamic"
+//     map, first moment) or [0, 1] (unsigned, second moment); x = map[code] * absmax.
+//
+// The maps are built once, in Python (spam_lowmem/qmap.py), and handed to the core as three
+// buffers, so the reference and the kernels share one definition:
+//   values[256]      the sorted map
+//   midpoints[256]   (values[c] + values[c+1]) / 2 for c < 255, then +inf (a sentinel, so the
+//                    lookup below needs no bounds check)
+//   buckets[2][kQuantBuckets] (int32) per sign and per "bucket" of |x| (the float's exponent and its
+//                    top 8 mantissa bits), the number of midpoints <= the bucket's smallest x.
+//
+// Tie rule: round to the nearest code; a value exactly on a midpoint goes to the larger code.
+// Equivalently code = #{midpoints <= x} (searchsorted(midpoints, x, right=True)).
+// Each bucket spans less than the gap between consecutive midpoints (checked when the map is
+// built), so the count is buckets[...] + (x >= the next midpoint): two table reads, no search.
+//
+//   |x| bits:  s eeeeeeee mmmmmmmm mmmmmmmmmmmmmmm
+//                \______ bucket ______/ (>> 15)
+#pragma once
+
+#include <cstdint>
+
+#include "common.h"
+#include "half.h"
+
+namespace spam {
+
+constexpr int64_t kQuantBlock = 256;
+constexpr int kQuantCodes = 256;
+// Buckets cover |x| in [2^-24, 1]; everything below 2^-24 shares bucket 0 (all maps have no
+// midpoint below 1e-7), everything above 1 (only NaN after normalisation) the last one.
+constexpr uint32_t kQuantBucketBase = (127u - 24u) << 8;           // bits(2^-24) >> 15
+constexpr int kQuantBuckets = 24 * 256 + 1;                          // up to bits(1.0) >> 15
+
+struct QuantMap {
+  const float* values;      // [256]
+  const float* midpoints;   // [256], last = +inf
+  const int32_t* buckets;   // [2 * kQuantBuckets]: x >= 0 first, then x < 0 (int32: AVX2/512
+                            // gathers read 32-bit lanes, so a byte table would not vectorise)
+};
+
+SPAM_HD int quant_bucket(float x) {
+  const uint32_t key = (float_bits(x) & 0x7fffffffu) >> 15;
+  const int64_t b = static_cast<int64_t>(key) - static_cast<int64_t>(kQuantBucketBase);
+  return static_cast<int>(b < 0 ? 0 : (b >= kQuantBuckets ? kQuantBuckets - 1 : b));
+}
+
+// Code of an already normalised value x (x / absmax), by the tie rule above. Branch-free
+// (both table reads always happen) so CPU loops vectorise with gathers.
+SPAM_HD uint8_t quantize_code(float x, const QuantMap& q) {
+  const uint32_t bits = float_bits(x);
+  const int base = q.buckets[static_cast<int>(bits >> 31) * kQuantBuckets + quant_bucket(x)];
+  return static_cast<uint8_t>(base + (x >= q.midpoints[base]));  // midpoints[255] = +inf
+}
+
+// The divisor that normalises a block: its absmax, or 1 for an all-zero block (whose values
+// are all 0, so x / 1 = 0 and the block never divides 0 by 0).
+SPAM_HD float quant_divisor(float absmax) { return absmax > 0.0f ? absmax : 1.0f; }
+
+SPAM_HD float dequantize_code(uint8_t code, float absmax, const QuantMap& q) {
+  return q.values[code] * absmax;
+}
+
+}  // namespace spam

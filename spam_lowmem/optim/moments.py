@@ -1,0 +1,96 @@
+"""Adam moments in either precision, behind one interface for the optimizers.
+
+Dense (``state_bits=32``): ``exp_avg``, ``exp_avg_sq`` in the parameter dtype (torch's
+convention). 8-bit (``state_bits=8``): blockwise codes and absmax (spam_lowmem/qmap.py)::
+
+    exp_avg_codes     uint8   [numel]            signed dynamic map
+    exp_avg_absmax    float32 [ceil(numel/256)]
+    exp_avg_sq_codes  uint8   [numel]            unsigned dynamic map
+    exp_avg_sq_absmax float32 [ceil(numel/256)]
+
+Parameters under ``min_8bit_size`` elements keep dense moments even when 8-bit is asked for
+(their state is negligible and their statistics noisy); :meth:`memory_report` lists them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..qmap import BLOCK_SIZE, quant_map
+
+__all__ = ["DENSE_KEYS", "QUANT_KEYS", "FP32_KEYS", "init_moments", "is_quantized", "moment_args",
+           "dequantized_moments", "state_bytes"]
+
+DENSE_KEYS = ("exp_avg", "exp_avg_sq")
+QUANT_KEYS = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+FP32_KEYS = ("exp_avg_absmax", "exp_avg_sq_absmax")
+
+
+def wants_8bit(p: torch.Tensor, group: dict[str, Any]) -> bool:
+    return group.get("state_bits", 32) == 8 and p.numel() >= group.get("min_8bit_size", 4096)
+
+
+def init_moments(p: torch.Tensor, state: dict[str, Any], quantized: bool) -> None:
+    """Zero moments for ``p`` in the chosen precision (codes of 0.0, absmax 0)."""
+    if not quantized:
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        return
+    blocks = (p.numel() + BLOCK_SIZE - 1) // BLOCK_SIZE
+    for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        zero = quant_map(signed).zero_code
+        state[f"{key}_codes"] = torch.full((p.numel(),), zero, dtype=torch.uint8, device=p.device)
+        state[f"{key}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+
+
+def is_quantized(state: dict[str, Any]) -> bool:
+    return "exp_avg_codes" in state
+
+
+def moment_args(states: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
+    """The moment lists (and maps, when any tensor is 8-bit) a core step call takes."""
+    empty = torch.empty(0, dtype=torch.float32, device=device)
+    m, v, am, av = [], [], [], []
+    for st in states:
+        if is_quantized(st):
+            m.append(st["exp_avg_codes"])
+            v.append(st["exp_avg_sq_codes"])
+            am.append(st["exp_avg_absmax"])
+            av.append(st["exp_avg_sq_absmax"])
+        else:
+            m.append(st["exp_avg"])
+            v.append(st["exp_avg_sq"])
+            am.append(empty)
+            av.append(empty)
+    return {"exp_avgs": m, "exp_avg_sqs": v, "absmax_m": am, "absmax_v": av}
+
+
+def dequantized_moments(p: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, v) as float tensors shaped like ``p`` (for inspection and tests)."""
+    if not is_quantized(state):
+        return state["exp_avg"].float(), state["exp_avg_sq"].float()
+    from ..functional import dequantize_blockwise
+
+    out = []
+    for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        out.append(dequantize_blockwise(state[f"{key}_codes"], state[f"{key}_absmax"], signed=signed,
+                                        dtype=torch.float32).view(p.shape))
+    return out[0], out[1]
+
+
+def state_bytes(state: dict[str, Any]) -> dict[str, int]:
+    """Bytes of a parameter's state by kind: moment values, absmax, everything else."""
+    kinds = {"values": 0, "absmax": 0, "other": 0}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        nbytes = value.numel() * value.element_size()
+        if key in DENSE_KEYS or key.endswith("_codes"):
+            kinds["values"] += nbytes
+        elif key.endswith("_absmax"):
+            kinds["absmax"] += nbytes
+        else:
+            kinds["other"] += nbytes
+    return kinds

@@ -1,0 +1,98 @@
+"""The 8-bit code maps of the optimizer state, defined once and shared by every backend.
+
+Two maps of 256 sorted values (Dettmers' "dynamic" data type, arXiv 1511.04561, with the
+parameters bitsandbytes and torchao use for their 8-bit optimizers):
+
+* signed (first moment): 0, 1.0 and, for each decade 10^-6 ... 10^0, 2^k values
+  ``+-10^(k-6) * c`` where c runs over the centres of 2^k equal slices of [0.1, 1]
+  (k = 0..6): 127 negative values, 0, and 128 positive ones up to 1.0;
+* unsigned (second moment): 0, 1.0 and 2^(k+1) positive values per decade.
+
+A value x of a block with absolute maximum A is stored as the code
+``#{midpoints <= x / A}``: the nearest map value, ties going to the larger code.
+The C++/CUDA core receives the map, its midpoints and a bucket table that turns that count
+into two table reads (see cpp/spam/quant8.h, which documents the layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["QuantMap", "dynamic_map", "quant_map", "BLOCK_SIZE", "BUCKETS"]
+
+BLOCK_SIZE = 256
+BUCKET_BASE = (127 - 24) << 8  # float bits of 2^-24, >> 15 (sign, 8 exponent, 8 mantissa bits)
+BUCKETS = 24 * 256 + 1
+
+
+def dynamic_map(signed: bool) -> torch.Tensor:
+    """The 256 sorted float32 values of the signed or unsigned dynamic map."""
+    values: list[float] = [0.0, 1.0]
+    for k in range(7):
+        slices = 2**k if signed else 2 ** (k + 1)
+        edges = torch.linspace(0.1, 1.0, slices + 1, dtype=torch.float32)
+        centres = (edges[:-1] + edges[1:]) / 2.0
+        decade = centres * (10.0 ** (k - 6))
+        values += decade.tolist()
+        if signed:
+            values += (-decade).tolist()
+    assert len(values) == 256
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def _bucket_edges() -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest and (exclusive) largest |x| of every bucket, as float32."""
+    keys = torch.arange(BUCKETS + 1, dtype=torch.int64) + BUCKET_BASE
+    edges = (keys << 15).to(torch.int32).view(torch.float32)
+    lo, hi = edges[:-1].clone(), edges[1:].clone()
+    lo[0] = 0.0  # bucket 0 also holds everything below 2^-24
+    hi[-1] = float("inf")  # the last bucket also holds |x| > 1 (NaN after normalisation)
+    return lo, hi
+
+
+def _buckets(midpoints: torch.Tensor) -> torch.Tensor:
+    """Per sign and bucket: #{midpoints <= the bucket's smallest x}; checks <= 1 midpoint inside."""
+    lo, hi = _bucket_edges()
+    count = lambda x, right: torch.searchsorted(midpoints, x.contiguous(), right=right)  # noqa: E731
+    positive = count(lo, True)                         # x in [lo, hi)
+    negative = count(-hi, True)                        # x in (-hi, -lo]
+    inside_pos = count(hi, False) - positive           # midpoints in (lo, hi)
+    inside_neg = count(-lo, True) - negative           # midpoints in (-hi, -lo]
+    if int(inside_pos.max()) > 1 or int(inside_neg.max()) > 1:
+        raise AssertionError("a quantisation bucket holds two midpoints; use finer buckets")
+    return torch.cat([positive, negative]).to(torch.int32)
+
+
+@dataclass(frozen=True)
+class QuantMap:
+    """A code map and the derived tables the core reads, on one device."""
+
+    values: torch.Tensor  # float32 [256]
+    midpoints: torch.Tensor  # float32 [256]: 255 midpoints, then +inf (a sentinel for the core)
+    buckets: torch.Tensor  # int32 [2 * BUCKETS]
+    zero_code: int  # the code of 0.0 (what a fresh or reset block holds)
+
+    def quantize_reference(self, normalized: torch.Tensor) -> torch.Tensor:
+        """Codes of already-normalised values: #{midpoints <= x} (readable oracle)."""
+        flat = normalized.float().contiguous()
+        mids = self.midpoints[:-1].to(flat.device)
+        return torch.searchsorted(mids, flat, right=True).to(torch.uint8)
+
+
+_CACHE: dict[tuple[bool, torch.device], QuantMap] = {}
+
+
+def quant_map(signed: bool, device: torch.device | str = "cpu") -> QuantMap:
+    """The (cached, read-only) signed or unsigned map with its tables on ``device``."""
+    device = torch.device(device)
+    key = (signed, device)
+    if key not in _CACHE:
+        values = dynamic_map(signed)
+        midpoints = (values[:-1] + values[1:]) / 2.0
+        buckets = _buckets(midpoints)
+        zero_code = int(torch.searchsorted(midpoints, torch.zeros(1), right=True))
+        padded = torch.cat([midpoints, torch.tensor([float("inf")])])
+        _CACHE[key] = QuantMap(values.to(device), padded.to(device), buckets.to(device), zero_code)
+    return _CACHE[key]

@@ -1,0 +1,248 @@
+"""8-bit blockwise state: code maps, the quantiser against brute force, round-trip bounds,
+the fused 8-bit steps against the reference, memory accounting and the state dict."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+import spam_lowmem as sl
+from spam_lowmem import functional as F
+from spam_lowmem.qmap import BLOCK_SIZE, dynamic_map, quant_map
+from spam_lowmem.reference import ReferenceSPAM, ReferenceStableSPAM
+from spam_lowmem.reference.moments import quantize_blocks
+from spam_lowmem.testing import gradient_stream
+
+
+def brute_force_codes(normalized: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """argmin |x - map| in float64; on an exact tie the larger code wins."""
+    d = (normalized.double()[:, None] - values.double()[None, :]).abs()
+    best = d.min(dim=1, keepdim=True).values
+    idx = torch.arange(values.numel()).expand_as(d)
+    return torch.where(d == best, idx, -1).amax(dim=1).to(torch.uint8)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_maps_shape_and_bitsandbytes_numerics(signed: bool) -> None:
+    values = dynamic_map(signed)
+    assert values.numel() == 256 and torch.all(values[1:] >= values[:-1])
+    assert values.max() == 1.0 and (values == 0).sum() >= 1
+    assert int((values < 0).sum()) == (127 if signed else 0)
+    # golden entries: the smallest non-zero magnitude and the top of the first decade
+    assert float(values[values > 0].min()) == pytest.approx(5.5e-7 if signed else 3.25e-7, rel=1e-6)
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    assert torch.equal(values, bnb.create_dynamic_map(signed=signed).float())
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantizer_matches_brute_force(signed: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(20_000, generator=gen) * torch.logspace(-8, 0, 20_000)
+    if not signed:
+        x = x.abs()
+    x[::97] = 0.0
+    codes, absmax = F.quantize_blockwise(x, signed=signed)
+    normalized = x / absmax.repeat_interleave(BLOCK_SIZE)[: x.numel()]
+    assert torch.equal(codes, brute_force_codes(normalized, quant_map(signed).values))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_ties_go_to_the_larger_code_and_every_bucket_edge(signed: bool) -> None:
+    q = quant_map(signed)
+    mids = q.midpoints[:-1]
+    # exact midpoints (ties) and their float neighbours, bucket edges, and the extremes
+    edges = torch.arange(0, 24 * 256 + 1, dtype=torch.int64) + ((127 - 24) << 8)
+    edge_vals = (edges << 15).to(torch.int32).view(torch.float32)
+    probes = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
+                        edge_vals, -edge_vals, torch.tensor([0.0, -0.0, 1.0, -1.0])])
+    probes = probes[(probes >= (-1.0 if signed else 0.0)) & (probes <= 1.0)]
+    # put each probe in its own block next to a 1.0 so that absmax = 1 and x/absmax = x
+    blocks = torch.zeros(probes.numel(), BLOCK_SIZE)
+    blocks[:, 0], blocks[:, 1] = 1.0, probes
+    codes, _ = F.quantize_blockwise(blocks.flatten(), signed=signed)
+    got = codes.view(-1, BLOCK_SIZE)[:, 1]
+    assert torch.equal(got, q.quantize_reference(probes))
+    on_mid = torch.isin(probes, mids)
+    assert torch.equal(got[on_mid].long(), torch.searchsorted(mids, probes[on_mid], right=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_round_trip_error_bound(dtype: torch.dtype) -> None:
+    x = (torch.randn(10_000) * 3).to(dtype)
+    codes, absmax = F.quantize_blockwise(x, signed=True)
+    back = F.dequantize_blockwise(codes, absmax, signed=True)
+    scale = absmax.repeat_interleave(BLOCK_SIZE)[: x.numel()]
+    values = quant_map(True).values
+    # the error is at most half the widest gap, or the distance from -1 to the most negative
+    # code (the signed map has no -1.0), relative to the block's absmax
+    bound = max(0.5 * float(torch.diff(values).max()), 1.0 + float(values.min()))
+    err = (back - x.float()).abs()
+    assert torch.all(err <= bound * scale * 1.001 + 1e-12)
+    # and the reference quantiser agrees code for code
+    ref_codes, ref_absmax = quantize_blocks(x.float(), True)
+    assert torch.equal(codes, ref_codes) and torch.equal(absmax, ref_absmax)
+
+
+def test_quantize_rejects_bad_input() -> None:
+    with pytest.raises(TypeError, match="float32"):
+        F.quantize_blockwise(torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="absmax"):
+        F.dequantize_blockwise(torch.zeros(300, dtype=torch.uint8), torch.zeros(1))
+
+
+PAIRS = {
+    "spam": (sl.SPAM, ReferenceSPAM, dict(lr=1e-2, threshold=20.0, reset_interval=40,
+                                          warmup_steps=6, clip_delay=4)),
+    "stable": (sl.StableSPAM, ReferenceStableSPAM, dict(lr=1e-2, reset_interval=40, total_steps=100)),
+}
+SHAPES = [(4096,), (5000,), (65, 257), (300,)]  # 300 < min_8bit_size: a dense fallback
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_lockstep_against_reference(name: str, dtype: torch.dtype) -> None:
+    """100 steps; before each step the reference takes the kernel's state and parameters, so
+    each comparison measures one step's error (no drift)."""
+    cls, ref_cls, kw = PAIRS[name]
+    gen = torch.Generator().manual_seed(3)
+    ours_p = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in SHAPES]
+    ref_p = [torch.nn.Parameter(p.detach().clone()) for p in ours_p]
+    ours, ref = cls(ours_p, state_bits=8, **kw), ref_cls(ref_p, state_bits=8, **kw)
+    total = mismatched = far = 0
+    for grads in gradient_stream(SHAPES, 100, dtype=dtype):
+        for a, b, g in zip(ours_p, ref_p, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        for a, b in zip(ours_p, ref_p):
+            so, sr = ours.state[a], ref.state[b]
+            if "exp_avg_codes" not in so:
+                continue
+            for key in ("exp_avg_codes", "exp_avg_sq_codes"):
+                d = (so[key].int() - sr[key].int()).abs()
+                total += d.numel()
+                mismatched += int((d > 0).sum())
+                far += int((d > 1).sum())
+            torch.testing.assert_close(so["exp_avg_absmax"], sr["exp_avg_absmax"], rtol=1e-5, atol=0)
+            for key in sr:  # re-sync the reference to the kernel
+                if isinstance(sr[key], torch.Tensor):
+                    sr[key].copy_(so[key])
+            b.data.copy_(a.data)
+    assert far == 0 and mismatched <= 1e-3 * total, (mismatched, far, total)
+    assert ours.memory_report()["fallbacks"] == [3]
+
+
+def train_tiny(state_bits: int, cls: type = sl.SPAM, steps: int = 150) -> float:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+    teacher = torch.nn.Linear(64, 64)
+    opt = cls(model.parameters(), lr=3e-3, state_bits=state_bits, min_8bit_size=1024)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(64, 64, generator=gen)
+        loss = torch.nn.functional.mse_loss(model(x), teacher(x).detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return sum(losses[-10:]) / 10
+
+
+@pytest.mark.parametrize("cls", [sl.SPAM, sl.StableSPAM, sl.AdamW], ids=["spam", "stable", "adamw"])
+def test_tiny_model_8bit_within_2_percent_of_32bit(cls: type) -> None:
+    full, low = train_tiny(32, cls), train_tiny(8, cls)
+    first = train_tiny(32, cls, steps=1)
+    assert full < 0.5 * first  # it learned
+    assert abs(low - full) <= 0.02 * full, (low, full)
+
+
+def test_state_bytes_are_exact() -> None:
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(512, 1376), (4097,), (100,)]]
+    opt = sl.SPAM(params, state_bits=8)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    report = opt.memory_report()
+    blocks = lambda n: (n + 255) // 256  # noqa: E731
+    expected = sum(2 * n + 2 * 4 * blocks(n) for n in (512 * 1376, 4097)) + 2 * 4 * 100
+    assert report["total_bytes"] == expected
+    assert report["fallbacks"] == [2]
+    assert [e["state_bits"] for e in report["params"]] == [8, 8, 32]
+    assert sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+               if isinstance(v, torch.Tensor)) == expected
+
+
+@pytest.mark.parametrize("cls", [sl.SPAM, sl.StableSPAM, sl.AdamW], ids=["spam", "stable", "adamw"])
+def test_8bit_state_dict_resume_bit_identical_and_fp32_absmax(cls: type) -> None:
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 80).bfloat16())
+    opt = cls([p], state_bits=8)
+    stream = list(gradient_stream([p.shape], 12, dtype=torch.bfloat16))
+    for g in stream[:6]:
+        p.grad = g[0]
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = cls([q], state_bits=8)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    assert opt2.state[q]["exp_avg_absmax"].dtype == torch.float32
+    assert torch.equal(opt2.state[q]["exp_avg_absmax"], opt.state[p]["exp_avg_absmax"])
+    for g in stream[6:]:
+        p.grad, q.grad = g[0].clone(), g[0].clone()
+        opt.step()
+        opt2.step()
+    assert torch.equal(p, q)
+
+
+def test_bad_8bit_state_dicts_are_rejected() -> None:
+    p = torch.nn.Parameter(torch.randn(5000))
+    opt = sl.SPAM([p], state_bits=8)
+    p.grad = torch.randn(5000)
+    opt.step()
+    good = opt.state_dict()
+    bad = copy.deepcopy(good)
+    bad["state"][0]["exp_avg_absmax"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="blocks"):
+        sl.SPAM([p], state_bits=8).load_state_dict(bad)
+    bad = copy.deepcopy(good)
+    bad["param_groups"][0]["layout_version"] = 99
+    with pytest.raises(ValueError, match="layout version"):
+        sl.SPAM([p], state_bits=8).load_state_dict(bad)
+    with pytest.raises(ValueError, match="state_bits"):
+        sl.SPAM([p], state_bits=4)
+
+
+def test_nonfinite_gradient_does_not_poison_the_block() -> None:
+    p = torch.nn.Parameter(torch.randn(4096))
+    opt = sl.StableSPAM([p], state_bits=8)
+    for _ in range(3):
+        p.grad = torch.randn(4096)
+        opt.step()
+    g = torch.randn(4096)
+    g[10] = float("nan")
+    p.grad = g
+    opt.step()
+    st = opt.state[p]
+    assert torch.isfinite(st["exp_avg_absmax"]).all() and torch.isfinite(p).all()
+    assert opt.spike_stats()["nonfinite"] == 1
+
+
+def test_adamw_32bit_matches_torch() -> None:
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(s)) for s in [(300, 7), (5000,)]]
+    b = [torch.nn.Parameter(x.detach().clone()) for x in a]
+    ours = sl.AdamW(a, lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1, foreach=False)
+    for grads in gradient_stream([x.shape for x in a], 30):
+        for x, y, g in zip(a, b, grads):
+            x.grad, y.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
