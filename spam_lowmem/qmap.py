@@ -53,16 +53,29 @@ def _bucket_edges() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _buckets(midpoints: torch.Tensor) -> torch.Tensor:
-    """Per sign and bucket: #{midpoints <= the bucket's smallest x}; checks <= 1 midpoint inside."""
+    """The packed per-sign, per-bucket lookup the core uses (layout in cpp/spam/quant8.h).
+
+    Entry bits 0-7: #{midpoints <= the bucket's smallest x}; bit 23: the bucket holds one more
+    midpoint; bits 8-22: that midpoint's low 15 float bits (its sign, exponent and top 8
+    mantissa bits are the bucket's own), so one integer compare decides the code.
+    """
     lo, hi = _bucket_edges()
     count = lambda x, right: torch.searchsorted(midpoints, x.contiguous(), right=right)  # noqa: E731
-    positive = count(lo, True)                         # x in [lo, hi)
-    negative = count(-hi, True)                        # x in (-hi, -lo]
-    inside_pos = count(hi, False) - positive           # midpoints in (lo, hi)
-    inside_neg = count(-lo, True) - negative           # midpoints in (-hi, -lo]
-    if int(inside_pos.max()) > 1 or int(inside_neg.max()) > 1:
-        raise AssertionError("a quantisation bucket holds two midpoints; use finer buckets")
-    return torch.cat([positive, negative]).to(torch.int32)
+    tables = []
+    for base, inside_lo, inside_hi in (
+        (count(lo, True), count(lo, True), count(hi, False)),      # x in [lo, hi)
+        (count(-hi, True), count(-hi, True), count(-lo, True)),    # x in (-hi, -lo]
+    ):
+        inside = inside_hi - inside_lo
+        if int(inside.max()) > 1:
+            raise AssertionError("a quantisation bucket holds two midpoints; use finer buckets")
+        has_mid = inside == 1
+        mid = midpoints[base.clamp(max=midpoints.numel() - 1)]
+        low = mid.abs().view(torch.int32) & 0x7FFF
+        if bool((has_mid & ((mid.abs() < lo) | (mid.abs() >= hi))).any()):
+            raise AssertionError("a bucket's midpoint lies outside the bucket")
+        tables.append(base | torch.where(has_mid, (low << 8) | (1 << 23), torch.zeros_like(low)))
+    return torch.cat(tables).to(torch.int32)
 
 
 @dataclass(frozen=True)
@@ -71,7 +84,7 @@ class QuantMap:
 
     values: torch.Tensor  # float32 [256]
     midpoints: torch.Tensor  # float32 [256]: 255 midpoints, then +inf (a sentinel for the core)
-    buckets: torch.Tensor  # int32 [2 * BUCKETS]
+    buckets: torch.Tensor  # int32 [2 * BUCKETS], packed (see _buckets)
     zero_code: int  # the code of 0.0 (what a fresh or reset block holds)
 
     def quantize_reference(self, normalized: torch.Tensor) -> torch.Tensor:

@@ -5,21 +5,28 @@
 //   * a code is an index into a sorted 256-entry map of values in [-1, 1] (signed "dynamic"
 //     map, first moment) or [0, 1] (unsigned, second moment); x = map[code] * absmax.
 //
-// The maps are built once, in Python (spam_lowmem/qmap.py), and handed to the core as three
+// The maps are built once, in Python (spam_lowmem/qmap.py), and handed to the core as
 // buffers, so the reference and the kernels share one definition:
-//   values[256]      the sorted map
-//   midpoints[256]   (values[c] + values[c+1]) / 2 for c < 255, then +inf (a sentinel, so the
-//                    lookup below needs no bounds check)
-//   buckets[2][kQuantBuckets] (int32) per sign and per "bucket" of |x| (the float's exponent and its
-//                    top 8 mantissa bits), the number of midpoints <= the bucket's smallest x.
+//   values[256]      the sorted map (dequantisation)
+//   midpoints[256]   (values[c] + values[c+1]) / 2 for c < 255, then +inf (kept for checks and
+//                    the reference; the core's lookup below does not read it)
+//   buckets[2][kQuantBuckets] (int32, packed) per sign of x and per bucket of |x| (the float's
+//                    exponent and top 8 mantissa bits):
+//
+//      bit 31..24 | 23      | 22 ............. 8 | 7 ........ 0
+//      unused     | has_mid | low 15 bits of mid | base code
+//
+//     base = #{midpoints <= the bucket's smallest x}; a bucket is narrower than any gap
+//     between midpoints (checked when the map is built), so at most one midpoint `mid` lies
+//     inside it, and it shares the bucket's sign/exponent/top mantissa bits. Whether x has
+//     passed it is then one integer compare of low bits: one table read per value, which
+//     vectorises as a single gather.
 //
 // Tie rule: round to the nearest code; a value exactly on a midpoint goes to the larger code.
 // Equivalently code = #{midpoints <= x} (searchsorted(midpoints, x, right=True)).
-// Each bucket spans less than the gap between consecutive midpoints (checked when the map is
-// built), so the count is buckets[...] + (x >= the next midpoint): two table reads, no search.
 //
 //   |x| bits:  s eeeeeeee mmmmmmmm mmmmmmmmmmmmmmm
-//                \______ bucket ______/ (>> 15)
+//                \______ bucket ______/ \_ low 15 _/
 #pragma once
 
 #include <cstdint>
@@ -49,12 +56,17 @@ SPAM_HD int quant_bucket(float x) {
   return static_cast<int>(b < 0 ? 0 : (b >= kQuantBuckets ? kQuantBuckets - 1 : b));
 }
 
-// Code of an already normalised value x (x / absmax), by the tie rule above. Branch-free
-// (both table reads always happen) so CPU loops vectorise with gathers.
+// Code of an already normalised value x (x / absmax), by the tie rule above. Branch-free so
+// CPU loops vectorise (one gather per value).
 SPAM_HD uint8_t quantize_code(float x, const QuantMap& q) {
   const uint32_t bits = float_bits(x);
-  const int base = q.buckets[static_cast<int>(bits >> 31) * kQuantBuckets + quant_bucket(x)];
-  return static_cast<uint8_t>(base + (x >= q.midpoints[base]));  // midpoints[255] = +inf
+  const uint32_t negative = bits >> 31;
+  const uint32_t entry = static_cast<uint32_t>(q.buckets[negative * kQuantBuckets + quant_bucket(x)]);
+  const uint32_t low = bits & 0x7fffu, mid_low = (entry >> 8) & 0x7fffu;
+  // x >= mid: for x >= 0 its magnitude bits reach mid's; for x < 0 they stay at or below them.
+  const uint32_t passed = (static_cast<uint32_t>(low >= mid_low) & (negative ^ 1u)) |
+                          (static_cast<uint32_t>(low <= mid_low) & negative);
+  return static_cast<uint8_t>((entry & 0xffu) + (passed & (entry >> 23)));
 }
 
 // The divisor that normalises a block: its absmax, or 1 for an all-zero block (whose values
