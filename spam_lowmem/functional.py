@@ -18,7 +18,7 @@ from torch.utils.dlpack import to_dlpack
 from . import _backend
 from .qmap import BLOCK_SIZE, quant_map
 
-__all__ = ["MomentReset", "spam_step", "stable_spam_step", "adamw_step", "quantize_blockwise",
+__all__ = ["MomentReset", "spam_step", "sparse_spam_step", "stable_spam_step", "adamw_step", "quantize_blockwise",
            "dequantize_blockwise"]
 
 
@@ -78,6 +78,38 @@ def spam_step(
         beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
         eps=eps, clip_threshold=clip_threshold, weight_decay_scale=weight_decay_scale,
         reset=reset, skip_nonfinite=skip_nonfinite, **kw,
+    )
+
+
+def sparse_spam_step(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+    absmax_m: Sequence[torch.Tensor], absmax_v: Sequence[torch.Tensor],
+    block_starts: Sequence[torch.Tensor], subsets: Sequence[torch.Tensor],
+    update_scales: Sequence[float], counters: torch.Tensor, *,
+    beta1: float, beta2: float, eps: float, clip_threshold: float, weight_decay_scale: float,
+    reset: int, skip_nonfinite: bool,
+) -> None:
+    """One SPAM step of a sparse-momentum group (ALGORITHMS.md §3), CPU only for now.
+
+    Moments are compact (one value per selected entry, in flat-index order; dense in the
+    parameter dtype or 8-bit with one absmax per 256 compact values). ``subsets[i]`` is the
+    int64 ``[seed, t_hash, t_index, numel]`` of :mod:`spam_lowmem.sparse_subset` and
+    ``block_starts[i]`` the int64 flat index of the first selected entry of each compact
+    block. Unselected entries of ``params[i]`` are not written. Other arguments as
+    :func:`spam_step`.
+    """
+    device = counters.device
+    if device.type != "cpu":
+        raise NotImplementedError("spam_lowmem: sparse momentum (density < 1) has no CUDA kernel yet; "
+                                  "step this group on CPU or use density=1.0")
+    kw = _device_kwargs(device)
+    _backend.module_for(device).sparse_spam_step(
+        *_common(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), _capsules(block_starts),
+        _capsules(subsets), list(update_scales), to_dlpack(counters), kw.pop("m_map"), kw.pop("v_map"),
+        beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
+        eps=eps, clip_threshold=clip_threshold, weight_decay_scale=weight_decay_scale,
+        reset=reset, skip_nonfinite=skip_nonfinite,
     )
 
 
@@ -144,8 +176,9 @@ def quantize_blockwise(x: torch.Tensor, *, signed: bool = True) -> tuple[torch.T
     blocks = (src.numel() + BLOCK_SIZE - 1) // BLOCK_SIZE
     codes = torch.empty(src.numel(), dtype=torch.uint8, device=src.device)
     absmax = torch.empty(blocks, dtype=torch.float32, device=src.device)
+    kw = {"stream": torch.cuda.current_stream(src.device).cuda_stream} if src.is_cuda else {}
     _backend.module_for(src.device).quantize_blockwise(
-        to_dlpack(src), to_dlpack(codes), to_dlpack(absmax), _map_capsules(signed, src.device))
+        to_dlpack(src), to_dlpack(codes), to_dlpack(absmax), _map_capsules(signed, src.device), **kw)
     return codes, absmax
 
 
@@ -157,9 +190,10 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, *, signed: b
     if absmax.dtype != torch.float32 or absmax.numel() != (codes.numel() + BLOCK_SIZE - 1) // BLOCK_SIZE:
         raise ValueError("dequantize_blockwise: absmax must be float32 with one entry per 256 codes")
     out = torch.empty(codes.numel(), dtype=dtype, device=codes.device)
+    kw = {"stream": torch.cuda.current_stream(codes.device).cuda_stream} if codes.is_cuda else {}
     _backend.module_for(codes.device).dequantize_blockwise(
         to_dlpack(codes.contiguous()), to_dlpack(absmax.contiguous()), to_dlpack(out),
-        _map_capsules(signed, codes.device))
+        _map_capsules(signed, codes.device), **kw)
     return out
 
 

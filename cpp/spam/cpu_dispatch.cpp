@@ -45,6 +45,11 @@ void cpu_spam_step(const std::vector<SpamTensor>& t, const SpamHyper& h, const Q
   SPAM_DISPATCH(cpu_spam_step, t, h, q, c);
 }
 
+void cpu_sparse_spam_step(const std::vector<SparseSpamTensor>& t, const SpamHyper& h,
+                          const QuantMaps& q, int64_t* c) {
+  SPAM_DISPATCH(cpu_sparse_spam_step, t, h, q, c);
+}
+
 void cpu_stable_spam_step(const std::vector<StableSpamTensor>& t, const StableAdamHyper& h,
                           const QuantMaps& q, int64_t* c) {
   SPAM_DISPATCH(cpu_stable_spam_step, t, h, q, c);

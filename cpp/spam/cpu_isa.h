@@ -18,6 +18,8 @@ namespace spam {
   namespace ns {                                                                               \
   void cpu_spam_step(const std::vector<SpamTensor>&, const SpamHyper&, const QuantMaps&,       \
                      int64_t*);                                                                \
+  void cpu_sparse_spam_step(const std::vector<SparseSpamTensor>&, const SpamHyper&,            \
+                            const QuantMaps&, int64_t*);                                       \
   void cpu_stable_spam_step(const std::vector<StableSpamTensor>&, const StableAdamHyper&,      \
                             const QuantMaps&, int64_t*);                                       \
   void cpu_adamw_step(const std::vector<AdamTensor>&, const StableAdamHyper&,                  \

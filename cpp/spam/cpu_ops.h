@@ -8,6 +8,7 @@
 #include "common.h"
 #include "math.h"
 #include "quant8.h"
+#include "sparse_subset.h"
 
 namespace spam {
 
@@ -38,6 +39,26 @@ struct SpamTensor {
 // One SPAM step (ALGORITHMS.md §2.4) over all tensors of a group.
 void cpu_spam_step(const std::vector<SpamTensor>& tensors, const SpamHyper& hyper,
                    const QuantMaps& maps, int64_t* counters);
+
+// A parameter of a sparse-momentum group (ALGORITHMS.md §3): moments exist only for the
+// entries selected by `subset` (sparse_subset.h), stored compactly in index order.
+struct SparseSpamTensor {
+  TensorRef param, grad;          // full size (numel N), same dtype
+  TensorRef exp_avg, exp_avg_sq;  // compact: `compact` values in the parameter dtype (unused if q8)
+  int64_t compact;                // K = number of selected entries
+  const int64_t* block_starts;    // [ceil(K/256)]: parameter index of the first selected entry
+                                  // of each compact block of 256
+  SubsetRule subset;
+  float update_scale;             // lr * s * sqrt(bc2) / bc1
+  Quant8Moments q8;               // over the compact array (K codes, ceil(K/256) absmax)
+};
+
+// One sparse SPAM step over all tensors of a group: OpenMP over compact blocks; each block
+// walks parameter indices from its start, testing membership with the hash, and runs
+// spam_element on the selected entries. Unselected entries are never written; nothing
+// full-size is allocated. Throws if a tensor's block_starts / K disagree with its subset.
+void cpu_sparse_spam_step(const std::vector<SparseSpamTensor>& tensors, const SpamHyper& hyper,
+                          const QuantMaps& maps, int64_t* counters);
 
 struct StableSpamTensor {
   TensorRef param, grad, exp_avg, exp_avg_sq;

@@ -66,8 +66,15 @@ SPAM_HD float floor_f(float x) {
 #endif
 }
 
-// Ternary clamps: NaN falls through unchanged (fminf/fmaxf would replace it by a bound).
-SPAM_HD float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+// select(c, a, b) = c ? a : b through bit masks: no branch, so a data-dependent condition
+// (a stochastic-rounding coin flip, a clamp that bites at random) costs no misprediction.
+SPAM_HD float select(bool c, float a, float b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return bits_float((float_bits(a) & m) | (float_bits(b) & ~m));
+}
+
+// Clamp in which NaN falls through unchanged (fminf/fmaxf would replace it by a bound).
+SPAM_HD float clampf(float v, float lo, float hi) { return select(v < lo, lo, select(v > hi, hi, v)); }
 SPAM_HD float maxf(float a, float b) { return a > b ? a : b; }
 SPAM_HD float minf(float a, float b) { return a < b ? a : b; }
 SPAM_HD float absf(float x) { return bits_float(float_bits(x) & 0x7fffffffu); }
@@ -192,10 +199,12 @@ constexpr float kLevelTol = 1.52587890625e-05f;  // 2^-16
 
 // Stochastic rounding: floor(v) + [u < frac(v)]. frac is exact (|v| < 2^23), so
 // P(round up) = frac up to the 2^-24 resolution of u: E[result] = v.
+// Branch-free (select): the "round up" test is a coin flip.
 SPAM_HD float sr_round(float v, float u) {
   const float r = rne(v);
   const float f = floor_f(v);
-  return absf(v - r) <= kLevelTol ? r : f + ((u < v - f) ? 1.f : 0.f);
+  const float up = bits_float(0x3f800000u & (0u - static_cast<uint32_t>(u < v - f)));  // 1.f or 0.f
+  return select(absf(v - r) <= kLevelTol, r, f + up);
 }
 
 // ------------------------------------------------------------------ requant grid choice

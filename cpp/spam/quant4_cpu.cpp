@@ -14,8 +14,9 @@ namespace {
 
 int64_t num_groups(int64_t numel, int64_t group) { return (numel + group - 1) / group; }
 
-// Runs body(group_index, fp32_row, row_length) for every group of `in`, in parallel when the
-// call is large enough; `bad` accumulates the int64 the body returns.
+// Runs body(group_index, fp32_row, row_length, scratch) for every group of `in`, in parallel
+// when the call is large enough; `bad` accumulates the int64 the body returns. `scratch` is
+// per-thread room for 2 x `group` floats (codes before packing, uniforms).
 template <typename T, typename Body>
 int64_t for_each_group(const TensorRef& in, int64_t group, Body&& body) {
   const T* src = static_cast<const T*>(in.data);
@@ -23,13 +24,15 @@ int64_t for_each_group(const TensorRef& in, int64_t group, Body&& body) {
   int64_t bad = 0;
 #pragma omp parallel if (in.numel >= kCpuParallelMin) reduction(+ : bad)
   {
-    std::vector<float> row(static_cast<size_t>(group));
+    std::vector<float> row(static_cast<size_t>(3 * group));
+    float* x = row.data();
+    float* scratch = x + group;
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t begin = g * group;
       const int64_t n = in.numel - begin < group ? in.numel - begin : group;
-      for (int64_t j = 0; j < n; ++j) row[j] = Storage<T>::load(src, begin + j);
-      bad += body(g, row.data(), n);
+      for (int64_t j = 0; j < n; ++j) x[j] = Storage<T>::load(src, begin + j);
+      bad += body(g, x, n, scratch);
     }
   }
   return bad;
@@ -43,15 +46,31 @@ struct MinMax {
 // An all-ones exponent marks Inf/NaN; OR-ing the comparison keeps the loop vectorisable.
 inline uint32_t is_nonfinite(float v) { return (float_bits(v) & 0x7f800000u) == 0x7f800000u ? 1u : 0u; }
 
+// Eight independent accumulators: min/max of finite values do not depend on the order, and
+// without -ffast-math the compiler vectorises only reductions written this way.
 inline MinMax min_max(const float* x, int64_t n) {
-  float lo = x[0], hi = x[0];
-  uint32_t nonfinite = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    lo = minf(lo, x[j]);
-    hi = maxf(hi, x[j]);
-    nonfinite |= is_nonfinite(x[j]);
+  constexpr int kLanes = 8;
+  float lo[kLanes], hi[kLanes];
+  uint32_t nonfinite[kLanes];
+  for (int k = 0; k < kLanes; ++k) lo[k] = hi[k] = x[0], nonfinite[k] = 0;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) {
+      lo[k] = minf(lo[k], x[j + k]);
+      hi[k] = maxf(hi[k], x[j + k]);
+      nonfinite[k] |= is_nonfinite(x[j + k]);
+    }
+  for (; j < n; ++j) {
+    lo[0] = minf(lo[0], x[j]);
+    hi[0] = maxf(hi[0], x[j]);
+    nonfinite[0] |= is_nonfinite(x[j]);
   }
-  return MinMax{lo, hi, nonfinite == 0};
+  for (int k = 1; k < kLanes; ++k) {
+    lo[0] = minf(lo[0], lo[k]);
+    hi[0] = maxf(hi[0], hi[k]);
+    nonfinite[0] |= nonfinite[k];
+  }
+  return MinMax{lo[0], hi[0], nonfinite[0] == 0};
 }
 
 inline Top3 top3(const float* x, int64_t n) {
@@ -88,12 +107,16 @@ void check_packed(const TensorRef& w, const Packed& p, Format fmt, int64_t group
   }
 }
 
-// Codes of one group, two per byte, from code(j) for element j of the group.
-template <typename F>
-void store_codes(uint8_t* codes, int64_t begin, int64_t n, F&& code) {
+// Codes of one group are computed into `tmp` by plain loops the compiler can vectorise (the
+// 64-bit hash of the uniforms gets its own loop for that reason), then packed two per byte.
+void pack_codes(uint8_t* codes, int64_t begin, int64_t n, const float* tmp) {
   uint8_t* out = codes + begin / 2;
-  for (int64_t j = 0; j < n; j += 2)
-    out[j / 2] = pack_nibbles(static_cast<uint32_t>(code(j)), static_cast<uint32_t>(code(j + 1)));
+  for (int64_t j = 0; j < n / 2; ++j)
+    out[j] = pack_nibbles(static_cast<uint32_t>(tmp[2 * j]), static_cast<uint32_t>(tmp[2 * j + 1]));
+}
+
+void fill_uniforms(float* u, int64_t n, uint64_t key, int64_t begin) {
+  for (int64_t j = 0; j < n; ++j) u[j] = sr_uniform(key, begin + j);
 }
 
 void store_outliers(const Packed& p, int64_t g, const float* x, const Top3& t) {
@@ -110,7 +133,7 @@ void cpu_fake_weight_int4(const TensorRef& in, const TensorRef& out, int64_t gro
   dispatch_dtype(in.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* dst = static_cast<T*>(out.data);
-    for_each_group<T>(in, group, [&](int64_t g, const float* x, int64_t n) -> int64_t {
+    for_each_group<T>(in, group, [&](int64_t g, const float* x, int64_t n, float* /*tmp*/) -> int64_t {
       const MinMax mm = min_max(x, n);
       const Int4Grid grid = int4_weight_grid(mm.lo, mm.hi);
       for (int64_t j = 0; j < n; ++j)
@@ -125,7 +148,7 @@ void cpu_fake_act_int4(const TensorRef& in, const TensorRef& out, int64_t group)
   dispatch_dtype(in.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* dst = static_cast<T*>(out.data);
-    for_each_group<T>(in, group, [&](int64_t g, const float* x, int64_t n) -> int64_t {
+    for_each_group<T>(in, group, [&](int64_t g, const float* x, int64_t n, float* /*tmp*/) -> int64_t {
       const Top3 t = top3(x, n);
       const float scale = act_scale(t.rest_max());
       write_with_outliers(dst, g * group, x, n, t, [scale](float v) { return int4_act_fake(v, scale); });
@@ -139,7 +162,7 @@ void cpu_fake_fp4(const TensorRef& in, const TensorRef& out, int64_t group) {
   dispatch_dtype(in.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* dst = static_cast<T*>(out.data);
-    for_each_group<T>(in, group, [&](int64_t g, const float* x, int64_t n) -> int64_t {
+    for_each_group<T>(in, group, [&](int64_t g, const float* x, int64_t n, float* /*tmp*/) -> int64_t {
       const Top3 t = top3(x, n);
       const float step = fp4_step(t.rest_max());
       write_with_outliers(dst, g * group, x, n, t, [step](float v) { return fp4_fake(v, step); });
@@ -152,21 +175,22 @@ int64_t cpu_pack(const TensorRef& w, const Packed& p, Format fmt, int64_t group)
   check_packed(w, p, fmt, group);
   return dispatch_dtype(w.dtype, [&](auto tag) -> int64_t {
     using T = typename decltype(tag)::type;
-    return for_each_group<T>(w, group, [&](int64_t g, const float* x, int64_t n) -> int64_t {
+    return for_each_group<T>(w, group, [&](int64_t g, const float* x, int64_t n, float* tmp) -> int64_t {
       if (fmt == Format::kInt4) {
         const MinMax mm = min_max(x, n);
         if (!mm.finite) return 1;
         const Int4Grid grid = int4_weight_grid(mm.lo, mm.hi);
-        store_codes(p.codes, g * group, n, [&](int64_t j) { return int4_weight_code(x[j], grid); });
+        for (int64_t j = 0; j < n; ++j) tmp[j] = int4_weight_code(x[j], grid);
+        pack_codes(p.codes, g * group, n, tmp);
         p.scale[g] = grid.scale;
         p.zero[g] = static_cast<uint8_t>(grid.zero);
       } else {
         if (!all_finite(x, n)) return 1;
         const Top3 t = top3(x, n);
         const float step = fp4_step(t.rest_max());
-        store_codes(p.codes, g * group, n, [&](int64_t j) {
-          return t.is_outlier(j) ? float(kFp4Zero) : fp4_level(x[j], step) + float(kFp4Zero);
-        });
+        for (int64_t j = 0; j < n; ++j) tmp[j] = fp4_level(x[j], step) + float(kFp4Zero);
+        tmp[t.i0] = tmp[t.i1] = float(kFp4Zero);  // outliers: stored exactly elsewhere
+        pack_codes(p.codes, g * group, n, tmp);
         p.scale[g] = step;
         store_outliers(p, g, x, t);
       }
@@ -206,7 +230,7 @@ int64_t cpu_requant_sr(const TensorRef& w, const Packed& p, Format fmt, int64_t 
   const uint64_t key = sr_key(seed, step);
   return dispatch_dtype(w.dtype, [&](auto tag) -> int64_t {
     using T = typename decltype(tag)::type;
-    return for_each_group<T>(w, group, [&](int64_t g, float* x, int64_t n) -> int64_t {
+    return for_each_group<T>(w, group, [&](int64_t g, float* x, int64_t n, float* tmp) -> int64_t {
       const int64_t begin = g * group;
       if (!std::is_same<T, float>::value)  // read the old group before it is overwritten
         for (int64_t j = 0; j < n; ++j) x[j] = sr_target<T>(x[j], packed_value(p, fmt, group, g, j));
@@ -214,19 +238,21 @@ int64_t cpu_requant_sr(const TensorRef& w, const Packed& p, Format fmt, int64_t 
         const MinMax mm = min_max(x, n);
         if (!mm.finite) return 1;  // keep the old packed group
         const Int4Grid grid = int4_requant_grid(p.scale[g], float(p.zero[g]), mm.lo, mm.hi);
-        store_codes(p.codes, begin, n, [&](int64_t j) {
-          return int4_sr_code(x[j], grid, sr_uniform(key, begin + j));
-        });
+        float* u = tmp + group;
+        fill_uniforms(u, n, key, begin);
+        for (int64_t j = 0; j < n; ++j) tmp[j] = int4_sr_code(x[j], grid, u[j]);
+        pack_codes(p.codes, begin, n, tmp);
         p.scale[g] = grid.scale;
         p.zero[g] = static_cast<uint8_t>(grid.zero);
       } else {
         if (!all_finite(x, n)) return 1;
         const Top3 t = top3(x, n);
         const float s = fp4_requant_step(p.scale[g], t.rest_max());
-        store_codes(p.codes, begin, n, [&](int64_t j) {
-          return t.is_outlier(j) ? float(kFp4Zero)
-                                 : fp4_sr_level(x[j], s, sr_uniform(key, begin + j)) + float(kFp4Zero);
-        });
+        float* u = tmp + group;
+        fill_uniforms(u, n, key, begin);
+        for (int64_t j = 0; j < n; ++j) tmp[j] = fp4_sr_level(x[j], s, u[j]) + float(kFp4Zero);
+        tmp[t.i0] = tmp[t.i1] = float(kFp4Zero);
+        pack_codes(p.codes, begin, n, tmp);
         p.scale[g] = s;
         store_outliers(p, g, x, t);
       }

@@ -257,8 +257,11 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
 
         Each entry: ``index`` (position in ``param_groups``), ``shape``, ``numel``,
         ``state_bits`` (of its moments), ``fallback`` (8-bit asked for but kept dense because
-        it is under ``min_8bit_size``), and bytes of ``values``, ``absmax``, ``other``, ``total``.
-        ``ratio_to_adamw32`` compares the total with 32-bit AdamW state (8 bytes/element).
+        it is under ``min_8bit_size``), ``density`` (of its group; < 1: sparse momentum),
+        ``moment_numel`` (values per moment: ``numel``, or the subset size when sparse), and bytes
+        of ``values``, ``indices`` (sparse subset rule + compact block starts), ``absmax``,
+        ``other``, ``total``; ``ratio_to_adamw32`` compares a total with 32-bit AdamW state
+        (8 bytes/element), per entry and overall.
         """
         entries, total, numel = [], 0, 0
         index = 0
@@ -267,11 +270,15 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
                 state = self.state.get(p, {})
                 kinds = moments.state_bytes(state)
                 quant = moments.is_quantized(state)
+                moment = state.get("exp_avg_codes", state.get("exp_avg"))
                 entry = {"index": index, "shape": tuple(p.shape), "numel": p.numel(),
                          "initialised": bool(state),
                          "state_bits": 8 if quant else (32 if state else None),
                          "fallback": bool(state) and not quant and group.get("state_bits", 32) == 8,
-                         **kinds, "total": sum(kinds.values())}
+                         "density": group.get("density", 1.0),
+                         "moment_numel": moment.numel() if isinstance(moment, torch.Tensor) else 0,
+                         **kinds, "total": sum(kinds.values()),
+                         "ratio_to_adamw32": sum(kinds.values()) / (8 * p.numel()) if p.numel() else 0.0}
                 entries.append(entry)
                 total += entry["total"]
                 numel += p.numel()

@@ -20,12 +20,14 @@ import torch
 
 from ..qmap import BLOCK_SIZE, quant_map
 
-__all__ = ["DENSE_KEYS", "QUANT_KEYS", "FP32_KEYS", "init_moments", "is_quantized", "moment_args",
+__all__ = ["DENSE_KEYS", "QUANT_KEYS", "FP32_KEYS", "INDEX_KEYS", "init_moments", "init_compact_moments", "is_quantized", "moment_args",
            "dequantized_moments", "state_bytes"]
 
 DENSE_KEYS = ("exp_avg", "exp_avg_sq")
 QUANT_KEYS = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
 FP32_KEYS = ("exp_avg_absmax", "exp_avg_sq_absmax")
+#: sparse momentum (spam_lowmem/sparse_subset.py): the subset rule and the compact block starts
+INDEX_KEYS = ("subset", "compact_block_starts")
 
 
 def wants_8bit(p: torch.Tensor, group: dict[str, Any]) -> bool:
@@ -42,6 +44,22 @@ def init_moments(p: torch.Tensor, state: dict[str, Any], quantized: bool) -> Non
     for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
         zero = quant_map(signed).zero_code
         state[f"{key}_codes"] = torch.full((p.numel(),), zero, dtype=torch.uint8, device=p.device)
+        state[f"{key}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+
+
+def init_compact_moments(p: torch.Tensor, state: dict[str, Any], compact: int, quantized: bool) -> None:
+    """Zero moments for ``compact`` selected entries of ``p`` (sparse momentum): 1-D arrays of
+    ``compact`` values in ``p``'s dtype, or ``compact`` codes and ``ceil(compact/256)`` absmax."""
+    for key in (*DENSE_KEYS, *QUANT_KEYS):
+        state.pop(key, None)
+    if not quantized:
+        state["exp_avg"] = torch.zeros(compact, dtype=p.dtype, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(compact, dtype=p.dtype, device=p.device)
+        return
+    blocks = (compact + BLOCK_SIZE - 1) // BLOCK_SIZE
+    for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        zero = quant_map(signed).zero_code
+        state[f"{key}_codes"] = torch.full((compact,), zero, dtype=torch.uint8, device=p.device)
         state[f"{key}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
 
 
@@ -81,14 +99,17 @@ def dequantized_moments(p: torch.Tensor, state: dict[str, Any]) -> tuple[torch.T
 
 
 def state_bytes(state: dict[str, Any]) -> dict[str, int]:
-    """Bytes of a parameter's state by kind: moment values, absmax, everything else."""
-    kinds = {"values": 0, "absmax": 0, "other": 0}
+    """Bytes of a parameter's state by kind: moment values, absmax, sparse-subset indices
+    (``INDEX_KEYS``), everything else."""
+    kinds = {"values": 0, "indices": 0, "absmax": 0, "other": 0}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             continue
         nbytes = value.numel() * value.element_size()
         if key in DENSE_KEYS or key.endswith("_codes"):
             kinds["values"] += nbytes
+        elif key in INDEX_KEYS:
+            kinds["indices"] += nbytes
         elif key.endswith("_absmax"):
             kinds["absmax"] += nbytes
         else:

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 from .. import functional as F
+from .. import sparse_subset as subsets
 from ..schedules import is_reset_call, spam_clip_active, spam_update_scale, spam_warmup_factor
+from . import moments
 from .base import NONFINITE_POLICIES, SpikeAwareOptimizer, check_non_negative, check_range
 
 __all__ = ["SPAM"]
@@ -62,6 +64,21 @@ class SPAM(SpikeAwareOptimizer):
             the dequantised previous v.
         min_8bit_size: parameters with fewer elements keep 32-bit moments under
             ``state_bits=8`` (listed by :meth:`memory_report`). Default 4096.
+        density: sparse momentum (ALGORITHMS.md §3), a group key in (0, 1]; 1 (default) is
+            the dense optimizer. With d < 1 every parameter of the group must be 2-D and
+            keeps moments only for a random subset of its entries: exactly floor(d·numel)
+            entries at first, then at every momentum reset (on the reset call) a fresh subset
+            where each entry is selected independently with probability d; all moments
+            restart at each change. Unselected entries are frozen (zero update). The subset
+            is a hash rule, not stored indices (:mod:`spam_lowmem.sparse_subset`); see
+            :func:`spam_lowmem.sparse_param_groups` and
+            :func:`spam_lowmem.density_for_galore_rank`. CPU only for now.
+        sparse_weight_decay: False (default, as implemented by the authors): weight decay is
+            a no-op in a sparse group. True (clean-up): selected entries get ``p -= lr*wd*p``
+            after their update; unselected entries still get nothing.
+        subset_seed: seed of the optimizer's own generator that draws the subsets (its state
+            is saved by :meth:`state_dict`, so a resumed run draws the same next subset).
+            None: drawn from torch's global generator when the first subset is needed.
 
     Notes:
         * ``p.grad`` is not modified (the authors write the clipped values into it; nothing
@@ -72,6 +89,13 @@ class SPAM(SpikeAwareOptimizer):
           ``exp_avg_codes``/``exp_avg_sq_codes`` (uint8) and ``*_absmax`` (fp32 per 256),
           2 + 8/256 bytes per element. Each group keeps its call count in
           ``group["calls"]``, so schedules survive ``state_dict()``/``load_state_dict()``.
+        * Sparse groups (d < 1): the moments are compact 1-D arrays of the K selected entries
+          in flat-index order (K values in the parameter dtype, or K codes + ceil(K/256)
+          absmax), plus ``subset`` (int64 ``[seed, t_hash, t_index, numel]``) and
+          ``compact_block_starts`` (int64, ceil(K/256)). Drawing a subset builds full-size
+          temporaries (int64 hashes, a bool mask) once per ``reset_interval`` calls; the step
+          itself allocates nothing full-size. The state dict also holds
+          ``"subset_generator"`` (uint8 generator state).
     """
 
     def __init__(
@@ -91,8 +115,14 @@ class SPAM(SpikeAwareOptimizer):
         nonfinite: str = "skip",
         state_bits: int = 32,
         min_8bit_size: int = 4096,
+        density: float = 1.0,
+        sparse_weight_decay: bool = False,
+        subset_seed: int | None = None,
     ) -> None:
+        self._subset_seed = subset_seed
+        self._subset_gen: torch.Generator | None = None
         defaults = dict(state_bits=state_bits, min_8bit_size=min_8bit_size,
+            density=density, sparse_weight_decay=sparse_weight_decay,
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, threshold=threshold,
             reset_interval=reset_interval, warmup_steps=warmup_steps, clip_delay=clip_delay,
             spike_clipping=spike_clipping, reset_bias_correction=reset_bias_correction,
@@ -117,6 +147,140 @@ class SPAM(SpikeAwareOptimizer):
         if group["nonfinite"] not in NONFINITE_POLICIES:
             raise ValueError(f"Invalid nonfinite policy: {group['nonfinite']!r} "
                              f"(expected one of {NONFINITE_POLICIES})")
+        self._validate_density(group)
+
+    @staticmethod
+    def _validate_density(group: dict[str, Any]) -> None:
+        d = group.get("density", 1.0)
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < d <= 1.0:
+            raise ValueError(f"Invalid density: {d!r} (expected a number in (0, 1])")
+        if d == 1.0:
+            return
+        for p in group["params"]:
+            if p.dim() != 2:
+                raise ValueError(f"sparse momentum (density={d}) needs 2-D weights; got a parameter "
+                                 f"of shape {tuple(p.shape)}: put it in a density=1 group "
+                                 "(see spam_lowmem.sparse_param_groups)")
+            if p.numel() > subsets.MAX_NUMEL:
+                raise ValueError(f"sparse momentum supports parameters of fewer than 2^32 elements; "
+                                 f"got shape {tuple(p.shape)}")
+            if p.device.type != "cpu":
+                raise NotImplementedError(f"spam_lowmem: sparse momentum (density < 1) has no kernel for "
+                                          f"device '{p.device}' yet; use density=1.0 there")
+
+    # ------------------------------------------------------------------ sparse momentum
+    @staticmethod
+    def _is_sparse(group: dict[str, Any]) -> bool:
+        return group.get("density", 1.0) < 1.0
+
+    def _generator(self) -> torch.Generator:
+        if self._subset_gen is None:
+            seed = self._subset_seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+            self._subset_gen = torch.Generator().manual_seed(int(seed))
+        return self._subset_gen
+
+    def _set_subset(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                    rule: torch.Tensor) -> None:
+        """Install a subset rule: block starts and zero compact moments (full-size temporaries)."""
+        mask = subsets.subset_mask(rule, p.device)
+        state["subset"] = rule.to(p.device)
+        state["compact_block_starts"] = subsets.block_starts(mask)
+        moments.init_compact_moments(p, state, int(mask.sum()), moments.wants_8bit(p, group))
+
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        if not self._is_sparse(group):
+            super()._init_state(p, state, group)
+            return
+        state["step"] = 0
+        seed = subsets.draw_seed(self._generator())
+        self._set_subset(p, state, group, subsets.exact_rule(seed, p.numel(), group["density"], p.device))
+
+    def _regenerate(self, group: dict[str, Any]) -> None:
+        """A fresh Bernoulli(d) subset for every initialised parameter (on the reset call)."""
+        for p in group["params"]:
+            state = self.state.get(p)
+            if state:
+                seed = subsets.draw_seed(self._generator())
+                self._set_subset(p, state, group, subsets.bernoulli_rule(seed, p.numel(), group["density"]))
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        if self._subset_gen is not None:
+            sd["subset_generator"] = self._subset_gen.get_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        gen_state = state_dict.pop("subset_generator", None)
+        super().load_state_dict(state_dict)
+        if gen_state is not None:
+            gen = torch.Generator()
+            gen.set_state(gen_state.to(dtype=torch.uint8, device="cpu"))
+            self._subset_gen = gen
+
+    def _check_loaded_state(self, p: torch.Tensor, saved: dict[str, Any]) -> None:
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        shape = tuple(p.shape)
+        if not self._is_sparse(group):
+            if "subset" in saved:
+                raise ValueError(f"loaded state for the parameter of shape {shape} has sparse momentum "
+                                 "but its group here is dense (density=1)")
+            super()._check_loaded_state(p, saved)
+            return
+        keys = moments.QUANT_KEYS if moments.is_quantized(saved) else moments.DENSE_KEYS
+        missing = [k for k in ("step", *moments.INDEX_KEYS, *keys) if k not in saved]
+        if missing:
+            raise ValueError(f"loaded state for the parameter of shape {shape} in a sparse group lacks "
+                             f"{missing}: it was not saved by a sparse-momentum SPAM")
+        rule = saved["subset"]
+        if rule.dtype != torch.int64 or rule.numel() != 4:
+            raise ValueError(f"loaded 'subset' for shape {shape} is not an int64 [seed, t_hash, t_index, numel]")
+        seed, t_hash, _t_index, numel = (int(x) for x in rule.tolist())
+        if numel != p.numel():
+            raise ValueError(f"loaded subset was drawn for {numel} elements; the parameter of shape "
+                             f"{shape} has {p.numel()}")
+        if not (0 <= seed <= subsets.M32 and 0 <= t_hash <= subsets.M32):
+            raise ValueError(f"loaded subset for shape {shape} has an out-of-range seed or threshold")
+        mask = subsets.subset_mask(rule.cpu())  # load-time full-size temporary
+        k = int(mask.sum())
+        first = saved["exp_avg_codes" if moments.is_quantized(saved) else "exp_avg"]
+        for key in keys:
+            want = (k + 255) // 256 if key in moments.FP32_KEYS else k
+            if saved[key].dim() != 1 or saved[key].numel() != want:
+                raise ValueError(f"loaded '{key}' has {saved[key].numel()} entries; the subset of the "
+                                 f"parameter of shape {shape} selects {k} (so {want} are needed)")
+        del first
+        starts = saved["compact_block_starts"]
+        if starts.dtype != torch.int64 or not torch.equal(starts.cpu(), subsets.block_starts(mask)):
+            raise ValueError(f"loaded 'compact_block_starts' for shape {shape} do not match its subset")
+
+    def _step_sparse_group(self, group_index: int, group: dict[str, Any], n: int, reset: bool,
+                           warmup: float, clip: bool) -> None:
+        if reset:
+            self._regenerate(group)
+        lr = group["lr"]
+        beta1, beta2 = group["betas"]
+        for device, batch in self._gather(group).items():
+            scales = []
+            for state in batch.states:
+                if reset and group["reset_bias_correction"]:
+                    state["step"] = 0
+                state["step"] += 1
+                scales.append(spam_update_scale(lr, beta1, beta2, state["step"], warmup))
+            F.sparse_spam_step(
+                batch.params, batch.grads, **batch.moment_args(device),
+                block_starts=[st["compact_block_starts"] for st in batch.states],
+                subsets=[st["subset"] for st in batch.states],
+                update_scales=scales, counters=self._counters(group_index, device),
+                beta1=beta1, beta2=beta2, eps=group["eps"],
+                clip_threshold=float(group["threshold"]) if clip else 0.0,
+                weight_decay_scale=lr * group["weight_decay"] if group["sparse_weight_decay"] else 0.0,
+                reset=F.MomentReset.BEFORE_UPDATE if reset else F.MomentReset.NONE,
+                skip_nonfinite=group["nonfinite"] == "skip",
+            )
+            batch.write_back()
 
     def _step_group(self, group_index: int, group: dict[str, Any]) -> None:
         n = group["calls"] + 1
@@ -124,6 +288,9 @@ class SPAM(SpikeAwareOptimizer):
         reset = is_reset_call(n, interval)
         warmup = spam_warmup_factor(n, interval, group["warmup_steps"])
         clip = group["spike_clipping"] and spam_clip_active(n, interval, group["clip_delay"])
+        if self._is_sparse(group):
+            self._step_sparse_group(group_index, group, n, reset, warmup, clip)
+            return
         lr = group["lr"]
         beta1, beta2 = group["betas"]
         for device, batch in self._gather(group).items():

@@ -14,7 +14,8 @@ from torch import Tensor
 
 from spam_lowmem.qmap import BLOCK_SIZE, quant_map
 
-__all__ = ["init_moments", "load_moments", "store_moments", "quantize_blocks", "dequantize_blocks"]
+__all__ = ["init_moments", "init_compact_moments", "load_moments", "store_moments", "quantize_blocks",
+           "dequantize_blocks"]
 
 
 def _uses_8bit(p: Tensor, group: dict[str, Any]) -> bool:
@@ -29,6 +30,22 @@ def init_moments(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Non
     blocks = (p.numel() + BLOCK_SIZE - 1) // BLOCK_SIZE
     for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
         state[f"{key}_codes"] = torch.full((p.numel(),), quant_map(signed).zero_code,
+                                           dtype=torch.uint8, device=p.device)
+        state[f"{key}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+
+
+def init_compact_moments(p: Tensor, state: dict[str, Any], group: dict[str, Any], compact: int) -> None:
+    """Zero moments for ``compact`` selected entries of ``p`` (sparse momentum, 1-D arrays)."""
+    for key in ("exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes",
+                "exp_avg_sq_absmax"):
+        state.pop(key, None)
+    if not _uses_8bit(p, group):
+        state["exp_avg"] = torch.zeros(compact, dtype=p.dtype, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(compact, dtype=p.dtype, device=p.device)
+        return
+    blocks = (compact + BLOCK_SIZE - 1) // BLOCK_SIZE
+    for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        state[f"{key}_codes"] = torch.full((compact,), quant_map(signed).zero_code,
                                            dtype=torch.uint8, device=p.device)
         state[f"{key}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
 
@@ -48,12 +65,15 @@ def quantize_blocks(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     return quant_map(signed, x.device).quantize_reference(normalized), absmax
 
 
-def load_moments(p: Tensor, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
-    """(m, v) of the previous step as float32 tensors shaped like ``p``."""
+def load_moments(p: Tensor | None, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """(m, v) of the previous step as float32 tensors shaped like ``p`` (flat when ``p`` is None:
+    the compact moments of sparse momentum)."""
     if "exp_avg_codes" not in state:
         return state["exp_avg"].float(), state["exp_avg_sq"].float()
     m = dequantize_blocks(state["exp_avg_codes"], state["exp_avg_absmax"], True)
     v = dequantize_blocks(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], False)
+    if p is None:
+        return m, v
     return m.view(p.shape), v.view(p.shape)
 
 

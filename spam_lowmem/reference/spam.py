@@ -8,8 +8,12 @@ Step-count policies come from :mod:`spam_lowmem.schedules`; constants that depen
 step counts are computed in Python float64 and enter the element math rounded to fp32,
 exactly as the C++ core receives them.
 
-It imports only ``torch``, ``math`` and :mod:`spam_lowmem.schedules`, never the compiled
-extension.
+It imports only ``torch``, ``math``, :mod:`spam_lowmem.schedules` and the pure-torch subset
+hash :mod:`spam_lowmem.sparse_subset`, never the compiled extension.
+
+Sparse momentum (``density < 1``, ALGORITHMS.md §3) is written the authors' way: a full-size
+bool ``mask`` per parameter (built from the same hash rule as the optimizer's, so the subsets
+agree), ``g = grad[mask]``, compact moments, the update scattered into a zero full-size tensor.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from spam_lowmem.reference.moments import init_moments, load_moments, store_moments
+from spam_lowmem import sparse_subset as subsets
+from spam_lowmem.reference.moments import init_compact_moments, init_moments, load_moments, store_moments
 from spam_lowmem.schedules import (
     is_reset_call,
     spam_clip_active,
@@ -83,6 +88,39 @@ def _check_spam(group: dict[str, Any]) -> None:
             raise ValueError(f"Invalid {key} (a non-negative int): {val}")
     if group["spike_clipping"] and not float(group["threshold"]) > 0.0:
         raise ValueError(f"Invalid threshold (must be > 0 with spike_clipping): {group['threshold']}")
+    d = group.get("density", 1.0)
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < d <= 1.0:
+        raise ValueError(f"Invalid density: {d!r} (expected a number in (0, 1])")
+    if d < 1.0:
+        for p in group.get("params", []):
+            if p.dim() != 2:
+                raise ValueError(f"sparse momentum needs 2-D weights; got shape {tuple(p.shape)}")
+
+
+def _spam_elements(g: Tensor, pf: Tensor, m_old: Tensor, v_old: Tensor, *, reset: bool, theta: float,
+                   beta1: float, beta2: float, eps: float, scale: float, decay: float,
+                   skip: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """math.h ``spam_element`` on fp32 tensors: (p_new, m_new, v_new, spike, finite)."""
+    m_prev = torch.zeros_like(g) if reset else m_old
+    v_prev = torch.zeros_like(g) if reset else v_old
+    finite = torch.isfinite(g)
+    cap_sq = f32(theta, g) * v_prev
+    if theta > 0.0:
+        spike = (g * g) > cap_sq
+    else:
+        spike = torch.zeros_like(g, dtype=torch.bool)
+    g_used = torch.where(spike, torch.copysign(torch.sqrt(cap_sq), g), g)
+    m_new = f32(beta1, g) * m_prev + f32(1.0 - beta1, g) * g_used
+    v_new = f32(beta2, g) * v_prev + f32(1.0 - beta2, g) * (g_used * g_used)
+    u = m_new / (torch.sqrt(v_new) + f32(eps, g))
+    p_stepped = pf - f32(scale, g) * u
+    p_new = p_stepped - f32(decay, g) * p_stepped
+    if skip:
+        drop = ~finite
+        p_new = torch.where(drop, pf, p_new)
+        m_new = torch.where(drop, m_prev, m_new)
+        v_new = torch.where(drop, v_prev, v_new)
+    return p_new, m_new, v_new, spike, finite
 
 
 class ReferenceSPAM(torch.optim.Optimizer):
@@ -117,8 +155,15 @@ class ReferenceSPAM(torch.optim.Optimizer):
         nonfinite: str = "skip",
         state_bits: int = 32,
         min_8bit_size: int = 4096,
+        density: float = 1.0,
+        sparse_weight_decay: bool = False,
+        subset_seed: int | None = None,
     ) -> None:
+        seed = subset_seed if subset_seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        #: draws the subset seeds in the same order as :class:`spam_lowmem.SPAM`
+        self.subset_generator = torch.Generator().manual_seed(int(seed))
         defaults = dict(state_bits=state_bits, min_8bit_size=min_8bit_size,
+            density=density, sparse_weight_decay=sparse_weight_decay,
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, threshold=threshold,
             reset_interval=reset_interval, warmup_steps=warmup_steps, clip_delay=clip_delay,
             spike_clipping=spike_clipping, reset_bias_correction=reset_bias_correction,
@@ -133,7 +178,13 @@ class ReferenceSPAM(torch.optim.Optimizer):
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         _check_spam(merged)
         super().add_param_group(param_group)
-        self.param_groups[-1].setdefault("calls", 0)
+        group = self.param_groups[-1]
+        try:
+            _check_spam(group)  # with its parameters: the 2-D rule of sparse momentum
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        group.setdefault("calls", 0)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -145,10 +196,20 @@ class ReferenceSPAM(torch.optim.Optimizer):
         clipped = nonfinite = 0
         for group in self.param_groups:
             n = group["calls"] + 1
+            sparse = group.get("density", 1.0) < 1.0
+            if sparse and is_reset_call(n, group["reset_interval"]):
+                # The authors regenerate after call n-1 (when (n-1)+1 is a reset call), i.e.
+                # before the reset call uses it: a Bernoulli(d) mask, state restarted.
+                for p in group["params"]:
+                    if self.state[p]:
+                        self._new_mask(p, self.state[p], group, exact=False)
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                c, b = self._update_tensor(p, self.state[p], group, n)
+                if sparse:
+                    c, b = self._update_sparse(p, self.state[p], group, n)
+                else:
+                    c, b = self._update_tensor(p, self.state[p], group, n)
                 clipped += c
                 nonfinite += b
             group["calls"] = n
@@ -180,25 +241,54 @@ class ReferenceSPAM(torch.optim.Optimizer):
         g = grad.float()
         pf = p.float()
         m_old, v_old = load_moments(p, state)
-        m_prev = torch.zeros_like(g) if reset else m_old
-        v_prev = torch.zeros_like(g) if reset else v_old
-        finite = torch.isfinite(g)
-        cap_sq = f32(theta, g) * v_prev
-        if theta > 0.0:
-            spike = (g * g) > cap_sq
-        else:
-            spike = torch.zeros_like(g, dtype=torch.bool)
-        g_used = torch.where(spike, torch.copysign(torch.sqrt(cap_sq), g), g)
-        m_new = f32(beta1, g) * m_prev + f32(1.0 - beta1, g) * g_used
-        v_new = f32(beta2, g) * v_prev + f32(1.0 - beta2, g) * (g_used * g_used)
-        u = m_new / (torch.sqrt(v_new) + f32(eps, g))
-        p_stepped = pf - f32(scale, g) * u
-        p_new = p_stepped - f32(lr * wd, g) * p_stepped
-        if group["nonfinite"] == "skip":
-            drop = ~finite
-            p_new = torch.where(drop, pf, p_new)
-            m_new = torch.where(drop, m_prev, m_new)
-            v_new = torch.where(drop, v_prev, v_new)
+        p_new, m_new, v_new, spike, finite = _spam_elements(
+            g, pf, m_old, v_old, reset=reset, theta=theta, beta1=beta1, beta2=beta2, eps=eps,
+            scale=scale, decay=lr * wd, skip=group["nonfinite"] == "skip")
         p.copy_(p_new)
+        store_moments(state, m_new, v_new)
+        return int(spike.sum().item()), int((~finite).sum().item())
+
+    # ------------------------------------------------------------------ sparse momentum
+    def _new_mask(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], *, exact: bool) -> None:
+        """A new subset: exactly floor(d*numel) entries (first) or Bernoulli(d) (at resets)."""
+        seed = subsets.draw_seed(self.subset_generator)
+        d = float(group["density"])
+        rule = (subsets.exact_rule(seed, p.numel(), d, p.device) if exact
+                else subsets.bernoulli_rule(seed, p.numel(), d))
+        state["subset"] = rule
+        state["mask"] = subsets.subset_mask(rule, p.device).view(p.shape)  # full-size bool
+        init_compact_moments(p, state, group, int(state["mask"].sum()))
+
+    def _update_sparse(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], n: int) -> tuple[int, int]:
+        """Sparse momentum, the authors' layout: g[mask], compact m/v, scattered update."""
+        grad = dense_grad(p, "ReferenceSPAM")
+        if not state:
+            state["step"] = 0
+            self._new_mask(p, state, group, exact=True)
+        mask = state["mask"]
+        lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        interval = group["reset_interval"]
+        reset = is_reset_call(n, interval)
+        if reset and group["reset_bias_correction"]:
+            state["step"] = 0
+        state["step"] += 1
+        t = state["step"]
+        clip_on = group["spike_clipping"] and spam_clip_active(n, interval, group["clip_delay"])
+        theta = as_f32(float(group["threshold"])) if clip_on else 0.0
+        warmup = spam_warmup_factor(n, interval, group["warmup_steps"])
+        scale = spam_update_scale(lr, beta1, beta2, t, warmup)
+        # Weight decay: a no-op in the authors' code (p.data[mask] is a copy); opt-in clean-up.
+        decay = lr * wd if group["sparse_weight_decay"] else 0.0
+
+        g = grad[mask].float()  # 1-D copy, flat-index order
+        ps = p[mask].float()
+        m_old, v_old = load_moments(None, state)
+        p_sel, m_new, v_new, spike, finite = _spam_elements(
+            g, ps, m_old, v_old, reset=reset, theta=theta, beta1=beta1, beta2=beta2, eps=eps,
+            scale=scale, decay=decay, skip=group["nonfinite"] == "skip")
+        full = p.detach().clone()
+        full[mask] = p_sel.to(p.dtype)  # unselected entries keep their exact values
+        p.copy_(full)
         store_moments(state, m_new, v_new)
         return int(spike.sum().item()), int((~finite).sum().item())
