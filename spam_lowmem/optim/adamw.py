@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .. import functional as F
-from .base import NONFINITE_POLICIES, SpikeAwareOptimizer, check_non_negative, check_range
+from .base import SpikeAwareOptimizer, check_adam_group
 
 __all__ = ["AdamW"]
 
@@ -54,15 +54,7 @@ class AdamW(SpikeAwareOptimizer):
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_non_negative("learning rate", group["lr"])
-        beta1, beta2 = group["betas"]
-        check_range("beta1", beta1, 0.0, 1.0)
-        check_range("beta2", beta2, 0.0, 1.0)
-        check_non_negative("eps", group["eps"])
-        check_non_negative("weight_decay", group["weight_decay"])
-        if group["nonfinite"] not in NONFINITE_POLICIES:
-            raise ValueError(f"Invalid nonfinite policy: {group['nonfinite']!r} "
-                             f"(expected one of {NONFINITE_POLICIES})")
+        check_adam_group(group)
 
     def _step_group(self, group_index: int, group: dict[str, Any]) -> None:
         lr = group["lr"]

@@ -59,6 +59,25 @@ def check_non_negative(name: str, value: float) -> None:
         raise ValueError(f"Invalid {name}: {value} (expected >= 0)")
 
 
+def check_count(name: str, value: object) -> None:
+    """A non-negative int (bools rejected): step counts and periods."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"Invalid {name}: {value!r} (expected an int >= 0)")
+
+
+def check_adam_group(group: dict[str, Any]) -> None:
+    """The hyper-parameters every Adam-family group has: lr, betas, eps, weight decay, NaN policy."""
+    check_non_negative("learning rate", group["lr"])
+    beta1, beta2 = group["betas"]
+    check_range("beta1", beta1, 0.0, 1.0)
+    check_range("beta2", beta2, 0.0, 1.0)
+    check_non_negative("eps", group["eps"])
+    check_non_negative("weight_decay", group["weight_decay"])
+    if group["nonfinite"] not in NONFINITE_POLICIES:
+        raise ValueError(f"Invalid nonfinite policy: {group['nonfinite']!r} "
+                         f"(expected one of {NONFINITE_POLICIES})")
+
+
 class SpikeAwareOptimizer(torch.optim.Optimizer):
     """Base class: subclasses define ``_validate_group``, ``_init_extra_state``, ``_step_group``.
 

@@ -15,7 +15,7 @@ from .. import functional as F
 from .. import sparse_subset as subsets
 from ..schedules import is_reset_call, spam_clip_active, spam_update_scale, spam_warmup_factor
 from . import moments
-from .base import NONFINITE_POLICIES, SpikeAwareOptimizer, check_non_negative, check_range
+from .base import SpikeAwareOptimizer, check_adam_group, check_count
 
 __all__ = ["SPAM"]
 
@@ -131,22 +131,12 @@ class SPAM(SpikeAwareOptimizer):
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_non_negative("learning rate", group["lr"])
-        beta1, beta2 = group["betas"]
-        check_range("beta1", beta1, 0.0, 1.0)
-        check_range("beta2", beta2, 0.0, 1.0)
-        check_non_negative("eps", group["eps"])
-        check_non_negative("weight_decay", group["weight_decay"])
+        check_adam_group(group)
         if group["spike_clipping"] and not group["threshold"] > 0.0:
             raise ValueError(f"Invalid threshold: {group['threshold']} (must be > 0 with "
                              "spike_clipping=True; pass spike_clipping=False to turn clipping off)")
         for key in ("reset_interval", "warmup_steps", "clip_delay"):
-            value = group[key]
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"Invalid {key}: {value!r} (expected an int >= 0)")
-        if group["nonfinite"] not in NONFINITE_POLICIES:
-            raise ValueError(f"Invalid nonfinite policy: {group['nonfinite']!r} "
-                             f"(expected one of {NONFINITE_POLICIES})")
+            check_count(key, group[key])
         self._validate_density(group)
 
     @staticmethod

@@ -14,7 +14,7 @@ import torch
 
 from .. import functional as F
 from ..schedules import is_reset_call, stable_spam_decay
-from .base import NONFINITE_POLICIES, SpikeAwareOptimizer, check_non_negative, check_range
+from .base import SpikeAwareOptimizer, check_adam_group, check_count, check_range
 
 __all__ = ["StableSPAM"]
 
@@ -100,27 +100,17 @@ class StableSPAM(SpikeAwareOptimizer):
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_non_negative("learning rate", group["lr"])
-        beta1, beta2 = group["betas"]
-        check_range("beta1", beta1, 0.0, 1.0)
-        check_range("beta2", beta2, 0.0, 1.0)
+        check_adam_group(group)
         gamma1, gamma2, gamma3 = group["gammas"]
         if gamma1 != -1:
             check_range("gamma1", gamma1, 0.0, 1.0)
         check_range("gamma2", gamma2, 0.0, 1.0)
         check_range("gamma3", gamma3, 0.0, 1.0)
-        check_non_negative("eps", group["eps"])
-        check_non_negative("weight_decay", group["weight_decay"])
-        interval = group["reset_interval"]
-        if not isinstance(interval, int) or isinstance(interval, bool) or interval < 0:
-            raise ValueError(f"Invalid reset_interval: {interval!r} (expected an int >= 0)")
+        check_count("reset_interval", group["reset_interval"])
         total = group["total_steps"]
         if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total <= 0):
             raise ValueError(f"Invalid total_steps: {total!r} (expected None or an int > 0)")
         check_range("eta_min", group["eta_min"], 0.0, 1.0, closed_high=True)
-        if group["nonfinite"] not in NONFINITE_POLICIES:
-            raise ValueError(f"Invalid nonfinite policy: {group['nonfinite']!r} "
-                             f"(expected one of {NONFINITE_POLICIES})")
 
     def _init_extra_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         state["stat_step"] = 0
