@@ -2,7 +2,9 @@
 
     spam-lowmem train --optimizer spam --model tiny --out runs/spam
     spam-lowmem train --optimizer spam --out runs/spam --resume
+    spam-lowmem train --optimizer stable-spam --weight-bits 4 --quant-format fp4 --out runs/w4
     spam-lowmem compare --out runs/cmp
+    spam-lowmem compare --four-bit --out runs/cmp4
     spam-lowmem density --model 60m --rank 128
 
 Bad input (unknown names, unparsable budget, missing data, seq-len too long, a run folder of a
@@ -33,7 +35,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=_MODELS, default="tiny",
                    help="LLaMA size: micro/tiny for CPU, 60m/130m/350m/1b as the papers (default tiny)")
     p.add_argument("--steps", type=int, default=None,
-                   help="optimizer updates (default 300 for train, 160 for compare)")
+                   help="optimizer updates (default 300 for train, 160 for compare, 60 for compare --four-bit)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (default 16)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (default 1)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's)")
@@ -60,6 +62,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _quant_flags(p: argparse.ArgumentParser) -> None:
+    """4-bit options shared by train and compare (None: not given; filled by _train_config)."""
+    p.add_argument("--quant-format", choices=("int4", "fp4"), default=None,
+                   help="4-bit grid: int4 (asymmetric, 15 levels) or the authors' fp4 (default int4)")
+    p.add_argument("--weight-storage", choices=("fake", "packed"), default=None,
+                   help="fake: full-precision master weight fake-quantised each forward (the papers); "
+                        "packed: only nibble codes kept, re-quantised after each step (default fake)")
+    p.add_argument("--quant-group-size", type=int, default=None,
+                   help="elements per quantisation group (default 256; if it does not divide a projection "
+                        "weight, the largest power of two below it that divides them all is used)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spam-lowmem", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cache-dir", type=Path, default=None, help="tokenizer/token cache (default OUT/cache)")
     t.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many updates (checkpoint saved) to be continued with --resume")
+    t.add_argument("--weight-bits", type=int, choices=(16, 4), default=16,
+                   help="4: W4A4 training of the 7 projection linears per layer (ALGORITHMS.md §5); "
+                        "16: unquantised (default)")
+    _quant_flags(t)
 
     c = sub.add_parser("compare", help="several optimizers, same data, seed and token budget")
     c.add_argument("--optimizers", default=None,
@@ -86,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
                    + " (default: adamw,spam,stable-spam,galore,adam-mini,spam-sparse)")
     c.add_argument("--out", type=Path, default=None, help="output folder (default runs/compare-TIMESTAMP)")
     c.add_argument("--lr-for", action="append", default=[], metavar="NAME=LR",
-                   help="learning rate for one optimizer (repeatable)")
+                   help="learning rate for one optimizer (repeatable; with --four-bit, adamw-16bit=LR sets "
+                        "the 16-bit baseline's)")
+    c.add_argument("--four-bit", action="store_true",
+                   help="the Stable-SPAM paper's 4-bit comparison: the --optimizers (default adamw,spam,"
+                        "stable-spam) with 4-bit weights and activations, plus unquantised 16-bit AdamW")
+    _quant_flags(c)
     _common(c)
 
     d = sub.add_parser("density", help="SPAM density with the state memory of GaLore at a rank")
@@ -113,7 +136,16 @@ def _train_config(args: argparse.Namespace, optimizer: str) -> TrainConfig:
         eval_batches=args.eval_batches, save_every=getattr(args, "save_every", 0),
         state_bits=getattr(args, "state_bits", None), density=getattr(args, "density", None),
         budget=getattr(args, "budget", None), galore_rank=args.galore_rank, galore_gap=args.galore_gap,
-        galore_scale=args.galore_scale)
+        galore_scale=args.galore_scale, **_quant_config(args))
+
+
+def _quant_config(args: argparse.Namespace) -> dict[str, object]:
+    """weight_bits and the quant_* keys of TrainConfig; defaults filled only for 4-bit runs."""
+    bits = 4 if getattr(args, "four_bit", False) else getattr(args, "weight_bits", 16)
+    fmt, storage, group = (getattr(args, k, None) for k in ("quant_format", "weight_storage", "quant_group_size"))
+    if bits == 4:
+        fmt, storage, group = fmt or "int4", storage or "fake", group if group is not None else 256
+    return {"weight_bits": bits, "quant_format": fmt, "weight_storage": storage, "quant_group_size": group}
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -137,7 +169,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.out is None:
         args.out = Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")
     if args.steps is None:  # defaults sized for < 10 min in all on a busy 2-core CPU
-        args.steps = 160
+        args.steps = 60 if args.four_bit else 160  # 4 runs with fake quantisation: a few minutes
     if args.eval_every is None:
         args.eval_every = max(1, args.steps // 4)
     return run_compare(args, _train_config)

@@ -14,6 +14,7 @@ import torch
 
 import spam_lowmem
 from spam_lowmem.cli import main
+from spam_lowmem.train.errors import UsageError
 from spam_lowmem.train.optimizers import supports_density
 
 PLAYS = ("sonnets_gut.txt", "macbeth_gut.txt", "tempest_gut.txt")
@@ -198,3 +199,91 @@ def test_optimizer_keywords_pass_through(corpus: Path, cache: Path, tmp_path: Pa
     monkeypatch.setattr(spam_lowmem, "plan", lambda model, budget: {"state_bits": 8}, raising=False)
     assert main(micro_args(corpus, cache, tmp_path / "d", "spam", steps=1) + ["--budget", "1GiB"]) == 0
     assert json.loads((tmp_path / "d" / "summary.json").read_text())["optimizer_kwargs"] == {"state_bits": 8}
+
+
+# ---- 4-bit training (ALGORITHMS.md §5): --weight-bits 4, compare --four-bit
+
+@pytest.mark.parametrize("fmt,storage", [("int4", "fake"), ("fp4", "fake"), ("int4", "packed")])
+def test_train_4bit_smoke(fmt: str, storage: str, corpus: Path, cache: Path, tmp_path: Path) -> None:
+    out = tmp_path / "w4"
+    argv = micro_args(corpus, cache, out, "stable-spam") + ["--weight-bits", "4", "--quant-format", fmt,
+                                                             "--weight-storage", storage]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finished"] and 0 < summary["final_eval_loss"] < 7
+    assert summary["quantization"] == {"weight_bits": 4, "act_bits": 4, "format": fmt, "storage": storage,
+                                       "group_size": 256, "layers": 14}
+    config = json.loads((out / "config.json").read_text())
+    assert (config["weight_bits"], config["quant_format"], config["weight_storage"],
+            config["quant_group_size"]) == (4, fmt, storage, 256)
+    state = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert (key in state) == (storage == "fake") and (key + "_codes" in state) == (storage == "packed")
+
+
+def test_train_16bit_config_and_group_fallback(corpus: Path, cache: Path, tmp_path: Path) -> None:
+    from spam_lowmem.train.loop import effective_group_size
+
+    out = tmp_path / "w16"
+    assert main(micro_args(corpus, cache, out, steps=1)) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["weight_bits"] == 16 and config["quant_format"] is None
+    assert json.loads((out / "summary.json").read_text())["quantization"] is None
+    # micro projections hold 1024 and 2816 elements: 384 divides neither, 256 divides both
+    assert effective_group_size(384, [1024, 2816]) == 256 and effective_group_size(64, [1024]) == 64
+    with pytest.raises(UsageError, match="no power-of-two group size"):
+        effective_group_size(256, [1024, 1023])
+    out = tmp_path / "g"
+    assert main(micro_args(corpus, cache, out, steps=1) + ["--weight-bits", "4", "--quant-group-size", "384"]) == 0
+    assert json.loads((out / "summary.json").read_text())["quantization"]["group_size"] == 256
+
+
+@pytest.mark.parametrize("storage", ["fake", "packed"])
+def test_resume_4bit_is_bit_exact(storage: str, corpus: Path, cache: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    extra = ["--weight-bits", "4", "--weight-storage", storage]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(micro_args(corpus, cache, whole, "spam", steps=6) + extra) == 0
+    assert main(micro_args(corpus, cache, split, "spam", steps=6) + extra + ["--stop-after", "3"]) == 0
+    _fails(capsys, micro_args(corpus, cache, split, "spam", steps=6) + ["--resume"], "weight_bits: 4 -> 16")
+    _fails(capsys, micro_args(corpus, cache, split, "spam", steps=6) + extra + ["--quant-format", "fp4", "--resume"],
+           "quant_format: 'int4' -> 'fp4'")
+    assert main(micro_args(corpus, cache, split, "spam", steps=6) + extra + ["--resume"]) == 0
+    for kind in ("train", "eval"):
+        assert [r["loss"] for r in records(split, kind)] == [r["loss"] for r in records(whole, kind)]
+    a = torch.load(whole / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(split / "checkpoint.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_4bit_bad_input(corpus: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "never"
+    base = micro_args(corpus, cache, out)
+    _fails(capsys, base + ["--weight-bits", "3"], "invalid choice: 3")
+    _fails(capsys, base + ["--weight-bits", "4", "--quant-format", "nf4"], "invalid choice: 'nf4'")
+    _fails(capsys, base + ["--weight-bits", "4", "--weight-storage", "disk"], "invalid choice: 'disk'")
+    _fails(capsys, base + ["--quant-format", "fp4"], "only apply to 4-bit training")
+    _fails(capsys, base + ["--weight-bits", "4", "--quant-group-size", "1"], "--quant-group-size must be")
+    assert not out.exists()
+    _fails(capsys, ["compare", "--model", "micro", "--out", str(out), "--quant-format", "fp4"],
+           "only apply to 4-bit training")
+    assert not out.exists()
+
+
+def test_compare_four_bit(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cmp4"
+    argv = ["compare", "--four-bit", "--model", "micro", "--steps", "2", "--batch-size", "4", "--seq-len", "32",
+            "--vocab-size", "384", "--eval-every", "2", "--eval-batches", "2", "--device", "cpu",
+            "--data", str(corpus), "--out", str(out), "--no-progress", "--threads", "1",
+            "--lr-for", "adamw-16bit=0.002"]
+    assert main(argv) == 0
+    for name in ("results.md", "results.csv", "results.jsonl", "loss_curves.png", "memory.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in rows] == ["adamw w4a4", "spam w4a4", "stable-spam w4a4", "adamw 16-bit"]
+    assert [r["name"] for r in rows] == ["adamw-w4a4", "spam-w4a4", "stable-spam-w4a4", "adamw-16bit"]
+    assert [r["quantization"] and r["quantization"]["format"] for r in rows] == ["int4"] * 3 + [None]
+    assert [r["lr"] for r in rows] == [0.003, 0.003, 0.003, 0.002]
+    assert all(r["final_eval_loss"] > 0 and r["steps"] == 2 for r in rows)
+    md = (out / "results.md").read_text()
+    assert "| stable-spam w4a4 | 0.003 |" in md and "| adamw 16-bit | 0.002 |" in md and "W4A4" in md

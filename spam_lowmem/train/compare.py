@@ -33,6 +33,9 @@ __all__ = ["DEFAULT_SET", "SPARSE", "run_compare", "write_report"]
 
 SPARSE = "spam-sparse"  # SPAM at the density matching GaLore's state memory (ALGORITHMS.md §3, §6)
 DEFAULT_SET = ("adamw", "spam", "stable-spam", "galore", "adam-mini", SPARSE)
+#: ``--four-bit``: these with W4A4, plus the unquantised AdamW baseline (Stable-SPAM paper, §5)
+FOUR_BIT_SET = ("adamw", "spam", "stable-spam")
+BASELINE_16 = "adamw-16bit"
 OUTPUTS = ("results.md", "results.csv", "results.jsonl", "loss_curves.png", "memory.png")
 
 
@@ -49,8 +52,8 @@ def _parse_lr_for(items: list[str], names: list[str]) -> dict[str, float]:
     return out
 
 
-def _select(spec_text: str | None) -> list[str]:
-    names = [n.strip() for n in spec_text.split(",") if n.strip()] if spec_text else list(DEFAULT_SET)
+def _select(spec_text: str | None, default: tuple[str, ...] = DEFAULT_SET) -> list[str]:
+    names = [n.strip() for n in spec_text.split(",") if n.strip()] if spec_text else list(default)
     valid = OPTIMIZER_NAMES + (SPARSE,)
     bad = [n for n in names if n not in valid]
     if bad or not names:
@@ -70,6 +73,9 @@ def _child_argv(cfg: TrainConfig, out: Path, cache: Path, extra: list[str], prog
             "--out", str(out), "--cache-dir", str(cache), "--overwrite", *extra]
     if cfg.galore_rank is not None:
         argv += ["--galore-rank", str(cfg.galore_rank)]
+    if cfg.weight_bits == 4:
+        argv += ["--weight-bits", "4", "--quant-format", str(cfg.quant_format), "--weight-storage",
+                 str(cfg.weight_storage), "--quant-group-size", str(cfg.quant_group_size)]
     if cfg.data:
         argv += ["--data", *cfg.data]
     if not progress:
@@ -88,8 +94,9 @@ def _stderr_fd() -> int | None:
 def run_compare(args: argparse.Namespace, make_config: Callable[[argparse.Namespace, str], Any]) -> int:
     """Run the comparison described by the parsed ``compare`` arguments; returns the exit status."""
     t_start = time.perf_counter()
-    names = _select(args.optimizers)
-    lr_for = _parse_lr_for(args.lr_for, names)
+    four_bit = bool(getattr(args, "four_bit", False))
+    names = _select(args.optimizers, FOUR_BIT_SET if four_bit else DEFAULT_SET)
+    lr_for = _parse_lr_for(args.lr_for, names + ([BASELINE_16] if four_bit else []))
     base: TrainConfig = make_config(args, "adamw")
     spec = get_spec(base.model)
     base.validate(spec.max_positions)
@@ -98,6 +105,12 @@ def run_compare(args: argparse.Namespace, make_config: Callable[[argparse.Namesp
         raise UsageError(f"output folder {out} is not empty; pass --overwrite to replace its results")
     rank = base.galore_rank or spec.galore_rank
     notes: list[str] = []
+    if four_bit:
+        notes.append(f"4-bit: every run except `adamw 16-bit` trains with W4A4 ({base.quant_format}, "
+                     f"{base.weight_storage} weight storage, group {base.quant_group_size} or the largest power of "
+                     "two below it dividing every weight) on the 7 projection linears per layer; lm_head, "
+                     "embeddings and norms unquantised; gradients unquantised (ALGORITHMS.md §5). "
+                     "`adamw 16-bit` is the unquantised baseline at the same data, seed and steps")
     if SPARSE in names and not supports_density():
         notes.append(f"skipped {SPARSE}: spam_lowmem.SPAM in this build does not accept density= yet")
         print(f"note: {notes[-1]}", file=sys.stderr)
@@ -110,22 +123,31 @@ def run_compare(args: argparse.Namespace, make_config: Callable[[argparse.Namesp
     for name in OUTPUTS:
         (out / name).unlink(missing_ok=True)
     corpus.save_cache()
-    print(f"compare: {', '.join(names)} on {corpus.source}; {base.model} model, {base.steps} steps x "
+    what = ", ".join(names) + (f" with W4A4 {base.quant_format}, and adamw 16-bit" if four_bit else "")
+    print(f"compare: {what} on {corpus.source}; {base.model} model, {base.steps} steps x "
           f"{base.batch_size * base.grad_accum} x {base.seq_len} tokens; held-out {corpus.split}; "
           f"unigram baseline {unigram:.4f} nats/token", file=sys.stderr)
 
     rows: list[dict[str, Any]] = []
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    for name in names:
-        optimizer = "spam" if name == SPARSE else name
+    runs = [(name, name) for name in names]  # (optimizer or spam-sparse, run name)
+    if four_bit:
+        runs = [(name, f"{name}-w4a4") for name in names] + [("adamw", BASELINE_16)]
+    for opt_name, name in runs:
+        optimizer = "spam" if opt_name == SPARSE else opt_name
         cfg = make_config(args, optimizer)
-        cfg.lr = lr_for.get(name, cfg.lr)
+        cfg.lr = lr_for.get(opt_name if name != BASELINE_16 else name, cfg.lr)
         extra: list[str] = []
-        label = name
-        if name == SPARSE:
+        label = opt_name
+        if opt_name == SPARSE:
             density = density_for_galore_rank(spec, rank)
             extra = ["--density", repr(density)]
             label = f"spam d={density:.3f}"
+        if name == BASELINE_16:
+            cfg.weight_bits, cfg.quant_format, cfg.weight_storage, cfg.quant_group_size = 16, None, None, None
+            label = "adamw 16-bit"
+        elif four_bit:
+            label += " w4a4" if cfg.quant_format == "int4" else " w4a4 fp4"
         run_dir = out / "runs" / name
         if run_dir.exists():
             shutil.rmtree(run_dir)

@@ -21,12 +21,16 @@ from typing import Any
 
 from .errors import UsageError
 
-__all__ = ["TrainConfig", "RUN_FILES", "MAY_CHANGE_ON_RESUME", "config_differences", "check_run_dir",
-           "write_json"]
+__all__ = ["TrainConfig", "RUN_FILES", "MAY_CHANGE_ON_RESUME", "QUANT_FORMATS", "WEIGHT_STORAGES",
+           "config_differences", "check_run_dir", "write_json"]
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json")
 #: logistics that do not change the training trajectory
 MAY_CHANGE_ON_RESUME = frozenset({"eval_every", "save_every"})
+#: keys added after the first release, with the value that a config.json written without them meant
+_ADDED_KEYS = {"weight_bits": 16}
+QUANT_FORMATS = ("int4", "fp4")
+WEIGHT_STORAGES = ("fake", "packed")
 
 
 @dataclass
@@ -57,6 +61,12 @@ class TrainConfig:
     galore_rank: int | None = None
     galore_gap: int = 200
     galore_scale: float = 0.25
+    # 4-bit training (ALGORITHMS.md §5): 16 = unquantised; 4 = W4A4 on the 7 projections. The three
+    # quant_* keys are None for 16-bit runs and filled (int4 / fake / 256 by default) for 4-bit ones.
+    weight_bits: int = 16
+    quant_format: str | None = None
+    weight_storage: str | None = None
+    quant_group_size: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,11 +94,34 @@ class TrainConfig:
             raise UsageError(f"--density must be in (0, 1], got {self.density}")
         if self.galore_rank is not None and self.galore_rank <= 0:
             raise UsageError(f"--galore-rank must be > 0, got {self.galore_rank}")
+        self.validate_quant()
+
+    def validate_quant(self) -> None:
+        """The 4-bit options: checked on their own (the CLI calls this before anything else)."""
+        quant = {"quant-format": self.quant_format, "weight-storage": self.weight_storage,
+                 "quant-group-size": self.quant_group_size}
+        if self.weight_bits == 16:
+            given = [f"--{k}" for k, v in quant.items() if v is not None]
+            if given:
+                raise UsageError(f"{', '.join(given)} only apply to 4-bit training (--weight-bits 4)")
+            return
+        if self.weight_bits != 4:
+            raise UsageError(f"--weight-bits must be 4 or 16, got {self.weight_bits}")
+        if self.quant_format not in QUANT_FORMATS:
+            raise UsageError(f"--quant-format must be one of {', '.join(QUANT_FORMATS)}, got {self.quant_format!r}")
+        if self.weight_storage not in WEIGHT_STORAGES:
+            raise UsageError(f"--weight-storage must be one of {', '.join(WEIGHT_STORAGES)}, "
+                             f"got {self.weight_storage!r}")
+        g = self.quant_group_size
+        if isinstance(g, bool) or not isinstance(g, int) or g < 2:
+            raise UsageError(f"--quant-group-size must be an integer >= 2, got {g!r}")
 
 
 def config_differences(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
     """``key: saved -> given`` for every identity key that differs."""
     keys = sorted((set(saved) | set(given)) - MAY_CHANGE_ON_RESUME)
+    saved = {**_ADDED_KEYS, **saved}
+    given = {**_ADDED_KEYS, **given}
     return [f"{k}: {saved.get(k)!r} -> {given.get(k)!r}" for k in keys if saved.get(k) != given.get(k)]
 
 

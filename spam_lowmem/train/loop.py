@@ -139,6 +139,38 @@ def _optimizer_kwargs(cfg: TrainConfig, model: torch.nn.Module, budget: int | No
     return extra
 
 
+def effective_group_size(requested: int, numels: Sequence[int]) -> int:
+    """The 4-bit group size used: ``requested`` if it divides every weight's element count,
+    else the largest power of two below it that does (groups never straddle two weights)."""
+    if all(n % requested == 0 for n in numels):
+        return requested
+    g = 1 << (requested.bit_length() - 1)  # largest power of two <= requested
+    while g >= 2 and any(n % g for n in numels):
+        g //= 2
+    if g < 2:
+        raise UsageError(f"--quant-group-size {requested}: no power-of-two group size >= 2 divides the element "
+                         f"counts of all projection weights ({sorted(set(numels))})")
+    return g
+
+
+def quantize_projections(cfg: TrainConfig, model: torch.nn.Module) -> dict[str, Any]:
+    """W4A4 on the 7 projection linears (ALGORITHMS.md §5.1), in place; returns the settings used."""
+    from ..nn import quantize_model
+    from .model import PROJECTIONS
+
+    assert cfg.quant_format and cfg.weight_storage and cfg.quant_group_size
+    numels = [m.weight.numel() for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in PROJECTIONS]
+    group = effective_group_size(cfg.quant_group_size, numels)
+    try:
+        quantize_model(model, PROJECTIONS, weight_bits=4, act_bits=4, fmt=cfg.quant_format, group_size=group,
+                       storage=cfg.weight_storage)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"cannot quantise the model to 4 bits: {exc}") from exc
+    return {"weight_bits": 4, "act_bits": 4, "format": cfg.quant_format, "storage": cfg.weight_storage,
+            "group_size": group, "layers": len(numels)}
+
+
 def _check_options(cfg: TrainConfig) -> int | None:
     """Cheap checks of the optimizer options; returns the budget in bytes."""
     budget = parse_budget(cfg.budget) if cfg.budget is not None else None
@@ -193,9 +225,14 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool 
     memory = PeakMemory(device)
     memory.start()
     model = build_model(spec, corpus.vocab_size, seed=cfg.seed, dtype=DTYPES[cfg.dtype], device=device)
+    quant = quantize_projections(cfg, model) if cfg.weight_bits == 4 else None
     extra = _optimizer_kwargs(cfg, model, budget)
     opt = build_optimizer(cfg.optimizer, model, spec, lr=cfg.lr, total_steps=cfg.steps, extra=extra,
                           galore_rank=cfg.galore_rank, galore_gap=cfg.galore_gap, galore_scale=cfg.galore_scale)
+    if quant is not None and cfg.weight_storage == "packed":
+        from ..nn import attach_packed_requant
+
+        attach_packed_requant(opt, model)  # unpack before each step, re-quantise (stochastic rounding) after
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
     start = 0
     ckpt_path = out / "checkpoint.pt"
@@ -229,6 +266,9 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool 
         f"held-out {corpus.split}; device {device}, {cfg.dtype}" + (f"; resuming at step {start}" if start else ""))
     if extra:
         log(f"[{cfg.optimizer}] optimizer keywords: {extra}")
+    if quant is not None:
+        log(f"[{cfg.optimizer}] 4-bit: W4A4 {quant['format']} on {quant['layers']} projection layers, group "
+            f"{quant['group_size']}, {quant['storage']} weight storage")
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     train_time, trained_steps, eval_loss, diverged = 0.0, 0, float("nan"), False
@@ -300,6 +340,7 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool 
         "tokens_trained": step * tokens_per_step, "wall_seconds": time.perf_counter() - wall0,
         "optimizer_kwargs": extra, "device": str(device), "dtype": cfg.dtype, "corpus": corpus.source,
         "heldout_split": corpus.split, "torch_threads": torch.get_num_threads(),
+        "quantization": quant,
     }
     if finished:
         write_json(out / "summary.json", summary)

@@ -174,11 +174,12 @@ def parse_budget(text: str) -> int:
     return value
 
 
-def planned_kwargs(model: torch.nn.Module, budget: int) -> dict[str, Any]:
-    """Optimizer keywords from ``spam_lowmem.plan(model, budget=...)``.
-
-    Accepts a mapping, or an object with ``optimizer_kwargs`` / ``to_kwargs()`` / ``kwargs``.
-    """
+def planned_kwargs(model: torch.nn.Module, budget: int, optimizer: str = "spam") -> dict[str, Any]:
+    """Optimizer keywords from ``spam_lowmem.plan(model, budget=...)``: the returned
+    :class:`spam_lowmem.Plan`'s ``optimizer_kwargs`` (``state_bits``, ``min_8bit_size`` and, for
+    sparse presets, ``density``), the form ``extra=`` of :func:`build_optimizer` takes. A plain
+    mapping (a stand-in planner) is taken as is. ``optimizer`` other than "spam" is passed on
+    (Stable-SPAM has no sparse presets)."""
     import spam_lowmem
 
     plan = getattr(spam_lowmem, "plan", None)
@@ -186,13 +187,11 @@ def planned_kwargs(model: torch.nn.Module, budget: int) -> dict[str, Any]:
         raise UsageError("--budget needs the memory planner spam_lowmem.plan(), which is not available "
                          "in this build of spam_lowmem; use --state-bits / --density instead")
     try:
-        result = plan(model, budget=budget)
+        result = plan(model, budget=budget) if optimizer == "spam" else plan(model, budget=budget, optimizer=optimizer)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"spam_lowmem.plan(model, budget={budget}) failed: {exc}") from exc
-    for attr in ("optimizer_kwargs", "to_kwargs", "kwargs"):
-        if not isinstance(result, Mapping) and hasattr(result, attr):
-            value = getattr(result, attr)
-            result = value() if callable(value) else value
+    if isinstance(result, spam_lowmem.Plan):
+        return dict(result.optimizer_kwargs)
     if not isinstance(result, Mapping):
         raise UsageError(f"spam_lowmem.plan() returned {type(result).__name__}, which the trainer "
                          "cannot turn into optimizer keywords")
