@@ -6,12 +6,16 @@
 // and the library is built with --fmad=false, so CPU and GPU agree bit for bit: there is no
 // reduction in SPAM. Telemetry counts are added to the device counters with one atomic per
 // block and counter.
+//
+// Tensors with dense moments and tensors with 8-bit blockwise moments (step8.cuh) may be
+// mixed in one call; each (dtype, moment kind) group gets its own multi-tensor launches.
 #include "../cpp/spam/cpu_chunks.h"  // dispatch_dtype: the one place a DType becomes a type
 #include "../cpp/spam/cuda_api.h"
 #include "../cpp/spam/half.h"
 #include "../cpp/spam/math.h"
 #include "common.cuh"
 #include "multi_tensor.cuh"
+#include "step8.cuh"
 
 namespace spam::cuda {
 namespace {
@@ -20,6 +24,7 @@ struct SpamExtra {
   float update_scale;  // lr * s * sqrt(1 - beta2^t) / (1 - beta1^t), per tensor
 };
 using SpamArgs = MultiTensorArgs<4, SpamExtra>;  // ptr: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq
+using SpamArgs8 = MultiTensorArgs<kQ8Depth, SpamExtra>;  // ptr: see Q8Ptr (step8.cuh)
 
 // Call-wide kernel arguments, next to the multi-tensor table.
 struct SpamShared {
@@ -27,6 +32,8 @@ struct SpamShared {
   int64_t* counters;
 };
 static_assert(sizeof(SpamShared) <= kSharedBudget, "kernel arguments exceed 4 KB");
+static_assert(sizeof(SpamArgs8) + sizeof(SpamShared) + sizeof(MapValues) + 2 * sizeof(void*) <=
+                  4096, "kernel arguments exceed 4 KB");
 
 // Each thread loads kIlp elements of every array before computing, so 4 x kIlp independent
 // loads are in flight per thread; consecutive threads touch consecutive elements (coalesced).
@@ -70,6 +77,48 @@ __global__ void __launch_bounds__(kBlockThreads)
   block_add_counts(shared.counters, clipped, nonfinite);
 }
 
+// 8-bit moments: one warp per 256-element quantisation block (step8.cuh). The bucket tables
+// are separate __restrict__ parameters so their lookups use the read-only cache.
+template <typename T>
+__global__ void __launch_bounds__(kBlockThreads, kQ8MinBlocks)
+    spam_update8_kernel(const __grid_constant__ SpamArgs8 args, const SpamShared shared,
+                        const MapValues values, const int32_t* __restrict__ m_buckets,
+                        const int32_t* __restrict__ v_buckets) {
+  __shared__ float map_values[2][kQuantCodes];
+  stage_map_values(values, map_values);
+  const ChunkRange r = chunk_range(args);
+  const float scale = args.extra[r.slot].update_scale;
+  const SpamHyper h = shared.hyper;
+  const QuantMap m_map{map_values[0], nullptr, m_buckets};
+  const QuantMap v_map{map_values[1], nullptr, v_buckets};
+  int clipped = 0, nonfinite = 0;
+  quant8_chunk<T>(args, r, m_map, v_map,
+                  [&](float& p, float g, float& m, float& v) {
+                    return spam_element(p, g, m, v, h, scale);
+                  },
+                  clipped, nonfinite);
+  block_add_counts(shared.counters, clipped, nonfinite);
+}
+
+template <typename T>
+void launch_spam_group8(const std::vector<SpamTensor>& tensors, const std::vector<int>& order,
+                        const SpamShared& shared, const QuantMaps& maps, cudaStream_t stream) {
+  const MapValues values{maps.m.values, maps.v.values};
+  multi_tensor_apply<SpamArgs8>(
+      order, [&](int i) { return tensors[i].param.numel; },
+      [&](SpamArgs8& a, int slot, int i) {
+        const SpamTensor& t = tensors[i];
+        fill_q8_ptrs(a, slot, t.param, t.grad, t.q8);
+        a.extra[slot] = SpamExtra{t.update_scale};
+      },
+      [&](const SpamArgs8& a, int blocks) {
+        spam_update8_kernel<T><<<blocks, kBlockThreads, 0, stream>>>(a, shared, values,
+                                                                     maps.m.buckets,
+                                                                     maps.v.buckets);
+        check_launch();
+      });
+}
+
 template <typename T>
 void launch_spam_group(const std::vector<SpamTensor>& tensors, const std::vector<int>& order,
                        const SpamShared& shared, cudaStream_t stream) {
@@ -95,21 +144,21 @@ void launch_spam_group(const std::vector<SpamTensor>& tensors, const std::vector
 namespace spam {
 
 void cuda_spam_step(const std::vector<SpamTensor>& tensors, const SpamHyper& hyper,
-                    int64_t* counters, const CudaContext& ctx) {
+                    const QuantMaps& maps, int64_t* counters, const CudaContext& ctx) {
   if (tensors.empty()) return;
   SPAM_CHECK(counters != nullptr, "counters must be a device buffer");
+  for (const SpamTensor& t : tensors)
+    if (t.q8.active()) cuda::check_maps(maps);
   cuda::DeviceGuard guard(ctx.device);
   const cudaStream_t stream = cuda::to_stream(ctx.stream);
   const cuda::SpamShared shared{hyper, counters};
-  const auto groups = cuda::group_by_dtype(static_cast<int>(tensors.size()),
-                                           [&](int i) { return tensors[i].param.dtype; });
-  for (int d = 0; d < static_cast<int>(groups.size()); ++d) {
-    if (groups[d].empty()) continue;
-    dispatch_dtype(static_cast<DType>(d), [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      cuda::launch_spam_group<T>(tensors, groups[d], shared, stream);
-    });
-  }
+  cuda::for_each_kind(tensors, [&](auto tag, bool q8, const std::vector<int>& order) {
+    using T = typename decltype(tag)::type;
+    if (q8)
+      cuda::launch_spam_group8<T>(tensors, order, shared, maps, stream);
+    else
+      cuda::launch_spam_group<T>(tensors, order, shared, stream);
+  });
 }
 
 }  // namespace spam

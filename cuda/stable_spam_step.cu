@@ -7,9 +7,10 @@
 //   3 reduce    (per chunk)   sum of squares of the *clipped* g -> partial[chunk]; blocks of
 //                             tensors that do not clip return at once
 //   4 adagn     (per tensor)  ||g|| = sqrt(clipped or unclipped sum), mu/nu EMAs, target c
-//   5 update    (per chunk)   fused clip / normalise / Adam / decay (stable_spam_element)
+//   5 update    (per chunk)   fused clip / normalise / Adam / decay (stable_spam_element),
+//                             dense or 8-bit moments (adam_update.cu, shared with AdamW)
 //
-// This mirrors cpp/spam/cpu_stable_spam.cpp step by step, with the same math.h functions.
+// This mirrors cpp/spam/isa/stable_spam_step.cpp step by step, with the same math.h functions.
 // Non-finite gradient entries: under "skip" they are left out of every reduction; under
 // "propagate" they enter as written, and a NaN anywhere makes max|g| NaN (torch's amax, as in
 // spam_lowmem/reference). Squares are summed in double, so the result differs from the CPU
@@ -28,23 +29,20 @@
 #include "../cpp/spam/half.h"
 #include "../cpp/spam/math.h"
 #include "common.cuh"
+#include "adam_update.cuh"
 #include "multi_tensor.cuh"
+#include "step8.cuh"  // check_maps
 
 namespace spam::cuda {
 namespace {
 
-struct alignas(16) TensorState {
-  StableTensorScalars scalars;  // written by phase 2 (clip) and phase 4 (norm)
-  double sum_sq;                // unclipped sum of squares, from phase 2
-  int32_t clips;                // stable_clips(): phase 3 needs the clipped sum
-  int32_t pad;
-};
+// TensorState (per tensor, in scratch) is declared in adam_update.cuh: phase 5 reads it.
 struct alignas(16) ChunkPartial {
   double sum_sq;
   float max_abs;
   float pad;
 };
-static_assert(sizeof(TensorState) == 32 && sizeof(ChunkPartial) == 16, "scratch layout");
+static_assert(sizeof(ChunkPartial) == 16, "scratch layout");
 
 int64_t chunks_of(int64_t numel) { return numel > 0 ? (numel + kChunk - 1) / kChunk : 0; }
 
@@ -117,6 +115,7 @@ struct StatArgs {
   int32_t first_tensor;
 };
 static_assert(sizeof(StatArgs) + sizeof(ScratchPtrs) <= 4096, "kernel arguments exceed 4 KB");
+static_assert(sizeof(ScratchPtrs) <= kSharedBudget, "kernel arguments exceed 4 KB");
 
 // Combines one tensor's chunk partials: each thread folds a strided subset in order, then a
 // fixed block tree; deterministic for a given tensor size.
@@ -166,61 +165,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   st.scalars = s;
 }
 
-// ------------------------------------------------------------------- phase 5: update
-struct UpdateExtra {
-  StableAdamTensor adam;  // step_size, sqrt_bc2
-  int32_t tensor;         // TensorState index
-};
-using UpdateArgs = MultiTensorArgs<4, UpdateExtra>;  // ptr: 0 param, 1 grad, 2 m, 3 v
-
-struct UpdateShared {
-  StableAdamHyper hyper;
-  const TensorState* state;
-  int64_t* counters;
-};
-static_assert(sizeof(UpdateShared) <= kSharedBudget && sizeof(ScratchPtrs) <= kSharedBudget,
-              "kernel arguments exceed 4 KB");
-
-template <typename T>
-__global__ void __launch_bounds__(kBlockThreads)
-    stable_update_kernel(const __grid_constant__ UpdateArgs args, const UpdateShared shared) {
-  const ChunkRange r = chunk_range(args);
-  const UpdateExtra e = args.extra[r.slot];
-  const StableTensorScalars s = shared.state[e.tensor].scalars;
-  const StableAdamHyper h = shared.hyper;
-  T* __restrict__ p = static_cast<T*>(args.ptr[0][r.slot]);
-  const T* __restrict__ g = static_cast<const T*>(args.ptr[1][r.slot]);
-  T* __restrict__ m = static_cast<T*>(args.ptr[2][r.slot]);
-  T* __restrict__ v = static_cast<T*>(args.ptr[3][r.slot]);
-
-  int clipped = 0, nonfinite = 0;
-  for (int64_t base = r.begin; base < r.end; base += int64_t{kBlockThreads} * kIlp) {
-    float pr[kIlp] = {}, gr[kIlp] = {}, mr[kIlp] = {}, vr[kIlp] = {};
-#pragma unroll
-    for (int j = 0; j < kIlp; ++j) {
-      const int64_t i = base + j * kBlockThreads + threadIdx.x;
-      if (i < r.end) {
-        pr[j] = Storage<T>::load(p, i);
-        gr[j] = Storage<T>::load(g, i);
-        mr[j] = Storage<T>::load(m, i);
-        vr[j] = Storage<T>::load(v, i);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kIlp; ++j) {
-      const int64_t i = base + j * kBlockThreads + threadIdx.x;
-      if (i < r.end) {
-        const ElementFlags f = stable_spam_element(pr[j], gr[j], mr[j], vr[j], h, e.adam, s);
-        Storage<T>::store(p, i, pr[j]);
-        Storage<T>::store(m, i, mr[j]);
-        Storage<T>::store(v, i, vr[j]);
-        clipped += f.clipped;
-        nonfinite += f.nonfinite;
-      }
-    }
-  }
-  block_add_counts(shared.counters, clipped, nonfinite);
-}
+// Phase 5, the fused update (dense or 8-bit moments), lives in adam_update.cu, shared with
+// AdamW.
 
 // ------------------------------------------------------------------------- launchers
 struct Plan {
@@ -249,25 +195,6 @@ void launch_reduce(const std::vector<StableSpamTensor>& tensors, const std::vect
       },
       [&](const ReduceArgs& a, int blocks) {
         grad_reduce_kernel<T, kClipped><<<blocks, kBlockThreads, 0, stream>>>(a, scratch);
-        check_launch();
-      });
-}
-
-template <typename T>
-void launch_update(const std::vector<StableSpamTensor>& tensors, const std::vector<int>& order,
-                   const UpdateShared& shared, cudaStream_t stream) {
-  multi_tensor_apply<UpdateArgs>(
-      order, [&](int i) { return tensors[i].param.numel; },
-      [&](UpdateArgs& a, int slot, int i) {
-        const StableSpamTensor& t = tensors[i];
-        a.ptr[0][slot] = t.param.data;
-        a.ptr[1][slot] = t.grad.data;
-        a.ptr[2][slot] = t.exp_avg.data;
-        a.ptr[3][slot] = t.exp_avg_sq.data;
-        a.extra[slot] = UpdateExtra{t.adam, static_cast<int32_t>(i)};
-      },
-      [&](const UpdateArgs& a, int blocks) {
-        stable_update_kernel<T><<<blocks, kBlockThreads, 0, stream>>>(a, shared);
         check_launch();
       });
 }
@@ -314,8 +241,8 @@ int64_t cuda_stable_spam_scratch_bytes(const std::vector<int64_t>& numels) {
 }
 
 void cuda_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
-                           const StableAdamHyper& hyper, int64_t* counters, void* scratch,
-                           int64_t scratch_bytes, const CudaContext& ctx) {
+                           const StableAdamHyper& hyper, const QuantMaps& maps, int64_t* counters,
+                           void* scratch, int64_t scratch_bytes, const CudaContext& ctx) {
   using namespace spam::cuda;
   if (tensors.empty()) return;
   const int n = static_cast<int>(tensors.size());
@@ -326,7 +253,17 @@ void cuda_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
              "scratch buffer is smaller than stable_spam_scratch_bytes(numels)");
   SPAM_CHECK(reinterpret_cast<uintptr_t>(scratch) % 16 == 0, "scratch must be 16-byte aligned");
   SPAM_CHECK(counters != nullptr, "counters must be a device buffer");
+  // Checked before anything is enqueued: a failure after phase 2 would leave grad_stats
+  // advanced with the parameters not stepped.
+  for (const StableSpamTensor& t : tensors)
+    if (t.q8.active()) check_maps(maps);
   const Plan plan = make_plan(numels);
+  std::vector<AdamUpdateTensor> items;  // phase 5's view of the tensors
+  items.reserve(tensors.size());
+  for (int i = 0; i < n; ++i) {
+    const StableSpamTensor& t = tensors[i];
+    items.push_back({t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.adam, t.q8, i});
+  }
 
   DeviceGuard guard(ctx.device);
   const cudaStream_t stream = to_stream(ctx.stream);
@@ -343,10 +280,7 @@ void cuda_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
     launch_reduce<typename decltype(tag)::type, true>(tensors, order, plan, ptrs, stream);
   });
   launch_per_tensor(adagn_kernel, tensors, plan, ptrs, stream);  // phase 4
-  const UpdateShared shared{hyper, state, counters};
-  for_each_dtype(groups, [&](auto tag, const std::vector<int>& order) {  // phase 5
-    launch_update<typename decltype(tag)::type>(tensors, order, shared, stream);
-  });
+  launch_adam_update(items, hyper, state, maps, counters, stream);  // phase 5
 }
 
 }  // namespace spam

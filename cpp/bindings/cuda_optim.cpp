@@ -1,12 +1,16 @@
-// cuda_optim.cpp — the optimizer steps of the CUDA module _C_cuda. Same Python
-// signatures as _C (cpu_optim.cpp) plus `stream` (and `scratch` for Stable-SPAM).
+// cuda_optim.cpp — the optimizer steps and 8-bit quantisers of the CUDA module _C_cuda. Same
+// Python signatures as _C (cpu_optim.cpp) plus `stream` (and `scratch` for Stable-SPAM).
 // Compiled by the host compiler: it includes cuda_api.h only, never a CUDA header, so the
 // module imports (and stable_spam_scratch_bytes works) on a machine without a GPU.
 //
-// Checks argument devices, dtypes, sizes and contiguity (convert.h), that every tensor lives
-// on the same CUDA device, assembles the hyper-parameter structs from named keywords, and
-// enqueues the step with the GIL released. Nothing here waits for the GPU.
+// Checks argument devices, dtypes, sizes and contiguity (convert.h), that every tensor — the
+// code maps included — lives on the same CUDA device, assembles the hyper-parameter structs
+// from named keywords, and enqueues the work with the GIL released. Nothing here waits for
+// the GPU. As on the CPU, each tensor's moments are dense or 8-bit (uint8 codes in
+// exp_avgs/exp_avg_sqs plus absmax_m/absmax_v), mixed freely within a call.
 #include <nanobind/stl/vector.h>
+
+#include <string>
 
 #include "../spam/cuda_api.h"
 #include "convert.h"
@@ -19,46 +23,67 @@ namespace {
 
 constexpr int kCuda = nb::device::cuda::value;
 
-int64_t* counters_buffer(const nb::ndarray<>& counters, SameDevice& dev) {
-  int64_t* cnt = spam::bind::typed_buffer<int64_t>(counters, kCuda, spam::Counters::kCount,
-                                                   "counters");
-  dev.check(counters, "counters");
-  return cnt;
+// A code map on the device of the call (a kernel cannot read another GPU's table).
+spam::QuantMap device_map(const ArrayList& parts, const char* name, SameDevice& dev) {
+  const spam::QuantMap q = convert_map(parts, kCuda, name);
+  for (size_t k = 0; k < parts.size(); ++k) dev.check(parts[k], describe(name, k));
+  return q;
 }
 
+struct Common {
+  StepBuffers b;
+  spam::QuantMaps maps{};
+  int64_t* counters;
+};
 
-// 8-bit moments are not ported to the CUDA kernels yet: say so instead of misreading codes.
-void require_dense(const StepBuffers& b) {
-  if (b.any_q8)
-    throw nb::type_error("spam_lowmem: 8-bit optimizer state is not implemented in the CUDA "
-                         "core of this build; use state_bits=32 on CUDA");
+// Converts what every step takes. The maps are converted (and checked) only when some tensor
+// has 8-bit moments, as on the CPU: a dense-only call never reads them.
+Common convert_common(const ArrayList& params, const ArrayList& grads, const ArrayList& exp_avgs,
+                      const ArrayList& exp_avg_sqs, const ArrayList& absmax_m,
+                      const ArrayList& absmax_v, const nb::ndarray<>& counters,
+                      const ArrayList& m_map, const ArrayList& v_map, SameDevice& dev) {
+  Common c{convert_step_buffers(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v, kCuda,
+                                dev),
+           {}, typed_buffer<int64_t>(counters, kCuda, spam::Counters::kCount, "counters")};
+  dev.check(counters, "counters");
+  if (c.b.any_q8) c.maps = spam::QuantMaps{device_map(m_map, "m_map", dev),
+                                           device_map(v_map, "v_map", dev)};
+  return c;
+}
+
+spam::StableAdamHyper adam_hyper(double beta1, double one_minus_beta1, double beta2,
+                                 double one_minus_beta2, double eps, double weight_keep, int reset,
+                                 bool skip_nonfinite) {
+  return spam::StableAdamHyper{static_cast<float>(beta1), static_cast<float>(one_minus_beta1),
+                               static_cast<float>(beta2), static_cast<float>(one_minus_beta2),
+                               static_cast<float>(eps),   static_cast<float>(weight_keep),
+                               to_reset(reset),           spam::NonFinite{skip_nonfinite}};
 }
 
 void spam_step(const ArrayList& params, const ArrayList& grads, const ArrayList& exp_avgs,
                const ArrayList& exp_avg_sqs, const ArrayList& absmax_m, const ArrayList& absmax_v,
                const std::vector<double>& update_scales, const nb::ndarray<>& counters,
-               const ArrayList& /*m_map*/, const ArrayList& /*v_map*/, double beta1, double one_minus_beta1, double beta2,
-               double one_minus_beta2, double eps, double clip_threshold,
-               double weight_decay_scale, int reset, bool skip_nonfinite, uintptr_t stream) {
-  using namespace spam::bind;
+               const ArrayList& m_map, const ArrayList& v_map, double beta1,
+               double one_minus_beta1, double beta2, double one_minus_beta2, double eps,
+               double clip_threshold, double weight_decay_scale, int reset, bool skip_nonfinite,
+               uintptr_t stream) {
   SameDevice dev;
-  const StepBuffers q = convert_step_buffers(params, grads, exp_avgs, exp_avg_sqs, absmax_m,
-                                             absmax_v, kCuda, dev);
-  require_dense(q);
+  const Common c = convert_common(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v,
+                                  counters, m_map, v_map, dev);
   check_lengths(params.size(), update_scales.size(), "update_scales");
-  int64_t* cnt = counters_buffer(counters, dev);
   spam::SpamHyper h{static_cast<float>(beta1),        static_cast<float>(one_minus_beta1),
                     static_cast<float>(beta2),        static_cast<float>(one_minus_beta2),
                     static_cast<float>(eps),          static_cast<float>(clip_threshold),
-                    static_cast<float>(weight_decay_scale), spam::bind::to_reset(reset),
+                    static_cast<float>(weight_decay_scale), to_reset(reset),
                     spam::NonFinite{skip_nonfinite}};
   std::vector<spam::SpamTensor> tensors;
-  tensors.reserve(q.p.size());
-  for (size_t i = 0; i < q.p.size(); ++i)
-    tensors.push_back({q.p[i], q.g[i], q.m[i], q.v[i], static_cast<float>(update_scales[i])});
+  tensors.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i)
+    tensors.push_back({c.b.p[i], c.b.g[i], c.b.m[i], c.b.v[i],
+                       static_cast<float>(update_scales[i]), c.b.q8[i]});
   const spam::CudaContext ctx{dev.device(), stream};
   nb::gil_scoped_release release;
-  spam::cuda_spam_step(tensors, h, cnt, ctx);
+  spam::cuda_spam_step(tensors, h, c.maps, c.counters, ctx);
 }
 
 void stable_spam_step(const ArrayList& params, const ArrayList& grads, const ArrayList& exp_avgs,
@@ -66,37 +91,32 @@ void stable_spam_step(const ArrayList& params, const ArrayList& grads, const Arr
                       const ArrayList& absmax_v, const ArrayList& grad_stats,
                       const std::vector<double>& stat_bias_corrections,
                       const std::vector<double>& step_sizes, const std::vector<double>& sqrt_bc2s,
-                      const nb::ndarray<>& counters, const ArrayList& /*m_map*/,
-                      const ArrayList& /*v_map*/, double gamma1, double one_minus_gamma1,
-                      double gamma2, double one_minus_gamma2, double gamma3,
-                      double one_minus_gamma3, double beta1, double one_minus_beta1, double beta2,
-                      double one_minus_beta2, double eps, double weight_keep, int reset,
-                      bool skip_nonfinite, const nb::ndarray<>& scratch, uintptr_t stream) {
-  using namespace spam::bind;
+                      const nb::ndarray<>& counters, const ArrayList& m_map, const ArrayList& v_map,
+                      double gamma1, double one_minus_gamma1, double gamma2,
+                      double one_minus_gamma2, double gamma3, double one_minus_gamma3,
+                      double beta1, double one_minus_beta1, double beta2, double one_minus_beta2,
+                      double eps, double weight_keep, int reset, bool skip_nonfinite,
+                      const nb::ndarray<>& scratch, uintptr_t stream) {
   SameDevice dev;
-  const StepBuffers q = convert_step_buffers(params, grads, exp_avgs, exp_avg_sqs, absmax_m,
-                                             absmax_v, kCuda, dev);
-  require_dense(q);
+  const Common c = convert_common(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v,
+                                  counters, m_map, v_map, dev);
   const size_t n = params.size();
   check_lengths(n, grad_stats.size(), "grad_stats");
   check_lengths(3 * n, stat_bias_corrections.size(), "stat_bias_corrections (3 per tensor)");
   check_lengths(n, step_sizes.size(), "step_sizes");
   check_lengths(n, sqrt_bc2s.size(), "sqrt_bc2s");
-  int64_t* cnt = counters_buffer(counters, dev);
 
   std::vector<int64_t> numels;
   numels.reserve(n);
-  for (const auto& p : q.p) numels.push_back(p.numel);
+  for (const auto& p : c.b.p) numels.push_back(p.numel);
   const int64_t need = spam::cuda_stable_spam_scratch_bytes(numels);
   uint8_t* scratch_ptr = typed_buffer<uint8_t>(scratch, kCuda, need, "scratch");
   dev.check(scratch, "scratch");
   if (reinterpret_cast<uintptr_t>(scratch_ptr) % 16 != 0)
     throw nb::value_error("scratch: buffer must be 16-byte aligned (allocate it fresh)");
 
-  spam::StableAdamHyper h{static_cast<float>(beta1), static_cast<float>(one_minus_beta1),
-                          static_cast<float>(beta2), static_cast<float>(one_minus_beta2),
-                          static_cast<float>(eps),   static_cast<float>(weight_keep),
-                          spam::bind::to_reset(reset),           spam::NonFinite{skip_nonfinite}};
+  const spam::StableAdamHyper h = adam_hyper(beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                                             weight_keep, reset, skip_nonfinite);
   std::vector<spam::StableSpamTensor> tensors;
   tensors.reserve(n);
   for (size_t i = 0; i < n; ++i) {
@@ -111,12 +131,69 @@ void stable_spam_step(const ArrayList& params, const ArrayList& grads, const Arr
                              static_cast<float>(stat_bias_corrections[3 * i + 2]),
                              static_cast<float>(eps)};
     spam::StableAdamTensor at{static_cast<float>(step_sizes[i]), static_cast<float>(sqrt_bc2s[i])};
-    tensors.push_back({q.p[i], q.g[i], q.m[i], q.v[i], stats, sh, at});
+    tensors.push_back({c.b.p[i], c.b.g[i], c.b.m[i], c.b.v[i], stats, sh, at, c.b.q8[i]});
   }
   const spam::CudaContext ctx{dev.device(), stream};
   const int64_t scratch_bytes = static_cast<int64_t>(scratch.size());
   nb::gil_scoped_release release;
-  spam::cuda_stable_spam_step(tensors, h, cnt, scratch_ptr, scratch_bytes, ctx);
+  spam::cuda_stable_spam_step(tensors, h, c.maps, c.counters, scratch_ptr, scratch_bytes, ctx);
+}
+
+void adamw_step(const ArrayList& params, const ArrayList& grads, const ArrayList& exp_avgs,
+                const ArrayList& exp_avg_sqs, const ArrayList& absmax_m, const ArrayList& absmax_v,
+                const std::vector<double>& step_sizes, const std::vector<double>& sqrt_bc2s,
+                const nb::ndarray<>& counters, const ArrayList& m_map, const ArrayList& v_map,
+                double beta1, double one_minus_beta1, double beta2, double one_minus_beta2,
+                double eps, double weight_keep, bool skip_nonfinite, uintptr_t stream) {
+  SameDevice dev;
+  const Common c = convert_common(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v,
+                                  counters, m_map, v_map, dev);
+  check_lengths(params.size(), step_sizes.size(), "step_sizes");
+  check_lengths(params.size(), sqrt_bc2s.size(), "sqrt_bc2s");
+  const spam::StableAdamHyper h = adam_hyper(beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                                             weight_keep, 0, skip_nonfinite);
+  std::vector<spam::AdamTensor> tensors;
+  tensors.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i)
+    tensors.push_back({c.b.p[i], c.b.g[i], c.b.m[i], c.b.v[i],
+                       spam::StableAdamTensor{static_cast<float>(step_sizes[i]),
+                                              static_cast<float>(sqrt_bc2s[i])},
+                       c.b.q8[i]});
+  const spam::CudaContext ctx{dev.device(), stream};
+  nb::gil_scoped_release release;
+  spam::cuda_adamw_step(tensors, h, c.maps, c.counters, ctx);
+}
+
+void quantize_blockwise(const nb::ndarray<>& x, const nb::ndarray<>& codes,
+                        const nb::ndarray<>& absmax, const ArrayList& map, uintptr_t stream) {
+  SameDevice dev;
+  const spam::TensorRef ref = float_ref(x, kCuda, "x");
+  dev.check(x, "x");
+  const int64_t blocks = (ref.numel + spam::kQuantBlock - 1) / spam::kQuantBlock;
+  uint8_t* c = typed_buffer<uint8_t>(codes, kCuda, ref.numel, "codes");
+  dev.check(codes, "codes");
+  float* a = typed_buffer<float>(absmax, kCuda, blocks, "absmax");
+  dev.check(absmax, "absmax");
+  const spam::QuantMap q = device_map(map, "map", dev);
+  const spam::CudaContext ctx{dev.device(), stream};
+  nb::gil_scoped_release release;
+  spam::cuda_quantize_blockwise(ref, c, a, q, ctx);
+}
+
+void dequantize_blockwise(const nb::ndarray<>& codes, const nb::ndarray<>& absmax,
+                          const nb::ndarray<>& out, const ArrayList& map, uintptr_t stream) {
+  SameDevice dev;
+  const spam::TensorRef ref = float_ref(out, kCuda, "out");
+  dev.check(out, "out");
+  const int64_t blocks = (ref.numel + spam::kQuantBlock - 1) / spam::kQuantBlock;
+  const uint8_t* c = typed_buffer<uint8_t>(codes, kCuda, ref.numel, "codes");
+  dev.check(codes, "codes");
+  const float* a = typed_buffer<float>(absmax, kCuda, blocks, "absmax");
+  dev.check(absmax, "absmax");
+  const spam::QuantMap q = device_map(map, "map", dev);
+  const spam::CudaContext ctx{dev.device(), stream};
+  nb::gil_scoped_release release;
+  spam::cuda_dequantize_blockwise(c, a, ref, q, ctx);
 }
 
 int64_t stable_spam_scratch_bytes(const std::vector<int64_t>& numels) {
@@ -146,6 +223,18 @@ void bind_cuda_optim(nb::module_& m) {
         "Stable-SPAM step (ALGORITHMS.md §4.4) over all tensors of one group, in place, "
         "enqueued on `stream`. `scratch` is a uint8 CUDA buffer of at least "
         "stable_spam_scratch_bytes(numels) bytes, free for the step's duration (stream order).");
+  m.def("adamw_step", &adamw_step, "params"_a, "grads"_a, "exp_avgs"_a, "exp_avg_sqs"_a,
+        "absmax_m"_a, "absmax_v"_a, "step_sizes"_a, "sqrt_bc2s"_a, "counters"_a, "m_map"_a,
+        "v_map"_a, nb::kw_only(), "beta1"_a, "one_minus_beta1"_a, "beta2"_a,
+        "one_minus_beta2"_a, "eps"_a, "weight_keep"_a, "skip_nonfinite"_a, "stream"_a,
+        "AdamW step with torch.optim.AdamW's conventions, in place, enqueued on `stream`.");
+  m.def("quantize_blockwise", &quantize_blockwise, "x"_a, "codes"_a, "absmax"_a, "map"_a,
+        nb::kw_only(), "stream"_a,
+        "Blockwise (256) 8-bit quantisation of x into codes and absmax (quant8.h), enqueued "
+        "on `stream`.");
+  m.def("dequantize_blockwise", &dequantize_blockwise, "codes"_a, "absmax"_a, "out"_a, "map"_a,
+        nb::kw_only(), "stream"_a, "Inverse of quantize_blockwise, written into out, enqueued "
+        "on `stream`.");
   m.def("stable_spam_scratch_bytes", &stable_spam_scratch_bytes, "numels"_a,
         "Bytes of device scratch stable_spam_step needs for tensors of these sizes.");
 }

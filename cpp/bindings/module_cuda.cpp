@@ -6,8 +6,10 @@
 namespace nb = nanobind;
 
 void bind_cuda_optim(nb::module_& m);
+void bind_cuda_quant4(nb::module_& m);
 
 NB_MODULE(_C_cuda, m) {
   m.doc() = "spam_lowmem CUDA core (private; use spam_lowmem.functional / spam_lowmem.optim)";
   bind_cuda_optim(m);
+  bind_cuda_quant4(m);
 }

@@ -16,8 +16,9 @@
 #include <vector>
 
 #include "common.h"
-#include "cpu_ops.h"  // SpamTensor, StableSpamTensor, Counters: plain structs of both backends
+#include "cpu_ops.h"  // SpamTensor, StableSpamTensor, AdamTensor, QuantMaps, Counters
 #include "math.h"
+#include "quant8.h"
 
 namespace spam {
 
@@ -26,10 +27,15 @@ struct CudaContext {
   uintptr_t stream = 0;  // cudaStream_t as an integer; 0 is the legacy default stream
 };
 
+// Moments: every tensor has dense moments (exp_avg/exp_avg_sq) or 8-bit blockwise moments
+// (q8 active: device codes and absmax, quant8.h); both kinds may be mixed in one call. `maps`
+// holds device pointers to the m (signed) and v (unsigned) code maps and is read only when
+// some tensor has 8-bit moments. Results equal the CPU core's (same math.h / quant8.h code).
+
 // One SPAM step (ALGORITHMS.md §2.4) over all tensors; same semantics as cpu_spam_step.
 // `counters` is an int64 device buffer [clipped, nonfinite] that the kernels add into.
 void cuda_spam_step(const std::vector<SpamTensor>& tensors, const SpamHyper& hyper,
-                    int64_t* counters, const CudaContext& ctx);
+                    const QuantMaps& maps, int64_t* counters, const CudaContext& ctx);
 
 // Bytes of device scratch that cuda_stable_spam_step needs for tensors of these sizes
 // (per-tensor scalars plus one partial per 64Ki-element chunk). Pure host arithmetic.
@@ -40,7 +46,21 @@ int64_t cuda_stable_spam_scratch_bytes(const std::vector<int64_t>& numels);
 // buffer of at least cuda_stable_spam_scratch_bytes(numels) bytes, 16-byte aligned, that
 // must not be used by anything else until the step's kernels have run (stream order).
 void cuda_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
-                           const StableAdamHyper& hyper, int64_t* counters, void* scratch,
-                           int64_t scratch_bytes, const CudaContext& ctx);
+                           const StableAdamHyper& hyper, const QuantMaps& maps, int64_t* counters,
+                           void* scratch, int64_t scratch_bytes, const CudaContext& ctx);
+
+// Plain AdamW (torch.optim.AdamW conventions); same semantics as cpu_adamw_step: the
+// Stable-SPAM update with clipping and normalisation off, no reductions, no scratch.
+void cuda_adamw_step(const std::vector<AdamTensor>& tensors, const StableAdamHyper& hyper,
+                     const QuantMaps& maps, int64_t* counters, const CudaContext& ctx);
+
+// Blockwise 8-bit quantisation of a whole device tensor (cpu_quantize_blockwise): codes
+// [x.numel], absmax [ceil(numel / 256)]. Only map.buckets is read.
+void cuda_quantize_blockwise(const TensorRef& x, uint8_t* codes, float* absmax, const QuantMap& map,
+                             const CudaContext& ctx);
+
+// Inverse of cuda_quantize_blockwise into `out` (any float dtype). Only map.values is read.
+void cuda_dequantize_blockwise(const uint8_t* codes, const float* absmax, const TensorRef& out,
+                               const QuantMap& map, const CudaContext& ctx);
 
 }  // namespace spam
