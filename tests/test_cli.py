@@ -141,8 +141,9 @@ def test_density_flag_reaches_spam(corpus: Path, cache: Path, tmp_path: Path) ->
 
 
 def test_module_entry_point_reports_errors(tmp_path: Path) -> None:
+    # run from tmp_path: from the repository root `-m` would import the source tree, not the install
     proc = subprocess.run([sys.executable, "-m", "spam_lowmem.cli", "train", "--optimizer", "sgd", "--out",
-                           str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+                           str(tmp_path / "x")], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "invalid choice: 'sgd'" in proc.stderr
     assert not (tmp_path / "x").exists()
 

@@ -129,7 +129,10 @@ def run_compare(args: argparse.Namespace, make_config: Callable[[argparse.Namesp
           f"unigram baseline {unigram:.4f} nats/token", file=sys.stderr)
 
     rows: list[dict[str, Any]] = []
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    # PYTHONSAFEPATH: `python -m` would otherwise put the current directory first on sys.path,
+    # and from a source checkout that shadows the installed package (which has the compiled core).
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore",
+           "PYTHONSAFEPATH": "1"}
     runs = [(name, name) for name in names]  # (optimizer or spam-sparse, run name)
     if four_bit:
         runs = [(name, f"{name}-w4a4") for name in names] + [("adamw", BASELINE_16)]
