@@ -181,4 +181,25 @@ inline MomentReset to_reset(int reset) {
   return static_cast<MomentReset>(reset);
 }
 
+// Hyper-parameter structs from the named keywords every binding takes (math.h). Constants
+// arrive as Python floats (double) and are rounded to fp32 once, here.
+inline StableAdamHyper adam_hyper(double beta1, double one_minus_beta1, double beta2,
+                                  double one_minus_beta2, double eps, double weight_keep, int reset,
+                                  bool skip_nonfinite) {
+  return StableAdamHyper{static_cast<float>(beta1), static_cast<float>(one_minus_beta1),
+                         static_cast<float>(beta2), static_cast<float>(one_minus_beta2),
+                         static_cast<float>(eps),   static_cast<float>(weight_keep),
+                         to_reset(reset),           NonFinite{skip_nonfinite}};
+}
+
+inline SpamHyper spam_hyper(double beta1, double one_minus_beta1, double beta2,
+                            double one_minus_beta2, double eps, double clip_threshold,
+                            double weight_decay_scale, int reset, bool skip_nonfinite) {
+  return SpamHyper{static_cast<float>(beta1),        static_cast<float>(one_minus_beta1),
+                   static_cast<float>(beta2),        static_cast<float>(one_minus_beta2),
+                   static_cast<float>(eps),          static_cast<float>(clip_threshold),
+                   static_cast<float>(weight_decay_scale), to_reset(reset),
+                   NonFinite{skip_nonfinite}};
+}
+
 }  // namespace spam::bind

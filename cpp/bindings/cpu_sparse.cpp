@@ -105,11 +105,8 @@ void sparse_spam_step(const ArrayList& params, const ArrayList& grads, const Arr
   }
   spam::QuantMaps maps{};
   if (any_q8) maps = spam::QuantMaps{convert_map(m_map, kCpu, "m_map"), convert_map(v_map, kCpu, "v_map")};
-  const spam::SpamHyper h{static_cast<float>(beta1),        static_cast<float>(one_minus_beta1),
-                          static_cast<float>(beta2),        static_cast<float>(one_minus_beta2),
-                          static_cast<float>(eps),          static_cast<float>(clip_threshold),
-                          static_cast<float>(weight_decay_scale), to_reset(reset),
-                          spam::NonFinite{skip_nonfinite}};
+  const spam::SpamHyper h = spam_hyper(beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                                       clip_threshold, weight_decay_scale, reset, skip_nonfinite);
   nb::gil_scoped_release release;
   spam::cpu_sparse_spam_step(tensors, h, maps, ctr);
 }

@@ -51,15 +51,6 @@ Common convert_common(const ArrayList& params, const ArrayList& grads, const Arr
   return c;
 }
 
-spam::StableAdamHyper adam_hyper(double beta1, double one_minus_beta1, double beta2,
-                                 double one_minus_beta2, double eps, double weight_keep, int reset,
-                                 bool skip_nonfinite) {
-  return spam::StableAdamHyper{static_cast<float>(beta1), static_cast<float>(one_minus_beta1),
-                               static_cast<float>(beta2), static_cast<float>(one_minus_beta2),
-                               static_cast<float>(eps),   static_cast<float>(weight_keep),
-                               to_reset(reset),           spam::NonFinite{skip_nonfinite}};
-}
-
 void spam_step(const ArrayList& params, const ArrayList& grads, const ArrayList& exp_avgs,
                const ArrayList& exp_avg_sqs, const ArrayList& absmax_m, const ArrayList& absmax_v,
                const std::vector<double>& update_scales, const nb::ndarray<>& counters,
@@ -71,11 +62,8 @@ void spam_step(const ArrayList& params, const ArrayList& grads, const ArrayList&
   const Common c = convert_common(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v,
                                   counters, m_map, v_map, dev);
   check_lengths(params.size(), update_scales.size(), "update_scales");
-  spam::SpamHyper h{static_cast<float>(beta1),        static_cast<float>(one_minus_beta1),
-                    static_cast<float>(beta2),        static_cast<float>(one_minus_beta2),
-                    static_cast<float>(eps),          static_cast<float>(clip_threshold),
-                    static_cast<float>(weight_decay_scale), to_reset(reset),
-                    spam::NonFinite{skip_nonfinite}};
+  const spam::SpamHyper h = spam_hyper(beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                                         clip_threshold, weight_decay_scale, reset, skip_nonfinite);
   std::vector<spam::SpamTensor> tensors;
   tensors.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i)

@@ -253,12 +253,7 @@ class SPAM(SpikeAwareOptimizer):
         lr = group["lr"]
         beta1, beta2 = group["betas"]
         for device, batch in self._gather(group).items():
-            scales = []
-            for state in batch.states:
-                if reset and group["reset_bias_correction"]:
-                    state["step"] = 0
-                state["step"] += 1
-                scales.append(spam_update_scale(lr, beta1, beta2, state["step"], warmup))
+            scales = self._advance_steps(batch.states, group, reset, warmup)
             F.sparse_spam_step(
                 batch.params, batch.grads, **batch.moment_args(device),
                 block_starts=[st["compact_block_starts"] for st in batch.states],
@@ -272,6 +267,19 @@ class SPAM(SpikeAwareOptimizer):
             )
             batch.write_back()
 
+    @staticmethod
+    def _advance_steps(states: list[dict[str, Any]], group: dict[str, Any], reset: bool,
+                       warmup: float) -> list[float]:
+        """Count this call in every state and return the per-tensor update scales (§2.4 step 7)."""
+        beta1, beta2 = group["betas"]
+        scales = []
+        for state in states:
+            if reset and group["reset_bias_correction"]:
+                state["step"] = 0
+            state["step"] += 1
+            scales.append(spam_update_scale(group["lr"], beta1, beta2, state["step"], warmup))
+        return scales
+
     def _step_group(self, group_index: int, group: dict[str, Any]) -> None:
         n = group["calls"] + 1
         interval = group["reset_interval"]
@@ -284,12 +292,7 @@ class SPAM(SpikeAwareOptimizer):
         lr = group["lr"]
         beta1, beta2 = group["betas"]
         for device, batch in self._gather(group).items():
-            scales = []
-            for state in batch.states:
-                if reset and group["reset_bias_correction"]:
-                    state["step"] = 0
-                state["step"] += 1
-                scales.append(spam_update_scale(lr, beta1, beta2, state["step"], warmup))
+            scales = self._advance_steps(batch.states, group, reset, warmup)
             F.spam_step(
                 batch.params, batch.grads, **batch.moment_args(device),
                 update_scales=scales, counters=self._counters(group_index, device),
