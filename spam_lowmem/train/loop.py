@@ -130,7 +130,7 @@ def _warm_up(device: torch.device) -> None:
 
 def _optimizer_kwargs(cfg: TrainConfig, model: torch.nn.Module, budget: int | None) -> dict[str, Any]:
     if budget is not None:
-        return planned_kwargs(model, budget)
+        return planned_kwargs(model, budget, cfg.optimizer)
     extra: dict[str, Any] = {}
     if cfg.state_bits is not None:
         extra["state_bits"] = cfg.state_bits
