@@ -295,6 +295,7 @@ def test_spam_rejects_bad_hyperparameters(kw: dict[str, Any]) -> None:
     opt = sl.SPAM([torch.nn.Parameter(torch.zeros(2))])
     with pytest.raises(ValueError, match="Invalid"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], **kw})
+    assert len(opt.param_groups) == 1  # the rejected group was not added
 
 
 @pytest.mark.parametrize("kw", BAD_STABLE, ids=[str(k) for k in BAD_STABLE])

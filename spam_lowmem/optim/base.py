@@ -98,14 +98,19 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ construction
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
+        # Validate everything before torch appends the group, so a rejected group leaves the
+        # optimizer exactly as it was.
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in params:
+            self._check_param(p)
+        merged = {**self.defaults, **param_group, "params": params}
+        self._validate_group(merged)
+        self._validate_precision(merged)
+        super().add_param_group({**param_group, "params": params})
         group = self.param_groups[-1]
         group.setdefault("calls", 0)
         group["layout_version"] = self.LAYOUT_VERSION
-        for p in group["params"]:
-            self._check_param(p)
-        self._validate_group(group)
-        self._validate_precision(group)
 
     @staticmethod
     def _validate_precision(group: dict[str, Any]) -> None:
