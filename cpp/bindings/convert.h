@@ -101,6 +101,31 @@ class SameDevice {
   int device_ = -1;
 };
 
+// 8-bit moments of tensor i: `count` uint8 codes for m and for v (the parameter's numel, or
+// the compact count of a sparse tensor) and one float32 absmax per 256 of them.
+inline Quant8Moments convert_q8_moments(const nb::ndarray<>& m_codes, const nb::ndarray<>& v_codes,
+                                        const nb::ndarray<>& m_absmax, const nb::ndarray<>& v_absmax,
+                                        int64_t count, int device_type, SameDevice& dev, size_t i) {
+  const int64_t blocks = (count + kQuantBlock - 1) / kQuantBlock;
+  auto codes = [&](const nb::ndarray<>& a, const char* what) {
+    uint8_t* ptr = typed_buffer<uint8_t>(a, device_type, count, describe(what, i));
+    if (static_cast<int64_t>(a.size()) != count)
+      throw nb::value_error((describe(what, i) + ": need one 8-bit code per moment entry").c_str());
+    dev.check(a, describe(what, i));
+    return ptr;
+  };
+  auto absmax = [&](const nb::ndarray<>& a, const char* what) {
+    float* ptr = typed_buffer<float>(a, device_type, blocks, describe(what, i));
+    if (static_cast<int64_t>(a.size()) != blocks)
+      throw nb::value_error((describe(what, i) + ": need one float32 absmax per 256 moment "
+                             "entries").c_str());
+    dev.check(a, describe(what, i));
+    return ptr;
+  };
+  return Quant8Moments{codes(m_codes, "exp_avgs"), absmax(m_absmax, "absmax_m"),
+                       codes(v_codes, "exp_avg_sqs"), absmax(v_absmax, "absmax_v")};
+}
+
 // The buffers of an Adam-family step, converted and cross-checked. Moments are either
 // dense (exp_avg / exp_avg_sq in the parameter dtype; absmax entries unused) or 8-bit
 // (exp_avg / exp_avg_sq hold uint8 codes, absmax_m / absmax_v one float32 per 256-block).
@@ -133,25 +158,8 @@ inline StepBuffers convert_step_buffers(const ArrayList& params, const ArrayList
     check_same(b.p[i], b.g[i], describe("grads", i));
     Quant8Moments q;
     if (exp_avgs[i].dtype() == nb::dtype<uint8_t>()) {
-      const int64_t numel = b.p[i].numel, blocks = (numel + kQuantBlock - 1) / kQuantBlock;
-      auto codes = [&](const nb::ndarray<>& a, const char* what) {
-        uint8_t* ptr = typed_buffer<uint8_t>(a, device_type, numel, describe(what, i));
-        if (static_cast<int64_t>(a.size()) != numel)
-          throw nb::value_error((describe(what, i) + ": 8-bit codes must have one byte per "
-                                 "parameter element").c_str());
-        dev.check(a, describe(what, i));
-        return ptr;
-      };
-      auto absmax = [&](const nb::ndarray<>& a, const char* what) {
-        float* ptr = typed_buffer<float>(a, device_type, blocks, describe(what, i));
-        if (static_cast<int64_t>(a.size()) != blocks)
-          throw nb::value_error((describe(what, i) + ": need one float32 absmax per 256 "
-                                 "elements").c_str());
-        dev.check(a, describe(what, i));
-        return ptr;
-      };
-      q = Quant8Moments{codes(exp_avgs[i], "exp_avgs"), absmax(absmax_m[i], "absmax_m"),
-                        codes(exp_avg_sqs[i], "exp_avg_sqs"), absmax(absmax_v[i], "absmax_v")};
+      q = convert_q8_moments(exp_avgs[i], exp_avg_sqs[i], absmax_m[i], absmax_v[i], b.p[i].numel,
+                             device_type, dev, i);
       b.any_q8 = true;
       b.m.push_back(TensorRef{});
       b.v.push_back(TensorRef{});

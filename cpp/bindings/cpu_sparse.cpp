@@ -76,21 +76,8 @@ void sparse_spam_step(const ArrayList& params, const ArrayList& grads, const Arr
         throw nb::value_error((describe("block_starts", i) + ": index out of range").c_str());
     t.update_scale = static_cast<float>(update_scales[i]);
     if (exp_avgs[i].dtype() == nb::dtype<uint8_t>()) {
-      auto codes = [&](const nb::ndarray<>& a, const char* what) {
-        uint8_t* ptr = typed_buffer<uint8_t>(a, kCpu, k, describe(what, i));
-        if (static_cast<int64_t>(a.size()) != k)
-          throw nb::value_error((describe(what, i) + ": m and v codes differ in length").c_str());
-        return ptr;
-      };
-      auto absmax = [&](const nb::ndarray<>& a, const char* what) {
-        float* ptr = typed_buffer<float>(a, kCpu, blocks, describe(what, i));
-        if (static_cast<int64_t>(a.size()) != blocks)
-          throw nb::value_error((describe(what, i) + ": need one float32 absmax per 256 "
-                                 "compact values").c_str());
-        return ptr;
-      };
-      t.q8 = spam::Quant8Moments{codes(exp_avgs[i], "exp_avgs"), absmax(absmax_m[i], "absmax_m"),
-                                 codes(exp_avg_sqs[i], "exp_avg_sqs"), absmax(absmax_v[i], "absmax_v")};
+      SameDevice dev;
+      t.q8 = convert_q8_moments(exp_avgs[i], exp_avg_sqs[i], absmax_m[i], absmax_v[i], k, kCpu, dev, i);
       any_q8 = true;
     } else {
       t.exp_avg = float_ref(exp_avgs[i], kCpu, describe("exp_avgs", i));
