@@ -11,7 +11,7 @@ parameters bitsandbytes and torchao use for their 8-bit optimizers):
 A value x of a block with absolute maximum A is stored as the code
 ``#{midpoints <= x / A}``: the nearest map value, ties going to the larger code.
 The C++/CUDA core receives the map, its midpoints and a bucket table that turns that count
-into two table reads (see cpp/spam/quant8.h, which documents the layout).
+into one table read and one compare (see cpp/spam/quant8.h, which documents the layout).
 """
 
 from __future__ import annotations
@@ -55,27 +55,31 @@ def _bucket_edges() -> tuple[torch.Tensor, torch.Tensor]:
 def _buckets(midpoints: torch.Tensor) -> torch.Tensor:
     """The packed per-sign, per-bucket lookup the core uses (layout in cpp/spam/quant8.h).
 
-    Entry bits 0-7: #{midpoints <= the bucket's smallest x}; bit 23: the bucket holds one more
-    midpoint; bits 8-22: that midpoint's low 15 float bits (its sign, exponent and top 8
-    mantissa bits are the bucket's own), so one integer compare decides the code.
+    Entry bits 0-15: 1 + #{midpoints <= the bucket's smallest |x|-side value}; bits 16-31: the
+    low 15 float bits of the one midpoint inside the bucket (its sign, exponent and top 8
+    mantissa bits are the bucket's own), mirrored (0x7fff - bits) in the x < 0 half, or 0x8000
+    when the bucket holds no midpoint. The core then needs one integer compare per value.
     """
     lo, hi = _bucket_edges()
     count = lambda x, right: torch.searchsorted(midpoints, x.contiguous(), right=right)  # noqa: E731
     tables = []
-    for base, inside_lo, inside_hi in (
-        (count(lo, True), count(lo, True), count(hi, False)),      # x in [lo, hi)
-        (count(-hi, True), count(-hi, True), count(-lo, True)),    # x in (-hi, -lo]
+    for negative, base, inside_lo, inside_hi in (
+        (False, count(lo, True), count(lo, True), count(hi, False)),     # x in [lo, hi)
+        (True, count(-hi, True), count(-hi, True), count(-lo, True)),    # x in (-hi, -lo]
     ):
         inside = inside_hi - inside_lo
         if int(inside.max()) > 1:
             raise AssertionError("a quantisation bucket holds two midpoints; use finer buckets")
         has_mid = inside == 1
         mid = midpoints[base.clamp(max=midpoints.numel() - 1)]
-        low = mid.abs().view(torch.int32) & 0x7FFF
+        low = mid.abs().view(torch.int32).to(torch.int64) & 0x7FFF
         if bool((has_mid & ((mid.abs() < lo) | (mid.abs() >= hi))).any()):
             raise AssertionError("a bucket's midpoint lies outside the bucket")
-        tables.append(base | torch.where(has_mid, (low << 8) | (1 << 23), torch.zeros_like(low)))
-    return torch.cat(tables).to(torch.int32)
+        mirrored = 0x7FFF - low if negative else low
+        mid_key = torch.where(has_mid, mirrored, torch.full_like(low, 0x8000))
+        tables.append((base.to(torch.int64) + 1) | (mid_key << 16))
+    packed = torch.cat(tables)
+    return (packed - ((packed >> 31) << 32)).to(torch.int32)  # as the int32 bit pattern
 
 
 @dataclass(frozen=True)

@@ -130,3 +130,32 @@ def test_mixed_dtypes_in_one_group(name: str) -> None:
         ref.step()
     for a, b in zip(ours_p, ref_p):
         assert_close(a.detach(), b.detach())
+
+
+@pytest.mark.parametrize("state_bits", [32, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_isolated_spikes_are_clipped_where_the_reference_clips(state_bits: int, dtype: torch.dtype) -> None:
+    """The CPU loops test runs of 64 elements for spikes and skip the clip's sqrt in runs
+    without one. Spikes on run edges, inside a run and in the partial last run must be clipped
+    exactly where the reference clips, and nowhere else."""
+    n = 5000  # >= 4096, so 8-bit state; 78 full runs of 64 and a partial one
+    spikes = [0, 63, 64, 1000, 4095, 4999]
+    kw: dict[str, Any] = dict(lr=1e-2, threshold=5000.0, reset_interval=1000, warmup_steps=2, clip_delay=2,
+                              state_bits=state_bits)
+    gen = torch.Generator().manual_seed(11)
+    ours_p = [torch.nn.Parameter(torch.randn(n, generator=gen).to(dtype))]
+    ref_p = clone_params(ours_p)
+    ours, ref = sl.SPAM(ours_p, **kw), ReferenceSPAM(ref_p, **kw)
+    # Equal magnitudes keep every 8-bit v code away from 0 (a v quantised to 0 would "spike").
+    sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    for step in range(6):
+        g = 1e-3 * sign
+        if step == 4:
+            g[spikes] *= 1e4
+        ours_p[0].grad, ref_p[0].grad = g.to(dtype), g.to(dtype)
+        ours.step()
+        ref.step()
+        clipped = ours.spike_stats()["clipped"]
+        assert clipped == ref.last_counts["clipped"], (step, clipped, ref.last_counts)
+        assert clipped == (len(spikes) if step == 4 else 0), (step, clipped)
+        assert_close(ours_p[0].detach(), ref_p[0].detach(), msg=f"step {step + 1}")

@@ -56,8 +56,21 @@ struct ElementFlags {
   bool nonfinite;
 };
 
+// SPAM's spike test (§2.4 step 5) against the previous, not bias-corrected v: g^2 > theta * v,
+// with v read as 0 on reset calls. A NaN g never counts as a spike. theta = 0 turns it off.
+SPAM_HD bool spam_spikes(float g, float v, const SpamHyper& h) {
+  const float v_prev = h.reset == MomentReset::kBeforeUpdate ? 0.0f : v;
+  return static_cast<bool>((h.clip_threshold > 0.0f) & (g * g > h.clip_threshold * v_prev));
+}
+
 // One SPAM element. update_scale = lr * s * sqrt(1 - beta2^t) / (1 - beta1^t), with s the
 // post-reset cosine warmup factor (§2.3), computed per tensor on the host.
+//
+// kMayClip = false is for callers that have checked spam_spikes() is false for this element
+// (the CPU loops test a whole block first): it drops the clip's sqrt, which a vectorised loop
+// would otherwise evaluate for every lane and which costs as much as the rest of the update.
+// The result is the same either way.
+template <bool kMayClip = true>
 SPAM_HD ElementFlags spam_element(float& p, float g, float& m, float& v, const SpamHyper& h,
                                   float update_scale) {
   // Written branch-free (selects, not early returns) so the CPU loop auto-vectorises.
@@ -66,11 +79,11 @@ SPAM_HD ElementFlags spam_element(float& p, float g, float& m, float& v, const S
   const float v_prev = zero ? 0.0f : v;
   const bool finite = is_finite(g);
   const bool drop = static_cast<bool>(!finite & h.nonfinite.skip);  // bitwise &: no branch
-  // Spike test against the previous, not bias-corrected v (§2.4 step 5): g^2 > theta * v,
-  // then g <- sign(g) * sqrt(theta * v). A NaN g never counts as a spike.
-  const float cap_sq = h.clip_threshold * v_prev;
-  const bool spike = static_cast<bool>((h.clip_threshold > 0.0f) & (g * g > cap_sq));
-  const float g_used = spike ? copysignf(sqrtf(cap_sq), g) : g;
+  // Clipped gradient: sign(g) * sqrt(theta * v). Bitwise &, and both select arms computed
+  // up front: a short-circuit or a product inside the arm keeps GCC from vectorising the loop.
+  const bool spike = static_cast<bool>(kMayClip & spam_spikes(g, v, h));
+  const float clipped = copysignf(sqrtf(h.clip_threshold * v_prev), g);
+  const float g_used = spike ? clipped : g;
   const float m_new = h.beta1 * m_prev + h.one_minus_beta1 * g_used;
   const float v_new = h.beta2 * v_prev + h.one_minus_beta2 * (g_used * g_used);
   const float u = m_new / (sqrtf(v_new) + h.eps);

@@ -13,14 +13,17 @@
 //   buckets[2][kQuantBuckets] (int32, packed) per sign of x and per bucket of |x| (the float's
 //                    exponent and top 8 mantissa bits):
 //
-//      bit 31..24 | 23      | 22 ............. 8 | 7 ........ 0
-//      unused     | has_mid | low 15 bits of mid | base code
+//      bit 31 ................ 16 | 15 ............. 0
+//      mid: midpoint's low 15 bits | base + 1
+//           (mirrored for x < 0),  |
+//           0x8000 if none         |
 //
-//     base = #{midpoints <= the bucket's smallest x}; a bucket is narrower than any gap
-//     between midpoints (checked when the map is built), so at most one midpoint `mid` lies
-//     inside it, and it shares the bucket's sign/exponent/top mantissa bits. Whether x has
-//     passed it is then one integer compare of low bits: one table read per value, which
-//     vectorises as a single gather.
+//     base = #{midpoints below the bucket}; a bucket is narrower than any gap between
+//     midpoints (checked when the map is built), so at most one midpoint lies inside it, and
+//     it shares the bucket's sign/exponent/top mantissa bits. Whether x has reached it is one
+//     compare of the low 15 bits; for x < 0 both sides are mirrored (0x7fff - bits), so that
+//     "reached" reads the same for either sign: code = base + 1 - (mid > low). No midpoint
+//     (0x8000 > any low) gives base. One table read per value, no branch.
 //
 // Tie rule: round to the nearest code; a value exactly on a midpoint goes to the larger code.
 // Equivalently code = #{midpoints <= x} (searchsorted(midpoints, x, right=True)).
@@ -57,16 +60,13 @@ SPAM_HD int quant_bucket(float x) {
 }
 
 // Code of an already normalised value x (x / absmax), by the tie rule above. Branch-free so
-// CPU loops vectorise (one gather per value).
+// CPU loops vectorise; isa/quant8_runs.h has the same steps lane-wise for AVX2.
 SPAM_HD uint8_t quantize_code(float x, const QuantMap& q) {
   const uint32_t bits = float_bits(x);
   const uint32_t negative = bits >> 31;
   const uint32_t entry = static_cast<uint32_t>(q.buckets[negative * kQuantBuckets + quant_bucket(x)]);
-  const uint32_t low = bits & 0x7fffu, mid_low = (entry >> 8) & 0x7fffu;
-  // x >= mid: for x >= 0 its magnitude bits reach mid's; for x < 0 they stay at or below them.
-  const uint32_t passed = (static_cast<uint32_t>(low >= mid_low) & (negative ^ 1u)) |
-                          (static_cast<uint32_t>(low <= mid_low) & negative);
-  return static_cast<uint8_t>((entry & 0xffu) + (passed & (entry >> 23)));
+  const uint32_t low = (bits ^ (0u - negative)) & 0x7fffu;  // mirrored for x < 0, as the table
+  return static_cast<uint8_t>((entry & 0xffffu) - static_cast<uint32_t>((entry >> 16) > low));
 }
 
 // The divisor that normalises a block: its absmax, or 1 for an all-zero block (whose values

@@ -10,11 +10,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "../cpu_chunks.h"
 #include "../cpu_ops.h"
 #include "../half.h"
 #include "../quant8.h"
+#include "quant8_runs.h"
 
 namespace spam {
 namespace SPAM_CPU_ISA {
@@ -23,37 +25,85 @@ namespace {
 // Max that keeps a NaN once seen ("propagate" policy must not hide a NaN moment).
 inline float sticky_max(float acc, float x) { return (x > acc || x != x) ? x : acc; }
 
-// Codes of n values of one block. Kept out of line on purpose: inlined into the block loop,
-// GCC 12 no longer vectorises the table lookups (no gathers, 10x slower); on its own, with
-// plain restrict pointers, it does. The call costs nothing next to 256 elements.
-#if defined(__GNUC__)
-__attribute__((noinline))
-#endif
-void quantize_run(const float* __restrict x, uint8_t* __restrict codes, int n, float divisor,
-                         const QuantMap map) {
-  for (int i = 0; i < n; ++i) codes[i] = quantize_code(x[i] / divisor, map);
+// An element function whose update has a costly branch with a cheap test (SPAM's spike clip)
+// comes as three lambdas: `full`, `fast` (valid where the test is false) and `needs_full(g, v)`.
+// The loops below test each run of kFastPathRun elements first and run `fast` on the (usual)
+// runs without a spike. Plain element functions are called as fn(p, g, m, v). (Lambdas
+// capturing their scalars by value, not member functions: GCC vectorises only the former.)
+template <typename Full, typename Fast, typename Test>
+struct WithFastPath {
+  Full full;
+  Fast fast;
+  Test needs_full;
+};
+
+template <typename Full, typename Fast, typename Test>
+WithFastPath<Full, Fast, Test> with_fast_path(Full full, Fast fast, Test needs_full) {
+  return {full, fast, needs_full};
+}
+
+template <typename Fn>
+struct HasFastPath : std::false_type {};
+template <typename Full, typename Fast, typename Test>
+struct HasFastPath<WithFastPath<Full, Fast, Test>> : std::true_type {};
+
+// fn over n elements: p, g in the parameter dtype T, m, v in MT (T for dense moments, float
+// for the dequantised block of 8-bit moments). Block-local int counters: int64 lanes would
+// cost the vectorised loop a widening per element.
+template <typename T, typename MT, typename Call>
+inline void element_run(T* __restrict p, const T* __restrict g, MT* __restrict m, MT* __restrict v,
+                        int n, const Call call, int64_t& clipped, int64_t& nonfinite) {
+  // `call` is taken by value: read through a reference, its scalars would be reloaded every
+  // element (the stores to p, m, v might alias them) and the loop would not vectorise.
+  int n_clip = 0, n_bad = 0;
+  for (int i = 0; i < n; ++i) {
+    float pi = Storage<T>::load(p, i), mi = Storage<MT>::load(m, i), vi = Storage<MT>::load(v, i);
+    const ElementFlags f = call(pi, Storage<T>::load(g, i), mi, vi);
+    Storage<T>::store(p, i, pi);
+    Storage<MT>::store(m, i, mi);
+    Storage<MT>::store(v, i, vi);
+    n_clip += f.clipped;
+    n_bad += f.nonfinite;
+  }
+  clipped += n_clip;
+  nonfinite += n_bad;
+}
+
+// Elements per spike test of a fast-path function. In 8-bit SPAM about 1 element in 1000 has
+// its v quantised to 0 and "spikes" (clipped to 0), so a 256-element test would send a quarter
+// of all blocks down the full path; at 64 it is about 6%.
+constexpr int kFastPathRun = 64;
+
+template <typename T, typename MT, typename Fn>
+inline void element_block(T* p, const T* g, MT* m, MT* v, int n, const Fn& fn, int64_t& clipped,
+                          int64_t& nonfinite) {
+  if constexpr (HasFastPath<Fn>::value) {
+    for (int i0 = 0; i0 < n; i0 += kFastPathRun) {
+      const int k = std::min(kFastPathRun, n - i0);
+      int full = 0;
+      for (int i = i0; i < i0 + k; ++i) full |= fn.needs_full(Storage<T>::load(g, i), Storage<MT>::load(v, i));
+      if (full)
+        element_run(p + i0, g + i0, m + i0, v + i0, k, fn.full, clipped, nonfinite);
+      else
+        element_run(p + i0, g + i0, m + i0, v + i0, k, fn.fast, clipped, nonfinite);
+    }
+  } else {
+    element_run(p, g, m, v, n, fn, clipped, nonfinite);
+  }
 }
 
 template <typename T, typename Fn>
 void run_dense(const TensorRef& param, const TensorRef& grad, const TensorRef& exp_avg,
                const TensorRef& exp_avg_sq, int64_t begin, int64_t end, const Fn& fn,
                int64_t& clipped, int64_t& nonfinite) {
-  T* __restrict p = static_cast<T*>(param.data);
-  const T* __restrict g = static_cast<const T*>(grad.data);
-  T* __restrict m = static_cast<T*>(exp_avg.data);
-  T* __restrict v = static_cast<T*>(exp_avg_sq.data);
-  int64_t n_clip = 0, n_bad = 0;
-  for (int64_t i = begin; i < end; ++i) {
-    float pi = Storage<T>::load(p, i), mi = Storage<T>::load(m, i), vi = Storage<T>::load(v, i);
-    const ElementFlags f = fn(pi, Storage<T>::load(g, i), mi, vi);
-    Storage<T>::store(p, i, pi);
-    Storage<T>::store(m, i, mi);
-    Storage<T>::store(v, i, vi);
-    n_clip += f.clipped;
-    n_bad += f.nonfinite;
+  T* p = static_cast<T*>(param.data);
+  const T* g = static_cast<const T*>(grad.data);
+  T* m = static_cast<T*>(exp_avg.data);
+  T* v = static_cast<T*>(exp_avg_sq.data);
+  for (int64_t b0 = begin; b0 < end; b0 += kQuantBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kQuantBlock, end - b0));
+    element_block(p + b0, g + b0, m + b0, v + b0, n, fn, clipped, nonfinite);
   }
-  clipped += n_clip;
-  nonfinite += n_bad;
 }
 
 // [begin, end) starts on a block boundary (chunks are multiples of kQuantBlock).
@@ -71,22 +121,13 @@ void run_quant8(const TensorRef& param, const TensorRef& grad, const Quant8Momen
   float* __restrict v_absmax = q.v_absmax;
   const QuantMap m_map = maps.m, v_map = maps.v;
   float m[kQuantBlock], v[kQuantBlock];
-  int64_t n_clip = 0, n_bad = 0;
   for (int64_t b0 = begin; b0 < end; b0 += kQuantBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kQuantBlock, end - b0));
     const int64_t block = b0 / kQuantBlock;
     const float m_scale = m_absmax[block], v_scale = v_absmax[block];
-    for (int i = 0; i < n; ++i) {
-      m[i] = dequantize_code(m_codes[b0 + i], m_scale, m_map);
-      v[i] = dequantize_code(v_codes[b0 + i], v_scale, v_map);
-    }
-    for (int i = 0; i < n; ++i) {
-      float pi = Storage<T>::load(p, b0 + i);
-      const ElementFlags f = fn(pi, Storage<T>::load(g, b0 + i), m[i], v[i]);
-      Storage<T>::store(p, b0 + i, pi);
-      n_clip += f.clipped;
-      n_bad += f.nonfinite;
-    }
+    dequantize_run(m_codes + b0, m, n, m_scale, m_map);
+    dequantize_run(v_codes + b0, v, n, v_scale, v_map);
+    element_block(p + b0, g + b0, m, v, n, fn, clipped, nonfinite);
     float new_m = 0.0f, new_v = 0.0f;
     int nans = 0;
 #pragma omp simd reduction(max : new_m, new_v) reduction(+ : nans)
@@ -107,8 +148,6 @@ void run_quant8(const TensorRef& param, const TensorRef& grad, const Quant8Momen
     quantize_run(m, m_codes + b0, n, m_div, m_map);
     quantize_run(v, v_codes + b0, n, v_div, v_map);
   }
-  clipped += n_clip;
-  nonfinite += n_bad;
 }
 
 // One OpenMP loop over the chunks of every tensor of a group. element_fn(i) returns the

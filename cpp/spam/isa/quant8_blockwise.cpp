@@ -1,6 +1,7 @@
 // isa/quant8_blockwise.cpp — blockwise 8-bit quantise / dequantise of whole tensors
-// (spam_lowmem.functional.quantize_blockwise / dequantize_blockwise): the same per-element
-// rules (quant8.h) the fused optimizer steps use, OpenMP over blocks.
+// (spam_lowmem.functional.quantize_blockwise / dequantize_blockwise): the same block runs
+// (quant8_runs.h) the fused optimizer steps use, so tests of these functions against a
+// brute-force argmin cover the steps' lookups too. OpenMP over blocks.
 #include <algorithm>
 #include <cmath>
 
@@ -8,6 +9,7 @@
 #include "../cpu_isa.h"
 #include "../half.h"
 #include "../quant8.h"
+#include "quant8_runs.h"
 
 namespace spam {
 namespace SPAM_CPU_ISA {
@@ -19,16 +21,17 @@ void cpu_quantize_blockwise(const TensorRef& x, uint8_t* codes, float* absmax, c
     const T* __restrict src = static_cast<const T*>(x.data);
 #pragma omp parallel for schedule(static) if (x.numel >= kCpuParallelMin)
     for (int64_t b = 0; b < n_blocks; ++b) {
-      const int64_t begin = b * kQuantBlock, end = std::min(begin + kQuantBlock, x.numel);
+      const int64_t begin = b * kQuantBlock;
+      const int n = static_cast<int>(std::min(kQuantBlock, x.numel - begin));
+      float values[kQuantBlock];
       float amax = 0.0f;
-      for (int64_t i = begin; i < end; ++i) {
-        const float a = std::fabs(Storage<T>::load(src, i));
+      for (int i = 0; i < n; ++i) {
+        values[i] = Storage<T>::load(src, begin + i);
+        const float a = std::fabs(values[i]);
         amax = (a > amax || a != a) ? a : amax;  // NaN-sticky, like the optimizer blocks
       }
       absmax[b] = amax;
-      const float div = quant_divisor(amax);
-      for (int64_t i = begin; i < end; ++i)
-        codes[i] = quantize_code(Storage<T>::load(src, i) / div, map);
+      quantize_run(values, codes + begin, n, quant_divisor(amax), map);
     }
   });
 }
@@ -38,9 +41,15 @@ void cpu_dequantize_blockwise(const uint8_t* codes, const float* absmax, const T
   dispatch_dtype(out.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* __restrict dst = static_cast<T*>(out.data);
+    const int64_t n_blocks = (out.numel + kQuantBlock - 1) / kQuantBlock;
 #pragma omp parallel for schedule(static) if (out.numel >= kCpuParallelMin)
-    for (int64_t i = 0; i < out.numel; ++i)
-      Storage<T>::store(dst, i, dequantize_code(codes[i], absmax[i / kQuantBlock], map));
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const int64_t begin = b * kQuantBlock;
+      const int n = static_cast<int>(std::min(kQuantBlock, out.numel - begin));
+      float values[kQuantBlock];
+      dequantize_run(codes + begin, values, n, absmax[b], map);
+      for (int i = 0; i < n; ++i) Storage<T>::store(dst, begin + i, values[i]);
+    }
   });
 }
 

@@ -13,9 +13,11 @@ void cpu_spam_step(const std::vector<SpamTensor>& tensors, const SpamHyper& hype
   run_group(tensors, maps, [&](int i) {
     const SpamHyper h = hyper;
     const float scale = tensors[i].update_scale;
-    return [h, scale](float& p, float g, float& m, float& v) {
-      return spam_element(p, g, m, v, h, scale);
-    };
+    // Runs without a spike (nearly all) skip the clip's sqrt: see moment_loops.h.
+    return with_fast_path(
+        [h, scale](float& p, float g, float& m, float& v) { return spam_element(p, g, m, v, h, scale); },
+        [h, scale](float& p, float g, float& m, float& v) { return spam_element<false>(p, g, m, v, h, scale); },
+        [h](float g, float v) { return spam_spikes(g, v, h); });
   }, counters);
 }
 
