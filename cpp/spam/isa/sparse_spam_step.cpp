@@ -4,9 +4,10 @@
 // index order as a compact array of K values (dense in the parameter dtype, or 8-bit codes
 // with one absmax per 256 compact values). The work unit is one compact block c of <= 256
 // values: starting at the parameter index block_starts[c] (its first selected entry), walk
-// the parameter in windows, hash every index (vectorised), collect the selected indices until
-// the block's values are consumed, then run spam_element on (p[i], g[i], m[j], v[j]) and
-// (8-bit) requantise the block. One pass, nothing full-size allocated, unselected entries
+// the parameter in windows, hash every index (vectorised), pack p and g of the selected entries
+// until the block's values are consumed (fp32 on x86: 8-lane windows, sparse_windows.h; else
+// an index list and scalar gathers), run spam_element on the packed (p, g, m, v), write p back
+// and (8-bit) requantise the block. One pass, nothing full-size allocated, unselected entries
 // never written. OpenMP over runs of compact blocks of every tensor of the group.
 #include <algorithm>
 #include <atomic>
