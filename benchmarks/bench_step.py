@@ -83,7 +83,7 @@ def candidates(device: str, shapes: list[tuple[str, tuple[int, ...]]] | None = N
         "StableSPAM (reference)": (lambda ps: ReferenceStableSPAM(ps), dense_bytes),
     }
     # Sparse momentum: the attention/MLP projections in a density group (as sparse_param_groups),
-    # everything else dense; CPU only for now. The timed calls contain no subset change (those
+    # everything else dense; CPU rows only here. The timed calls contain no subset change (those
     # happen once per reset_interval = 500 calls).
     if shapes is not None and device == "cpu":
         for d in SPARSE_DENSITIES:

@@ -90,26 +90,24 @@ def sparse_spam_step(
     beta1: float, beta2: float, eps: float, clip_threshold: float, weight_decay_scale: float,
     reset: int, skip_nonfinite: bool,
 ) -> None:
-    """One SPAM step of a sparse-momentum group (ALGORITHMS.md §3), CPU only for now.
+    """One SPAM step of a sparse-momentum group (ALGORITHMS.md §3), on CPU or CUDA.
 
     Moments are compact (one value per selected entry, in flat-index order; dense in the
     parameter dtype or 8-bit with one absmax per 256 compact values). ``subsets[i]`` is the
     int64 ``[seed, t_hash, t_index, numel]`` of :mod:`spam_lowmem.sparse_subset` and
     ``block_starts[i]`` the int64 flat index of the first selected entry of each compact
     block. Unselected entries of ``params[i]`` are not written. Other arguments as
-    :func:`spam_step`.
+    :func:`spam_step`. On CUDA the subsets and block starts are device tensors, read by the
+    kernel (no host sync); the CPU and CUDA kernels give the same results on the same state.
     """
     device = counters.device
-    if device.type != "cpu":
-        raise NotImplementedError("spam_lowmem: sparse momentum (density < 1) has no CUDA kernel yet; "
-                                  "step this group on CPU or use density=1.0")
     kw = _device_kwargs(device)
     _backend.module_for(device).sparse_spam_step(
         *_common(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), _capsules(block_starts),
         _capsules(subsets), list(update_scales), to_dlpack(counters), kw.pop("m_map"), kw.pop("v_map"),
         beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
         eps=eps, clip_threshold=clip_threshold, weight_decay_scale=weight_decay_scale,
-        reset=reset, skip_nonfinite=skip_nonfinite,
+        reset=reset, skip_nonfinite=skip_nonfinite, **kw,
     )
 
 

@@ -14,8 +14,8 @@ is the first, exact subset of ``floor(d * numel)`` entries; a subset drawn at a 
 Bernoulli(d) per entry, so its size (and the state) then varies slightly around that value.
 
 Sparse presets exist only for ``optimizer="spam"`` (StableSPAM and AdamW have no sparse
-momentum) and only on CPU (the sparse kernel is CPU only): automatic selection skips them
-there, and asking for one by name raises ValueError.
+momentum) and only on CPU and CUDA (the devices with a sparse kernel): automatic selection skips
+them elsewhere, and asking for one by name raises ValueError.
 """
 
 from __future__ import annotations
@@ -224,8 +224,9 @@ def _preset_problem(preset: Preset, optimizer: str, model: nn.Module) -> str | N
     if optimizer != "spam":
         return f"sparse momentum (preset {preset.name!r}) exists only for optimizer='spam', not {optimizer!r}"
     devices = {p.device.type for p in _unique_params(model)}
-    if devices - {"cpu"}:
-        return f"sparse momentum (preset {preset.name!r}) runs on CPU only; the model is on {sorted(devices)}"
+    if devices - {"cpu", "cuda"}:
+        return (f"sparse momentum (preset {preset.name!r}) runs on CPU and CUDA only; the model is on "
+                f"{sorted(devices)}")
     return None
 
 

@@ -428,3 +428,118 @@ def test_scratch_bytes_and_argument_checks():
     cols[4] = [cols[4][0][:-1]]
     with pytest.raises(ValueError):  # one absmax per 256 elements
         _C_cuda.spam_step(*cols, [1e-3], cnt, *maps, **spam_kw)
+
+
+# ------------------------------------------------------------------- sparse momentum (§3)
+# The CUDA sparse step runs the CPU kernel's arithmetic on the same state (same hash subset,
+# same compact order and 8-bit block format, no FMA contraction, exact max reductions), so
+# parameters, compact moments, codes, absmax and counters must be identical, not just close.
+SPARSE_SHAPES = [(64, 96), (33, 129), (300, 700), (5, 3)]  # (300, 700): ~200 compact blocks
+SPARSE_KW = dict(lr=1e-2, threshold=20.0, reset_interval=10, warmup_steps=4, clip_delay=3,
+                 weight_decay=0.01, min_8bit_size=0)
+SPARSE_STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_sq_codes", "exp_avg_absmax",
+                     "exp_avg_sq_absmax", "subset", "compact_block_starts")
+
+
+def _sparse_pair(shapes, dtype, bits, decay, seed=5):
+    import spam_lowmem as sl
+
+    gen = torch.Generator().manual_seed(seed)
+    cpu_params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+    dev_params = [torch.nn.Parameter(p.detach().to(DEVICE, copy=True)) for p in cpu_params]
+    kw = dict(SPARSE_KW, state_bits=bits, sparse_weight_decay=decay, subset_seed=seed)
+    cpu_opt = sl.SPAM([{"params": cpu_params, "density": 0.25}], **kw)
+    dev_opt = sl.SPAM([{"params": dev_params, "density": 0.25}], **kw)
+    return cpu_params, cpu_opt, dev_params, dev_opt
+
+
+def _assert_sparse_identical(cpu_params, cpu_opt, dev_params, dev_opt, what):
+    for i, (pc, pd) in enumerate(zip(cpu_params, dev_params)):
+        assert torch.equal(pd.detach().cpu(), pc.detach()), f"{what}: param {i} differs"
+        sc, sd = cpu_opt.state[pc], dev_opt.state[pd]
+        assert sd["step"] == sc["step"]
+        for key in SPARSE_STATE_KEYS:
+            assert (key in sd) == (key in sc), f"{what}: {key}"
+            if key in sc:
+                assert sd[key].is_cuda, f"{what}: {key} left the GPU"
+                assert torch.equal(sd[key].cpu(), sc[key]), f"{what}: param {i} {key} differs"
+    assert dev_opt.spike_stats() == cpu_opt.spike_stats(), what
+
+
+@pytest.mark.parametrize(("dtype", "bits", "decay"), [
+    (torch.float32, 32, False), (torch.float32, 8, True), (torch.bfloat16, 32, True),
+    (torch.float16, 8, False)], ids=["fp32-32", "fp32-8-wd", "bf16-32-wd", "fp16-8"])
+def test_sparse_spam_matches_cpu_over_resets(dtype, bits, decay):
+    from spam_lowmem.testing import gradient_stream
+
+    cpu_params, cpu_opt, dev_params, dev_opt = _sparse_pair(SPARSE_SHAPES, dtype, bits, decay)
+    grads = list(gradient_stream(SPARSE_SHAPES, 25, dtype=dtype, spike_every=4, seed=7))
+    grads[12][1].view(-1)[:40] = float("nan")  # nonfinite entries: skipped and counted
+    for step, gs in enumerate(grads):  # momentum resets (and new subsets) at calls 10 and 20
+        _step(cpu_opt, cpu_params, gs)
+        _step(dev_opt, dev_params, gs)
+        _assert_sparse_identical(cpu_params, cpu_opt, dev_params, dev_opt, f"step {step + 1}")
+    assert cpu_opt.spike_stats()["clipped"] > 0
+    assert cpu_opt.spike_stats()["nonfinite"] > 0
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_sparse_state_dict_moves_from_cpu_to_cuda(bits):
+    cpu_params, cpu_opt, dev_params, dev_opt = _sparse_pair(SPARSE_SHAPES, torch.float32, bits, False)
+    grads = _grads(SPARSE_SHAPES, 16, seed=21)
+    for gs in grads[:6]:
+        _step(cpu_opt, cpu_params, gs)
+    for pc, pd in zip(cpu_params, dev_params):
+        pd.data.copy_(pc.detach())
+    dev_opt.load_state_dict(copy.deepcopy(cpu_opt.state_dict()))
+    for step, gs in enumerate(grads[6:]):  # crosses the reset at call 10
+        _step(cpu_opt, cpu_params, gs)
+        _step(dev_opt, dev_params, gs)
+        _assert_sparse_identical(cpu_params, cpu_opt, dev_params, dev_opt, f"resumed step {step + 7}")
+
+
+def test_sparse_many_tensors_and_kinds_in_one_group():
+    # 40 tensors > 32 slots of one launch; fp32 and bf16, 8-bit and 32-bit values
+    # (min_8bit_size) mixed, so every (dtype, value kind) launch path runs.
+    import spam_lowmem as sl
+
+    shapes = [(16 + i, 24 + (i % 5)) if i % 3 else (40, 40) for i in range(40)]
+    gen = torch.Generator().manual_seed(4)
+    cpu_params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(torch.bfloat16 if i % 4 == 1
+                                                                         else torch.float32))
+                  for i, s in enumerate(shapes)]
+    dev_params = [torch.nn.Parameter(p.detach().to(DEVICE, copy=True)) for p in cpu_params]
+    kw = dict(SPARSE_KW, state_bits=8, min_8bit_size=1200, subset_seed=4)
+    cpu_opt = sl.SPAM([{"params": cpu_params, "density": 0.3}], **kw)
+    dev_opt = sl.SPAM([{"params": dev_params, "density": 0.3}], **kw)
+    for step in range(12):
+        gs = [torch.randn(s, generator=gen).to(p.dtype) for s, p in zip(shapes, cpu_params)]
+        _step(cpu_opt, cpu_params, gs)
+        _step(dev_opt, dev_params, gs)
+    _assert_sparse_identical(cpu_params, cpu_opt, dev_params, dev_opt, "40 tensors")
+    kinds = {(p.dtype, "exp_avg_codes" in cpu_opt.state[p]) for p in cpu_params}
+    assert len(kinds) == 4
+
+
+@pytest.mark.skipif(not hasattr(torch.cuda, "_sleep"), reason="needs torch.cuda._sleep")
+def test_sparse_step_runs_on_the_current_stream():
+    # As _restore_after_sleep: on the side stream, snapshot params and state, sleep, write the
+    # snapshot back, then step. A step enqueued on another stream would run during the sleep
+    # and be overwritten, so the results match the CPU only if it ran on the current stream.
+    cpu_params, cpu_opt, dev_params, dev_opt = _sparse_pair(SPARSE_SHAPES, torch.float32, 8, False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for gs in _grads(SPARSE_SHAPES, 3, seed=2):
+            _step(cpu_opt, cpu_params, gs)
+            for p, g in zip(dev_params, gs):
+                p.grad = g.to(DEVICE)
+            live = [p.data for p in dev_params] + [t for p in dev_params
+                                                   for t in dev_opt.state[p].values() if torch.is_tensor(t)]
+            staged = [t.clone() for t in live]
+            torch.cuda._sleep(50_000_000)
+            for t, s in zip(live, staged):
+                t.copy_(s)
+            dev_opt.step()
+    torch.cuda.synchronize()
+    _assert_sparse_identical(cpu_params, cpu_opt, dev_params, dev_opt, "side stream")

@@ -271,6 +271,18 @@ def test_mismatched_state_dict_is_rejected() -> None:
         load_into((40, 60), 0.3, dense_opt.state_dict())
 
 
+def test_matrix_with_no_selected_entry_steps() -> None:
+    # floor(0.01 * 7) = 0: empty compact moments and block starts (an empty strided slice).
+    tiny, big = nn.Parameter(torch.randn(1, 7)), nn.Parameter(torch.randn(40, 40))
+    before = tiny.detach().clone()
+    opt = sl.SPAM([{"params": [tiny, big], "density": 0.01}], subset_seed=1)
+    for _ in range(2):
+        feed([tiny, big], [torch.randn(1, 7), torch.randn(40, 40)])
+        opt.step()
+    assert opt.state[tiny]["exp_avg"].numel() == 0
+    assert torch.equal(tiny.detach(), before)
+
+
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("density", [0, 0.0, 1.5, -0.1, float("nan"), True])
 def test_invalid_density(density: Any) -> None:

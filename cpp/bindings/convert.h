@@ -36,6 +36,9 @@ inline DType float_dtype(const nb::ndarray<>& a, const std::string& name) {
 }
 
 inline bool is_c_contiguous(const nb::ndarray<>& a) {
+  // Empty arrays are never dereferenced, and torch keeps odd strides on them (an empty slice
+  // x[::256] has stride 256: the block starts of a sparse tensor with no selected entry).
+  if (a.size() == 0) return true;
   int64_t expected = 1;
   for (size_t d = a.ndim(); d-- > 0;) {
     if (a.shape(d) != 1 && a.stride(d) != expected) return false;

@@ -12,4 +12,5 @@ NB_MODULE(_C_cuda, m) {
   m.doc() = "spam_lowmem CUDA core (private; use spam_lowmem.functional / spam_lowmem.optim)";
   bind_cuda_optim(m);
   bind_cuda_quant4(m);
+  void bind_cuda_sparse(nb::module_&); bind_cuda_sparse(m);  // cuda_sparse.cpp
 }

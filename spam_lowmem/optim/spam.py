@@ -72,7 +72,7 @@ class SPAM(SpikeAwareOptimizer):
             restart at each change. Unselected entries are frozen (zero update). The subset
             is a hash rule, not stored indices (:mod:`spam_lowmem.sparse_subset`); see
             :func:`spam_lowmem.sparse_param_groups` and
-            :func:`spam_lowmem.density_for_galore_rank`. CPU only for now.
+            :func:`spam_lowmem.density_for_galore_rank`. CPU and CUDA.
         sparse_weight_decay: False (default, as implemented by the authors): weight decay is
             a no-op in a sparse group. True (clean-up): selected entries get ``p -= lr*wd*p``
             after their update; unselected entries still get nothing.
@@ -154,9 +154,9 @@ class SPAM(SpikeAwareOptimizer):
             if p.numel() > subsets.MAX_NUMEL:
                 raise ValueError(f"sparse momentum supports parameters of fewer than 2^32 elements; "
                                  f"got shape {tuple(p.shape)}")
-            if p.device.type != "cpu":
+            if p.device.type not in ("cpu", "cuda"):
                 raise NotImplementedError(f"spam_lowmem: sparse momentum (density < 1) has no kernel for "
-                                          f"device '{p.device}' yet; use density=1.0 there")
+                                          f"device '{p.device}'; use density=1.0 there")
 
     # ------------------------------------------------------------------ sparse momentum
     @staticmethod

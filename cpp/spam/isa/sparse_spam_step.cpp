@@ -4,19 +4,22 @@
 // index order as a compact array of K values (dense in the parameter dtype, or 8-bit codes
 // with one absmax per 256 compact values). The work unit is one compact block c of <= 256
 // values: starting at the parameter index block_starts[c] (its first selected entry), walk
-// the parameter in windows, hash every index (vectorised), collect the selected indices until
-// the block's values are consumed, then run spam_element on (p[i], g[i], m[j], v[j]) and
-// (8-bit) requantise the block. One pass, nothing full-size allocated, unselected entries
+// the parameter in windows, hash every index (vectorised), pack p and g of the selected entries
+// until the block's values are consumed (fp32 on x86: 8-lane windows, sparse_windows.h; else
+// an index list and scalar gathers), run spam_element on the packed (p, g, m, v), write p back
+// and (8-bit) requantise the block. One pass, nothing full-size allocated, unselected entries
 // never written. OpenMP over runs of compact blocks of every tensor of the group.
 #include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "../cpu_isa.h"
 #include "../math.h"
 #include "../sparse_subset.h"
 #include "moment_loops.h"
+#include "sparse_windows.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -115,23 +118,53 @@ bool collect_indices(const SubsetRule& r, int64_t start, int64_t numel, int n, i
   return found >= n && idx[0] == start;
 }
 
+// Parameter indices of the block's n selected entries (portable path, and bf16/fp16).
+bool block_indices(const SparseSpamTensor& t, int64_t c, int n, int64_t* __restrict idx) {
+#if defined(__AVX512F__)
+  return collect_indices_avx512(t.subset, t.block_starts[c], t.param.numel, n, idx);
+#else
+  const int64_t span = t.compact > 0 ? (t.param.numel * kQuantBlock) / t.compact : kQuantBlock;
+  return collect_indices(t.subset, t.block_starts[c], t.param.numel, n, span, idx);
+#endif
+}
+
+// x86 builds with fp32 parameters gather and scatter p in 8-lane windows (sparse_windows.h).
+template <typename T>
+constexpr bool kUseWindows =
+#if defined(__AVX2__)
+    std::is_same_v<T, float>;
+#else
+    false;
+#endif
+
 template <typename T>
 bool sparse_block(const SparseSpamTensor& t, int64_t c, const SpamHyper& h, const QuantMaps& maps,
                   int64_t& clipped, int64_t& nonfinite) {
   const int64_t j0 = c * kQuantBlock;
   const int n = static_cast<int>(std::min<int64_t>(kQuantBlock, t.compact - j0));
-  // 256 values plus one window of overshoot.
-  int64_t idx[kQuantBlock + kWalkMax];
-  const int64_t span = t.compact > 0 ? (t.param.numel * kQuantBlock) / t.compact : kQuantBlock;
-#if defined(__AVX512F__)
-  (void)span;
-  if (!collect_indices_avx512(t.subset, t.block_starts[c], t.param.numel, n, idx)) return false;
-#else
-  if (!collect_indices(t.subset, t.block_starts[c], t.param.numel, n, span, idx)) return false;
-#endif
-
   T* __restrict p = static_cast<T*>(t.param.data);
   const T* __restrict g = static_cast<const T*>(t.grad.data);
+  // p and g of the selected entries, packed into contiguous fp32 arrays so the element loop
+  // below runs on unit-stride data and vectorises like the dense loop; p is written back after.
+  // 8 floats of slack: the window path stores whole vectors at the running position.
+  float pv[kQuantBlock + 8], gv[kQuantBlock + 8];
+#if defined(__AVX2__)
+  BlockWindows windows;
+#endif
+  int64_t idx[kQuantBlock + kWalkMax];  // 256 values plus one window of overshoot
+  if constexpr (kUseWindows<T>) {
+#if defined(__AVX2__)
+    if (!gather_windows(t.subset, t.block_starts[c], t.param.numel, n, p, g, pv, gv, windows))
+      return false;
+#endif
+  } else {
+    if (!block_indices(t, c, n, idx)) return false;
+    for (int j = 0; j < n; ++j) {
+      pv[j] = Storage<T>::load(p, idx[j]);
+      gv[j] = Storage<T>::load(g, idx[j]);
+    }
+  }
+
   const float scale = t.update_scale;
   float m[kQuantBlock], v[kQuantBlock];
   int64_t n_clip = 0, n_bad = 0;
@@ -151,19 +184,18 @@ bool sparse_block(const SparseSpamTensor& t, int64_t c, const SpamHyper& h, cons
       v[j] = Storage<T>::load(vs, j);
     }
   }
-  // Gather p and g of the selected entries into contiguous fp32 arrays, so the element loop
-  // below runs on unit-stride data and vectorises like the dense loop; then scatter p back.
-  float pv[kQuantBlock], gv[kQuantBlock];
-  for (int j = 0; j < n; ++j) {
-    pv[j] = Storage<T>::load(p, idx[j]);
-    gv[j] = Storage<T>::load(g, idx[j]);
-  }
   for (int j = 0; j < n; ++j) {
     const ElementFlags f = spam_element(pv[j], gv[j], m[j], v[j], h, scale);
     n_clip += f.clipped;
     n_bad += f.nonfinite;
   }
-  for (int j = 0; j < n; ++j) Storage<T>::store(p, idx[j], pv[j]);
+  if constexpr (kUseWindows<T>) {
+#if defined(__AVX2__)
+    scatter_windows(windows, t.block_starts[c], t.param.numel, pv, reinterpret_cast<float*>(p));
+#endif
+  } else {
+    for (int j = 0; j < n; ++j) Storage<T>::store(p, idx[j], pv[j]);
+  }
   clipped += n_clip;
   nonfinite += n_bad;
   if (t.q8.active()) {
