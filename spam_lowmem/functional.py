@@ -179,7 +179,8 @@ def stable_spam_step(
     module = _backend.module_for(device)
     kw = _device_kwargs(device)
     if device.type == "cuda":
-        nbytes = module.stable_spam_scratch_bytes([p.numel() for p in params])
+        # sizes from the gradients: a packed weight's params entry is empty
+        nbytes = module.stable_spam_scratch_bytes([g.numel() for g in grads])
         kw["scratch"] = to_dlpack(torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device))
     module.stable_spam_step(
         *_common(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), _capsules(grad_stats),
