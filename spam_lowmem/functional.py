@@ -49,8 +49,8 @@ class PackedStep(NamedTuple):
     step: int
 
 
-def _packed_kwargs(packed: Sequence[PackedStep | None] | None,
-                   packed_bad: torch.Tensor | None) -> dict[str, object]:
+def _packed_kwargs(packed: Sequence[PackedStep | None] | None, packed_bad: torch.Tensor | None,
+                   grads: Sequence[torch.Tensor]) -> dict[str, object]:
     """The ``packed``/``packed_bad`` keywords of the core step calls (none when no tensor is
     packed, so dense groups pay nothing)."""
     if packed is None or all(item is None for item in packed):
@@ -58,8 +58,10 @@ def _packed_kwargs(packed: Sequence[PackedStep | None] | None,
     if packed_bad is None:
         raise ValueError("spam_lowmem: packed weights need 'packed_bad', an int64 tensor of 1 "
                          "element on their device (non-finite groups are counted there)")
+    if len(packed) != len(grads):
+        raise ValueError(f"spam_lowmem: 'packed' has {len(packed)} entries for {len(grads)} tensors")
     specs: list[object] = []
-    for item in packed:
+    for item, grad in zip(packed, grads):
         if item is None:
             specs.append(None)
             continue
@@ -67,6 +69,9 @@ def _packed_kwargs(packed: Sequence[PackedStep | None] | None,
             raise TypeError(f"spam_lowmem: packed entries must be None or PackedStep, got "
                             f"{type(item).__name__}")
         w = item.weight
+        if w.numel != grad.numel():
+            raise ValueError(f"spam_lowmem: a packed weight of shape {w.shape} ({w.numel} elements) "
+                             f"got a gradient of {grad.numel()} elements")
         specs.append((*w._capsules(), 0 if w.fmt == "int4" else 1, w.group_size,
                       int(item.seed) & (2**64 - 1), int(item.step) & (2**64 - 1)))
     return {"packed": specs, "packed_bad": to_dlpack(packed_bad)}
@@ -121,7 +126,7 @@ def spam_step(
         to_dlpack(counters), kw.pop("m_map"), kw.pop("v_map"),
         beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
         eps=eps, clip_threshold=clip_threshold, weight_decay_scale=weight_decay_scale,
-        reset=reset, skip_nonfinite=skip_nonfinite, **_packed_kwargs(packed, packed_bad), **kw,
+        reset=reset, skip_nonfinite=skip_nonfinite, **_packed_kwargs(packed, packed_bad, grads), **kw,
     )
 
 
@@ -190,7 +195,7 @@ def stable_spam_step(
         one_minus_gamma2=1.0 - gamma2, gamma3=gamma3, one_minus_gamma3=1.0 - gamma3,
         beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
         eps=eps, weight_keep=weight_keep, reset=reset, skip_nonfinite=skip_nonfinite,
-        **_packed_kwargs(packed, packed_bad), **kw,
+        **_packed_kwargs(packed, packed_bad, grads), **kw,
     )
 
 
@@ -212,7 +217,7 @@ def adamw_step(
         list(sqrt_bc2s), to_dlpack(counters), kw.pop("m_map"), kw.pop("v_map"),
         beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
         eps=eps, weight_keep=weight_keep, skip_nonfinite=skip_nonfinite,
-        **_packed_kwargs(packed, packed_bad), **kw,
+        **_packed_kwargs(packed, packed_bad, grads), **kw,
     )
 
 
