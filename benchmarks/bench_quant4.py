@@ -5,11 +5,12 @@ re-quantisation) against the pure-PyTorch reference on the same tensor, round-ro
 run, and prints the median, IQR, GB/s (bytes the op must move) and the speed-up.
 
 Part 2 trains a LLaMA-like stack of projection layers (q/k/v/o, gate/up/down per block, an
-unquantised head) on synthetic data with torch.optim.AdamW and reports, per storage
-(dense nn.Linear in --dtype, bf16 by default; fake-quantised W4A4; packed W4A4), the median time of one training step
-(forward + backward + optimizer step, including the re-quantisation hooks) and the bytes per
-weight of the projection weights at rest, of their transient working copy during the step,
-and of the optimizer state.
+unquantised head) on synthetic data with spam_lowmem.AdamW (torch.optim.AdamW's arithmetic)
+and reports, per storage (dense nn.Linear in --dtype, bf16 by default; fake-quantised W4A4;
+packed W4A4 stepped unfused — materialise, dense step, requantise — or by the fused packed
+step), the median time of one training step (forward + backward + optimizer step, including
+the re-quantisation) and the bytes per weight of the projection weights at rest, of their
+transient working copy during the step (none for the fused step), and of the optimizer state.
 
     python benchmarks/bench_quant4.py                       # CPU, about a minute
     python benchmarks/bench_quant4.py --device cuda --out bench_out/quant4.jsonl
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _common as C  # noqa: E402
 
 import spam_lowmem.reference.quant4 as R  # noqa: E402
+import spam_lowmem as sl  # noqa: E402
 from spam_lowmem import quant4 as q4  # noqa: E402
 from spam_lowmem.nn import QuantLinear, attach_packed_requant, quantize_model  # noqa: E402
 
@@ -109,9 +111,9 @@ def _bytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes() if t.numel() else 0
 
 
-def weight_memory(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, float]:
+def weight_memory(model: nn.Module, opt: torch.optim.Optimizer, fused: bool) -> dict[str, float]:
     """Bytes per projection weight: at rest (params + packed buffers, between steps), the
-    transient working copy during a step, and the optimizer state."""
+    transient working copy during a step (unfused packed path only), and the optimizer state."""
     numel = rest = work = state = 0
     for name, m in model.named_modules():
         if not (isinstance(m, QuantLinear) or (isinstance(m, nn.Linear) and "blocks" in name)):
@@ -120,7 +122,7 @@ def weight_memory(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, flo
         numel += w.numel()
         if isinstance(m, QuantLinear) and m.storage == "packed":
             rest += sum(_bytes(b) for n, b in m.named_buffers() if n.startswith("weight_")) + _bytes(w)
-            work += w.numel() * w.element_size()
+            work += 0 if fused else w.numel() * w.element_size()
         else:
             rest += _bytes(w)
         state += sum(_bytes(v) for v in opt.state[w].values() if isinstance(v, torch.Tensor) and v.numel() > 1)
@@ -135,14 +137,17 @@ def bench_training(args: argparse.Namespace, env: dict[str, Any]) -> list[dict[s
     y = torch.randint(0, 16, (args.tokens,), generator=gen).to(args.device)
     rows, table = [], []
     dense = f"dense {args.dtype}"
-    for mode in (dense, "fake int4", "packed int4", "packed fp4"):
+    modes = (dense, "fake int4", "packed int4 unfused", "packed int4 fused", "packed fp4 unfused",
+             "packed fp4 fused")
+    for mode in modes:
         torch.manual_seed(0)
         model = Stack(args.hidden, args.ffn, args.blocks, 16).to(device=args.device, dtype=dtype)
         if mode != dense:
             quantize_model(model, fmt=mode.split()[1], group_size=args.group_size, storage=mode.split()[0])
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        opt = sl.AdamW(model.parameters(), lr=1e-3)
+        fused = mode.endswith(" fused")
         if mode.startswith("packed"):
-            attach_packed_requant(opt, model)
+            assert attach_packed_requant(opt, model, fused=fused).fused == fused
 
         losses: list[float] = []
 
@@ -155,7 +160,7 @@ def bench_training(args: argparse.Namespace, env: dict[str, Any]) -> list[dict[s
 
         times = C.time_interleaved({mode: step}, args.device, warmup=2, rounds=args.train_rounds)[mode]
         s = C.summarize(times)
-        mem = weight_memory(model, opt)
+        mem = weight_memory(model, opt, fused)
         table.append([mode, f"{s['median_ms']:.1f}", f"{s['iqr_ms']:.1f}", f"{mem['at_rest']:.3f}",
                       f"{mem['working_copy']:.2f}", f"{mem['optimizer_state']:.2f}", f"{losses[0]:.3f}",
                       f"{losses[-1]:.3f}"])
@@ -164,7 +169,7 @@ def bench_training(args: argparse.Namespace, env: dict[str, Any]) -> list[dict[s
                      "group_size": args.group_size, "step": s, "bytes_per_weight": mem,
                      "loss_first": losses[0], "loss_last": losses[-1]})
     print(f"\nTraining step, {args.blocks} blocks, hidden {args.hidden}, ffn {args.ffn}, {args.tokens} tokens, "
-          f"{args.dtype}, AdamW, device {args.device} (bytes per projection weight)")
+          f"{args.dtype}, spam_lowmem.AdamW, device {args.device} (bytes per projection weight)")
     C.print_table(["storage", "step ms", "IQR", "B/w at rest", "B/w working (step)", "B/w optim state",
                    "loss first", "loss last"], table)
     return rows

@@ -13,6 +13,7 @@
 #include "adam_update.cuh"
 #include "common.cuh"
 #include "multi_tensor.cuh"
+#include "packed_step.cuh"
 #include "step8.cuh"
 
 namespace spam::cuda {
@@ -161,6 +162,10 @@ void launch_adam_update(const std::vector<AdamUpdateTensor>& tensors, const Stab
     else
       launch_dense<T>(tensors, order, shared, stream);
   });
+  for (const AdamUpdateTensor& t : tensors)
+    if (t.q4.active())
+      launch_packed_adam(t.q4, t.grad, t.exp_avg, t.exp_avg_sq, hyper, t.adam, state, t.state,
+                         counters, stream);
 }
 
 }  // namespace spam::cuda
@@ -174,7 +179,7 @@ void cuda_adamw_step(const std::vector<AdamTensor>& tensors, const StableAdamHyp
   std::vector<cuda::AdamUpdateTensor> items;
   items.reserve(tensors.size());
   for (const AdamTensor& t : tensors)
-    items.push_back({t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.adam, t.q8, 0});
+    items.push_back({t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.adam, t.q8, 0, t.q4});
   cuda::DeviceGuard guard(ctx.device);
   cuda::launch_adam_update(items, hyper, nullptr, maps, counters, cuda::to_stream(ctx.stream));
 }

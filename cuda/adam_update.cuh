@@ -32,6 +32,7 @@ struct AdamUpdateTensor {
   StableAdamTensor adam;                       // step_size, sqrt_bc2
   Quant8Moments q8;
   int32_t state;  // index into the TensorState array (unused for AdamW)
+  PackedParam q4;  // active: a packed 4-bit weight (packed_step.cuh), param has no data
 };
 
 // Enqueues the update of every tensor on `stream`. `state` null: plain AdamW (identity

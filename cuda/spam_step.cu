@@ -15,6 +15,7 @@
 #include "../cpp/spam/math.h"
 #include "common.cuh"
 #include "multi_tensor.cuh"
+#include "packed_step.cuh"
 #include "step8.cuh"
 
 namespace spam::cuda {
@@ -159,6 +160,10 @@ void cuda_spam_step(const std::vector<SpamTensor>& tensors, const SpamHyper& hyp
     else
       cuda::launch_spam_group<T>(tensors, order, shared, stream);
   });
+  for (const SpamTensor& t : tensors)
+    if (t.q4.active())
+      cuda::launch_packed_spam(t.q4, t.grad, t.exp_avg, t.exp_avg_sq, hyper, t.update_scale,
+                               counters, stream);
 }
 
 }  // namespace spam

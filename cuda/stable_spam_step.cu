@@ -262,7 +262,7 @@ void cuda_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
   items.reserve(tensors.size());
   for (int i = 0; i < n; ++i) {
     const StableSpamTensor& t = tensors[i];
-    items.push_back({t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.adam, t.q8, i});
+    items.push_back({t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.adam, t.q8, i, t.q4});
   }
 
   DeviceGuard guard(ctx.device);

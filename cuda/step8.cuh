@@ -75,14 +75,17 @@ void fill_q8_ptrs(Args& a, int slot, const TensorRef& param, const TensorRef& gr
   a.ptr[kQ8VAbsmax][slot] = q.v_absmax;
 }
 
-// Tensors of a call split by (storage dtype, 8-bit moments), call order kept within a group;
+// Tensors of a call split by (storage dtype, 8-bit moments), call order kept within a group,
+// packed 4-bit weights left out (the caller launches them through packed_step.cuh);
 // group index = 2 * dtype + q8. fn(tag, q8, order) runs for each non-empty group.
 template <typename Tensors, typename Fn>
 void for_each_kind(const Tensors& tensors, Fn&& fn) {
   std::vector<std::vector<int>> groups(6);
-  for (int i = 0; i < static_cast<int>(tensors.size()); ++i)
+  for (int i = 0; i < static_cast<int>(tensors.size()); ++i) {
+    if (tensors[i].q4.active()) continue;  // packed 4-bit weights: packed_step.cu
     groups[2 * static_cast<int>(tensors[i].param.dtype) + (tensors[i].q8.active() ? 1 : 0)]
         .push_back(i);
+  }
   for (int k = 0; k < 6; ++k) {
     if (groups[k].empty()) continue;
     dispatch_dtype(static_cast<DType>(k / 2), [&](auto tag) { fn(tag, k % 2 == 1, groups[k]); });

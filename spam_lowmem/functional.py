@@ -6,19 +6,29 @@ CUDA stream, no host synchronisation). Moments are dense (``exp_avgs[i]`` in the
 dtype, ``absmax_*[i]`` empty) or 8-bit (``exp_avgs[i]`` uint8 codes, ``absmax_*[i]`` one
 float32 per 256 elements; see :mod:`spam_lowmem.qmap`). Callers pass detached, C-contiguous
 tensors; the optimizers in :mod:`spam_lowmem.optim` take care of that.
+
+Packed 4-bit weights (:class:`spam_lowmem.quant4.PackedWeight`) can be stepped in place by
+:func:`spam_step`, :func:`stable_spam_step` and :func:`adamw_step` through ``packed``: one
+entry per tensor, ``None`` for a dense parameter or a :class:`PackedStep` for a packed one,
+whose ``params[i]`` is then an empty tensor of the working dtype (the gradient and the dense
+moments have that dtype). The core unpacks each quantisation group, applies the element
+update, and re-quantises it with stochastic rounding in one fused pass; the result equals
+``unpack_weight`` -> the dense step -> ``requantize_(seed=, step=)`` bit for bit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch.utils.dlpack import to_dlpack
 
 from . import _backend
 from .qmap import BLOCK_SIZE, quant_map
+from .quant4 import PackedWeight
 
-__all__ = ["MomentReset", "spam_step", "sparse_spam_step", "stable_spam_step", "adamw_step", "quantize_blockwise",
+__all__ = ["MomentReset", "PackedStep", "spam_step", "sparse_spam_step", "stable_spam_step", "adamw_step", "quantize_blockwise",
            "dequantize_blockwise"]
 
 
@@ -28,6 +38,43 @@ class MomentReset:
     NONE = 0
     BEFORE_UPDATE = 1  # m, v read as zero, then updated (SPAM; Stable-SPAM clean mode)
     AFTER_UPDATE = 2  # step with the old m, v, then store zeros (Stable-SPAM as implemented)
+
+
+class PackedStep(NamedTuple):
+    """A packed weight stepped by the fused kernels, with the stochastic-rounding counter of
+    :func:`spam_lowmem.quant4.requantize_` (``seed``, ``step``) this update uses."""
+
+    weight: PackedWeight
+    seed: int
+    step: int
+
+
+def _packed_kwargs(packed: Sequence[PackedStep | None] | None, packed_bad: torch.Tensor | None,
+                   grads: Sequence[torch.Tensor]) -> dict[str, object]:
+    """The ``packed``/``packed_bad`` keywords of the core step calls (none when no tensor is
+    packed, so dense groups pay nothing)."""
+    if packed is None or all(item is None for item in packed):
+        return {}
+    if packed_bad is None:
+        raise ValueError("spam_lowmem: packed weights need 'packed_bad', an int64 tensor of 1 "
+                         "element on their device (non-finite groups are counted there)")
+    if len(packed) != len(grads):
+        raise ValueError(f"spam_lowmem: 'packed' has {len(packed)} entries for {len(grads)} tensors")
+    specs: list[object] = []
+    for item, grad in zip(packed, grads):
+        if item is None:
+            specs.append(None)
+            continue
+        if not isinstance(item, PackedStep):
+            raise TypeError(f"spam_lowmem: packed entries must be None or PackedStep, got "
+                            f"{type(item).__name__}")
+        w = item.weight
+        if w.numel != grad.numel():
+            raise ValueError(f"spam_lowmem: a packed weight of shape {w.shape} ({w.numel} elements) "
+                             f"got a gradient of {grad.numel()} elements")
+        specs.append((*w._capsules(), 0 if w.fmt == "int4" else 1, w.group_size,
+                      int(item.seed) & (2**64 - 1), int(item.step) & (2**64 - 1)))
+    return {"packed": specs, "packed_bad": to_dlpack(packed_bad)}
 
 
 def _capsules(tensors: Sequence[torch.Tensor]) -> list[object]:
@@ -62,13 +109,15 @@ def spam_step(
     absmax_m: Sequence[torch.Tensor], absmax_v: Sequence[torch.Tensor],
     update_scales: Sequence[float], counters: torch.Tensor, *,
     beta1: float, beta2: float, eps: float, clip_threshold: float, weight_decay_scale: float,
-    reset: int, skip_nonfinite: bool,
+    reset: int, skip_nonfinite: bool, packed: Sequence[PackedStep | None] | None = None,
+    packed_bad: torch.Tensor | None = None,
 ) -> None:
     """One SPAM step (ALGORITHMS.md §2.4) over tensors that all live on one device.
 
     ``update_scales[i] = lr * s * sqrt(1 - beta2^t_i) / (1 - beta1^t_i)``; ``clip_threshold``
     is theta, or 0 for no clipping this call; ``counters`` (int64, 2 entries, same device)
-    accumulates [clipped, non-finite] entries.
+    accumulates [clipped, non-finite] entries. ``packed``/``packed_bad``: packed 4-bit
+    weights stepped in the fused pass (module docstring).
     """
     device = counters.device
     kw = _device_kwargs(device)
@@ -77,7 +126,7 @@ def spam_step(
         to_dlpack(counters), kw.pop("m_map"), kw.pop("v_map"),
         beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
         eps=eps, clip_threshold=clip_threshold, weight_decay_scale=weight_decay_scale,
-        reset=reset, skip_nonfinite=skip_nonfinite, **kw,
+        reset=reset, skip_nonfinite=skip_nonfinite, **_packed_kwargs(packed, packed_bad, grads), **kw,
     )
 
 
@@ -119,19 +168,22 @@ def stable_spam_step(
     step_sizes: Sequence[float], sqrt_bc2s: Sequence[float], counters: torch.Tensor, *,
     gamma1: float, gamma2: float, gamma3: float, beta1: float, beta2: float, eps: float,
     weight_keep: float, reset: int, skip_nonfinite: bool,
+    packed: Sequence[PackedStep | None] | None = None, packed_bad: torch.Tensor | None = None,
 ) -> None:
     """One Stable-SPAM step (ALGORITHMS.md §4.4) over tensors that all live on one device.
 
     ``gamma1`` and ``beta1`` already include the cosine factor ``sc``;
     ``stat_bias_corrections`` holds ``(1-gamma1^k, 1-gamma2^k, 1-gamma3^k)`` per tensor;
     ``step_sizes[i] = lr / (1 - beta1^k_i)``, ``sqrt_bc2s[i] = sqrt(1 - beta2^k_i)``;
-    ``weight_keep = 1 - lr * weight_decay``.
+    ``weight_keep = 1 - lr * weight_decay``. ``packed``/``packed_bad``: packed 4-bit weights
+    (module docstring); their max|g| and ||g|| come from the gradient as for any tensor.
     """
     device = counters.device
     module = _backend.module_for(device)
     kw = _device_kwargs(device)
     if device.type == "cuda":
-        nbytes = module.stable_spam_scratch_bytes([p.numel() for p in params])
+        # sizes from the gradients: a packed weight's params entry is empty
+        nbytes = module.stable_spam_scratch_bytes([g.numel() for g in grads])
         kw["scratch"] = to_dlpack(torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device))
     module.stable_spam_step(
         *_common(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), _capsules(grad_stats),
@@ -140,7 +192,8 @@ def stable_spam_step(
         gamma1=gamma1, one_minus_gamma1=1.0 - gamma1, gamma2=gamma2,
         one_minus_gamma2=1.0 - gamma2, gamma3=gamma3, one_minus_gamma3=1.0 - gamma3,
         beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
-        eps=eps, weight_keep=weight_keep, reset=reset, skip_nonfinite=skip_nonfinite, **kw,
+        eps=eps, weight_keep=weight_keep, reset=reset, skip_nonfinite=skip_nonfinite,
+        **_packed_kwargs(packed, packed_bad, grads), **kw,
     )
 
 
@@ -150,16 +203,19 @@ def adamw_step(
     absmax_m: Sequence[torch.Tensor], absmax_v: Sequence[torch.Tensor],
     step_sizes: Sequence[float], sqrt_bc2s: Sequence[float], counters: torch.Tensor, *,
     beta1: float, beta2: float, eps: float, weight_keep: float, skip_nonfinite: bool,
+    packed: Sequence[PackedStep | None] | None = None, packed_bad: torch.Tensor | None = None,
 ) -> None:
     """One AdamW step with ``torch.optim.AdamW``'s conventions (decay first, eps after bias
-    correction); ``step_sizes[i] = lr / (1 - beta1^k_i)``, ``sqrt_bc2s[i] = sqrt(1 - beta2^k_i)``."""
+    correction); ``step_sizes[i] = lr / (1 - beta1^k_i)``, ``sqrt_bc2s[i] = sqrt(1 - beta2^k_i)``.
+    ``packed``/``packed_bad``: packed 4-bit weights (module docstring)."""
     device = counters.device
     kw = _device_kwargs(device)
     _backend.module_for(device).adamw_step(
         *_common(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), list(step_sizes),
         list(sqrt_bc2s), to_dlpack(counters), kw.pop("m_map"), kw.pop("v_map"),
         beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
-        eps=eps, weight_keep=weight_keep, skip_nonfinite=skip_nonfinite, **kw,
+        eps=eps, weight_keep=weight_keep, skip_nonfinite=skip_nonfinite,
+        **_packed_kwargs(packed, packed_bad, grads), **kw,
     )
 
 

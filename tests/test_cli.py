@@ -212,8 +212,16 @@ def test_train_4bit_smoke(fmt: str, storage: str, corpus: Path, cache: Path, tmp
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finished"] and 0 < summary["final_eval_loss"] < 7
-    assert summary["quantization"] == {"weight_bits": 4, "act_bits": 4, "format": fmt, "storage": storage,
-                                       "group_size": 256, "layers": 14}
+    quant = summary["quantization"]
+    n = quant.pop("projection_weights")
+    nbytes = quant.pop("projection_weight_bytes")
+    fused = quant.pop("fused_step", None)
+    assert quant == {"weight_bits": 4, "act_bits": 4, "format": fmt, "storage": storage,
+                     "group_size": 256, "layers": 14}
+    if storage == "packed":  # nibbles + per-group metadata, stepped by the fused kernel
+        assert nbytes == n // 2 + (n // 256) * (5 if fmt == "int4" else 16) and fused is True
+    else:  # the fp32 master weight
+        assert nbytes == 4 * n and fused is None
     config = json.loads((out / "config.json").read_text())
     assert (config["weight_bits"], config["quant_format"], config["weight_storage"],
             config["quant_group_size"]) == (4, fmt, storage, 256)

@@ -138,10 +138,14 @@ struct StepBuffers {
   bool any_q8 = false;
 };
 
+// `packed` (optional, one flag per tensor): tensor i is a packed 4-bit weight (PackedParam,
+// cpu_ops.h). Its params[i] is then an empty array that only names the working dtype; the
+// TensorRef gets the gradient's numel and no data, and its moments must be dense.
 inline StepBuffers convert_step_buffers(const ArrayList& params, const ArrayList& grads,
                                         const ArrayList& exp_avgs, const ArrayList& exp_avg_sqs,
                                         const ArrayList& absmax_m, const ArrayList& absmax_v,
-                                        int device_type, SameDevice& dev) {
+                                        int device_type, SameDevice& dev,
+                                        const std::vector<char>* packed = nullptr) {
   const size_t n = params.size();
   check_lengths(n, grads.size(), "grads");
   check_lengths(n, exp_avgs.size(), "exp_avgs");
@@ -156,10 +160,21 @@ inline StepBuffers convert_step_buffers(const ArrayList& params, const ArrayList
     return ref;
   };
   for (size_t i = 0; i < n; ++i) {
-    b.p.push_back(convert(params[i], "params", i));
+    const bool is_packed = packed && (*packed)[i];
     b.g.push_back(convert(grads[i], "grads", i));
+    if (is_packed) {
+      if (params[i].size() != 0)
+        throw nb::value_error((describe("params", i) + ": a packed weight's entry must be an "
+                               "empty array naming the working dtype").c_str());
+      b.p.push_back(TensorRef{nullptr, b.g[i].numel, float_dtype(params[i], describe("params", i))});
+    } else {
+      b.p.push_back(convert(params[i], "params", i));
+    }
     check_same(b.p[i], b.g[i], describe("grads", i));
     Quant8Moments q;
+    if (is_packed && exp_avgs[i].dtype() == nb::dtype<uint8_t>())
+      throw nb::value_error((describe("exp_avgs", i) + ": a packed 4-bit weight needs dense "
+                             "(32-bit) moments; 8-bit moments are not supported with it").c_str());
     if (exp_avgs[i].dtype() == nb::dtype<uint8_t>()) {
       q = convert_q8_moments(exp_avgs[i], exp_avg_sqs[i], absmax_m[i], absmax_v[i], b.p[i].numel,
                              device_type, dev, i);

@@ -7,13 +7,15 @@
 // code maps included — lives on the same CUDA device, assembles the hyper-parameter structs
 // from named keywords, and enqueues the work with the GIL released. Nothing here waits for
 // the GPU. As on the CPU, each tensor's moments are dense or 8-bit (uint8 codes in
-// exp_avgs/exp_avg_sqs plus absmax_m/absmax_v), mixed freely within a call.
+// exp_avgs/exp_avg_sqs plus absmax_m/absmax_v), mixed freely within a call, and a tensor may
+// be a packed 4-bit weight (optional `packed` / `packed_bad`, packed_convert.h).
 #include <nanobind/stl/vector.h>
 
 #include <string>
 
 #include "../spam/cuda_api.h"
 #include "convert.h"
+#include "packed_convert.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -34,6 +36,7 @@ struct Common {
   StepBuffers b;
   spam::QuantMaps maps{};
   int64_t* counters;
+  std::vector<spam::PackedParam> q4;  // one per tensor; inactive for dense parameters
 };
 
 // Converts what every step takes. The maps are converted (and checked) only when some tensor
@@ -41,13 +44,16 @@ struct Common {
 Common convert_common(const ArrayList& params, const ArrayList& grads, const ArrayList& exp_avgs,
                       const ArrayList& exp_avg_sqs, const ArrayList& absmax_m,
                       const ArrayList& absmax_v, const nb::ndarray<>& counters,
-                      const ArrayList& m_map, const ArrayList& v_map, SameDevice& dev) {
+                      const ArrayList& m_map, const ArrayList& v_map, const nb::object& packed,
+                      const nb::object& packed_bad, SameDevice& dev) {
+  const std::vector<char> mask = packed_mask(packed, params.size());
   Common c{convert_step_buffers(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v, kCuda,
-                                dev),
-           {}, typed_buffer<int64_t>(counters, kCuda, spam::Counters::kCount, "counters")};
+                                dev, mask.empty() ? nullptr : &mask),
+           {}, typed_buffer<int64_t>(counters, kCuda, spam::Counters::kCount, "counters"), {}};
   dev.check(counters, "counters");
   if (c.b.any_q8) c.maps = spam::QuantMaps{device_map(m_map, "m_map", dev),
                                            device_map(v_map, "v_map", dev)};
+  c.q4 = convert_packed_params(packed, packed_bad, mask, c.b, kCuda, dev);
   return c;
 }
 
@@ -57,10 +63,10 @@ void spam_step(const ArrayList& params, const ArrayList& grads, const ArrayList&
                const ArrayList& m_map, const ArrayList& v_map, double beta1,
                double one_minus_beta1, double beta2, double one_minus_beta2, double eps,
                double clip_threshold, double weight_decay_scale, int reset, bool skip_nonfinite,
-               uintptr_t stream) {
+               uintptr_t stream, const nb::object& packed, const nb::object& packed_bad) {
   SameDevice dev;
   const Common c = convert_common(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v,
-                                  counters, m_map, v_map, dev);
+                                  counters, m_map, v_map, packed, packed_bad, dev);
   check_lengths(params.size(), update_scales.size(), "update_scales");
   const spam::SpamHyper h = spam_hyper(beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
                                          clip_threshold, weight_decay_scale, reset, skip_nonfinite);
@@ -68,7 +74,7 @@ void spam_step(const ArrayList& params, const ArrayList& grads, const ArrayList&
   tensors.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i)
     tensors.push_back({c.b.p[i], c.b.g[i], c.b.m[i], c.b.v[i],
-                       static_cast<float>(update_scales[i]), c.b.q8[i]});
+                       static_cast<float>(update_scales[i]), c.b.q8[i], c.q4[i]});
   const spam::CudaContext ctx{dev.device(), stream};
   nb::gil_scoped_release release;
   spam::cuda_spam_step(tensors, h, c.maps, c.counters, ctx);
@@ -84,10 +90,11 @@ void stable_spam_step(const ArrayList& params, const ArrayList& grads, const Arr
                       double one_minus_gamma2, double gamma3, double one_minus_gamma3,
                       double beta1, double one_minus_beta1, double beta2, double one_minus_beta2,
                       double eps, double weight_keep, int reset, bool skip_nonfinite,
-                      const nb::ndarray<>& scratch, uintptr_t stream) {
+                      const nb::ndarray<>& scratch, uintptr_t stream, const nb::object& packed,
+                      const nb::object& packed_bad) {
   SameDevice dev;
   const Common c = convert_common(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v,
-                                  counters, m_map, v_map, dev);
+                                  counters, m_map, v_map, packed, packed_bad, dev);
   const size_t n = params.size();
   check_lengths(n, grad_stats.size(), "grad_stats");
   check_lengths(3 * n, stat_bias_corrections.size(), "stat_bias_corrections (3 per tensor)");
@@ -119,7 +126,7 @@ void stable_spam_step(const ArrayList& params, const ArrayList& grads, const Arr
                              static_cast<float>(stat_bias_corrections[3 * i + 2]),
                              static_cast<float>(eps)};
     spam::StableAdamTensor at{static_cast<float>(step_sizes[i]), static_cast<float>(sqrt_bc2s[i])};
-    tensors.push_back({c.b.p[i], c.b.g[i], c.b.m[i], c.b.v[i], stats, sh, at, c.b.q8[i]});
+    tensors.push_back({c.b.p[i], c.b.g[i], c.b.m[i], c.b.v[i], stats, sh, at, c.b.q8[i], c.q4[i]});
   }
   const spam::CudaContext ctx{dev.device(), stream};
   const int64_t scratch_bytes = static_cast<int64_t>(scratch.size());
@@ -132,10 +139,11 @@ void adamw_step(const ArrayList& params, const ArrayList& grads, const ArrayList
                 const std::vector<double>& step_sizes, const std::vector<double>& sqrt_bc2s,
                 const nb::ndarray<>& counters, const ArrayList& m_map, const ArrayList& v_map,
                 double beta1, double one_minus_beta1, double beta2, double one_minus_beta2,
-                double eps, double weight_keep, bool skip_nonfinite, uintptr_t stream) {
+                double eps, double weight_keep, bool skip_nonfinite, uintptr_t stream,
+                const nb::object& packed, const nb::object& packed_bad) {
   SameDevice dev;
   const Common c = convert_common(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v,
-                                  counters, m_map, v_map, dev);
+                                  counters, m_map, v_map, packed, packed_bad, dev);
   check_lengths(params.size(), step_sizes.size(), "step_sizes");
   check_lengths(params.size(), sqrt_bc2s.size(), "sqrt_bc2s");
   const spam::StableAdamHyper h = adam_hyper(beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
@@ -146,7 +154,7 @@ void adamw_step(const ArrayList& params, const ArrayList& grads, const ArrayList
     tensors.push_back({c.b.p[i], c.b.g[i], c.b.m[i], c.b.v[i],
                        spam::StableAdamTensor{static_cast<float>(step_sizes[i]),
                                               static_cast<float>(sqrt_bc2s[i])},
-                       c.b.q8[i]});
+                       c.b.q8[i], c.q4[i]});
   const spam::CudaContext ctx{dev.device(), stream};
   nb::gil_scoped_release release;
   spam::cuda_adamw_step(tensors, h, c.maps, c.counters, ctx);
@@ -197,7 +205,8 @@ void bind_cuda_optim(nb::module_& m) {
         "absmax_m"_a, "absmax_v"_a, "update_scales"_a, "counters"_a, "m_map"_a, "v_map"_a,
         nb::kw_only(), "beta1"_a, "one_minus_beta1"_a,
         "beta2"_a, "one_minus_beta2"_a, "eps"_a, "clip_threshold"_a, "weight_decay_scale"_a,
-        "reset"_a, "skip_nonfinite"_a, "stream"_a,
+        "reset"_a, "skip_nonfinite"_a, "stream"_a, "packed"_a = nb::none(),
+        "packed_bad"_a = nb::none(),
         "SPAM step (ALGORITHMS.md §2.4) over all tensors of one group, in place, enqueued on "
         "`stream` (an int cudaStream_t). `counters` (int64 CUDA [clipped, nonfinite]) is added "
         "into on the device; nothing synchronises.");
@@ -207,7 +216,8 @@ void bind_cuda_optim(nb::module_& m) {
         "v_map"_a, nb::kw_only(), "gamma1"_a, "one_minus_gamma1"_a,
         "gamma2"_a, "one_minus_gamma2"_a, "gamma3"_a, "one_minus_gamma3"_a, "beta1"_a,
         "one_minus_beta1"_a, "beta2"_a, "one_minus_beta2"_a, "eps"_a, "weight_keep"_a,
-        "reset"_a, "skip_nonfinite"_a, "scratch"_a, "stream"_a,
+        "reset"_a, "skip_nonfinite"_a, "scratch"_a, "stream"_a, "packed"_a = nb::none(),
+        "packed_bad"_a = nb::none(),
         "Stable-SPAM step (ALGORITHMS.md §4.4) over all tensors of one group, in place, "
         "enqueued on `stream`. `scratch` is a uint8 CUDA buffer of at least "
         "stable_spam_scratch_bytes(numels) bytes, free for the step's duration (stream order).");
@@ -215,6 +225,7 @@ void bind_cuda_optim(nb::module_& m) {
         "absmax_m"_a, "absmax_v"_a, "step_sizes"_a, "sqrt_bc2s"_a, "counters"_a, "m_map"_a,
         "v_map"_a, nb::kw_only(), "beta1"_a, "one_minus_beta1"_a, "beta2"_a,
         "one_minus_beta2"_a, "eps"_a, "weight_keep"_a, "skip_nonfinite"_a, "stream"_a,
+        "packed"_a = nb::none(), "packed_bad"_a = nb::none(),
         "AdamW step with torch.optim.AdamW's conventions, in place, enqueued on `stream`.");
   m.def("quantize_blockwise", &quantize_blockwise, "x"_a, "codes"_a, "absmax"_a, "map"_a,
         nb::kw_only(), "stream"_a,

@@ -29,13 +29,20 @@ struct ChunkPlan {
   bool parallel;  // worth waking the OpenMP team
 };
 
-inline ChunkPlan make_chunks(const std::vector<int64_t>& numels) {
+// `aligns` (optional, one per tensor, >= 1): chunk boundaries of tensor t fall on multiples
+// of aligns[t] (packed 4-bit weights are stepped in whole quantisation groups); the chunk
+// length is kCpuChunk rounded up to such a multiple.
+inline ChunkPlan make_chunks(const std::vector<int64_t>& numels,
+                             const std::vector<int64_t>* aligns = nullptr) {
   std::vector<Chunk> chunks;
   int64_t total = 0;
   for (int64_t n : numels) total += n;
-  for (size_t t = 0; t < numels.size(); ++t)
-    for (int64_t b = 0; b < numels[t]; b += kCpuChunk)
-      chunks.push_back(Chunk{static_cast<int32_t>(t), b, b + kCpuChunk < numels[t] ? b + kCpuChunk : numels[t]});
+  for (size_t t = 0; t < numels.size(); ++t) {
+    const int64_t a = aligns ? (*aligns)[t] : 1;
+    const int64_t len = (kCpuChunk + a - 1) / a * a;
+    for (int64_t b = 0; b < numels[t]; b += len)
+      chunks.push_back(Chunk{static_cast<int32_t>(t), b, b + len < numels[t] ? b + len : numels[t]});
+  }
   return ChunkPlan{std::move(chunks), total >= kCpuParallelMin};
 }
 

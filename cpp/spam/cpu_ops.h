@@ -7,6 +7,7 @@
 
 #include "common.h"
 #include "math.h"
+#include "quant4.h"
 #include "quant8.h"
 #include "sparse_subset.h"
 
@@ -25,6 +26,23 @@ struct Quant8Moments {
   bool active() const { return m_codes != nullptr; }
 };
 
+// A parameter kept as packed 4-bit codes (quant4_ops.h) instead of a dense buffer; `param`
+// then carries only numel and the working dtype T (its data pointer is null). The step runs
+// the optimizer's element function on the dequantised group, rounded to T exactly as a
+// materialised working copy would hold it, and re-quantises the group with stochastic rounding
+// (sr_target / requant grid of quant4.h, uniforms of sr_key(seed, step)) in the same pass:
+// the result equals unpack -> dense step -> requantize_ bit for bit. Moments stay dense in T.
+// A group whose updated values are not all finite keeps its old packed data (its moments are
+// still updated, as in the unfused path) and is counted in *bad_groups.
+struct PackedParam {
+  q4::Packed buf;
+  q4::Format fmt = q4::Format::kInt4;
+  int64_t group = 0;  // elements per quantisation group; 0: not packed
+  uint64_t key = 0;   // q4::sr_key(seed, step)
+  int64_t* bad_groups = nullptr;
+  bool active() const { return group > 0; }
+};
+
 // Signed map for m, unsigned map for v; only read for tensors with 8-bit moments.
 struct QuantMaps {
   QuantMap m, v;
@@ -34,6 +52,7 @@ struct SpamTensor {
   TensorRef param, grad, exp_avg, exp_avg_sq;  // same numel and dtype (moments unused if q8)
   float update_scale;                          // lr * s * sqrt(bc2) / bc1, per tensor
   Quant8Moments q8;
+  PackedParam q4;                              // active: param has no data (see PackedParam)
 };
 
 // One SPAM step (ALGORITHMS.md §2.4) over all tensors of a group.
@@ -66,6 +85,7 @@ struct StableSpamTensor {
   StableStatHyper stat;
   StableAdamTensor adam;
   Quant8Moments q8;
+  PackedParam q4;
 };
 
 // One Stable-SPAM step (ALGORITHMS.md §4.4) over all tensors of a group: per-tensor
@@ -77,6 +97,7 @@ struct AdamTensor {
   TensorRef param, grad, exp_avg, exp_avg_sq;
   StableAdamTensor adam;
   Quant8Moments q8;
+  PackedParam q4;
 };
 
 // Plain AdamW with torch.optim.AdamW's conventions (decay first, eps after bias correction):

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cpu_chunks.h"  // kCpuParallelMin, dispatch_dtype
+#include "quant4_group_cpu.h"  // group statistics, packing, requant_group_sr
 #include "quant4_ops.h"
 
 namespace spam::q4 {
@@ -38,53 +39,6 @@ int64_t for_each_group(const TensorRef& in, int64_t group, Body&& body) {
   return bad;
 }
 
-struct MinMax {
-  float lo, hi;
-  bool finite;
-};
-
-// An all-ones exponent marks Inf/NaN; OR-ing the comparison keeps the loop vectorisable.
-inline uint32_t is_nonfinite(float v) { return (float_bits(v) & 0x7f800000u) == 0x7f800000u ? 1u : 0u; }
-
-// Eight independent accumulators: min/max of finite values do not depend on the order, and
-// without -ffast-math the compiler vectorises only reductions written this way.
-inline MinMax min_max(const float* x, int64_t n) {
-  constexpr int kLanes = 8;
-  float lo[kLanes], hi[kLanes];
-  uint32_t nonfinite[kLanes];
-  for (int k = 0; k < kLanes; ++k) lo[k] = hi[k] = x[0], nonfinite[k] = 0;
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int k = 0; k < kLanes; ++k) {
-      lo[k] = minf(lo[k], x[j + k]);
-      hi[k] = maxf(hi[k], x[j + k]);
-      nonfinite[k] |= is_nonfinite(x[j + k]);
-    }
-  for (; j < n; ++j) {
-    lo[0] = minf(lo[0], x[j]);
-    hi[0] = maxf(hi[0], x[j]);
-    nonfinite[0] |= is_nonfinite(x[j]);
-  }
-  for (int k = 1; k < kLanes; ++k) {
-    lo[0] = minf(lo[0], lo[k]);
-    hi[0] = maxf(hi[0], hi[k]);
-    nonfinite[0] |= nonfinite[k];
-  }
-  return MinMax{lo[0], hi[0], nonfinite[0] == 0};
-}
-
-inline Top3 top3(const float* x, int64_t n) {
-  Top3 t;
-  for (int64_t j = 0; j < n; ++j) t.push(absf(x[j]), j);
-  return t;
-}
-
-inline bool all_finite(const float* x, int64_t n) {
-  uint32_t nonfinite = 0;
-  for (int64_t j = 0; j < n; ++j) nonfinite |= is_nonfinite(x[j]);
-  return nonfinite == 0;
-}
-
 // Writes f(x[j]) for every element, then restores the two outliers exactly.
 template <typename T, typename F>
 void write_with_outliers(T* dst, int64_t begin, const float* x, int64_t n, const Top3& t, F&& f) {
@@ -105,25 +59,6 @@ void check_packed(const TensorRef& w, const Packed& p, Format fmt, int64_t group
     SPAM_CHECK(p.outlier_idx && p.outlier_val, "fp4 packing needs the outlier buffers");
     SPAM_CHECK(group <= 32767, "fp4 packing stores outlier positions as int16: group <= 32767");
   }
-}
-
-// Codes of one group are computed into `tmp` by plain loops the compiler can vectorise (the
-// 64-bit hash of the uniforms gets its own loop for that reason), then packed two per byte.
-void pack_codes(uint8_t* codes, int64_t begin, int64_t n, const float* tmp) {
-  uint8_t* out = codes + begin / 2;
-  for (int64_t j = 0; j < n / 2; ++j)
-    out[j] = pack_nibbles(static_cast<uint32_t>(tmp[2 * j]), static_cast<uint32_t>(tmp[2 * j + 1]));
-}
-
-void fill_uniforms(float* u, int64_t n, uint64_t key, int64_t begin) {
-  for (int64_t j = 0; j < n; ++j) u[j] = sr_uniform(key, begin + j);
-}
-
-void store_outliers(const Packed& p, int64_t g, const float* x, const Top3& t) {
-  p.outlier_idx[2 * g] = static_cast<int16_t>(t.i0);
-  p.outlier_idx[2 * g + 1] = static_cast<int16_t>(t.i1);
-  p.outlier_val[2 * g] = x[t.i0];
-  p.outlier_val[2 * g + 1] = x[t.i1];
 }
 
 }  // namespace
@@ -231,32 +166,9 @@ int64_t cpu_requant_sr(const TensorRef& w, const Packed& p, Format fmt, int64_t 
   return dispatch_dtype(w.dtype, [&](auto tag) -> int64_t {
     using T = typename decltype(tag)::type;
     return for_each_group<T>(w, group, [&](int64_t g, float* x, int64_t n, float* tmp) -> int64_t {
-      const int64_t begin = g * group;
       if (!std::is_same<T, float>::value)  // read the old group before it is overwritten
         for (int64_t j = 0; j < n; ++j) x[j] = sr_target<T>(x[j], packed_value(p, fmt, group, g, j));
-      if (fmt == Format::kInt4) {
-        const MinMax mm = min_max(x, n);
-        if (!mm.finite) return 1;  // keep the old packed group
-        const Int4Grid grid = int4_requant_grid(p.scale[g], float(p.zero[g]), mm.lo, mm.hi);
-        float* u = tmp + group;
-        fill_uniforms(u, n, key, begin);
-        for (int64_t j = 0; j < n; ++j) tmp[j] = int4_sr_code(x[j], grid, u[j]);
-        pack_codes(p.codes, begin, n, tmp);
-        p.scale[g] = grid.scale;
-        p.zero[g] = static_cast<uint8_t>(grid.zero);
-      } else {
-        if (!all_finite(x, n)) return 1;
-        const Top3 t = top3(x, n);
-        const float s = fp4_requant_step(p.scale[g], t.rest_max());
-        float* u = tmp + group;
-        fill_uniforms(u, n, key, begin);
-        for (int64_t j = 0; j < n; ++j) tmp[j] = fp4_sr_level(x[j], s, u[j]) + float(kFp4Zero);
-        tmp[t.i0] = tmp[t.i1] = float(kFp4Zero);
-        pack_codes(p.codes, begin, n, tmp);
-        p.scale[g] = s;
-        store_outliers(p, g, x, t);
-      }
-      return 0;
+      return requant_group_sr(x, n, p, fmt, g, group, key, tmp);
     });
   });
 }

@@ -19,11 +19,16 @@ Two storages:
   hold it, but it is *transient*: between steps it is a 1-element NaN placeholder expanded to
   ``(out, in)`` (right shape for autograd and optimizer state, one element of storage, NaN if
   read by mistake; an in-place update on it raises). Around ``optimizer.step()`` the hooks of
-  :func:`attach_packed_requant` materialise it (unpack into a working copy in the weight's
-  dtype), let the optimizer update it, then re-quantise it with stochastic rounding into the
-  codes and release it. The working dtype is the module's dtype (fp32 by default; bf16 halves
-  the copy, the gradient and the optimizer state; the re-quantiser adds the optimizer's change
-  to the exact stored value, so the copy's own bf16 rounding never moves a code).
+  :func:`attach_packed_requant` step the codes in place. With a spam_lowmem optimizer (SPAM,
+  StableSPAM, AdamW) this is *fused*: the optimizer steps the packed buffers directly, one
+  pass per quantisation group (unpack, element update, stochastic re-quantisation, pack), and
+  the weight is never materialised: the backward's gradient (a full tensor in the weight's
+  dtype, as for any layer) and the optimizer's moments are the only full-size tensors. With
+  any other optimizer the hooks materialise the weight (unpack into a working copy), let the
+  optimizer update it, then re-quantise it and release it (three passes). Both paths give the
+  same codes bit for bit. The working dtype is the module's dtype (fp32 by default; bf16 halves
+  the gradient and the optimizer state; the re-quantiser adds the optimizer's change to the
+  exact stored value, so the working value's own bf16 rounding never moves a code).
 """
 
 from __future__ import annotations
@@ -129,8 +134,9 @@ class QuantLinear(nn.Module):
             ``in_features * out_features`` (groups may straddle rows).
         storage: ``"fake"`` (full-precision master weight) or ``"packed"`` (Memory at rest:
             0.5 + 5/group_size bytes per weight for int4, 0.5 + 16/group_size for fp4, i.e.
-            0.52 / 0.56 B at group 256, plus the bias; during an optimizer step a working copy
-            in the module's dtype exists as well).
+            0.52 / 0.56 B at group 256, plus the bias; the fused step of a spam_lowmem
+            optimizer needs no working copy, the unfused path holds one in the module's dtype
+            during a step).
         device, dtype: of the weight (for packed storage: of the transient working copy).
     """
 
@@ -208,13 +214,21 @@ class QuantLinear(nn.Module):
             return
         try:
             if requantize:
-                self._sr_step += 1  # fresh uniforms for every re-quantisation
-                q4.requantize_(self.weight.detach(), self.packed_weight(), seed=self._sr_seed,
-                               step=self._sr_step - 1)
+                seed, step = self.next_sr_counter()
+                q4.requantize_(self.weight.detach(), self.packed_weight(), seed=seed, step=step)
         finally:  # also after a NaN/Inf error: the good groups are written, the copy is dropped
             self.weight.data = _placeholder((self.out_features, self.in_features), self.weight.device,
                                             self.weight.dtype)
             self._materialized = False
+
+    def next_sr_counter(self) -> tuple[int, int]:
+        """``(seed, step)`` of the next stochastic re-quantisation, advancing the step: fresh
+        uniforms for every re-quantisation. The unfused path (:meth:`release`) and the fused
+        optimizer step (:mod:`spam_lowmem.optim.packed`) both draw from here, so they round with
+        the same numbers and give the same codes."""
+        step = self._sr_step
+        self._sr_step += 1
+        return self._sr_seed, step
 
     def quantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """Q(W) as used by forward and backward (a new tensor, no autograd history)."""

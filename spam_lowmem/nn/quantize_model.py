@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..optim import packed as packed_policy
+from ..optim.base import SpikeAwareOptimizer
 from .quant_linear import QuantConfig, QuantLinear
 
 __all__ = ["DEFAULT_TARGETS", "quantize_model", "attach_packed_requant", "PackedRequantHandle"]
@@ -66,22 +68,42 @@ def quantize_model(model: nn.Module, targets: str | Iterable[str] = DEFAULT_TARG
 
 
 class PackedRequantHandle:
-    """Returned by :func:`attach_packed_requant`; ``remove()`` detaches the hooks."""
+    """Returned by :func:`attach_packed_requant`; ``remove()`` detaches it. ``fused`` says which
+    path was chosen."""
 
-    def __init__(self, hooks: list[Any], modules: list[QuantLinear]) -> None:
-        self._hooks, self.modules = hooks, modules
+    def __init__(self, hooks: list[Any], modules: list[QuantLinear], fused: bool,
+                 optimizer: torch.optim.Optimizer) -> None:
+        self._hooks, self.modules, self.fused, self._optimizer = hooks, modules, fused, optimizer
 
     def remove(self) -> None:
         for h in self._hooks:
             h.remove()
         for m in self.modules:
+            if self.fused:
+                self._optimizer.detach_packed(m.weight)  # type: ignore[attr-defined]
             m.requant_attached = max(0, m.requant_attached - 1)
         self._hooks, self.modules = [], []
 
 
-def attach_packed_requant(optimizer: torch.optim.Optimizer, model: nn.Module) -> PackedRequantHandle:
-    """Keep the packed QuantLinear layers of ``model`` in step with ``optimizer`` (any
-    ``torch.optim`` optimizer, including spam_lowmem.SPAM / StableSPAM):
+def _fused_supported(optimizer: torch.optim.Optimizer, modules: list[QuantLinear]) -> bool:
+    if not isinstance(optimizer, SpikeAwareOptimizer):
+        return False
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    return all(packed_policy.unsupported_reason(m.weight, groups[id(m.weight)]) is None for m in modules)
+
+
+def attach_packed_requant(optimizer: torch.optim.Optimizer, model: nn.Module, *,
+                          fused: bool | None = None) -> PackedRequantHandle:
+    """Keep the packed QuantLinear layers of ``model`` in step with ``optimizer``.
+
+    Fused path (``fused=True``; the default for spam_lowmem.SPAM / StableSPAM / AdamW when
+    every packed weight sits in a dense group with 32-bit moments): the optimizer steps each
+    packed weight on its codes (:meth:`~spam_lowmem.optim.base.SpikeAwareOptimizer.attach_packed`):
+    one pass per quantisation group unpacks it, applies the element update and re-quantises it
+    with stochastic rounding; no full-precision working copy is ever built. ``fused=True`` with
+    an unsupported setting raises NotImplementedError (TypeError for a non-spam_lowmem optimizer).
+
+    Unfused path (``fused=False``, or the default for any other ``torch.optim`` optimizer):
 
     * step pre-hook: each packed layer whose weight has a gradient is materialised (codes
       unpacked into a working copy in the weight's dtype, one fused pass);
@@ -89,6 +111,9 @@ def attach_packed_requant(optimizer: torch.optim.Optimizer, model: nn.Module) ->
     * step post-hook: each materialised layer is re-quantised with stochastic rounding into
       its codes (one fused pass per layer: group statistics, grid choice, rounding, nibble
       packing) and the working copy is released.
+
+    Both paths draw the rounding uniforms from the layer's counter
+    (:meth:`QuantLinear.next_sr_counter`) and give the same codes bit for bit.
     """
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     modules = [m for m in model.modules()
@@ -97,6 +122,24 @@ def attach_packed_requant(optimizer: torch.optim.Optimizer, model: nn.Module) ->
         raise ValueError("spam_lowmem: the optimizer holds no weight of a packed QuantLinear in this "
                          "model (quantize_model(..., storage='packed') first, then build the optimizer "
                          "or keep the original Parameters)")
+    if fused is None:
+        fused = _fused_supported(optimizer, modules)
+    if fused:
+        if not isinstance(optimizer, SpikeAwareOptimizer):
+            raise TypeError(f"spam_lowmem: fused packed steps need a spam_lowmem optimizer (SPAM, "
+                            f"StableSPAM, AdamW), got {type(optimizer).__name__}; use fused=False")
+        attached: list[QuantLinear] = []
+        try:
+            for m in modules:
+                optimizer.attach_packed(m.weight, m)
+                attached.append(m)
+        except Exception:
+            for m in attached:  # all or nothing
+                optimizer.detach_packed(m.weight)
+            raise
+        for m in modules:
+            m.requant_attached += 1
+        return PackedRequantHandle([], modules, True, optimizer)
 
     def pre_step(_opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
         for m in modules:
@@ -110,4 +153,4 @@ def attach_packed_requant(optimizer: torch.optim.Optimizer, model: nn.Module) ->
     hooks = [optimizer.register_step_pre_hook(pre_step), optimizer.register_step_post_hook(post_step)]
     for m in modules:
         m.requant_attached += 1
-    return PackedRequantHandle(hooks, modules)
+    return PackedRequantHandle(hooks, modules, False, optimizer)

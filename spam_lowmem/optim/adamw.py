@@ -65,11 +65,14 @@ class AdamW(SpikeAwareOptimizer):
                 state["step"] += 1
                 step_sizes.append(lr / (1.0 - beta1 ** state["step"]))
                 sqrt_bc2s.append(math.sqrt(1.0 - beta2 ** state["step"]))
+            packed_kw = self._packed_args(group_index, device, batch)
             F.adamw_step(
                 batch.params, batch.grads, **batch.moment_args(device), step_sizes=step_sizes,
                 sqrt_bc2s=sqrt_bc2s, counters=self._counters(group_index, device),
                 beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_keep=1.0 - lr * group["weight_decay"],
                 skip_nonfinite=group["nonfinite"] == "skip",
+                **packed_kw,
             )
+            self._after_packed_step(group_index, device, packed_kw)
             batch.write_back()

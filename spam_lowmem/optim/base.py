@@ -5,6 +5,9 @@
   with an explicit copy-back path for non-contiguous parameters (never a silent copy
   that drops the in-place update);
 * spike telemetry counted on the device (no sync in ``step()``);
+* packed 4-bit weights (:mod:`spam_lowmem.optim.packed`): parameters registered with
+  :meth:`SpikeAwareOptimizer.attach_packed` are stepped on their packed codes by the fused
+  kernels;
 * ``load_state_dict`` that keeps float32 side state float32 for bf16/fp16 parameters
   (torch's loader would cast it to the parameter dtype, DESIGN.md P7) and checks shapes.
 """
@@ -19,7 +22,9 @@ from typing import Any
 import torch
 
 from .. import _backend
+from ..functional import PackedStep
 from . import moments
+from . import packed as packed_policy
 
 __all__ = ["SpikeAwareOptimizer", "DeviceBatch"]
 
@@ -36,6 +41,13 @@ class DeviceBatch:
     owners: list[torch.Tensor] = field(default_factory=list)  # the user's parameters
     states: list[dict[str, Any]] = field(default_factory=list)
     copy_back: list[int] = field(default_factory=list)  # indices whose params are copies
+    packed: list[PackedStep | None] = field(default_factory=list)  # fused 4-bit weights
+
+    def packed_args(self, bad: torch.Tensor) -> dict[str, Any]:
+        """``packed``/``packed_bad`` keywords of the core step (none if nothing is packed)."""
+        if all(item is None for item in self.packed):
+            return {}
+        return {"packed": self.packed, "packed_bad": bad}
 
     def moment_args(self, device: torch.device) -> dict[str, Any]:
         """Moment buffers (dense or 8-bit) of this batch, as the core step calls take them."""
@@ -94,7 +106,79 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._telemetry: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._requant_bad: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._packed: dict[int, tuple[torch.Tensor, packed_policy.PackedSource]] = {}
         super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ packed 4-bit weights
+    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise ValueError("spam_lowmem: the parameter is not in this optimizer")
+
+    def attach_packed(self, p: torch.Tensor, source: packed_policy.PackedSource) -> None:
+        """Step ``p`` through the fused packed 4-bit kernels: ``p`` is the (placeholder) weight
+        Parameter of ``source`` (a packed :class:`~spam_lowmem.nn.QuantLinear`), whose codes are
+        updated and re-quantised in place by :meth:`step`; ``p``'s data is never read. Usually
+        called by :func:`spam_lowmem.nn.attach_packed_requant`. Raises NotImplementedError for
+        groups the fused step does not support (:mod:`spam_lowmem.optim.packed`)."""
+        group = self._group_of(p)
+        packed_policy.check_supported(p, group)
+        w = source.packed_weight()
+        if tuple(w.shape) != tuple(p.shape) or w.codes.device != p.device:
+            raise ValueError(f"spam_lowmem: packed weight {tuple(w.shape)} on {w.codes.device} does "
+                             f"not match the parameter {tuple(p.shape)} on {p.device}")
+        self._packed[id(p)] = (p, source)
+
+    def detach_packed(self, p: torch.Tensor) -> None:
+        """Undo :meth:`attach_packed` (a no-op for a parameter that is not attached)."""
+        self._packed.pop(id(p), None)
+
+    def is_packed(self, p: torch.Tensor) -> bool:
+        """Whether ``p`` is stepped through the fused packed kernels."""
+        return id(p) in self._packed
+
+    def _packed_step(self, p: torch.Tensor, group: dict[str, Any]) -> PackedStep | None:
+        entry = self._packed.get(id(p))
+        if entry is None:
+            return None
+        source = entry[1]
+        packed_policy.check_supported(p, group)
+        if source.is_materialized:
+            raise RuntimeError("spam_lowmem: a packed weight attached for fused steps is materialised "
+                               "(a dense working copy exists); call release() on its layer first")
+        seed, step = source.next_sr_counter()
+        return PackedStep(source.packed_weight(), seed, step)
+
+    def _packed_bad(self, group_index: int, device: torch.device) -> torch.Tensor:
+        """Counter of packed groups left unchanged because their update was not finite. On CPU a
+        fresh one per call (checked after the step, free there); on CUDA the telemetry buffer."""
+        if device.type == "cpu":
+            return torch.zeros(1, dtype=torch.int64)
+        key = (group_index, device)
+        bad = self._requant_bad.get(key)
+        if bad is None:
+            bad = self._requant_bad[key] = torch.zeros(1, dtype=torch.int64, device=device)
+        return bad
+
+    def _packed_args(self, group_index: int, device: torch.device, batch: DeviceBatch) -> dict[str, Any]:
+        if all(item is None for item in batch.packed):
+            return {}
+        return batch.packed_args(self._packed_bad(group_index, device))
+
+    def _after_packed_step(self, group_index: int, device: torch.device, kwargs: dict[str, Any]) -> None:
+        """CPU: raise if a packed group could not be re-quantised (as requantize_ does); CUDA:
+        leave the count on the device for :meth:`spike_stats` (no sync in the step)."""
+        bad = kwargs.get("packed_bad")
+        if bad is None or device.type != "cpu":
+            return
+        n = int(bad.item())
+        if n:
+            key = (group_index, device)
+            self._requant_bad[key] = self._requant_bad.get(key, torch.zeros(1, dtype=torch.int64)) + n
+            raise ValueError(f"spam_lowmem: {n} packed weight group(s) got NaN or Inf from the update; "
+                             "their packed data was left unchanged (their moments were updated)")
 
     # ------------------------------------------------------------------ construction
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -174,15 +258,20 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
             if grad.dtype != p.dtype or grad.shape != p.shape:
                 raise RuntimeError(f"spam_lowmem: gradient {grad.dtype}{tuple(grad.shape)} does not "
                                    f"match its parameter {p.dtype}{tuple(p.shape)}")
+            packed = self._packed_step(p, group)  # checked before any state is created
             state = self.state[p]
             if not state:
                 self._init_state(p, state, group)
             batch = batches.setdefault(p.device, DeviceBatch())
-            data = p.detach()
-            if not data.is_contiguous():
-                batch.copy_back.append(len(batch.params))
-                data = data.contiguous()
-            batch.params.append(data)
+            batch.packed.append(packed)
+            if packed is not None:  # the placeholder is never read: an empty array names the dtype
+                batch.params.append(torch.empty(0, dtype=p.dtype, device=p.device))
+            else:
+                data = p.detach()
+                if not data.is_contiguous():
+                    batch.copy_back.append(len(batch.params))
+                    data = data.contiguous()
+                batch.params.append(data)
             batch.grads.append(grad.detach().contiguous())
             batch.owners.append(p)
             batch.states.append(state)
@@ -201,19 +290,27 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         """Gradient entries clipped as spikes (and non-finite entries seen) since the last call.
 
         Counted on the device inside ``step()`` without a host sync; reading them here syncs
-        once. Returns ``{"clipped": int, "nonfinite": int, "groups": [{"clipped", "nonfinite"}]}``
-        and resets the counters.
+        once. Returns ``{"clipped": int, "nonfinite": int, "requant_nonfinite_groups": int,
+        "groups": [{"clipped", "nonfinite", "requant_nonfinite_groups"}]}`` and resets the
+        counters; ``requant_nonfinite_groups`` counts packed 4-bit groups whose fused update was
+        not finite and which kept their old codes (on CPU such a step also raises).
         """
-        groups = [{"clipped": 0, "nonfinite": 0} for _ in self.param_groups]
+        groups = [{"clipped": 0, "nonfinite": 0, "requant_nonfinite_groups": 0} for _ in self.param_groups]
         for (index, _device), counters in self._telemetry.items():
             clipped, nonfinite = counters.tolist()
             counters.zero_()
             if index < len(groups):
                 groups[index]["clipped"] += int(clipped)
                 groups[index]["nonfinite"] += int(nonfinite)
+        for (index, _device), bad in self._requant_bad.items():
+            n = int(bad.item())
+            bad.zero_()
+            if index < len(groups):
+                groups[index]["requant_nonfinite_groups"] += n
         return {
             "clipped": sum(g["clipped"] for g in groups),
             "nonfinite": sum(g["nonfinite"] for g in groups),
+            "requant_nonfinite_groups": sum(g["requant_nonfinite_groups"] for g in groups),
             "groups": groups,
         }
 

@@ -293,6 +293,7 @@ class SPAM(SpikeAwareOptimizer):
         beta1, beta2 = group["betas"]
         for device, batch in self._gather(group).items():
             scales = self._advance_steps(batch.states, group, reset, warmup)
+            packed_kw = self._packed_args(group_index, device, batch)
             F.spam_step(
                 batch.params, batch.grads, **batch.moment_args(device),
                 update_scales=scales, counters=self._counters(group_index, device),
@@ -301,5 +302,7 @@ class SPAM(SpikeAwareOptimizer):
                 weight_decay_scale=lr * group["weight_decay"],
                 reset=F.MomentReset.BEFORE_UPDATE if reset else F.MomentReset.NONE,
                 skip_nonfinite=group["nonfinite"] == "skip",
+                **packed_kw,
             )
+            self._after_packed_step(group_index, device, packed_kw)
             batch.write_back()

@@ -147,6 +147,7 @@ class StableSPAM(SpikeAwareOptimizer):
                 k = state["step"]
                 step_sizes.append(lr / (1.0 - beta1**k))
                 sqrt_bc2s.append(math.sqrt(1.0 - beta2**k))
+            packed_kw = self._packed_args(group_index, device, batch)
             F.stable_spam_step(
                 batch.params, batch.grads, **batch.moment_args(device),
                 grad_stats=[s["grad_stats"] for s in batch.states],
@@ -155,5 +156,7 @@ class StableSPAM(SpikeAwareOptimizer):
                 gamma1=gamma1, gamma2=gamma2, gamma3=gamma3, beta1=beta1, beta2=beta2,
                 eps=group["eps"], weight_keep=1.0 - lr * group["weight_decay"], reset=mode,
                 skip_nonfinite=group["nonfinite"] == "skip",
+                **packed_kw,
             )
+            self._after_packed_step(group_index, device, packed_kw)
             batch.write_back()

@@ -168,7 +168,24 @@ def quantize_projections(cfg: TrainConfig, model: torch.nn.Module) -> dict[str, 
     except (TypeError, ValueError) as exc:
         raise UsageError(f"cannot quantise the model to 4 bits: {exc}") from exc
     return {"weight_bits": 4, "act_bits": 4, "format": cfg.quant_format, "storage": cfg.weight_storage,
-            "group_size": group, "layers": len(numels)}
+            "group_size": group, "layers": len(numels), "projection_weights": sum(numels),
+            "projection_weight_bytes": projection_weight_bytes(model)}
+
+
+def projection_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes the quantised projection weights keep between steps: the full-precision master
+    weight (fake storage) or the packed codes and group metadata (packed storage)."""
+    from ..nn import QuantLinear
+
+    total = 0
+    for m in model.modules():
+        if not isinstance(m, QuantLinear):
+            continue
+        if m.storage == "packed":
+            total += m.packed_weight().nbytes()
+        else:
+            total += m.weight.numel() * m.weight.element_size()
+    return total
 
 
 def _check_options(cfg: TrainConfig) -> int | None:
@@ -232,7 +249,9 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool 
     if quant is not None and cfg.weight_storage == "packed":
         from ..nn import attach_packed_requant
 
-        attach_packed_requant(opt, model)  # unpack before each step, re-quantise (stochastic rounding) after
+        # spam_lowmem optimizers step the codes in one fused pass per group; others materialise,
+        # step and re-quantise (stochastic rounding) through hooks
+        quant["fused_step"] = attach_packed_requant(opt, model).fused
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
     start = 0
     ckpt_path = out / "checkpoint.pt"

@@ -5,7 +5,9 @@
 // tensor; these loops load and store the storage types around it:
 //   dense moments: one pass, p/g/m/v in the parameter dtype;
 //   8-bit moments: per 256-element block, dequantise m and v into registers/stack, run fn,
-//                  take the new per-block absmax, requantise (quant8.h) — one pass over memory.
+//                  take the new per-block absmax, requantise (quant8.h) — one pass over memory;
+//   packed 4-bit parameter (dense moments): per quantisation group, unpack, run fn,
+//                  re-quantise with stochastic rounding (packed_loop.h) — one pass as well.
 #pragma once
 
 #include <algorithm>
@@ -16,6 +18,7 @@
 #include "../cpu_ops.h"
 #include "../half.h"
 #include "../quant8.h"
+#include "packed_loop.h"
 #include "quant8_runs.h"
 
 namespace spam {
@@ -35,6 +38,8 @@ struct WithFastPath {
   Full full;
   Fast fast;
   Test needs_full;
+  // Loops without a block test (the packed 4-bit one) call the full function.
+  ElementFlags operator()(float& p, float g, float& m, float& v) const { return full(p, g, m, v); }
 };
 
 template <typename Full, typename Fast, typename Test>
@@ -155,10 +160,14 @@ void run_quant8(const TensorRef& param, const TensorRef& grad, const Quant8Momen
 template <typename Tensor, typename MakeFn>
 void run_group(const std::vector<Tensor>& tensors, const QuantMaps& maps, const MakeFn& element_fn,
                int64_t* counters) {
-  std::vector<int64_t> numels;
+  std::vector<int64_t> numels, aligns;
   numels.reserve(tensors.size());
-  for (const auto& t : tensors) numels.push_back(t.param.numel);
-  const ChunkPlan plan = make_chunks(numels);
+  aligns.reserve(tensors.size());
+  for (const auto& t : tensors) {
+    numels.push_back(t.param.numel);
+    aligns.push_back(t.q4.active() ? t.q4.group : 1);  // packed: chunks of whole groups
+  }
+  const ChunkPlan plan = make_chunks(numels, &aligns);
   const int64_t n_chunks = static_cast<int64_t>(plan.chunks.size());
   int64_t clipped = 0, nonfinite = 0;
 #pragma omp parallel for schedule(static) reduction(+ : clipped, nonfinite) if (plan.parallel)
@@ -168,7 +177,10 @@ void run_group(const std::vector<Tensor>& tensors, const QuantMaps& maps, const 
     const auto fn = element_fn(ch.tensor);
     dispatch_dtype(t.param.dtype, [&](auto tag) {
       using T = typename decltype(tag)::type;
-      if (t.q8.active())
+      if (t.q4.active())
+        run_packed<T>(t.q4, t.grad, t.exp_avg, t.exp_avg_sq, ch.begin, ch.end, fn, clipped,
+                      nonfinite);
+      else if (t.q8.active())
         run_quant8<T>(t.param, t.grad, t.q8, maps, ch.begin, ch.end, fn, clipped, nonfinite);
       else
         run_dense<T>(t.param, t.grad, t.exp_avg, t.exp_avg_sq, ch.begin, ch.end, fn, clipped,
