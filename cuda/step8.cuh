@@ -28,6 +28,8 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../cpp/spam/cpu_chunks.h"  // dispatch_dtype
@@ -75,6 +77,18 @@ void fill_q8_ptrs(Args& a, int slot, const TensorRef& param, const TensorRef& gr
   a.ptr[kQ8VAbsmax][slot] = q.v_absmax;
 }
 
+// Whether a tensor of a call is a packed 4-bit weight (only dense-step tensors can be).
+template <typename Tensor, typename = void>
+struct HasPacked : std::false_type {};
+template <typename Tensor>
+struct HasPacked<Tensor, std::void_t<decltype(std::declval<const Tensor&>().q4)>> : std::true_type {};
+
+template <typename Tensor>
+bool is_packed(const Tensor& t) {
+  if constexpr (HasPacked<Tensor>::value) return t.q4.active();
+  return false;
+}
+
 // Tensors of a call split by (storage dtype, 8-bit moments), call order kept within a group,
 // packed 4-bit weights left out (the caller launches them through packed_step.cuh);
 // group index = 2 * dtype + q8. fn(tag, q8, order) runs for each non-empty group.
@@ -82,7 +96,7 @@ template <typename Tensors, typename Fn>
 void for_each_kind(const Tensors& tensors, Fn&& fn) {
   std::vector<std::vector<int>> groups(6);
   for (int i = 0; i < static_cast<int>(tensors.size()); ++i) {
-    if (tensors[i].q4.active()) continue;  // packed 4-bit weights: packed_step.cu
+    if (is_packed(tensors[i])) continue;  // packed 4-bit weights: packed_step.cu
     groups[2 * static_cast<int>(tensors[i].param.dtype) + (tensors[i].q8.active() ? 1 : 0)]
         .push_back(i);
   }
