@@ -19,6 +19,7 @@
 #include "../math.h"
 #include "../sparse_subset.h"
 #include "moment_loops.h"
+#include "spam_fn.h"
 #include "sparse_windows.h"
 
 #if defined(__AVX512F__)
@@ -165,17 +166,10 @@ bool sparse_block(const SparseSpamTensor& t, int64_t c, const SpamHyper& h, cons
     }
   }
 
-  const float scale = t.update_scale;
   float m[kQuantBlock], v[kQuantBlock];
-  int64_t n_clip = 0, n_bad = 0;
   if (t.q8.active()) {
-    const float m_scale = t.q8.m_absmax[c], v_scale = t.q8.v_absmax[c];
-    const uint8_t* __restrict mc = t.q8.m_codes + j0;
-    const uint8_t* __restrict vc = t.q8.v_codes + j0;
-    for (int j = 0; j < n; ++j) {
-      m[j] = dequantize_code(mc[j], m_scale, maps.m);
-      v[j] = dequantize_code(vc[j], v_scale, maps.v);
-    }
+    dequantize_run(t.q8.m_codes + j0, m, n, t.q8.m_absmax[c], maps.m);
+    dequantize_run(t.q8.v_codes + j0, v, n, t.q8.v_absmax[c], maps.v);
   } else {
     const T* __restrict ms = static_cast<const T*>(t.exp_avg.data) + j0;
     const T* __restrict vs = static_cast<const T*>(t.exp_avg_sq.data) + j0;
@@ -184,11 +178,7 @@ bool sparse_block(const SparseSpamTensor& t, int64_t c, const SpamHyper& h, cons
       v[j] = Storage<T>::load(vs, j);
     }
   }
-  for (int j = 0; j < n; ++j) {
-    const ElementFlags f = spam_element(pv[j], gv[j], m[j], v[j], h, scale);
-    n_clip += f.clipped;
-    n_bad += f.nonfinite;
-  }
+  element_block(pv, gv, m, v, n, spam_fn(h, t.update_scale), clipped, nonfinite);
   if constexpr (kUseWindows<T>) {
 #if defined(__AVX2__)
     scatter_windows(windows, t.block_starts[c], t.param.numel, pv, reinterpret_cast<float*>(p));
@@ -196,8 +186,6 @@ bool sparse_block(const SparseSpamTensor& t, int64_t c, const SpamHyper& h, cons
   } else {
     for (int j = 0; j < n; ++j) Storage<T>::store(p, idx[j], pv[j]);
   }
-  clipped += n_clip;
-  nonfinite += n_bad;
   if (t.q8.active()) {
     float new_m = 0.0f, new_v = 0.0f;
     int nans = 0;
