@@ -2,9 +2,8 @@
 // the subset hash exposed for tests. Converts and checks arguments, then calls cpp/spam with
 // the GIL released. No arithmetic lives here beyond reading the per-tensor subset scalars.
 //
-// Per tensor: the full-size parameter and gradient; compact moments (K values in the
-// parameter dtype, or K uint8 codes plus ceil(K/256) float32 absmax); block_starts
-// (int64 [ceil(K/256)]); subset (int64 [4]: seed, t_hash, t_index, numel; sparse_subset.h).
+// Per tensor the buffers of sparse_convert.h, and subset (int64 [4]: seed, t_hash, t_index,
+// numel; sparse_subset.h), read here on the host.
 #include <nanobind/stl/vector.h>
 
 #include <limits>
@@ -12,6 +11,7 @@
 #include "../spam/cpu_ops.h"
 #include "../spam/sparse_subset.h"
 #include "convert.h"
+#include "sparse_convert.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -41,54 +41,23 @@ void sparse_spam_step(const ArrayList& params, const ArrayList& grads, const Arr
                       const ArrayList& v_map, double beta1, double one_minus_beta1, double beta2,
                       double one_minus_beta2, double eps, double clip_threshold,
                       double weight_decay_scale, int reset, bool skip_nonfinite) {
-  const size_t n = params.size();
-  check_lengths(n, grads.size(), "grads");
-  check_lengths(n, exp_avgs.size(), "exp_avgs");
-  check_lengths(n, exp_avg_sqs.size(), "exp_avg_sqs");
-  check_lengths(n, absmax_m.size(), "absmax_m");
-  check_lengths(n, absmax_v.size(), "absmax_v");
-  check_lengths(n, block_starts.size(), "block_starts");
-  check_lengths(n, subsets.size(), "subsets");
-  check_lengths(n, update_scales.size(), "update_scales");
   int64_t* ctr = typed_buffer<int64_t>(counters, kCpu, spam::Counters::kCount, "counters");
-  std::vector<spam::SparseSpamTensor> tensors;
+  SameDevice dev;
   bool any_q8 = false;
-  for (size_t i = 0; i < n; ++i) {
-    spam::SparseSpamTensor t{};
-    t.param = float_ref(params[i], kCpu, describe("params", i));
-    t.grad = float_ref(grads[i], kCpu, describe("grads", i));
-    check_same(t.param, t.grad, describe("grads", i));
-    if (t.param.numel > std::numeric_limits<uint32_t>::max())
-      throw nb::value_error((describe("params", i) + ": sparse momentum supports parameters "
-                             "of fewer than 2^32 elements").c_str());
-    t.subset = read_subset(subsets[i], t.param.numel, i);
-    const int64_t k = static_cast<int64_t>(exp_avgs[i].size());
-    if (k > t.param.numel)
-      throw nb::value_error((describe("exp_avgs", i) + ": more compact values than elements").c_str());
-    const int64_t blocks = (k + spam::kQuantBlock - 1) / spam::kQuantBlock;
-    t.compact = k;
-    t.block_starts = typed_buffer<int64_t>(block_starts[i], kCpu, blocks, describe("block_starts", i));
-    if (static_cast<int64_t>(block_starts[i].size()) != blocks)
-      throw nb::value_error((describe("block_starts", i) + ": need one entry per 256 compact "
-                             "values").c_str());
-    for (int64_t b = 0; b < blocks; ++b)
-      if (t.block_starts[b] < 0 || t.block_starts[b] >= t.param.numel)
+  const std::vector<SparseBuffers> buffers =
+      convert_sparse_buffers(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v, block_starts,
+                             subsets, update_scales, kCpu, dev, any_q8);
+  std::vector<spam::SparseSpamTensor> tensors;
+  tensors.reserve(buffers.size());
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    const SparseBuffers& b = buffers[i];
+    // The CPU kernel walks from these indices: check them here (the CUDA kernel clamps them).
+    for (int64_t c = 0; c * spam::kQuantBlock < b.compact; ++c)
+      if (b.block_starts[c] < 0 || b.block_starts[c] >= b.param.numel)
         throw nb::value_error((describe("block_starts", i) + ": index out of range").c_str());
-    t.update_scale = static_cast<float>(update_scales[i]);
-    if (exp_avgs[i].dtype() == nb::dtype<uint8_t>()) {
-      SameDevice dev;
-      t.q8 = convert_q8_moments(exp_avgs[i], exp_avg_sqs[i], absmax_m[i], absmax_v[i], k, kCpu, dev, i);
-      any_q8 = true;
-    } else {
-      t.exp_avg = float_ref(exp_avgs[i], kCpu, describe("exp_avgs", i));
-      t.exp_avg_sq = float_ref(exp_avg_sqs[i], kCpu, describe("exp_avg_sqs", i));
-      if (t.exp_avg.dtype != t.param.dtype || t.exp_avg_sq.dtype != t.param.dtype)
-        throw nb::type_error((describe("exp_avgs", i) + ": compact moments must have the "
-                              "parameter's dtype").c_str());
-      if (t.exp_avg_sq.numel != k)
-        throw nb::value_error((describe("exp_avg_sqs", i) + ": m and v differ in length").c_str());
-    }
-    tensors.push_back(t);
+    tensors.push_back(spam::SparseSpamTensor{b.param, b.grad, b.exp_avg, b.exp_avg_sq, b.compact,
+                                             b.block_starts, read_subset(subsets[i], b.param.numel, i),
+                                             b.update_scale, b.q8});
   }
   spam::QuantMaps maps{};
   if (any_q8) maps = spam::QuantMaps{convert_map(m_map, kCpu, "m_map"), convert_map(v_map, kCpu, "v_map")};

@@ -12,6 +12,7 @@
 
 #include "../spam/cuda_sparse_api.h"
 #include "convert.h"
+#include "sparse_convert.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -30,59 +31,21 @@ void sparse_spam_step(const ArrayList& params, const ArrayList& grads, const Arr
                       double one_minus_beta2, double eps, double clip_threshold,
                       double weight_decay_scale, int reset, bool skip_nonfinite,
                       uintptr_t stream) {
-  const size_t n = params.size();
-  check_lengths(n, grads.size(), "grads");
-  check_lengths(n, exp_avgs.size(), "exp_avgs");
-  check_lengths(n, exp_avg_sqs.size(), "exp_avg_sqs");
-  check_lengths(n, absmax_m.size(), "absmax_m");
-  check_lengths(n, absmax_v.size(), "absmax_v");
-  check_lengths(n, block_starts.size(), "block_starts");
-  check_lengths(n, subsets.size(), "subsets");
-  check_lengths(n, update_scales.size(), "update_scales");
   SameDevice dev;
   int64_t* ctr = typed_buffer<int64_t>(counters, kCuda, spam::Counters::kCount, "counters");
   dev.check(counters, "counters");
-  std::vector<spam::CudaSparseSpamTensor> tensors;
-  tensors.reserve(n);
   bool any_q8 = false;
-  for (size_t i = 0; i < n; ++i) {
-    spam::CudaSparseSpamTensor t{};
-    t.param = float_ref(params[i], kCuda, describe("params", i));
-    t.grad = float_ref(grads[i], kCuda, describe("grads", i));
-    dev.check(params[i], describe("params", i));
-    dev.check(grads[i], describe("grads", i));
-    check_same(t.param, t.grad, describe("grads", i));
-    if (t.param.numel > std::numeric_limits<uint32_t>::max())
-      throw nb::value_error((describe("params", i) + ": sparse momentum supports parameters "
-                             "of fewer than 2^32 elements").c_str());
-    t.subset = typed_buffer<int64_t>(subsets[i], kCuda, 4, describe("subsets", i));
+  const std::vector<SparseBuffers> buffers =
+      convert_sparse_buffers(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v, block_starts,
+                             subsets, update_scales, kCuda, dev, any_q8);
+  std::vector<spam::CudaSparseSpamTensor> tensors;
+  tensors.reserve(buffers.size());
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    const SparseBuffers& b = buffers[i];
+    const int64_t* subset = typed_buffer<int64_t>(subsets[i], kCuda, 4, describe("subsets", i));
     dev.check(subsets[i], describe("subsets", i));
-    const int64_t k = static_cast<int64_t>(exp_avgs[i].size());
-    if (k > t.param.numel)
-      throw nb::value_error((describe("exp_avgs", i) + ": more compact values than elements").c_str());
-    const int64_t blocks = (k + spam::kQuantBlock - 1) / spam::kQuantBlock;
-    t.compact = k;
-    t.block_starts = typed_buffer<int64_t>(block_starts[i], kCuda, blocks, describe("block_starts", i));
-    dev.check(block_starts[i], describe("block_starts", i));
-    if (static_cast<int64_t>(block_starts[i].size()) != blocks)
-      throw nb::value_error((describe("block_starts", i) + ": need one entry per 256 compact "
-                             "values").c_str());
-    t.update_scale = static_cast<float>(update_scales[i]);
-    if (exp_avgs[i].dtype() == nb::dtype<uint8_t>()) {
-      t.q8 = convert_q8_moments(exp_avgs[i], exp_avg_sqs[i], absmax_m[i], absmax_v[i], k, kCuda, dev, i);
-      any_q8 = true;
-    } else {
-      t.exp_avg = float_ref(exp_avgs[i], kCuda, describe("exp_avgs", i));
-      t.exp_avg_sq = float_ref(exp_avg_sqs[i], kCuda, describe("exp_avg_sqs", i));
-      dev.check(exp_avgs[i], describe("exp_avgs", i));
-      dev.check(exp_avg_sqs[i], describe("exp_avg_sqs", i));
-      if (t.exp_avg.dtype != t.param.dtype || t.exp_avg_sq.dtype != t.param.dtype)
-        throw nb::type_error((describe("exp_avgs", i) + ": compact moments must have the "
-                              "parameter's dtype").c_str());
-      if (t.exp_avg_sq.numel != k)
-        throw nb::value_error((describe("exp_avg_sqs", i) + ": m and v differ in length").c_str());
-    }
-    tensors.push_back(t);
+    tensors.push_back(spam::CudaSparseSpamTensor{b.param, b.grad, b.exp_avg, b.exp_avg_sq, b.compact,
+                                                 b.block_starts, subset, b.update_scale, b.q8});
   }
   spam::QuantMaps maps{};
   if (any_q8) {
