@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["sparse_param_groups", "density_for_galore_rank"]
+__all__ = ["sparse_param_groups", "density_for_galore_rank", "density_for_shapes"]
 
 DEFAULT_TARGETS = ("attn", "mlp", "attention")
 
@@ -45,26 +45,35 @@ def sparse_param_groups(model: nn.Module, density: float, targets: Iterable[str]
     return groups
 
 
-def density_for_galore_rank(model: nn.Module, rank: int, targets: Iterable[str] = DEFAULT_TARGETS) -> float:
-    """The density whose optimizer state matches GaLore at ``rank`` (ALGORITHMS.md §3):
+def density_for_shapes(shapes: Iterable[tuple[int, int]], rank: int) -> float:
+    """The density whose optimizer state matches GaLore at ``rank`` on matrices of these shapes
+    (ALGORITHMS.md §3):
 
         d = sum_W [2 r max(m, n) + r min(m, n)] / sum_W [2 m n]
 
-    over the targeted projection weights W (m x n): GaLore's two projected Adam moments plus
-    its projector, against two dense moments. r = 128 on LLaMA-60M gives 0.3225388601, r = 256
-    on LLaMA-130M 0.4305555556 (the authors' logged values).
+    GaLore's two projected Adam moments plus its projector, against two dense moments. ``r`` is
+    clamped to ``min(m, n)`` per matrix (GaLore cannot project past it) and the result to 1.
     """
     if rank <= 0:
         raise ValueError(f"Invalid rank: {rank} (expected > 0)")
     num = den = 0
-    seen = set()
-    for lin in _target_linears(model, targets):
-        if id(lin.weight) in seen:
-            continue
-        seen.add(id(lin.weight))
-        m, n = lin.weight.shape
-        num += 2 * rank * max(m, n) + rank * min(m, n)
+    for m, n in shapes:
+        r = min(rank, m, n)
+        num += 2 * r * max(m, n) + r * min(m, n)
         den += 2 * m * n
     if den == 0:
+        raise ValueError("density_for_galore_rank: no projection matrices to match")
+    return min(1.0, num / den)
+
+
+def density_for_galore_rank(model: nn.Module, rank: int, targets: Iterable[str] = DEFAULT_TARGETS) -> float:
+    """:func:`density_for_shapes` over the targeted projection weights of ``model`` (each shared
+    weight once). r = 128 on LLaMA-60M gives 0.3225388601, r = 256 on LLaMA-130M 0.4305555556
+    (the authors' logged values).
+    """
+    seen: dict[int, tuple[int, int]] = {}
+    for lin in _target_linears(model, targets):
+        seen.setdefault(id(lin.weight), tuple(lin.weight.shape))  # type: ignore[arg-type]
+    if not seen and rank > 0:
         raise ValueError("density_for_galore_rank: the model has no nn.Linear matching the targets")
-    return num / den
+    return density_for_shapes(seen.values(), rank)

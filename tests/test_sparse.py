@@ -340,3 +340,14 @@ def test_sparse_param_groups_and_galore_density() -> None:
     opt.step()
     assert "subset" in opt.state[model.layers[0].mlp.up_proj.weight]
     assert "subset" not in opt.state[model.lm_head.weight]
+
+
+def test_density_for_shapes_formula_clamp_and_errors() -> None:
+    from spam_lowmem.sparse import density_for_shapes
+
+    assert density_for_shapes([(8, 4)], 2) == (2 * 2 * 8 + 2 * 4) / (2 * 8 * 4)  # 0.625
+    assert density_for_shapes([(4, 4)], 100) == 1.0  # rank clamped to 4, density capped at 1
+    with pytest.raises(ValueError, match="rank"):
+        density_for_shapes([(8, 4)], 0)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        sl.density_for_galore_rank(torch.nn.Sequential(torch.nn.LayerNorm(4)), 8)

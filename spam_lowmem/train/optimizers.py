@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..sparse import density_for_shapes
 from .errors import UsageError
 from .model import PROJECTIONS, ModelSpec, projection_shapes
 
@@ -44,21 +45,11 @@ def split_projection_params(model: torch.nn.Module) -> tuple[list[torch.nn.Param
 
 
 def density_from_shapes(shapes: Iterable[tuple[int, int]], rank: int) -> float:
-    """d = Σ_W [2·r·max(m,n) + r·min(m,n)] / Σ_W [2·m·n] (ALGORITHMS.md §3).
-
-    The numerator is GaLore's two projected Adam states plus its projector, the denominator
-    Adam's two full states. ``r`` is clamped to ``min(m, n)`` per matrix; the result to 1.
-    """
-    if rank <= 0:
-        raise UsageError(f"GaLore rank must be > 0, got {rank}")
-    num = den = 0
-    for m, n in shapes:
-        r = min(rank, m, n)
-        num += 2 * r * max(m, n) + r * min(m, n)
-        den += 2 * m * n
-    if den == 0:
-        raise UsageError("no projection matrices to match")
-    return min(1.0, num / den)
+    """:func:`spam_lowmem.sparse.density_for_shapes`, with bad input as a UsageError."""
+    try:
+        return density_for_shapes(shapes, rank)
+    except ValueError as exc:
+        raise UsageError(f"GaLore-matched density: {exc}") from exc
 
 
 def density_for_galore_rank(model: torch.nn.Module | ModelSpec, rank: int) -> float:
