@@ -68,7 +68,7 @@ def test_8bit_buffers_are_checked() -> None:
                      to_dlpack(torch.zeros(2, dtype=torch.int64)),
                      *[[to_dlpack(t) for t in (q.values, q.midpoints, q.buckets)]
                        for q in (quant_map(True), quant_map(False))], **KW)
-    with pytest.raises(ValueError, match="exp_avgs\[0\]: buffer too small"):
+    with pytest.raises(ValueError, match=r"exp_avgs\[0\]: buffer too small"):
         _C.spam_step([to_dlpack(p)], [to_dlpack(g)], [to_dlpack(codes[:299].clone())],
                      [to_dlpack(codes.clone())], [to_dlpack(absmax)], [to_dlpack(absmax.clone())],
                      [0.1], to_dlpack(torch.zeros(2, dtype=torch.int64)),
