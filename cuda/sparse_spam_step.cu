@@ -98,8 +98,9 @@ __device__ __forceinline__ void sparse_block(const SparseSlot& t, int64_t c, con
   const T* __restrict__ g = static_cast<const T*>(t.grad);
   T* __restrict__ m = static_cast<T*>(t.m) + j0;  // dense values only
   T* __restrict__ v = static_cast<T*>(t.v) + j0;
-  const uint8_t* __restrict__ m_codes = static_cast<const uint8_t*>(t.m) + j0;  // 8-bit only
-  const uint8_t* __restrict__ v_codes = static_cast<const uint8_t*>(t.v) + j0;
+  // 8-bit only. Not __restrict__: the same codes are rewritten through mc / vc below.
+  const uint8_t* m_codes = static_cast<const uint8_t*>(t.m) + j0;
+  const uint8_t* v_codes = static_cast<const uint8_t*>(t.v) + j0;
   if constexpr (kQ8) {
     const float m_scale = t.m_absmax[c], v_scale = t.v_absmax[c];
     for (int j = lane; j < n; j += kWarpSize) {
@@ -171,8 +172,8 @@ __device__ __forceinline__ void sparse_block(const SparseSlot& t, int64_t c, con
       t.v_absmax[c] = v_max;
     }
     const float m_div = quant_divisor(m_max), v_div = quant_divisor(v_max);
-    uint8_t* __restrict__ mc = static_cast<uint8_t*>(t.m) + j0;
-    uint8_t* __restrict__ vc = static_cast<uint8_t*>(t.v) + j0;
+    uint8_t* mc = static_cast<uint8_t*>(t.m) + j0;
+    uint8_t* vc = static_cast<uint8_t*>(t.v) + j0;
     for (int j = lane; j < n; j += kWarpSize) {
       mc[j] = quantize_code(stage[0][j] / m_div, m_map);
       vc[j] = quantize_code(stage[1][j] / v_div, v_map);
