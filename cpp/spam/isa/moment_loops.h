@@ -111,6 +111,31 @@ void run_dense(const TensorRef& param, const TensorRef& grad, const TensorRef& e
   }
 }
 
+// The new per-block absmax of updated (dequantised) moments and their codes: the second half of
+// every 8-bit step, dense or sparse.
+inline void requantize_block(const float* __restrict m, const float* __restrict v, int n,
+                             uint8_t* __restrict m_codes, uint8_t* __restrict v_codes,
+                             float& m_absmax, float& v_absmax, const QuantMaps& maps) {
+  float new_m = 0.0f, new_v = 0.0f;
+  int nans = 0;
+#pragma omp simd reduction(max : new_m, new_v) reduction(+ : nans)
+  for (int i = 0; i < n; ++i) {
+    new_m = std::max(new_m, std::fabs(m[i]));
+    new_v = std::max(new_v, v[i]);
+    nans += (m[i] != m[i]) | (v[i] != v[i]);
+  }
+  if (nans) {  // a NaN moment ("propagate" policy) must poison its block, not vanish
+    for (int i = 0; i < n; ++i) {
+      new_m = sticky_max(new_m, std::fabs(m[i]));
+      new_v = sticky_max(new_v, v[i]);
+    }
+  }
+  m_absmax = new_m;
+  v_absmax = new_v;
+  quantize_run(m, m_codes, n, quant_divisor(new_m), maps.m);
+  quantize_run(v, v_codes, n, quant_divisor(new_v), maps.v);
+}
+
 // [begin, end) starts on a block boundary (chunks are multiples of kQuantBlock).
 template <typename T, typename Fn>
 void run_quant8(const TensorRef& param, const TensorRef& grad, const Quant8Moments& q,
@@ -133,25 +158,7 @@ void run_quant8(const TensorRef& param, const TensorRef& grad, const Quant8Momen
     dequantize_run(m_codes + b0, m, n, m_scale, m_map);
     dequantize_run(v_codes + b0, v, n, v_scale, v_map);
     element_block(p + b0, g + b0, m, v, n, fn, clipped, nonfinite);
-    float new_m = 0.0f, new_v = 0.0f;
-    int nans = 0;
-#pragma omp simd reduction(max : new_m, new_v) reduction(+ : nans)
-    for (int i = 0; i < n; ++i) {
-      new_m = std::max(new_m, std::fabs(m[i]));
-      new_v = std::max(new_v, v[i]);
-      nans += (m[i] != m[i]) | (v[i] != v[i]);
-    }
-    if (nans) {  // a NaN moment ("propagate" policy) must poison its block, not vanish
-      for (int i = 0; i < n; ++i) {
-        new_m = sticky_max(new_m, std::fabs(m[i]));
-        new_v = sticky_max(new_v, v[i]);
-      }
-    }
-    m_absmax[block] = new_m;
-    v_absmax[block] = new_v;
-    const float m_div = quant_divisor(new_m), v_div = quant_divisor(new_v);
-    quantize_run(m, m_codes + b0, n, m_div, m_map);
-    quantize_run(v, v_codes + b0, n, v_div, v_map);
+    requantize_block(m, v, n, m_codes + b0, v_codes + b0, m_absmax[block], v_absmax[block], maps);
   }
 }
 

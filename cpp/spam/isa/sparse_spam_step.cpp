@@ -166,51 +166,24 @@ bool sparse_block(const SparseSpamTensor& t, int64_t c, const SpamHyper& h, cons
     }
   }
 
-  float m[kQuantBlock], v[kQuantBlock];
+  const auto fn = spam_fn(h, t.update_scale);
   if (t.q8.active()) {
+    float m[kQuantBlock], v[kQuantBlock];
     dequantize_run(t.q8.m_codes + j0, m, n, t.q8.m_absmax[c], maps.m);
     dequantize_run(t.q8.v_codes + j0, v, n, t.q8.v_absmax[c], maps.v);
-  } else {
-    const T* __restrict ms = static_cast<const T*>(t.exp_avg.data) + j0;
-    const T* __restrict vs = static_cast<const T*>(t.exp_avg_sq.data) + j0;
-    for (int j = 0; j < n; ++j) {
-      m[j] = Storage<T>::load(ms, j);
-      v[j] = Storage<T>::load(vs, j);
-    }
+    element_block(pv, gv, m, v, n, fn, clipped, nonfinite);
+    requantize_block(m, v, n, t.q8.m_codes + j0, t.q8.v_codes + j0, t.q8.m_absmax[c],
+                     t.q8.v_absmax[c], maps);
+  } else {  // compact moments in the parameter dtype, updated in place
+    element_block(pv, gv, static_cast<T*>(t.exp_avg.data) + j0, static_cast<T*>(t.exp_avg_sq.data) + j0,
+                  n, fn, clipped, nonfinite);
   }
-  element_block(pv, gv, m, v, n, spam_fn(h, t.update_scale), clipped, nonfinite);
   if constexpr (kUseWindows<T>) {
 #if defined(__AVX2__)
     scatter_windows(windows, t.block_starts[c], t.param.numel, pv, reinterpret_cast<float*>(p));
 #endif
   } else {
     for (int j = 0; j < n; ++j) Storage<T>::store(p, idx[j], pv[j]);
-  }
-  if (t.q8.active()) {
-    float new_m = 0.0f, new_v = 0.0f;
-    int nans = 0;
-    for (int j = 0; j < n; ++j) {
-      new_m = std::max(new_m, std::fabs(m[j]));
-      new_v = std::max(new_v, v[j]);
-      nans += (m[j] != m[j]) | (v[j] != v[j]);
-    }
-    if (nans) {  // a NaN moment ("propagate") poisons its block, as in the dense loop
-      for (int j = 0; j < n; ++j) {
-        new_m = sticky_max(new_m, std::fabs(m[j]));
-        new_v = sticky_max(new_v, v[j]);
-      }
-    }
-    t.q8.m_absmax[c] = new_m;
-    t.q8.v_absmax[c] = new_v;
-    quantize_run(m, t.q8.m_codes + j0, n, quant_divisor(new_m), maps.m);
-    quantize_run(v, t.q8.v_codes + j0, n, quant_divisor(new_v), maps.v);
-  } else {
-    T* __restrict ms = static_cast<T*>(t.exp_avg.data) + j0;
-    T* __restrict vs = static_cast<T*>(t.exp_avg_sq.data) + j0;
-    for (int j = 0; j < n; ++j) {
-      Storage<T>::store(ms, j, m[j]);
-      Storage<T>::store(vs, j, v[j]);
-    }
   }
   return true;
 }
