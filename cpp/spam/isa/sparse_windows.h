@@ -85,10 +85,13 @@ inline bool gather_windows(const SubsetRule& r, int64_t start, int64_t numel, in
     h = _mm256_mullo_epi32(h, c2);
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
     __m256i sel = _mm256_cmpgt_epi32(th_s, _mm256_xor_si256(h, sign));
-    if (r.t_index >= i) {  // the exact rule's tie-break reaches this window
+    const __m256i tied = _mm256_cmpeq_epi32(h, th);
+    // The exact rule's tie-break (h == t_hash, index <= t_index): tested only when a lane ties,
+    // which almost never happens, instead of masking every window before t_index.
+    if (__builtin_expect(!_mm256_testz_si256(tied, tied), 0) && r.t_index >= i) {
       const int64_t tie = r.t_index - i < 8 ? r.t_index - i : 8;
       const __m256i lane_ok = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(tie) + 1), lanes);
-      sel = _mm256_or_si256(sel, _mm256_and_si256(_mm256_cmpeq_epi32(h, th), lane_ok));
+      sel = _mm256_or_si256(sel, _mm256_and_si256(tied, lane_ok));
     }
     unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(sel)));
     int cnt = __builtin_popcount(mask);
