@@ -138,6 +138,16 @@ struct StepBuffers {
   bool any_q8 = false;
 };
 
+// Tensor i of a list (`what`[i] in messages), as a float TensorRef on `device_type`, checked to
+// share the call's device.
+inline TensorRef device_float_ref(const nb::ndarray<>& a, const char* what, size_t i, int device_type,
+                                  SameDevice& dev) {
+  const std::string name = describe(what, i);
+  TensorRef ref = float_ref(a, device_type, name);
+  dev.check(a, name);
+  return ref;
+}
+
 // `packed` (optional, one flag per tensor): tensor i is a packed 4-bit weight (PackedParam,
 // cpu_ops.h). Its params[i] is then an empty array that only names the working dtype; the
 // TensorRef gets the gradient's numel and no data, and its moments must be dense.
@@ -154,10 +164,7 @@ inline StepBuffers convert_step_buffers(const ArrayList& params, const ArrayList
   check_lengths(n, absmax_v.size(), "absmax_v");
   StepBuffers b;
   auto convert = [&](const nb::ndarray<>& a, const char* what, size_t i) {
-    const std::string name = describe(what, i);
-    TensorRef ref = float_ref(a, device_type, name);
-    dev.check(a, name);
-    return ref;
+    return device_float_ref(a, what, i, device_type, dev);
   };
   for (size_t i = 0; i < n; ++i) {
     const bool is_packed = packed && (*packed)[i];

@@ -38,9 +38,7 @@ inline std::vector<SparseBuffers> convert_sparse_buffers(
   check_lengths(n, subsets.size(), "subsets");
   check_lengths(n, update_scales.size(), "update_scales");
   auto full = [&](const nb::ndarray<>& a, const char* what, size_t i) {
-    TensorRef ref = float_ref(a, device_type, describe(what, i));
-    dev.check(a, describe(what, i));
-    return ref;
+    return device_float_ref(a, what, i, device_type, dev);
   };
   std::vector<SparseBuffers> out;
   out.reserve(n);

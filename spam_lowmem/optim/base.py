@@ -43,12 +43,6 @@ class DeviceBatch:
     copy_back: list[int] = field(default_factory=list)  # indices whose params are copies
     packed: list[PackedStep | None] = field(default_factory=list)  # fused 4-bit weights
 
-    def packed_args(self, bad: torch.Tensor) -> dict[str, Any]:
-        """``packed``/``packed_bad`` keywords of the core step (none if nothing is packed)."""
-        if all(item is None for item in self.packed):
-            return {}
-        return {"packed": self.packed, "packed_bad": bad}
-
     def moment_args(self, device: torch.device) -> dict[str, Any]:
         """Moment buffers (dense or 8-bit) of this batch, as the core step calls take them."""
         return moments.moment_args(self.states, device)
@@ -163,9 +157,10 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         return bad
 
     def _packed_args(self, group_index: int, device: torch.device, batch: DeviceBatch) -> dict[str, Any]:
+        """``packed``/``packed_bad`` keywords of the core step (none if nothing is packed)."""
         if all(item is None for item in batch.packed):
             return {}
-        return batch.packed_args(self._packed_bad(group_index, device))
+        return {"packed": batch.packed, "packed_bad": self._packed_bad(group_index, device)}
 
     def _after_packed_step(self, group_index: int, device: torch.device, kwargs: dict[str, Any]) -> None:
         """CPU: raise if a packed group could not be re-quantised (as requantize_ does); CUDA:
