@@ -86,7 +86,7 @@ def _capsules(tensors: Sequence[torch.Tensor]) -> list[object]:
 
 def _map_capsules(signed: bool, device: torch.device) -> list[object]:
     q = quant_map(signed, device)
-    return _capsules([q.values, q.midpoints, q.buckets])
+    return _capsules([q.values, q.midpoints, q.buckets, q.simd])
 
 
 def _common(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],

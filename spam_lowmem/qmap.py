@@ -10,8 +10,9 @@ parameters bitsandbytes and torchao use for their 8-bit optimizers):
 
 A value x of a block with absolute maximum A is stored as the code
 ``#{midpoints <= x / A}``: the nearest map value, ties going to the larger code.
-The C++/CUDA core receives the map, its midpoints and a bucket table that turns that count
-into one table read and one compare (see cpp/spam/quant8.h, which documents the layout).
+The C++/CUDA core receives the map, its midpoints, a bucket table that turns that count
+into one table read and one compare, and the byte tables of the AVX-512 VBMI kernels (see
+cpp/spam/quant8.h, which documents both layouts).
 """
 
 from __future__ import annotations
@@ -82,6 +83,68 @@ def _buckets(midpoints: torch.Tensor) -> torch.Tensor:
     return (packed - ((packed >> 31) << 32)).to(torch.int32)  # as the int32 bit pattern
 
 
+SIMD_BINADE_LOW = 96  # exponents below are one bucket: |x| < 2^-30, far below any midpoint
+# Byte offsets in the SIMD tables (the layout is drawn in cpp/spam/quant8.h).
+SIMD_BASE, SIMD_MIDS, SIMD_VALUES, SIMD_BYTES = 192, 704, 1728, 2752
+
+
+def _byte_planes(table: torch.Tensor) -> torch.Tensor:
+    """A float32 [256] table as 4 planes of 256 bytes: byte j of entry c at 256 * j + c."""
+    return table.contiguous().view(torch.uint8).view(256, 4).t().contiguous().flatten()
+
+
+def _simd_tables(signed: bool, values: torch.Tensor, midpoints: torch.Tensor) -> torch.Tensor:
+    """The byte tables of the AVX-512 VBMI kernels (layout in cpp/spam/quant8.h).
+
+    Buckets of |x|: each binade e in [96, 127] is cut by its top k mantissa bits, k the
+    smallest that leaves at most one midpoint per bucket (0 at both ends: the bottom bucket
+    holds every |x| < 2^-30, the top one [1, 2) and NaN). A bucket's entry is the number of
+    midpoints below it, so code = base + (midpoints[base] <= x).
+    """
+    positive = midpoints[midpoints > 0].view(torch.int32).to(torch.int64)
+    binade = torch.zeros(32, dtype=torch.int64)
+    starts: list[int] = []  # float bits of each positive bucket's smallest |x|
+    for e in range(SIMD_BINADE_LOW, 128):
+        inside = positive[(positive >> 23) == e]
+        k = 0
+        while torch.unique(inside >> (23 - k)).numel() != inside.numel():
+            k += 1
+        if e in (SIMD_BINADE_LOW, 127) and (k > 0 or inside.numel() > 0):
+            raise AssertionError("the end binades of the SIMD buckets must hold no midpoint")
+        offset = len(starts)
+        shift, delta = (31, offset) if k == 0 else (23 - k, offset - (e << k))
+        binade[e & 31] = (delta << 5) | shift
+        starts += [0 if e == SIMD_BINADE_LOW else (e << 23) | (j << (23 - k)) for j in range(2**k)]
+    lo = torch.tensor(starts, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    hi = torch.cat([lo[1:], torch.tensor([float("inf")])])
+    n = lo.numel()
+    base = torch.zeros(512, dtype=torch.int64)
+    base[:n] = torch.searchsorted(midpoints, lo, right=False)  # #{midpoints < lo}
+    if int((torch.searchsorted(midpoints, hi, right=False) - base[:n]).max()) > 1:
+        raise AssertionError("a SIMD quantisation bucket holds two midpoints")
+    if signed:  # x < 0: bucket(|x|) + 256 holds x in (-hi, -lo]: #{midpoints <= -hi} below it
+        if n > 256:
+            raise AssertionError("too many SIMD buckets for the signed map")
+        negative_or = 256
+        base[256:256 + n] = torch.searchsorted(midpoints, -hi, right=True)
+    else:  # the unsigned map: every x < 0 has code 0 (bucket 511, base 0)
+        if n > 511:
+            raise AssertionError("too many SIMD buckets for the unsigned map")
+        negative_or = 511
+    if int(base.max()) > 255:
+        raise AssertionError("SIMD bucket base out of range")
+    header = torch.zeros(48, dtype=torch.int32)
+    header[:32] = binade.to(torch.int32)
+    header[32] = negative_or
+    # the 256th midpoint is a NaN: no x, not even +inf (a NaN-absmax block divides by 1), reaches it
+    padded = torch.cat([midpoints, torch.tensor([float("nan")])])
+    tables = torch.cat([header.view(torch.uint8), base.to(torch.uint8), _byte_planes(padded),
+                        _byte_planes(values)])
+    assert tables.numel() == SIMD_BYTES and header.numel() * 4 == SIMD_BASE
+    assert SIMD_MIDS == SIMD_BASE + 512 and SIMD_VALUES == SIMD_MIDS + 1024
+    return tables
+
+
 @dataclass(frozen=True)
 class QuantMap:
     """A code map and the derived tables the core reads, on one device."""
@@ -89,6 +152,7 @@ class QuantMap:
     values: torch.Tensor  # float32 [256]
     midpoints: torch.Tensor  # float32 [256]: 255 midpoints, then +inf (a sentinel for the core)
     buckets: torch.Tensor  # int32 [2 * BUCKETS], packed (see _buckets)
+    simd: torch.Tensor  # uint8 [SIMD_BYTES]: the AVX-512 VBMI kernels' tables (_simd_tables)
     zero_code: int  # the code of 0.0 (what a fresh or reset block holds)
 
     def quantize_reference(self, normalized: torch.Tensor) -> torch.Tensor:
@@ -111,5 +175,7 @@ def quant_map(signed: bool, device: torch.device | str = "cpu") -> QuantMap:
         buckets = _buckets(midpoints)
         zero_code = int(torch.searchsorted(midpoints, torch.zeros(1), right=True))
         padded = torch.cat([midpoints, torch.tensor([float("inf")])])
-        _CACHE[key] = QuantMap(values.to(device), padded.to(device), buckets.to(device), zero_code)
+        simd = _simd_tables(signed, values, midpoints)
+        _CACHE[key] = QuantMap(values.to(device), padded.to(device), buckets.to(device),
+                               simd.to(device), zero_code)
     return _CACHE[key]

@@ -79,4 +79,4 @@ def test_8bit_buffers_are_checked() -> None:
 
 def test_cpu_module_reports_threads_and_isa() -> None:
     assert _C.num_threads() >= 1
-    assert _C.isa() in ("baseline", "avx2", "avx512")
+    assert _C.isa() in ("baseline", "avx2", "avx512", "avx512vbmi")

@@ -11,7 +11,8 @@ import torch
 
 import spam_lowmem as sl
 from spam_lowmem import functional as F
-from spam_lowmem.qmap import BLOCK_SIZE, dynamic_map, quant_map
+from spam_lowmem.qmap import (BLOCK_SIZE, SIMD_BASE, SIMD_BINADE_LOW, SIMD_MIDS, SIMD_VALUES, QuantMap,
+                               dynamic_map, quant_map)
 from spam_lowmem.reference import ReferenceSPAM, ReferenceStableSPAM
 from spam_lowmem.reference.moments import quantize_blocks
 from spam_lowmem.testing import gradient_stream
@@ -56,8 +57,11 @@ def test_ties_go_to_the_larger_code_and_every_bucket_edge(signed: bool) -> None:
     # exact midpoints (ties) and their float neighbours, bucket edges, and the extremes
     edges = torch.arange(0, 24 * 256 + 1, dtype=torch.int64) + ((127 - 24) << 8)
     edge_vals = (edges << 15).to(torch.int32).view(torch.float32)
+    # powers of two 2^-40 .. 1 and their neighbours: the binade edges of the SIMD buckets
+    powers = torch.tensor([2.0**-k for k in range(41)])
+    powers = torch.cat([powers, torch.nextafter(powers, torch.tensor(2.0)), torch.nextafter(powers, torch.tensor(0.0))])
     probes = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
-                        edge_vals, -edge_vals, torch.tensor([0.0, -0.0, 1.0, -1.0])])
+                        edge_vals, -edge_vals, powers, -powers, torch.tensor([0.0, -0.0, 1.0, -1.0])])
     probes = probes[(probes >= (-1.0 if signed else 0.0)) & (probes <= 1.0)]
     # put each probe in its own block next to a 1.0 so that absmax = 1 and x/absmax = x
     blocks = torch.zeros(probes.numel(), BLOCK_SIZE)
@@ -67,6 +71,51 @@ def test_ties_go_to_the_larger_code_and_every_bucket_edge(signed: bool) -> None:
     assert torch.equal(got, q.quantize_reference(probes))
     on_mid = torch.isin(probes, mids)
     assert torch.equal(got[on_mid].long(), torch.searchsorted(mids, probes[on_mid], right=True))
+
+
+def _simd_codes(q: QuantMap, x: torch.Tensor) -> torch.Tensor:
+    """The AVX-512 VBMI kernels' lookup (cpp/spam/isa/quant8_vbmi.h) written in torch over
+    the same tables: bucket from the binade table, code = base + (midpoints[base] <= x)."""
+    t = q.simd
+    binade = t[:128].view(torch.int32).long()
+    negative_or = int(t[128:132].view(torch.int32))
+    base = t[SIMD_BASE:SIMD_BASE + 512].long()
+    planes = t[SIMD_MIDS:SIMD_MIDS + 1024].view(4, 256).t().contiguous()
+    mids = planes.view(torch.float32).flatten()
+    bits = x.view(torch.int32).long() & 0xFFFFFFFF
+    magnitude = bits & 0x7FFFFFFF
+    entry = binade[(magnitude >> 23).clamp(SIMD_BINADE_LOW, 127) & 31]
+    bucket = (magnitude >> (entry & 31)) + (entry >> 5)
+    negative = (bits >> 31) == 1
+    bucket = torch.where(negative, bucket | negative_or, bucket)
+    b = base[bucket]
+    return (b + (mids[b] <= x).long()).to(torch.uint8)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_simd_tables_give_the_nearest_code(signed: bool) -> None:
+    """The byte tables qmap builds for the VBMI kernels, checked on every CPU (the kernels
+    themselves only run where VBMI exists; test_cpu_isa.py compares them with the others)."""
+    q = quant_map(signed)
+    mids = q.midpoints[:-1]
+    gen = torch.Generator().manual_seed(1)
+    powers = torch.tensor([2.0**-k for k in range(150)])
+    bits = torch.randint(0, 2**31, (100_000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    probes = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
+                        q.values, powers, torch.nextafter(powers, torch.tensor(2.0)),
+                        torch.nextafter(powers, torch.tensor(0.0)), torch.rand(100_000, generator=gen),
+                        torch.rand(100_000, generator=gen) ** 12, bits.view(torch.float32).abs()])
+    # |x| > 1 too: a block whose absmax is NaN is divided by 1 (quant_divisor)
+    probes = torch.cat([probes[probes <= 1.0], torch.tensor([2.5, 1e30, float("inf")])])
+    probes = torch.cat([probes, -probes, torch.tensor([0.0, -0.0])])
+    assert torch.equal(_simd_codes(q, probes), q.quantize_reference(probes))
+    # NaN, as quantize_code: +NaN in the bucket of 1.0, -NaN in that of -1.0
+    nan = torch.tensor([float("nan")])
+    got = _simd_codes(q, torch.cat([nan, -nan]))
+    assert got.tolist() == [255, 0]
+    # the dequantisation planes hold the map itself
+    value_planes = q.simd[SIMD_VALUES:SIMD_VALUES + 1024].view(4, 256).t().contiguous()
+    assert torch.equal(value_planes.view(torch.float32).flatten(), q.values)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

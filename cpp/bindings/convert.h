@@ -199,14 +199,16 @@ inline StepBuffers convert_step_buffers(const ArrayList& params, const ArrayList
   return b;
 }
 
-// A code map as [values f32[256], midpoints f32[256], buckets i32[2*kQuantBuckets]] (quant8.h).
+// A code map as [values f32[256], midpoints f32[256], buckets i32[2*kQuantBuckets],
+// simd u8[kQuantSimdBytes]] (quant8.h).
 inline QuantMap convert_map(const ArrayList& parts, int device_type, const char* name) {
-  if (parts.size() != 3)
-    throw nb::value_error((std::string(name) + ": expected [values, midpoints, buckets]").c_str());
+  if (parts.size() != 4)
+    throw nb::value_error((std::string(name) + ": expected [values, midpoints, buckets, simd]").c_str());
   const std::string n(name);
   return QuantMap{typed_buffer<float>(parts[0], device_type, kQuantCodes, n + ".values"),
                   typed_buffer<float>(parts[1], device_type, kQuantCodes, n + ".midpoints"),
-                  typed_buffer<int32_t>(parts[2], device_type, 2 * kQuantBuckets, n + ".buckets")};
+                  typed_buffer<int32_t>(parts[2], device_type, 2 * kQuantBuckets, n + ".buckets"),
+                  typed_buffer<uint8_t>(parts[3], device_type, kQuantSimdBytes, n + ".simd")};
 }
 
 inline MomentReset to_reset(int reset) {

@@ -1,6 +1,9 @@
 // cpu_dispatch.cpp — run-time choice of the CPU kernel build (see cpu_isa.h).
 #include "cpu_isa.h"
 
+#include <cstdlib>
+#include <cstring>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -8,21 +11,46 @@
 namespace spam {
 namespace {
 
-enum class Isa { kBaseline, kAvx2, kAvx512 };
+enum class Isa { kBaseline, kAvx2, kAvx512, kAvx512Vbmi };
+
+const char* isa_name(Isa i) {
+  switch (i) {
+    case Isa::kAvx512Vbmi: return "avx512vbmi";
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
 
 Isa detect_isa() {
 #if defined(SPAM_HAVE_X86_ISAS) && (defined(__x86_64__) || defined(__i386__))
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    if (__builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2") &&
+        __builtin_cpu_supports("bmi2"))
+      return Isa::kAvx512Vbmi;
     return Isa::kAvx512;
+  }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return Isa::kAvx2;
 #endif
   return Isa::kBaseline;
 }
 
+// SPAM_LOWMEM_CPU_ISA=baseline|avx2|avx512|avx512vbmi caps the choice (tests compare the
+// builds; benchmarks measure one). A name above what the CPU runs, or unknown, is ignored:
+// running an unsupported build would crash, and the cap is an experiment, not a requirement.
+Isa chosen_isa() {
+  const Isa best = detect_isa();
+  const char* cap = std::getenv("SPAM_LOWMEM_CPU_ISA");
+  if (cap == nullptr) return best;
+  for (Isa i : {Isa::kBaseline, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vbmi})
+    if (std::strcmp(cap, isa_name(i)) == 0 && static_cast<int>(i) <= static_cast<int>(best)) return i;
+  return best;
+}
+
 Isa isa() {
-  static const Isa chosen = detect_isa();
+  static const Isa chosen = chosen_isa();
   return chosen;
 }
 
@@ -32,6 +60,7 @@ Isa isa() {
 #if defined(SPAM_HAVE_X86_ISAS)
 #define SPAM_DISPATCH(fn, ...)                                              \
   do {                                                                      \
+    if (isa() == Isa::kAvx512Vbmi) return isa_avx512vbmi::fn(__VA_ARGS__);  \
     if (isa() == Isa::kAvx512) return isa_avx512::fn(__VA_ARGS__);          \
     if (isa() == Isa::kAvx2) return isa_avx2::fn(__VA_ARGS__);              \
     return isa_baseline::fn(__VA_ARGS__);                                   \
@@ -69,13 +98,7 @@ void cpu_dequantize_blockwise(const uint8_t* codes, const float* absmax, const T
   SPAM_DISPATCH(cpu_dequantize_blockwise, codes, absmax, out, m);
 }
 
-const char* cpu_isa_name() {
-  switch (isa()) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "baseline";
-  }
-}
+const char* cpu_isa_name() { return isa_name(isa()); }
 
 int cpu_num_threads() {
 #ifdef _OPENMP

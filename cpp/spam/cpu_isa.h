@@ -1,5 +1,6 @@
 // cpu_isa.h — the CPU kernels are compiled once per instruction set (baseline, AVX2,
-// AVX-512) into separate namespaces; cpu_dispatch.cpp picks one at run time from cpuid.
+// AVX-512, AVX-512 + VBMI) into separate namespaces; cpu_dispatch.cpp picks one at run time
+// from cpuid (or a lower one named by SPAM_LOWMEM_CPU_ISA, for tests and comparisons).
 // This keeps wheels portable while matching torch's own AVX-512 kernels in speed.
 //
 // A kernel translation unit is compiled with -DSPAM_CPU_ISA=<namespace> and defines
@@ -32,6 +33,7 @@ namespace spam {
 SPAM_DECLARE_CPU_KERNELS(isa_baseline)
 SPAM_DECLARE_CPU_KERNELS(isa_avx2)
 SPAM_DECLARE_CPU_KERNELS(isa_avx512)
+SPAM_DECLARE_CPU_KERNELS(isa_avx512vbmi)
 #undef SPAM_DECLARE_CPU_KERNELS
 
 }  // namespace spam

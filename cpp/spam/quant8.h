@@ -46,11 +46,42 @@ constexpr int kQuantCodes = 256;
 constexpr uint32_t kQuantBucketBase = (127u - 24u) << 8;           // bits(2^-24) >> 15
 constexpr int kQuantBuckets = 24 * 256 + 1;                          // up to bits(1.0) >> 15
 
+// Tables for CPUs with AVX-512 VBMI (isa/quant8_vbmi.h), built by qmap.py, kQuantSimdBytes
+// bytes. VBMI looks up 64 bytes at once in a 128-byte table held in two registers, so these
+// tables are bytes, and so small that every lookup stays in registers:
+//
+//   offset  size  what
+//   0       128   int32 binade[32]: for the float exponent e of |x| clamped to [96, 127], entry
+//                 e & 31 = (delta << 5) | shift; bucket(|x|) = (bits(|x|) >> shift) + delta.
+//                 A binade gets 2^k buckets (its exponent and top k mantissa bits, k = 23 -
+//                 shift) or, with shift = 31, a single one; the clamped ends (|x| < 2^-30, and
+//                 |x| >= 1 with NaN, as the last bucket of quant_bucket) are single buckets.
+//   128     64    int32 negative_or, then padding: bucket(x < 0) = bucket(|x|) | negative_or.
+//                 256 for the signed map, whose halves mirror each other (< 256 buckets per
+//                 sign, so bit 8 of a bucket is the sign); 511 for the unsigned one, where every
+//                 x < 0 has code 0 (the kernels test the sign instead of that bucket).
+//   192     512   uint8 base[512]: #{midpoints below the bucket}
+//   704     1024  midpoints[255], then NaN (which no x reaches, +inf included), as 4 byte
+//                 planes: byte j of entry c at 704 + 256 j + c
+//   1728    1024  values[256] as 4 byte planes
+//
+// Each bucket holds at most one midpoint (checked when the table is built), so
+//   code = base[b] + (midpoints[base[b]] <= x)
+// — the same code as quantize_code for every x, NaN included (a NaN compares false and lands
+// in the bucket of 1.0 or of -1.0, as above).
+constexpr int kQuantSimdBinadeLow = 96;
+constexpr int kQuantSimdNegativeOr = 128;
+constexpr int kQuantSimdBase = 192;
+constexpr int kQuantSimdMidPlanes = 704;
+constexpr int kQuantSimdValuePlanes = 1728;
+constexpr int kQuantSimdBytes = 2752;
+
 struct QuantMap {
   const float* values;      // [256]
   const float* midpoints;   // [256], last = +inf
   const int32_t* buckets;   // [2 * kQuantBuckets]: x >= 0 first, then x < 0 (int32: AVX2/512
                             // gathers read 32-bit lanes, so a byte table would not vectorise)
+  const uint8_t* simd;      // [kQuantSimdBytes], layout above (read by the VBMI build only)
 };
 
 SPAM_HD int quant_bucket(float x) {

@@ -52,26 +52,55 @@ struct HasFastPath : std::false_type {};
 template <typename Full, typename Fast, typename Test>
 struct HasFastPath<WithFastPath<Full, Fast, Test>> : std::true_type {};
 
+// Running maxima of updated 8-bit moments as int32 float bits: for floats >= +0 the integer
+// order is the float order, and every NaN's |bits| lies above +inf's. (A float max with a NaN
+// test, the obvious form, is not vectorised by GCC and cost as much as the requantisation.)
+struct MomentMaxima {
+  int32_t m_bits = 0;       // max |m|
+  int32_t v_bits = 0;       // max(0, v): a v < 0 (int32 < 0) never wins, as with floats
+  int32_t v_magnitude = 0;  // max |v|, only to see a NaN of either sign
+};
+
 // fn over n elements: p, g in the parameter dtype T, m, v in MT (T for dense moments, float
-// for the dequantised block of 8-bit moments). Block-local int counters: int64 lanes would
-// cost the vectorised loop a widening per element.
+// for the dequantised block of 8-bit moments), and with `maxima` the updated moments' maxima
+// in the same pass. Block-local int counters: int64 lanes would cost the vectorised loop a
+// widening per element.
 template <typename T, typename MT, typename Call>
 inline void element_run(T* __restrict p, const T* __restrict g, MT* __restrict m, MT* __restrict v,
-                        int n, const Call call, int64_t& clipped, int64_t& nonfinite) {
+                        int n, const Call call, int64_t& clipped, int64_t& nonfinite,
+                        MomentMaxima* maxima = nullptr) {
   // `call` is taken by value: read through a reference, its scalars would be reloaded every
   // element (the stores to p, m, v might alias them) and the loop would not vectorise.
-  int n_clip = 0, n_bad = 0;
-  for (int i = 0; i < n; ++i) {
-    float pi = Storage<T>::load(p, i), mi = Storage<MT>::load(m, i), vi = Storage<MT>::load(v, i);
-    const ElementFlags f = call(pi, Storage<T>::load(g, i), mi, vi);
-    Storage<T>::store(p, i, pi);
-    Storage<MT>::store(m, i, mi);
-    Storage<MT>::store(v, i, vi);
-    n_clip += f.clipped;
-    n_bad += f.nonfinite;
-  }
-  clipped += n_clip;
-  nonfinite += n_bad;
+  const auto loop = [&](auto track) {
+    int n_clip = 0, n_bad = 0;
+    int32_t m_max = 0, v_max = 0, v_mag = 0;
+    for (int i = 0; i < n; ++i) {
+      float pi = Storage<T>::load(p, i), mi = Storage<MT>::load(m, i), vi = Storage<MT>::load(v, i);
+      const ElementFlags f = call(pi, Storage<T>::load(g, i), mi, vi);
+      Storage<T>::store(p, i, pi);
+      Storage<MT>::store(m, i, mi);
+      Storage<MT>::store(v, i, vi);
+      n_clip += f.clipped;
+      n_bad += f.nonfinite;
+      if constexpr (decltype(track)::value) {
+        const int32_t v_i = static_cast<int32_t>(float_bits(vi));
+        m_max = std::max(m_max, static_cast<int32_t>(float_bits(mi) & 0x7fffffffu));
+        v_max = std::max(v_max, v_i);
+        v_mag = std::max(v_mag, v_i & 0x7fffffff);
+      }
+    }
+    clipped += n_clip;
+    nonfinite += n_bad;
+    if constexpr (decltype(track)::value) {
+      maxima->m_bits = std::max(maxima->m_bits, m_max);
+      maxima->v_bits = std::max(maxima->v_bits, v_max);
+      maxima->v_magnitude = std::max(maxima->v_magnitude, v_mag);
+    }
+  };
+  if (maxima != nullptr)
+    loop(std::true_type{});
+  else
+    loop(std::false_type{});
 }
 
 // Elements per spike test of a fast-path function. In 8-bit SPAM about 1 element in 1000 has
@@ -81,19 +110,19 @@ constexpr int kFastPathRun = 64;
 
 template <typename T, typename MT, typename Fn>
 inline void element_block(T* p, const T* g, MT* m, MT* v, int n, const Fn& fn, int64_t& clipped,
-                          int64_t& nonfinite) {
+                          int64_t& nonfinite, MomentMaxima* maxima = nullptr) {
   if constexpr (HasFastPath<Fn>::value) {
     for (int i0 = 0; i0 < n; i0 += kFastPathRun) {
       const int k = std::min(kFastPathRun, n - i0);
       int full = 0;
       for (int i = i0; i < i0 + k; ++i) full |= fn.needs_full(Storage<T>::load(g, i), Storage<MT>::load(v, i));
       if (full)
-        element_run(p + i0, g + i0, m + i0, v + i0, k, fn.full, clipped, nonfinite);
+        element_run(p + i0, g + i0, m + i0, v + i0, k, fn.full, clipped, nonfinite, maxima);
       else
-        element_run(p + i0, g + i0, m + i0, v + i0, k, fn.fast, clipped, nonfinite);
+        element_run(p + i0, g + i0, m + i0, v + i0, k, fn.fast, clipped, nonfinite, maxima);
     }
   } else {
-    element_run(p, g, m, v, n, fn, clipped, nonfinite);
+    element_run(p, g, m, v, n, fn, clipped, nonfinite, maxima);
   }
 }
 
@@ -111,21 +140,24 @@ void run_dense(const TensorRef& param, const TensorRef& grad, const TensorRef& e
   }
 }
 
-// The new per-block absmax of updated (dequantised) moments and their codes: the second half of
-// every 8-bit step, dense or sparse.
-inline void requantize_block(const float* __restrict m, const float* __restrict v, int n,
-                             uint8_t* __restrict m_codes, uint8_t* __restrict v_codes,
-                             float& m_absmax, float& v_absmax, const QuantMaps& maps) {
-  float new_m = 0.0f, new_v = 0.0f;
-  int nans = 0;
-#pragma omp simd reduction(max : new_m, new_v) reduction(+ : nans)
-  for (int i = 0; i < n; ++i) {
-    new_m = std::max(new_m, std::fabs(m[i]));
-    new_v = std::max(new_v, v[i]);
-    nans += (m[i] != m[i]) | (v[i] != v[i]);
-  }
-  if (nans) {  // a NaN moment ("propagate" policy) must poison its block, not vanish
-    for (int i = 0; i < n; ++i) {
+// One block of 8-bit moments, dense or sparse: dequantise m and v into registers/stack, run
+// fn over the block's p and g (n <= kQuantBlock values, already in T), take the new absmax
+// in the same pass, requantise.
+template <typename T, typename Fn>
+inline void quant8_block(T* p, const T* g, int n, uint8_t* __restrict m_codes, uint8_t* __restrict v_codes,
+                         float& m_absmax, float& v_absmax, const QuantMaps& maps, const Fn& fn,
+                         int64_t& clipped, int64_t& nonfinite) {
+  float m[kQuantBlock], v[kQuantBlock];
+  dequantize_run(m_codes, m, n, m_absmax, maps.m);
+  dequantize_run(v_codes, v, n, v_absmax, maps.v);
+  MomentMaxima maxima;
+  element_block(p, g, m, v, n, fn, clipped, nonfinite, &maxima);
+  float new_m = bits_float(static_cast<uint32_t>(maxima.m_bits));
+  float new_v = bits_float(static_cast<uint32_t>(maxima.v_bits));
+  constexpr int32_t kInfBits = 0x7f800000;
+  if (maxima.m_bits > kInfBits || maxima.v_magnitude > kInfBits) {  // a NaN moment ("propagate"
+    new_m = new_v = 0.0f;                                           // policy) must poison its
+    for (int i = 0; i < n; ++i) {                                   // block, not vanish
       new_m = sticky_max(new_m, std::fabs(m[i]));
       new_v = sticky_max(new_v, v[i]);
     }
@@ -149,16 +181,11 @@ void run_quant8(const TensorRef& param, const TensorRef& grad, const Quant8Momen
   uint8_t* __restrict v_codes = q.v_codes;
   float* __restrict m_absmax = q.m_absmax;
   float* __restrict v_absmax = q.v_absmax;
-  const QuantMap m_map = maps.m, v_map = maps.v;
-  float m[kQuantBlock], v[kQuantBlock];
   for (int64_t b0 = begin; b0 < end; b0 += kQuantBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kQuantBlock, end - b0));
     const int64_t block = b0 / kQuantBlock;
-    const float m_scale = m_absmax[block], v_scale = v_absmax[block];
-    dequantize_run(m_codes + b0, m, n, m_scale, m_map);
-    dequantize_run(v_codes + b0, v, n, v_scale, v_map);
-    element_block(p + b0, g + b0, m, v, n, fn, clipped, nonfinite);
-    requantize_block(m, v, n, m_codes + b0, v_codes + b0, m_absmax[block], v_absmax[block], maps);
+    quant8_block(p + b0, g + b0, n, m_codes + b0, v_codes + b0, m_absmax[block], v_absmax[block], maps,
+                 fn, clipped, nonfinite);
   }
 }
 

@@ -6,7 +6,8 @@
 // not emit gathers for them under generic tuning (it judges them unprofitable), and the scalar
 // loops cost more than the rest of an 8-bit step. The AVX2 paths below do the same arithmetic,
 // lane for lane (same float division, same packed-bucket test), so every ISA build writes the
-// same codes (tests/test_quant8.py checks them against a brute-force argmin).
+// same codes (tests/test_quant8.py checks them against a brute-force argmin). The VBMI build
+// runs whole 64-value steps with register-held byte tables (quant8_vbmi.h) first.
 #pragma once
 
 #include <cstdint>
@@ -16,6 +17,9 @@
 
 #if defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512VBMI__)
+#include "quant8_vbmi.h"
 #endif
 
 namespace spam {
@@ -73,6 +77,9 @@ inline __m256i quantize8_avx2(__m256 x, __m256 divisor, const int32_t* buckets) 
 inline void quantize_run(const float* __restrict x, uint8_t* __restrict codes, int n, float divisor,
                          const QuantMap map) {
   int i = 0;
+#if defined(__AVX512VBMI__)
+  i = quantize_run_vbmi(x, codes, n, divisor, map.simd);
+#endif
 #if defined(__AVX2__)
   const __m256 div = _mm256_set1_ps(divisor);
   // 32 codes per step: 4 x 8 int32 lanes -> packus to 16-bit -> to 8-bit. The packs work per
@@ -95,6 +102,9 @@ inline void quantize_run(const float* __restrict x, uint8_t* __restrict codes, i
 inline void dequantize_run(const uint8_t* __restrict codes, float* __restrict out, int n, float absmax,
                            const QuantMap map) {
   int i = 0;
+#if defined(__AVX512VBMI__)
+  i = dequantize_run_vbmi(codes, out, n, absmax, map.simd);
+#endif
 #if defined(__AVX2__)
   const __m256 scale = _mm256_set1_ps(absmax);
   for (; i + 8 <= n; i += 8) {

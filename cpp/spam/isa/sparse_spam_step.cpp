@@ -168,12 +168,8 @@ bool sparse_block(const SparseSpamTensor& t, int64_t c, const SpamHyper& h, cons
 
   const auto fn = spam_fn(h, t.update_scale);
   if (t.q8.active()) {
-    float m[kQuantBlock], v[kQuantBlock];
-    dequantize_run(t.q8.m_codes + j0, m, n, t.q8.m_absmax[c], maps.m);
-    dequantize_run(t.q8.v_codes + j0, v, n, t.q8.v_absmax[c], maps.v);
-    element_block(pv, gv, m, v, n, fn, clipped, nonfinite);
-    requantize_block(m, v, n, t.q8.m_codes + j0, t.q8.v_codes + j0, t.q8.m_absmax[c],
-                     t.q8.v_absmax[c], maps);
+    quant8_block(pv, gv, n, t.q8.m_codes + j0, t.q8.v_codes + j0, t.q8.m_absmax[c], t.q8.v_absmax[c],
+                 maps, fn, clipped, nonfinite);
   } else {  // compact moments in the parameter dtype, updated in place
     element_block(pv, gv, static_cast<T*>(t.exp_avg.data) + j0, static_cast<T*>(t.exp_avg_sq.data) + j0,
                   n, fn, clipped, nonfinite);

@@ -1,0 +1,178 @@
+// isa/quant8_vbmi.h — the 8-bit code lookups of a block with AVX-512 VBMI, 64 values at a time.
+// Included by quant8_runs.h in the build compiled with -mavx512vbmi -mavx512vbmi2 (Ice Lake,
+// Zen 4 and later).
+//
+// Why: the AVX2 runs read each code's table entry with a scalar load (vpgatherdd is no faster),
+// about 1 ns per value for dequantise + requantise of m and v — most of an 8-bit step. VBMI's
+// vpermt2b looks up 64 bytes at once in a 128-byte table held in two registers, so with the
+// tables cut into bytes (quant8.h "Tables for CPUs with AVX-512 VBMI") no lookup touches memory.
+//
+// Byte order. Four byte planes P0..P3 (byte j of 64 fp32 entries) become 16-lane dwords by
+// unpacking, and the unpacks interleave inside 128-bit lanes. So the 64 indices are held
+// transposed, in 4x4 groups of 4 bytes: value n = 16 q + 4 L + i sits at byte 16 L + 4 q + i,
+//
+//   natural  | q0: 0..15        | q1: 16..31       | q2: 32..47       | q3: 48..63       |
+//   held     | 0-3 16-19 32-35 48-51 | 4-7 20-23 36-39 52-55 | 8-11 ... | 12-15 ... 60-63 |
+//             \____ 128-bit lane L = 0 ____/
+//
+// and then unpack_lo/hi_epi8 followed by unpack_lo/hi_epi16 yield the dwords of q = 0..3 in
+// natural order. The transpose is its own inverse: one vpermb each way.
+//
+// Every function here writes exactly what the scalar quantize_code / dequantize_code write
+// (tests/test_quant8.py compares the builds).
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "../quant8.h"
+
+namespace spam {
+namespace SPAM_CPU_ISA {
+namespace {
+
+constexpr int kVbmiRun = 64;  // values per step of the loops below
+
+// Byte k of the 64-byte transpose: the natural index held at byte k (and vice versa).
+inline __m512i vbmi_transpose() {
+  alignas(64) uint8_t s[64];
+  for (int q = 0; q < 4; ++q)
+    for (int l = 0; l < 4; ++l)
+      for (int i = 0; i < 4; ++i) s[16 * l + 4 * q + i] = static_cast<uint8_t>(16 * q + 4 * l + i);
+  return _mm512_load_si512(s);
+}
+
+// vpermt2b selector that takes byte `byte` of the dwords of (a, b) = (q0, q1) or (q2, q3) to
+// their transposed positions (the positions of the other pair are overwritten by a blend).
+inline __m512i vbmi_pack_dwords() {
+  alignas(64) uint8_t s[64];
+  for (int q = 0; q < 4; ++q)
+    for (int l = 0; l < 4; ++l)
+      for (int i = 0; i < 4; ++i) s[16 * l + 4 * q + i] = static_cast<uint8_t>(64 * (q & 1) + 4 * (4 * l + i));
+  return _mm512_load_si512(s);
+}
+
+// Positions of pair (q2, q3) in the transposed order: bytes 8..15 of every 128-bit lane.
+constexpr __mmask64 kVbmiUpperPair = 0xFF00FF00FF00FF00ull;
+
+// Four 16-lane masks (natural order, q = 0..3) as one 64-lane mask in transposed order: the
+// 16 bits of q go to bits 16 L + 4 q + i. pdep runs on the integer ports, beside the shuffles.
+inline __mmask64 vbmi_transpose_masks(__mmask16 m0, __mmask16 m1, __mmask16 m2, __mmask16 m3) {
+  constexpr uint64_t kGroups = 0x000F000F000F000Full;
+  return _pdep_u64(m0, kGroups) | _pdep_u64(m1, kGroups << 4) | _pdep_u64(m2, kGroups << 8) |
+         _pdep_u64(m3, kGroups << 12);
+}
+
+// A 256-entry table of 32-bit values as 4 byte planes, each in 4 registers.
+struct BytePlanes {
+  __m512i part[4][4];
+  explicit BytePlanes(const uint8_t* planes) {
+    for (int j = 0; j < 4; ++j)
+      for (int k = 0; k < 4; ++k) part[j][k] = _mm512_loadu_si512(planes + 256 * j + 64 * k);
+  }
+  // 256-entry byte lookup of plane j: bit 7 of each index picks one of two 128-entry halves.
+  __m512i plane(int j, __m512i idx, __mmask64 upper_half) const {
+    return _mm512_mask_blend_epi8(upper_half, _mm512_permutex2var_epi8(part[j][0], idx, part[j][1]),
+                                  _mm512_permutex2var_epi8(part[j][2], idx, part[j][3]));
+  }
+  // The entries at 64 transposed byte indices, as 4 x 16 dwords in natural order.
+  void lookup(__m512i idx, __m512i out[4]) const {
+    const __mmask64 upper = _mm512_movepi8_mask(idx);
+    const __m512i p0 = plane(0, idx, upper), p1 = plane(1, idx, upper);
+    const __m512i p2 = plane(2, idx, upper), p3 = plane(3, idx, upper);
+    const __m512i w0 = _mm512_unpacklo_epi8(p0, p1), w1 = _mm512_unpackhi_epi8(p0, p1);
+    const __m512i w2 = _mm512_unpacklo_epi8(p2, p3), w3 = _mm512_unpackhi_epi8(p2, p3);
+    out[0] = _mm512_unpacklo_epi16(w0, w2);
+    out[1] = _mm512_unpackhi_epi16(w0, w2);
+    out[2] = _mm512_unpacklo_epi16(w1, w3);
+    out[3] = _mm512_unpackhi_epi16(w1, w3);
+  }
+};
+
+// out[i] = values[codes[i]] * absmax for the first n / 64 * 64 values; returns that count.
+inline int dequantize_run_vbmi(const uint8_t* __restrict codes, float* __restrict out, int n,
+                               float absmax, const uint8_t* simd) {
+  const BytePlanes values(simd + kQuantSimdValuePlanes);
+  const __m512i transpose = vbmi_transpose();
+  const __m512 scale = _mm512_set1_ps(absmax);
+  int i = 0;
+  for (; i + kVbmiRun <= n; i += kVbmiRun) {
+    __m512i v[4];
+    values.lookup(_mm512_permutexvar_epi8(transpose, _mm512_loadu_si512(codes + i)), v);
+    for (int q = 0; q < 4; ++q) _mm512_storeu_ps(out + i + 16 * q, _mm512_mul_ps(_mm512_castsi512_ps(v[q]), scale));
+  }
+  return i;
+}
+
+// codes[i] = quantize_code(x[i] / divisor) for the first n / 64 * 64 values; returns that count.
+// kSigned: the map's negative buckets are bucket(|x|) + 256, so bit 8 of a bucket is the sign;
+// otherwise (the unsigned map) buckets reach 511 and every x < 0 gets code 0.
+template <bool kSigned>
+inline int quantize_run_vbmi(const float* __restrict x, uint8_t* __restrict codes, int n,
+                             float divisor, const uint8_t* simd) {
+  const BytePlanes midpoints(simd + kQuantSimdMidPlanes);
+  __m512i base_table[8];
+  for (int k = 0; k < 8; ++k) base_table[k] = _mm512_loadu_si512(simd + kQuantSimdBase + 64 * k);
+  const int32_t* binade = reinterpret_cast<const int32_t*>(simd);
+  const __m512i binade_lo = _mm512_loadu_si512(binade), binade_hi = _mm512_loadu_si512(binade + 16);
+  const __m512i transpose = vbmi_transpose(), pack = vbmi_pack_dwords();
+  const __m512 div = _mm512_set1_ps(divisor);
+  int i = 0;
+  for (; i + kVbmiRun <= n; i += kVbmiRun) {
+    // Buckets, per 16 lanes (quant8.h): entry = binade[clamp(exponent, 96, 127) & 31];
+    // bucket = (|bits| >> (entry & 31)) + (entry >> 5). vpshrdvd shifts by its count mod 32.
+    // (|x| > 1 happens: a block whose absmax is NaN is divided by 1, quant_divisor.)
+    __m512 xn[4];
+    __m512i bucket[4];
+    __mmask16 high[4], negative[4];  // bit 8 of the bucket, which the byte lookups take as a mask
+    for (int q = 0; q < 4; ++q) {
+      xn[q] = _mm512_div_ps(_mm512_loadu_ps(x + i + 16 * q), div);
+      const __m512i bits = _mm512_castps_si512(xn[q]);
+      const __m512i magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
+      const __m512i e = _mm512_min_epi32(_mm512_max_epi32(_mm512_srli_epi32(magnitude, 23),
+                                                          _mm512_set1_epi32(kQuantSimdBinadeLow)),
+                                         _mm512_set1_epi32(127));
+      const __m512i entry = _mm512_permutex2var_epi32(binade_lo, e, binade_hi);  // uses e & 31
+      bucket[q] = _mm512_add_epi32(_mm512_shrdv_epi32(magnitude, _mm512_setzero_si512(), entry),
+                                   _mm512_srai_epi32(entry, 5));
+      negative[q] = _mm512_movepi32_mask(bits);
+      high[q] = kSigned ? negative[q] : _mm512_test_epi32_mask(bucket[q], _mm512_set1_epi32(256));
+    }
+    // Low bytes of the 64 buckets, transposed; then base[bucket] over 512 entries (bit 7 and
+    // bit 8 select among four 128-entry quarters).
+    const __m512i low = _mm512_mask_blend_epi8(kVbmiUpperPair, _mm512_permutex2var_epi8(bucket[0], pack, bucket[1]),
+                                               _mm512_permutex2var_epi8(bucket[2], pack, bucket[3]));
+    const __mmask64 bit7 = _mm512_movepi8_mask(low);
+    const __mmask64 bit8 = vbmi_transpose_masks(high[0], high[1], high[2], high[3]);
+    const __m512i lower = _mm512_mask_blend_epi8(bit7, _mm512_permutex2var_epi8(base_table[0], low, base_table[1]),
+                                                 _mm512_permutex2var_epi8(base_table[2], low, base_table[3]));
+    const __m512i upper = _mm512_mask_blend_epi8(bit7, _mm512_permutex2var_epi8(base_table[4], low, base_table[5]),
+                                                 _mm512_permutex2var_epi8(base_table[6], low, base_table[7]));
+    const __m512i base = _mm512_mask_blend_epi8(bit8, lower, upper);
+    // code = base + (midpoints[base] <= x); a NaN x compares false.
+    __m512i mid[4];
+    midpoints.lookup(base, mid);
+    const __mmask64 reached = vbmi_transpose_masks(
+        _mm512_cmp_ps_mask(_mm512_castsi512_ps(mid[0]), xn[0], _CMP_LE_OQ),
+        _mm512_cmp_ps_mask(_mm512_castsi512_ps(mid[1]), xn[1], _CMP_LE_OQ),
+        _mm512_cmp_ps_mask(_mm512_castsi512_ps(mid[2]), xn[2], _CMP_LE_OQ),
+        _mm512_cmp_ps_mask(_mm512_castsi512_ps(mid[3]), xn[3], _CMP_LE_OQ));
+    __m512i code = _mm512_mask_sub_epi8(base, reached, base, _mm512_set1_epi8(-1));
+    if (!kSigned)  // x < 0 (only -0.0 or a NaN in practice): code 0, below every midpoint
+      code = _mm512_maskz_mov_epi8(~vbmi_transpose_masks(negative[0], negative[1], negative[2], negative[3]), code);
+    _mm512_storeu_si512(codes + i, _mm512_permutexvar_epi8(transpose, code));
+  }
+  return i;
+}
+
+inline int quantize_run_vbmi(const float* __restrict x, uint8_t* __restrict codes, int n,
+                             float divisor, const uint8_t* simd) {
+  const bool is_signed = reinterpret_cast<const int32_t*>(simd)[kQuantSimdNegativeOr / 4] == 256;
+  return is_signed ? quantize_run_vbmi<true>(x, codes, n, divisor, simd)
+                   : quantize_run_vbmi<false>(x, codes, n, divisor, simd);
+}
+
+}  // namespace
+}  // namespace SPAM_CPU_ISA
+}  // namespace spam
