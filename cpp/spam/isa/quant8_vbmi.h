@@ -34,24 +34,31 @@ namespace {
 
 constexpr int kVbmiRun = 64;  // values per step of the loops below
 
-// Byte k of the 64-byte transpose: the natural index held at byte k (and vice versa).
-inline __m512i vbmi_transpose() {
-  alignas(64) uint8_t s[64];
+// The byte selectors, built at compile time (a loop filling them per call costs more than a
+// block's lookups):
+//   transpose[k]: the natural index held at byte k (and vice versa);
+//   pack[k]: vpermt2b selector taking byte 0 of the dwords of (a, b) = (q0, q1) or (q2, q3)
+//            to their transposed positions (the other pair's positions are then blended over).
+struct VbmiSelectors {
+  alignas(64) uint8_t transpose[64];
+  alignas(64) uint8_t pack[64];
+};
+
+constexpr VbmiSelectors make_vbmi_selectors() {
+  VbmiSelectors s{};
   for (int q = 0; q < 4; ++q)
     for (int l = 0; l < 4; ++l)
-      for (int i = 0; i < 4; ++i) s[16 * l + 4 * q + i] = static_cast<uint8_t>(16 * q + 4 * l + i);
-  return _mm512_load_si512(s);
+      for (int i = 0; i < 4; ++i) {
+        s.transpose[16 * l + 4 * q + i] = static_cast<uint8_t>(16 * q + 4 * l + i);
+        s.pack[16 * l + 4 * q + i] = static_cast<uint8_t>(64 * (q & 1) + 4 * (4 * l + i));
+      }
+  return s;
 }
 
-// vpermt2b selector that takes byte `byte` of the dwords of (a, b) = (q0, q1) or (q2, q3) to
-// their transposed positions (the positions of the other pair are overwritten by a blend).
-inline __m512i vbmi_pack_dwords() {
-  alignas(64) uint8_t s[64];
-  for (int q = 0; q < 4; ++q)
-    for (int l = 0; l < 4; ++l)
-      for (int i = 0; i < 4; ++i) s[16 * l + 4 * q + i] = static_cast<uint8_t>(64 * (q & 1) + 4 * (4 * l + i));
-  return _mm512_load_si512(s);
-}
+inline constexpr VbmiSelectors kVbmiSelectors = make_vbmi_selectors();
+
+inline __m512i vbmi_transpose() { return _mm512_load_si512(kVbmiSelectors.transpose); }
+inline __m512i vbmi_pack_dwords() { return _mm512_load_si512(kVbmiSelectors.pack); }
 
 // Positions of pair (q2, q3) in the transposed order: bytes 8..15 of every 128-bit lane.
 constexpr __mmask64 kVbmiUpperPair = 0xFF00FF00FF00FF00ull;
