@@ -112,15 +112,27 @@ template <typename T, typename MT, typename Fn>
 inline void element_block(T* p, const T* g, MT* m, MT* v, int n, const Fn& fn, int64_t& clipped,
                           int64_t& nonfinite, MomentMaxima* maxima = nullptr) {
   if constexpr (HasFastPath<Fn>::value) {
-    for (int i0 = 0; i0 < n; i0 += kFastPathRun) {
-      const int k = std::min(kFastPathRun, n - i0);
+    // Test every run, then call each function once over each stretch of consecutive runs of
+    // its kind (usually one call for the whole block: each call pays its reductions).
+    int i0 = 0;
+    bool stretch_full = false;
+    for (int r0 = 0; r0 < n; r0 += kFastPathRun) {
+      const int k = std::min(kFastPathRun, n - r0);
       int full = 0;
-      for (int i = i0; i < i0 + k; ++i) full |= fn.needs_full(Storage<T>::load(g, i), Storage<MT>::load(v, i));
-      if (full)
-        element_run(p + i0, g + i0, m + i0, v + i0, k, fn.full, clipped, nonfinite, maxima);
-      else
-        element_run(p + i0, g + i0, m + i0, v + i0, k, fn.fast, clipped, nonfinite, maxima);
+      for (int i = r0; i < r0 + k; ++i) full |= fn.needs_full(Storage<T>::load(g, i), Storage<MT>::load(v, i));
+      if (r0 > i0 && (full != 0) != stretch_full) {  // close the stretch [i0, r0)
+        if (stretch_full)
+          element_run(p + i0, g + i0, m + i0, v + i0, r0 - i0, fn.full, clipped, nonfinite, maxima);
+        else
+          element_run(p + i0, g + i0, m + i0, v + i0, r0 - i0, fn.fast, clipped, nonfinite, maxima);
+        i0 = r0;
+      }
+      stretch_full = full != 0;
     }
+    if (stretch_full)
+      element_run(p + i0, g + i0, m + i0, v + i0, n - i0, fn.full, clipped, nonfinite, maxima);
+    else
+      element_run(p + i0, g + i0, m + i0, v + i0, n - i0, fn.fast, clipped, nonfinite, maxima);
   } else {
     element_run(p, g, m, v, n, fn, clipped, nonfinite, maxima);
   }
