@@ -102,7 +102,8 @@ def _simd_tables(signed: bool, values: torch.Tensor, midpoints: torch.Tensor) ->
     midpoints below it, so code = base + (midpoints[base] <= x).
     """
     positive = midpoints[midpoints > 0].view(torch.int32).to(torch.int64)
-    binade = torch.zeros(32, dtype=torch.int64)
+    shifts = torch.zeros(32, dtype=torch.int64)  # applied to the top 16 bits of |x|
+    deltas = torch.zeros(32, dtype=torch.int64)
     starts: list[int] = []  # float bits of each positive bucket's smallest |x|
     for e in range(SIMD_BINADE_LOW, 128):
         inside = positive[(positive >> 23) == e]
@@ -112,8 +113,8 @@ def _simd_tables(signed: bool, values: torch.Tensor, midpoints: torch.Tensor) ->
         if e in (SIMD_BINADE_LOW, 127) and (k > 0 or inside.numel() > 0):
             raise AssertionError("the end binades of the SIMD buckets must hold no midpoint")
         offset = len(starts)
-        shift, delta = (31, offset) if k == 0 else (23 - k, offset - (e << k))
-        binade[e & 31] = (delta << 5) | shift
+        # bucket = (top16(|x|) >> (7 - k)) + offset - (e << k), or offset alone (k = 0)
+        shifts[e & 31], deltas[e & 31] = (15, offset) if k == 0 else (7 - k, offset - (e << k))
         starts += [0 if e == SIMD_BINADE_LOW else (e << 23) | (j << (23 - k)) for j in range(2**k)]
     lo = torch.tensor(starts, dtype=torch.int64).to(torch.int32).view(torch.float32)
     hi = torch.cat([lo[1:], torch.tensor([float("inf")])])
@@ -133,14 +134,14 @@ def _simd_tables(signed: bool, values: torch.Tensor, midpoints: torch.Tensor) ->
         negative_or = 511
     if int(base.max()) > 255:
         raise AssertionError("SIMD bucket base out of range")
-    header = torch.zeros(48, dtype=torch.int32)
-    header[:32] = binade.to(torch.int32)
-    header[32] = negative_or
+    header = torch.zeros(96, dtype=torch.int16)
+    header[:32], header[32:64] = shifts.to(torch.int16), deltas.to(torch.int16)
+    header[64] = negative_or
     # the 256th midpoint is a NaN: no x, not even +inf (a NaN-absmax block divides by 1), reaches it
     padded = torch.cat([midpoints, torch.tensor([float("nan")])])
     tables = torch.cat([header.view(torch.uint8), base.to(torch.uint8), _byte_planes(padded),
                         _byte_planes(values)])
-    assert tables.numel() == SIMD_BYTES and header.numel() * 4 == SIMD_BASE
+    assert tables.numel() == SIMD_BYTES and header.numel() * 2 == SIMD_BASE
     assert SIMD_MIDS == SIMD_BASE + 512 and SIMD_VALUES == SIMD_MIDS + 1024
     return tables
 

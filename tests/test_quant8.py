@@ -75,17 +75,18 @@ def test_ties_go_to_the_larger_code_and_every_bucket_edge(signed: bool) -> None:
 
 def _simd_codes(q: QuantMap, x: torch.Tensor) -> torch.Tensor:
     """The AVX-512 VBMI kernels' lookup (cpp/spam/isa/quant8_vbmi.h) written in torch over
-    the same tables: bucket from the binade table, code = base + (midpoints[base] <= x)."""
+    the same tables: bucket from the top 16 bits of |x| and the binade tables, code = base +
+    (midpoints[base] <= x)."""
     t = q.simd
-    binade = t[:128].view(torch.int32).long()
-    negative_or = int(t[128:132].view(torch.int32))
+    shifts, deltas = t[:64].view(torch.int16).long(), t[64:128].view(torch.int16).long()
+    negative_or = int(t[128:130].view(torch.int16))
     base = t[SIMD_BASE:SIMD_BASE + 512].long()
     planes = t[SIMD_MIDS:SIMD_MIDS + 1024].view(4, 256).t().contiguous()
     mids = planes.view(torch.float32).flatten()
     bits = x.view(torch.int32).long() & 0xFFFFFFFF
-    magnitude = bits & 0x7FFFFFFF
-    entry = binade[(magnitude >> 23).clamp(SIMD_BINADE_LOW, 127) & 31]
-    bucket = (magnitude >> (entry & 31)) + (entry >> 5)
+    top16 = (bits & 0x7FFFFFFF) >> 16
+    e = (top16 >> 7).clamp(SIMD_BINADE_LOW, 127) & 31
+    bucket = (top16 >> shifts[e]) + deltas[e]
     negative = (bits >> 31) == 1
     bucket = torch.where(negative, bucket | negative_or, bucket)
     b = base[bucket]

@@ -51,12 +51,13 @@ constexpr int kQuantBuckets = 24 * 256 + 1;                          // up to bi
 // tables are bytes, and so small that every lookup stays in registers:
 //
 //   offset  size  what
-//   0       128   int32 binade[32]: for the float exponent e of |x| clamped to [96, 127], entry
-//                 e & 31 = (delta << 5) | shift; bucket(|x|) = (bits(|x|) >> shift) + delta.
-//                 A binade gets 2^k buckets (its exponent and top k mantissa bits, k = 23 -
-//                 shift) or, with shift = 31, a single one; the clamped ends (|x| < 2^-30, and
-//                 |x| >= 1 with NaN, as the last bucket of quant_bucket) are single buckets.
-//   128     64    int32 negative_or, then padding: bucket(x < 0) = bucket(|x|) | negative_or.
+//   0       64    int16 shift[32] } for the exponent e of |x| clamped to [96, 127], entry e & 31:
+//   64      64    int16 delta[32] } bucket(|x|) = (top16(|x|) >> shift) + delta, top16 = the
+//                 float's top 16 bits (exponent and 7 mantissa bits). A binade gets 2^k buckets
+//                 (its top k mantissa bits, shift = 7 - k) or, with shift = 15, a single one;
+//                 the clamped ends (|x| < 2^-30, and |x| >= 1 with NaN, as the last bucket of
+//                 quant_bucket) are single buckets.
+//   128     64    int16 negative_or, then padding: bucket(x < 0) = bucket(|x|) | negative_or.
 //                 256 for the signed map, whose halves mirror each other (< 256 buckets per
 //                 sign, so bit 8 of a bucket is the sign); 511 for the unsigned one, where every
 //                 x < 0 has code 0 (the kernels test the sign instead of that bucket).
@@ -70,6 +71,7 @@ constexpr int kQuantBuckets = 24 * 256 + 1;                          // up to bi
 // — the same code as quantize_code for every x, NaN included (a NaN compares false and lands
 // in the bucket of 1.0 or of -1.0, as above).
 constexpr int kQuantSimdBinadeLow = 96;
+constexpr int kQuantSimdDeltas = 64;
 constexpr int kQuantSimdNegativeOr = 128;
 constexpr int kQuantSimdBase = 192;
 constexpr int kQuantSimdMidPlanes = 704;

@@ -1,5 +1,5 @@
 // isa/quant8_vbmi.h — the 8-bit code lookups of a block with AVX-512 VBMI, 64 values at a time.
-// Included by quant8_runs.h in the build compiled with -mavx512vbmi -mavx512vbmi2 (Ice Lake,
+// Included by quant8_runs.h in the build compiled with -mavx512vbmi (Cannon Lake, Ice Lake,
 // Zen 4 and later).
 //
 // Why: the AVX2 runs read each code's table entry with a scalar load (vpgatherdd is no faster),
@@ -39,9 +39,14 @@ constexpr int kVbmiRun = 64;  // values per step of the loops below
 //   transpose[k]: the natural index held at byte k (and vice versa);
 //   pack[k]: vpermt2b selector taking byte 0 of the dwords of (a, b) = (q0, q1) or (q2, q3)
 //            to their transposed positions (the other pair's positions are then blended over).
+//   high_words[j] (vpermt2w): the top 16 bits of the dwords of (a, b) in natural order, j < 16
+//            from a, then b;
+//   pack_words[k]: vpermt2b selector taking the low byte of words (q0 q1 | q2 q3), natural
+//            order in two registers, to transposed byte k.
 struct VbmiSelectors {
   alignas(64) uint8_t transpose[64];
-  alignas(64) uint8_t pack[64];
+  alignas(64) uint16_t high_words[32];
+  alignas(64) uint8_t pack_words[64];
 };
 
 constexpr VbmiSelectors make_vbmi_selectors() {
@@ -50,18 +55,16 @@ constexpr VbmiSelectors make_vbmi_selectors() {
     for (int l = 0; l < 4; ++l)
       for (int i = 0; i < 4; ++i) {
         s.transpose[16 * l + 4 * q + i] = static_cast<uint8_t>(16 * q + 4 * l + i);
-        s.pack[16 * l + 4 * q + i] = static_cast<uint8_t>(64 * (q & 1) + 4 * (4 * l + i));
+        s.pack_words[16 * l + 4 * q + i] = static_cast<uint8_t>(64 * (q >> 1) + 2 * (16 * (q & 1) + 4 * l + i));
       }
+  for (int j = 0; j < 32; ++j) s.high_words[j] = static_cast<uint16_t>(2 * j + 1);
   return s;
 }
 
 inline constexpr VbmiSelectors kVbmiSelectors = make_vbmi_selectors();
 
-inline __m512i vbmi_transpose() { return _mm512_load_si512(kVbmiSelectors.transpose); }
-inline __m512i vbmi_pack_dwords() { return _mm512_load_si512(kVbmiSelectors.pack); }
-
-// Positions of pair (q2, q3) in the transposed order: bytes 8..15 of every 128-bit lane.
-constexpr __mmask64 kVbmiUpperPair = 0xFF00FF00FF00FF00ull;
+inline __m512i vbmi_load(const void* selector) { return _mm512_load_si512(selector); }
+inline __m512i vbmi_transpose() { return vbmi_load(kVbmiSelectors.transpose); }
 
 // Four 16-lane masks (natural order, q = 0..3) as one 64-lane mask in transposed order: the
 // 16 bits of q go to bits 16 L + 4 q + i. pdep runs on the integer ports, beside the shuffles.
@@ -121,37 +124,36 @@ inline int quantize_run_vbmi(const float* __restrict x, uint8_t* __restrict code
   const BytePlanes midpoints(simd + kQuantSimdMidPlanes);
   __m512i base_table[8];
   for (int k = 0; k < 8; ++k) base_table[k] = _mm512_loadu_si512(simd + kQuantSimdBase + 64 * k);
-  const int32_t* binade = reinterpret_cast<const int32_t*>(simd);
-  const __m512i binade_lo = _mm512_loadu_si512(binade), binade_hi = _mm512_loadu_si512(binade + 16);
-  const __m512i transpose = vbmi_transpose(), pack = vbmi_pack_dwords();
+  const __m512i shifts = _mm512_loadu_si512(simd), deltas = _mm512_loadu_si512(simd + kQuantSimdDeltas);
+  const __m512i transpose = vbmi_transpose(), high_words = vbmi_load(kVbmiSelectors.high_words);
+  const __m512i pack_words = vbmi_load(kVbmiSelectors.pack_words);
   const __m512 div = _mm512_set1_ps(divisor);
   int i = 0;
   for (; i + kVbmiRun <= n; i += kVbmiRun) {
-    // Buckets, per 16 lanes (quant8.h): entry = binade[clamp(exponent, 96, 127) & 31];
-    // bucket = (|bits| >> (entry & 31)) + (entry >> 5). vpshrdvd shifts by its count mod 32.
-    // (|x| > 1 happens: a block whose absmax is NaN is divided by 1, quant_divisor.)
     __m512 xn[4];
-    __m512i bucket[4];
-    __mmask16 high[4], negative[4];  // bit 8 of the bucket, which the byte lookups take as a mask
-    for (int q = 0; q < 4; ++q) {
-      xn[q] = _mm512_div_ps(_mm512_loadu_ps(x + i + 16 * q), div);
-      const __m512i bits = _mm512_castps_si512(xn[q]);
-      const __m512i magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
-      const __m512i e = _mm512_min_epi32(_mm512_max_epi32(_mm512_srli_epi32(magnitude, 23),
-                                                          _mm512_set1_epi32(kQuantSimdBinadeLow)),
-                                         _mm512_set1_epi32(127));
-      const __m512i entry = _mm512_permutex2var_epi32(binade_lo, e, binade_hi);  // uses e & 31
-      bucket[q] = _mm512_add_epi32(_mm512_shrdv_epi32(magnitude, _mm512_setzero_si512(), entry),
-                                   _mm512_srai_epi32(entry, 5));
-      negative[q] = _mm512_movepi32_mask(bits);
-      high[q] = kSigned ? negative[q] : _mm512_test_epi32_mask(bucket[q], _mm512_set1_epi32(256));
+    for (int q = 0; q < 4; ++q) xn[q] = _mm512_div_ps(_mm512_loadu_ps(x + i + 16 * q), div);
+    // Buckets (quant8.h) need only the top 16 bits of x: 32 lanes per register. pair 0 holds
+    // q0 q1, pair 1 q2 q3, in natural order. e = clamp(exponent, 96, 127) (|x| > 1 happens: a
+    // block whose absmax is NaN is divided by 1, quant_divisor); vpermw reads e & 31.
+    __m512i bucket[2];
+    __mmask32 negative[2], high[2];  // bit 8 of a bucket, which the byte lookups take as a mask
+    for (int h = 0; h < 2; ++h) {
+      const __m512i top = _mm512_permutex2var_epi16(_mm512_castps_si512(xn[2 * h]), high_words,
+                                                    _mm512_castps_si512(xn[2 * h + 1]));
+      const __m512i magnitude = _mm512_and_si512(top, _mm512_set1_epi16(0x7fff));
+      const __m512i e = _mm512_min_epi16(_mm512_max_epi16(_mm512_srli_epi16(magnitude, 7),
+                                                          _mm512_set1_epi16(kQuantSimdBinadeLow)),
+                                         _mm512_set1_epi16(127));
+      bucket[h] = _mm512_add_epi16(_mm512_srlv_epi16(magnitude, _mm512_permutexvar_epi16(e, shifts)),
+                                   _mm512_permutexvar_epi16(e, deltas));
+      negative[h] = _mm512_movepi16_mask(top);
+      high[h] = kSigned ? negative[h] : _mm512_test_epi16_mask(bucket[h], _mm512_set1_epi16(256));
     }
     // Low bytes of the 64 buckets, transposed; then base[bucket] over 512 entries (bit 7 and
     // bit 8 select among four 128-entry quarters).
-    const __m512i low = _mm512_mask_blend_epi8(kVbmiUpperPair, _mm512_permutex2var_epi8(bucket[0], pack, bucket[1]),
-                                               _mm512_permutex2var_epi8(bucket[2], pack, bucket[3]));
+    const __m512i low = _mm512_permutex2var_epi8(bucket[0], pack_words, bucket[1]);
     const __mmask64 bit7 = _mm512_movepi8_mask(low);
-    const __mmask64 bit8 = vbmi_transpose_masks(high[0], high[1], high[2], high[3]);
+    const __mmask64 bit8 = vbmi_transpose_masks(high[0], high[0] >> 16, high[1], high[1] >> 16);
     const __m512i lower = _mm512_mask_blend_epi8(bit7, _mm512_permutex2var_epi8(base_table[0], low, base_table[1]),
                                                  _mm512_permutex2var_epi8(base_table[2], low, base_table[3]));
     const __m512i upper = _mm512_mask_blend_epi8(bit7, _mm512_permutex2var_epi8(base_table[4], low, base_table[5]),
@@ -167,7 +169,8 @@ inline int quantize_run_vbmi(const float* __restrict x, uint8_t* __restrict code
         _mm512_cmp_ps_mask(_mm512_castsi512_ps(mid[3]), xn[3], _CMP_LE_OQ));
     __m512i code = _mm512_mask_sub_epi8(base, reached, base, _mm512_set1_epi8(-1));
     if (!kSigned)  // x < 0 (only -0.0 or a NaN in practice): code 0, below every midpoint
-      code = _mm512_maskz_mov_epi8(~vbmi_transpose_masks(negative[0], negative[1], negative[2], negative[3]), code);
+      code = _mm512_maskz_mov_epi8(
+          ~vbmi_transpose_masks(negative[0], negative[0] >> 16, negative[1], negative[1] >> 16), code);
     _mm512_storeu_si512(codes + i, _mm512_permutexvar_epi8(transpose, code));
   }
   return i;
@@ -175,7 +178,7 @@ inline int quantize_run_vbmi(const float* __restrict x, uint8_t* __restrict code
 
 inline int quantize_run_vbmi(const float* __restrict x, uint8_t* __restrict codes, int n,
                              float divisor, const uint8_t* simd) {
-  const bool is_signed = reinterpret_cast<const int32_t*>(simd)[kQuantSimdNegativeOr / 4] == 256;
+  const bool is_signed = reinterpret_cast<const int16_t*>(simd)[kQuantSimdNegativeOr / 2] == 256;
   return is_signed ? quantize_run_vbmi<true>(x, codes, n, divisor, simd)
                    : quantize_run_vbmi<false>(x, codes, n, divisor, simd);
 }
