@@ -19,12 +19,13 @@
 // natural order. The transpose is its own inverse: one vpermb each way.
 //
 // Every function here writes exactly what the scalar quantize_code / dequantize_code write
-// (tests/test_quant8.py compares the builds).
+// (tests/test_cpu_isa.py compares the builds; tests/test_quant8.py checks the tables).
 #pragma once
 
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "../quant8.h"
 
@@ -37,8 +38,6 @@ constexpr int kVbmiRun = 64;  // values per step of the loops below
 // The byte selectors, built at compile time (a loop filling them per call costs more than a
 // block's lookups):
 //   transpose[k]: the natural index held at byte k (and vice versa);
-//   pack[k]: vpermt2b selector taking byte 0 of the dwords of (a, b) = (q0, q1) or (q2, q3)
-//            to their transposed positions (the other pair's positions are then blended over).
 //   high_words[j] (vpermt2w): the top 16 bits of the dwords of (a, b) in natural order, j < 16
 //            from a, then b;
 //   pack_words[k]: vpermt2b selector taking the low byte of words (q0 q1 | q2 q3), natural
@@ -178,7 +177,9 @@ inline int quantize_run_vbmi(const float* __restrict x, uint8_t* __restrict code
 
 inline int quantize_run_vbmi(const float* __restrict x, uint8_t* __restrict codes, int n,
                              float divisor, const uint8_t* simd) {
-  const bool is_signed = reinterpret_cast<const int16_t*>(simd)[kQuantSimdNegativeOr / 2] == 256;
+  int16_t negative_or;
+  std::memcpy(&negative_or, simd + kQuantSimdNegativeOr, sizeof negative_or);
+  const bool is_signed = negative_or == 256;
   return is_signed ? quantize_run_vbmi<true>(x, codes, n, divisor, simd)
                    : quantize_run_vbmi<false>(x, codes, n, divisor, simd);
 }
