@@ -37,6 +37,10 @@ Partial reduce_chunk(const TensorRef& grad, int64_t begin, int64_t end,
                      const StableTensorScalars& clip, bool skip_nonfinite) {
   constexpr int64_t kBlock = 1024;
   const T* __restrict g = static_cast<const T*>(grad.data);
+  // Local copies: read through `clip` (a reference), the scalars were reloaded and branched
+  // on every element, and GCC ran this loop scalar.
+  const StableTensorScalars c = clip;
+  const bool keep_nonfinite = !skip_nonfinite;
   float max_abs = 0.0f;
   double sum_sq = 0.0;
   for (int64_t b = begin; b < end; b += kBlock) {
@@ -45,7 +49,7 @@ Partial reduce_chunk(const TensorRef& grad, int64_t begin, int64_t end,
 #pragma omp simd reduction(+ : block_sq) reduction(max : block_max)
     for (int64_t i = b; i < e; ++i) {
       float x = Storage<T>::load(g, i);
-      x = (is_finite(x) | !skip_nonfinite) ? stable_clip(x, clip) : 0.0f;
+      x = (is_finite(x) | keep_nonfinite) ? stable_clip(x, c) : 0.0f;
       block_sq += x * x;
       block_max = block_max > fabsf(x) ? block_max : fabsf(x);
     }
