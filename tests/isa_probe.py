@@ -40,8 +40,9 @@ def awkward_values() -> torch.Tensor:
 
 
 def optimizer_states() -> dict[str, torch.Tensor]:
-    """Five steps of the 8-bit SPAM (dense and sparse) and AdamW on fixed gradients, one of
-    them with spikes, one with a non-finite entry; parameters and state as saved."""
+    """Seven steps of the 8-bit SPAM (dense and sparse), sparse SPAM with 32-bit values and the
+    8-bit AdamW on fixed gradients, one with spikes, one with a non-finite entry; parameters
+    and state as saved."""
     out: dict[str, torch.Tensor] = {}
     makers = {
         "spam": lambda ps: sl.SPAM(ps, lr=1e-2, warmup_steps=2, reset_interval=3, clip_delay=0, state_bits=8),
@@ -49,6 +50,9 @@ def optimizer_states() -> dict[str, torch.Tensor]:
                                       {"params": [p for p in ps if p.dim() == 1]}],
                                      lr=1e-2, warmup_steps=2, reset_interval=3, clip_delay=0, state_bits=8,
                                      subset_seed=5),
+        "sparse32": lambda ps: sl.SPAM([{"params": [p for p in ps if p.dim() == 2], "density": 0.25},
+                                        {"params": [p for p in ps if p.dim() == 1]}],
+                                       lr=1e-2, warmup_steps=2, reset_interval=3, clip_delay=0, subset_seed=9),
         "adamw": lambda ps: sl.AdamW(ps, lr=1e-2, weight_decay=0.1, state_bits=8),
     }
     for name, make in makers.items():

@@ -129,7 +129,8 @@ bool block_indices(const SparseSpamTensor& t, int64_t c, int n, int64_t* __restr
 #endif
 }
 
-// x86 builds with fp32 parameters gather and scatter p in 8-lane windows (sparse_windows.h).
+// x86 builds with fp32 parameters gather and scatter p in 8- or 16-lane windows
+// (sparse_windows.h).
 template <typename T>
 constexpr bool kUseWindows =
 #if defined(__AVX2__)
@@ -147,8 +148,12 @@ bool sparse_block(const SparseSpamTensor& t, int64_t c, const SpamHyper& h, cons
   const T* __restrict g = static_cast<const T*>(t.grad.data);
   // p and g of the selected entries, packed into contiguous fp32 arrays so the element loop
   // below runs on unit-stride data and vectorises like the dense loop; p is written back after.
-  // 8 floats of slack: the window path stores whole vectors at the running position.
-  float pv[kQuantBlock + 8], gv[kQuantBlock + 8];
+  // Slack: the window path stores whole vectors at the running position.
+#if defined(__AVX2__)
+  float pv[kQuantBlock + kWindowSlack], gv[kQuantBlock + kWindowSlack];
+#else
+  float pv[kQuantBlock], gv[kQuantBlock];
+#endif
 #if defined(__AVX2__)
   BlockWindows windows;
 #endif

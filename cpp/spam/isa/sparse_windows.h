@@ -1,5 +1,6 @@
 // isa/sparse_windows.h — gather / scatter of the selected fp32 entries of one compact block in
-// 8-lane windows (AVX2; also used by the AVX-512 build), for isa/sparse_spam_step.cpp.
+// windows of 8 lanes (AVX2: permutes from lane tables) or 16 lanes (AVX-512: vcompressps /
+// vexpandps), for isa/sparse_spam_step.cpp.
 //
 // Why: the portable path collects the selected indices into an int64 array and then gathers
 // and scatters p and g one scalar at a time; at d = 0.25 that bookkeeping costs more than the
@@ -51,13 +52,101 @@ inline __m256i lane_order(const uint8_t (&row)[8]) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row)));
 }
 
-// The windows of one compact block: offset from the block's first index and lane mask.
+#if defined(__AVX512F__)
+constexpr int kWindowLanes = 16;
+using WindowMask = uint16_t;
+#else
+constexpr int kWindowLanes = 8;
+using WindowMask = uint8_t;
+#endif
+
+// The windows of one compact block: offset from the block's first index and lane mask. Every
+// recorded window holds a selected entry, so a block has at most kQuantBlock of them.
 struct BlockWindows {
   uint32_t offset[kQuantBlock];
-  uint8_t mask[kQuantBlock];
+  WindowMask mask[kQuantBlock];
   int count = 0;
 };
 
+// Floats of slack the packed arrays need past n: whole windows are stored at the running end.
+constexpr int kWindowSlack = kWindowLanes;
+
+#if defined(__AVX512F__)
+// Packs p[i], g[i] of the n selected entries from `start` into pv, gv (each with kWindowSlack
+// floats of slack past n). False when the parameter ends first or `start` is not selected.
+inline bool gather_windows(const SubsetRule& r, int64_t start, int64_t numel, int n,
+                           const float* __restrict p, const float* __restrict g,
+                           float* __restrict pv, float* __restrict gv, BlockWindows& w) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i lane_golden = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int>(kSubsetGolden)));
+  const __m512i c1 = _mm512_set1_epi32(static_cast<int>(0x85EBCA6Bu));
+  const __m512i c2 = _mm512_set1_epi32(static_cast<int>(0xC2B2AE35u));
+  const __m512i th = _mm512_set1_epi32(static_cast<int>(r.t_hash));
+  const __m512i step = _mm512_set1_epi32(static_cast<int>(16u * kSubsetGolden));
+  // x = i * golden + seed (mod 2^32) for the 16 lanes, advanced by 16 * golden per window.
+  __m512i x = _mm512_add_epi32(
+      _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(start) * kSubsetGolden + r.seed)), lane_golden);
+  int found = 0;
+  w.count = 0;
+  for (int64_t i = start; found < n && i < numel; i += 16, x = _mm512_add_epi32(x, step)) {
+    __m512i h = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));  // subset_fmix32, lane-wise
+    h = _mm512_mullo_epi32(h, c1);
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
+    h = _mm512_mullo_epi32(h, c2);
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    unsigned mask = _mm512_cmplt_epu32_mask(h, th);
+    const __mmask16 tied = _mm512_cmpeq_epi32_mask(h, th);
+    // The exact rule's tie-break (h == t_hash, index <= t_index), tested only when a lane ties.
+    if (__builtin_expect(tied != 0, 0) && r.t_index >= i) {
+      const int64_t tie = r.t_index - i < 16 ? r.t_index - i : 16;
+      mask |= tied & ((1u << (tie + 1)) - 1u);
+    }
+    int cnt = __builtin_popcount(mask);
+    const uint32_t off = static_cast<uint32_t>(i - start);
+    if (__builtin_expect(numel - i < 16 || cnt > n - found, 0)) {
+      // Rare: the parameter ends in this window (never load past it), or the block does
+      // (keep its first n - found lanes). Lane by lane.
+      if (numel - i < 16) mask &= (1u << (numel - i)) - 1u;
+      unsigned kept = 0;
+      for (int q = 0; q < 16 && found < n; ++q)
+        if (mask & (1u << q)) {
+          pv[found] = p[i + q];
+          gv[found] = g[i + q];
+          ++found;
+          kept |= 1u << q;
+        }
+      mask = kept;
+    } else {  // branch-free in the mask: pack and store anyway, keep only non-empty windows
+      const __mmask16 k = static_cast<__mmask16>(mask);
+      _mm512_storeu_ps(pv + found, _mm512_maskz_compress_ps(k, _mm512_loadu_ps(p + i)));
+      _mm512_storeu_ps(gv + found, _mm512_maskz_compress_ps(k, _mm512_loadu_ps(g + i)));
+      found += cnt;
+    }
+    w.offset[w.count] = off;
+    w.mask[w.count] = static_cast<WindowMask>(mask);
+    w.count += mask != 0;
+  }
+  return found >= n && w.count > 0 && w.offset[0] == 0 && (w.mask[0] & 1u);
+}
+
+// Writes pv (the updated values, in compact order) back to the selected entries of p.
+inline void scatter_windows(const BlockWindows& w, int64_t start, int64_t numel,
+                            const float* __restrict pv, float* __restrict p) {
+  int pos = 0;
+  for (int k = 0; k < w.count; ++k) {
+    const int64_t i = start + w.offset[k];
+    const unsigned mask = w.mask[k];
+    if (k + 1 == w.count || numel - i < 16) {  // may share its lanes with the next block
+      for (int q = 0; q < 16; ++q)
+        if (mask & (1u << q)) p[i + q] = pv[pos++];
+      continue;
+    }
+    const __mmask16 m = static_cast<__mmask16>(mask);
+    _mm512_storeu_ps(p + i, _mm512_mask_expand_ps(_mm512_loadu_ps(p + i), m, _mm512_loadu_ps(pv + pos)));
+    pos += __builtin_popcount(mask);
+  }
+}
+#else
 // Packs p[i], g[i] of the n selected entries from `start` into pv, gv (each with 8 floats of
 // slack past n). False when the parameter ends first or `start` is not selected.
 inline bool gather_windows(const SubsetRule& r, int64_t start, int64_t numel, int n,
@@ -143,6 +232,7 @@ inline void scatter_windows(const BlockWindows& w, int64_t start, int64_t numel,
     pos += __builtin_popcount(mask);
   }
 }
+#endif  // __AVX512F__
 
 }  // namespace
 }  // namespace SPAM_CPU_ISA
