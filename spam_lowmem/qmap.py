@@ -110,6 +110,8 @@ def _simd_tables(signed: bool, values: torch.Tensor, midpoints: torch.Tensor) ->
         k = 0
         while torch.unique(inside >> (23 - k)).numel() != inside.numel():
             k += 1
+        if k > 7:  # the kernels cut buckets from the top 16 bits (8 exponent, 7 mantissa)
+            raise AssertionError("SIMD buckets would need more than 7 mantissa bits")
         if e in (SIMD_BINADE_LOW, 127) and (k > 0 or inside.numel() > 0):
             raise AssertionError("the end binades of the SIMD buckets must hold no midpoint")
         offset = len(starts)
