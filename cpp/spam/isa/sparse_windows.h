@@ -71,6 +71,39 @@ struct BlockWindows {
 // Floats of slack the packed arrays need past n: whole windows are stored at the running end.
 constexpr int kWindowSlack = kWindowLanes;
 
+// The rare window of gather_windows: the parameter ends in it (never load past it) or the
+// block does (keep its first n - found lanes). Lane by lane; returns the lanes taken.
+inline unsigned gather_lanes(unsigned mask, int64_t i, int64_t numel, int n, int& found,
+                             const float* __restrict p, const float* __restrict g,
+                             float* __restrict pv, float* __restrict gv) {
+  if (numel - i < kWindowLanes) mask &= (1u << (numel - i)) - 1u;
+  unsigned kept = 0;
+  for (int q = 0; q < kWindowLanes && found < n; ++q)
+    if (mask & (1u << q)) {
+      pv[found] = p[i + q];
+      gv[found] = g[i + q];
+      ++found;
+      kept |= 1u << q;
+    }
+  return kept;
+}
+
+// Keeps the window's record only if it is non-empty (branch-free: an empty window is ~10% of
+// them at d = 0.25, too many to predict).
+inline void record_window(BlockWindows& w, int64_t i, int64_t start, unsigned mask) {
+  w.offset[w.count] = static_cast<uint32_t>(i - start);
+  w.mask[w.count] = static_cast<WindowMask>(mask);
+  w.count += mask != 0;
+}
+
+// The last window of a block, or one at the end of the parameter: it may share its lanes with
+// the next block (another thread), so only its selected lanes are written.
+inline void scatter_lanes(unsigned mask, int64_t i, const float* __restrict pv, int& pos,
+                          float* __restrict p) {
+  for (int q = 0; q < kWindowLanes; ++q)
+    if (mask & (1u << q)) p[i + q] = pv[pos++];
+}
+
 #if defined(__AVX512F__)
 // Packs p[i], g[i] of the n selected entries from `start` into pv, gv (each with kWindowSlack
 // floats of slack past n). False when the parameter ends first or `start` is not selected.
@@ -101,30 +134,16 @@ inline bool gather_windows(const SubsetRule& r, int64_t start, int64_t numel, in
       const int64_t tie = r.t_index - i < 16 ? r.t_index - i : 16;
       mask |= tied & ((1u << (tie + 1)) - 1u);
     }
-    int cnt = __builtin_popcount(mask);
-    const uint32_t off = static_cast<uint32_t>(i - start);
+    const int cnt = __builtin_popcount(mask);
     if (__builtin_expect(numel - i < 16 || cnt > n - found, 0)) {
-      // Rare: the parameter ends in this window (never load past it), or the block does
-      // (keep its first n - found lanes). Lane by lane.
-      if (numel - i < 16) mask &= (1u << (numel - i)) - 1u;
-      unsigned kept = 0;
-      for (int q = 0; q < 16 && found < n; ++q)
-        if (mask & (1u << q)) {
-          pv[found] = p[i + q];
-          gv[found] = g[i + q];
-          ++found;
-          kept |= 1u << q;
-        }
-      mask = kept;
-    } else {  // branch-free in the mask: pack and store anyway, keep only non-empty windows
+      mask = gather_lanes(mask, i, numel, n, found, p, g, pv, gv);
+    } else {  // branch-free in the mask: pack and store anyway
       const __mmask16 k = static_cast<__mmask16>(mask);
       _mm512_storeu_ps(pv + found, _mm512_maskz_compress_ps(k, _mm512_loadu_ps(p + i)));
       _mm512_storeu_ps(gv + found, _mm512_maskz_compress_ps(k, _mm512_loadu_ps(g + i)));
       found += cnt;
     }
-    w.offset[w.count] = off;
-    w.mask[w.count] = static_cast<WindowMask>(mask);
-    w.count += mask != 0;
+    record_window(w, i, start, mask);
   }
   return found >= n && w.count > 0 && w.offset[0] == 0 && (w.mask[0] & 1u);
 }
@@ -136,9 +155,8 @@ inline void scatter_windows(const BlockWindows& w, int64_t start, int64_t numel,
   for (int k = 0; k < w.count; ++k) {
     const int64_t i = start + w.offset[k];
     const unsigned mask = w.mask[k];
-    if (k + 1 == w.count || numel - i < 16) {  // may share its lanes with the next block
-      for (int q = 0; q < 16; ++q)
-        if (mask & (1u << q)) p[i + q] = pv[pos++];
+    if (k + 1 == w.count || numel - i < kWindowLanes) {
+      scatter_lanes(mask, i, pv, pos, p);
       continue;
     }
     const __mmask16 m = static_cast<__mmask16>(mask);
@@ -183,32 +201,16 @@ inline bool gather_windows(const SubsetRule& r, int64_t start, int64_t numel, in
       sel = _mm256_or_si256(sel, _mm256_and_si256(tied, lane_ok));
     }
     unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(sel)));
-    int cnt = __builtin_popcount(mask);
-    const uint32_t off = static_cast<uint32_t>(i - start);
+    const int cnt = __builtin_popcount(mask);
     if (__builtin_expect(numel - i < 8 || cnt > n - found, 0)) {
-      // Rare: the parameter ends in this window (never load past it), or the block does
-      // (keep its first n - found lanes). Lane by lane.
-      if (numel - i < 8) mask &= (1u << (numel - i)) - 1u;
-      unsigned kept = 0;
-      for (int q = 0; q < 8 && found < n; ++q)
-        if (mask & (1u << q)) {
-          pv[found] = p[i + q];
-          gv[found] = g[i + q];
-          ++found;
-          kept |= 1u << q;
-        }
-      mask = kept;
-    } else {
-      // Branch-free in the mask (an empty window is ~10% of them at d = 0.25, too many to
-      // predict): pack and store anyway, and keep the window record only if it is non-empty.
+      mask = gather_lanes(mask, i, numel, n, found, p, g, pv, gv);
+    } else {  // branch-free in the mask: pack and store anyway
       const __m256i perm = lane_order(kLaneTables.compress[mask]);
       _mm256_storeu_ps(pv + found, _mm256_permutevar8x32_ps(_mm256_loadu_ps(p + i), perm));
       _mm256_storeu_ps(gv + found, _mm256_permutevar8x32_ps(_mm256_loadu_ps(g + i), perm));
       found += cnt;
     }
-    w.offset[w.count] = off;
-    w.mask[w.count] = static_cast<uint8_t>(mask);
-    w.count += mask != 0;
+    record_window(w, i, start, mask);
   }
   return found >= n && w.count > 0 && w.offset[0] == 0 && (w.mask[0] & 1u);
 }
@@ -221,9 +223,8 @@ inline void scatter_windows(const BlockWindows& w, int64_t start, int64_t numel,
   for (int k = 0; k < w.count; ++k) {
     const int64_t i = start + w.offset[k];
     const unsigned mask = w.mask[k];
-    if (k + 1 == w.count || numel - i < 8) {  // may share its lanes with the next block
-      for (int q = 0; q < 8; ++q)
-        if (mask & (1u << q)) p[i + q] = pv[pos++];
+    if (k + 1 == w.count || numel - i < kWindowLanes) {
+      scatter_lanes(mask, i, pv, pos, p);
       continue;
     }
     const __m256 e = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pv + pos), lane_order(kLaneTables.expand[mask]));
