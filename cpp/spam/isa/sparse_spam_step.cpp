@@ -151,11 +151,9 @@ bool sparse_block(const SparseSpamTensor& t, int64_t c, const SpamHyper& h, cons
   // Slack: the window path stores whole vectors at the running position.
 #if defined(__AVX2__)
   float pv[kQuantBlock + kWindowSlack], gv[kQuantBlock + kWindowSlack];
+  BlockWindows windows;
 #else
   float pv[kQuantBlock], gv[kQuantBlock];
-#endif
-#if defined(__AVX2__)
-  BlockWindows windows;
 #endif
   int64_t idx[kQuantBlock + kWalkMax];  // 256 values plus one window of overshoot
   if constexpr (kUseWindows<T>) {

@@ -148,21 +148,10 @@ inline bool gather_windows(const SubsetRule& r, int64_t start, int64_t numel, in
   return found >= n && w.count > 0 && w.offset[0] == 0 && (w.mask[0] & 1u);
 }
 
-// Writes pv (the updated values, in compact order) back to the selected entries of p.
-inline void scatter_windows(const BlockWindows& w, int64_t start, int64_t numel,
-                            const float* __restrict pv, float* __restrict p) {
-  int pos = 0;
-  for (int k = 0; k < w.count; ++k) {
-    const int64_t i = start + w.offset[k];
-    const unsigned mask = w.mask[k];
-    if (k + 1 == w.count || numel - i < kWindowLanes) {
-      scatter_lanes(mask, i, pv, pos, p);
-      continue;
-    }
-    const __mmask16 m = static_cast<__mmask16>(mask);
-    _mm512_storeu_ps(p + i, _mm512_mask_expand_ps(_mm512_loadu_ps(p + i), m, _mm512_loadu_ps(pv + pos)));
-    pos += __builtin_popcount(mask);
-  }
+// One whole window: the next popcount(mask) packed values go to the mask's lanes of p.
+inline void expand_window(unsigned mask, const float* __restrict packed, float* __restrict p) {
+  _mm512_storeu_ps(p, _mm512_mask_expand_ps(_mm512_loadu_ps(p), static_cast<__mmask16>(mask),
+                                            _mm512_loadu_ps(packed)));
 }
 #else
 // Packs p[i], g[i] of the n selected entries from `start` into pv, gv (each with 8 floats of
@@ -215,25 +204,30 @@ inline bool gather_windows(const SubsetRule& r, int64_t start, int64_t numel, in
   return found >= n && w.count > 0 && w.offset[0] == 0 && (w.mask[0] & 1u);
 }
 
+// One whole window: the next popcount(mask) packed values go to the mask's lanes of p.
+inline void expand_window(unsigned mask, const float* __restrict packed, float* __restrict p) {
+  const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256 e = _mm256_permutevar8x32_ps(_mm256_loadu_ps(packed), lane_order(kLaneTables.expand[mask]));
+  const __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(mask)), bits), bits);
+  _mm256_storeu_ps(p, _mm256_blendv_ps(_mm256_loadu_ps(p), e, _mm256_castsi256_ps(m)));
+}
+#endif  // __AVX512F__
+
 // Writes pv (the updated values, in compact order) back to the selected entries of p.
 inline void scatter_windows(const BlockWindows& w, int64_t start, int64_t numel,
                             const float* __restrict pv, float* __restrict p) {
-  const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   int pos = 0;
   for (int k = 0; k < w.count; ++k) {
     const int64_t i = start + w.offset[k];
     const unsigned mask = w.mask[k];
     if (k + 1 == w.count || numel - i < kWindowLanes) {
       scatter_lanes(mask, i, pv, pos, p);
-      continue;
+    } else {
+      expand_window(mask, pv + pos, p + i);
+      pos += __builtin_popcount(mask);
     }
-    const __m256 e = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pv + pos), lane_order(kLaneTables.expand[mask]));
-    const __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(mask)), bits), bits);
-    _mm256_storeu_ps(p + i, _mm256_blendv_ps(_mm256_loadu_ps(p + i), e, _mm256_castsi256_ps(m)));
-    pos += __builtin_popcount(mask);
   }
 }
-#endif  // __AVX512F__
 
 }  // namespace
 }  // namespace SPAM_CPU_ISA
