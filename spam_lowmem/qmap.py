@@ -83,6 +83,7 @@ def _buckets(midpoints: torch.Tensor) -> torch.Tensor:
     return (packed - ((packed >> 31) << 32)).to(torch.int32)  # as the int32 bit pattern
 
 
+SIMD_EDGE_MARGIN = 8  # float steps a midpoint keeps from the upper edge of its SIMD bucket
 SIMD_BINADE_LOW = 96  # exponents below are one bucket: |x| < 2^-30, far below any midpoint
 # Byte offsets in the SIMD tables (the layout is drawn in cpp/spam/quant8.h).
 SIMD_BASE, SIMD_MIDS, SIMD_VALUES, SIMD_BYTES = 192, 704, 1728, 2752
@@ -91,6 +92,19 @@ SIMD_BASE, SIMD_MIDS, SIMD_VALUES, SIMD_BYTES = 192, 704, 1728, 2752
 def _byte_planes(table: torch.Tensor) -> torch.Tensor:
     """A float32 [256] table as 4 planes of 256 bytes: byte j of entry c at 256 * j + c."""
     return table.contiguous().view(torch.uint8).view(256, 4).t().contiguous().flatten()
+
+
+def _check_edge_margins(midpoints: torch.Tensor, starts: torch.Tensor) -> None:
+    """Assert the SIMD buckets (smallest |x| bits of each, sorted) keep the midpoints clear of
+    their edges, in float steps counted as bit patterns (see _simd_tables)."""
+    magnitudes = midpoints.abs().view(torch.int32).to(torch.int64)
+    edges = torch.cat([starts, torch.tensor([0x7F800000])])
+    bucket = torch.searchsorted(edges, magnitudes, right=True) - 1
+    if int((edges[bucket + 1] - magnitudes).min()) <= SIMD_EDGE_MARGIN:
+        raise AssertionError("a midpoint lies too close below the upper edge of its SIMD bucket")
+    near_lower = bucket[magnitudes - edges[bucket] <= SIMD_EDGE_MARGIN]
+    if bool(torch.isin(near_lower - 1, bucket).any()):
+        raise AssertionError("a midpoint lies close above a SIMD bucket edge with a midpoint below")
 
 
 def _simd_tables(signed: bool, values: torch.Tensor, midpoints: torch.Tensor) -> torch.Tensor:
@@ -125,6 +139,11 @@ def _simd_tables(signed: bool, values: torch.Tensor, midpoints: torch.Tensor) ->
     base[:n] = torch.searchsorted(midpoints, lo, right=False)  # #{midpoints < lo}
     if int((torch.searchsorted(midpoints, hi, right=False) - base[:n]).max()) > 1:
         raise AssertionError("a SIMD quantisation bucket holds two midpoints")
+    # The kernels quantise x * (1 / absmax) and divide only where a midpoint they compared
+    # lies near (quant8_vbmi.h, vbmi_near_decision). So no other midpoint may come near the
+    # edges of a bucket: none close below an upper edge, and none close above a lower edge
+    # unless the bucket below holds no midpoint (its lookup then compares that one).
+    _check_edge_margins(midpoints, torch.tensor(starts, dtype=torch.int64))
     if signed:  # x < 0: bucket(|x|) + 256 holds x in (-hi, -lo]: #{midpoints <= -hi} below it
         if n > 256:
             raise AssertionError("too many SIMD buckets for the signed map")

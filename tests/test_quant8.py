@@ -119,6 +119,47 @@ def test_simd_tables_give_the_nearest_code(signed: bool) -> None:
     assert torch.equal(value_planes.view(torch.float32).flatten(), q.values)
 
 
+def _step(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """x moved by k float steps (bit patterns of the magnitude)."""
+    return (x.view(torch.int32) + k.to(torch.int32)).view(torch.float32)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_codes_near_midpoints_for_any_absmax_are_those_of_the_quotient(signed: bool) -> None:
+    """The VBMI kernels multiply by 1 / absmax and divide only near a decision: blocks with
+    awkward absmax and values within 8 float steps of absmax * every midpoint must get the codes
+    of x / absmax (here on every CPU build; test_cpu_isa.py compares the builds too)."""
+    q = quant_map(signed)
+    mids = q.midpoints[:-1]
+    gen = torch.Generator().manual_seed(5)
+    absmax = torch.ldexp(1.0 + torch.rand(64, generator=gen), torch.randint(-40, 20, (64,), generator=gen))
+    blocks = []
+    for d in absmax:
+        steps = torch.randint(-8, 9, (255,), generator=gen)
+        x = _step(mids * d, steps)
+        x = torch.where(x.abs() > d, d.expand_as(x).copysign(x), x)
+        if signed:
+            x = torch.where(torch.rand(255, generator=gen) < 0.5, -x, x)
+        blocks.append(torch.cat([x, d.view(1)]))
+    x = torch.cat(blocks)
+    codes, got_absmax = F.quantize_blockwise(x, signed=signed)
+    assert torch.equal(got_absmax, absmax)
+    assert torch.equal(codes, q.quantize_reference(x / absmax.repeat_interleave(BLOCK_SIZE)))
+
+
+def test_simd_edge_margins_are_checked() -> None:
+    """The assertion the multiply-then-verify quantiser relies on fires on bad buckets."""
+    from spam_lowmem.qmap import _check_edge_margins
+    mids = quant_map(False).midpoints[199:202]
+    b = mids.view(torch.int32).to(torch.int64)
+    lower, m = int(b[0]), int(b[1])
+    _check_edge_margins(mids, torch.tensor([0, lower - 5, m - 30, m + 100_000]))  # clear: fine
+    with pytest.raises(AssertionError, match="close above"):  # m 3 steps above an edge, b[0] below
+        _check_edge_margins(mids, torch.tensor([0, lower - 5, m - 3, m + 100_000]))
+    with pytest.raises(AssertionError, match="below the upper edge"):
+        _check_edge_margins(mids, torch.tensor([0, lower - 5, m + 5]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_round_trip_error_bound(dtype: torch.dtype) -> None:
     x = (torch.randn(10_000) * 3).to(dtype)

@@ -114,23 +114,26 @@ inline int dequantize_run_vbmi(const uint8_t* __restrict codes, float* __restric
   return i;
 }
 
-// codes[i] = quantize_code(x[i] / divisor) for the first n / 64 * 64 values; returns that count.
-// kSigned: the map's negative buckets are bucket(|x|) + 256, so bit 8 of a bucket is the sign;
-// otherwise (the unsigned map) buckets reach 511 and every x < 0 gets code 0.
+// The requantisation tables of one map, loaded into registers once per block.
 template <bool kSigned>
-inline int quantize_run_vbmi(const float* __restrict x, uint8_t* __restrict codes, int n,
-                             float divisor, const uint8_t* simd) {
-  const BytePlanes midpoints(simd + kQuantSimdMidPlanes);
+struct VbmiQuantizer {
+  BytePlanes midpoints;
   __m512i base_table[8];
-  for (int k = 0; k < 8; ++k) base_table[k] = _mm512_loadu_si512(simd + kQuantSimdBase + 64 * k);
-  const __m512i shifts = _mm512_loadu_si512(simd), deltas = _mm512_loadu_si512(simd + kQuantSimdDeltas);
-  const __m512i transpose = vbmi_transpose(), high_words = vbmi_load(kVbmiSelectors.high_words);
-  const __m512i pack_words = vbmi_load(kVbmiSelectors.pack_words);
-  const __m512 div = _mm512_set1_ps(divisor);
-  int i = 0;
-  for (; i + kVbmiRun <= n; i += kVbmiRun) {
-    __m512 xn[4];
-    for (int q = 0; q < 4; ++q) xn[q] = _mm512_div_ps(_mm512_loadu_ps(x + i + 16 * q), div);
+  __m512i shifts, deltas, transpose, high_words, pack_words;
+
+  explicit VbmiQuantizer(const uint8_t* simd)
+      : midpoints(simd + kQuantSimdMidPlanes),
+        shifts(_mm512_loadu_si512(simd)),
+        deltas(_mm512_loadu_si512(simd + kQuantSimdDeltas)),
+        transpose(vbmi_transpose()),
+        high_words(vbmi_load(kVbmiSelectors.high_words)),
+        pack_words(vbmi_load(kVbmiSelectors.pack_words)) {
+    for (int k = 0; k < 8; ++k) base_table[k] = _mm512_loadu_si512(simd + kQuantSimdBase + 64 * k);
+  }
+
+  // The codes of 64 normalised values xn (4 x 16, natural order), transposed (see the top of
+  // this file); mid[q] receives midpoints[base] of each lane, the one midpoint compared.
+  __m512i codes(const __m512 xn[4], __m512i mid[4]) const {
     // Buckets (quant8.h) need only the top 16 bits of x: 32 lanes per register. pair 0 holds
     // q0 q1, pair 1 q2 q3, in natural order. e = clamp(exponent, 96, 127) (|x| > 1 happens: a
     // block whose absmax is NaN is divided by 1, quant_divisor); vpermw reads e & 31.
@@ -159,7 +162,6 @@ inline int quantize_run_vbmi(const float* __restrict x, uint8_t* __restrict code
                                                  _mm512_permutex2var_epi8(base_table[6], low, base_table[7]));
     const __m512i base = _mm512_mask_blend_epi8(bit8, lower, upper);
     // code = base + (midpoints[base] <= x); a NaN x compares false.
-    __m512i mid[4];
     midpoints.lookup(base, mid);
     const __mmask64 reached = vbmi_transpose_masks(
         _mm512_cmp_ps_mask(_mm512_castsi512_ps(mid[0]), xn[0], _CMP_LE_OQ),
@@ -170,7 +172,58 @@ inline int quantize_run_vbmi(const float* __restrict x, uint8_t* __restrict code
     if (!kSigned)  // x < 0 (only -0.0 or a NaN in practice): code 0, below every midpoint
       code = _mm512_maskz_mov_epi8(
           ~vbmi_transpose_masks(negative[0], negative[0] >> 16, negative[1], negative[1] >> 16), code);
-    _mm512_storeu_si512(codes + i, _mm512_permutexvar_epi8(transpose, code));
+    return code;
+  }
+};
+
+// Lanes where x * (1 / d) may get another code than x / d. With r = 1 / d rounded to the
+// nearest float, x * r is within 2 float steps (ulps, counted as bit patterns) of the
+// quotient: two roundings of relative error <= 2^-24 each. The codes differ only where a
+// midpoint lies within 2 steps of x * r, and the one midpoint that can is the one the lookup
+// compared (mid): qmap._check_edge_margins asserts that every other midpoint keeps more than
+// 8 steps away from the edges of x's bucket. A margin of 4 steps is tested.
+inline bool vbmi_near_decision(const __m512 xn[4], const __m512i mid[4]) {
+  __mmask16 near = 0;
+  for (int q = 0; q < 4; ++q) {
+    const __m512i gap = _mm512_abs_epi32(_mm512_sub_epi32(_mm512_castps_si512(xn[q]), mid[q]));
+    near |= _mm512_cmple_epu32_mask(gap, _mm512_set1_epi32(4));
+  }
+  return near != 0;
+}
+
+// codes[i] = quantize_code(x[i] / divisor) for the first n / 64 * 64 values; returns that count.
+// kSigned: the map's negative buckets are bucket(|x|) + 256, so bit 8 of a bucket is the sign;
+// otherwise (the unsigned map) buckets reach 511 and every x < 0 gets code 0.
+//
+// A division costs ~9 cycles per 16 lanes on the one divider of Zen 4 (the update's sqrt and
+// division need it too), so x is multiplied by 1 / divisor instead, and the rare 64 values
+// with a lane near a decision (vbmi_near_decision, ~0.5% of them) are divided after all:
+// the codes are those of the quotient, bit for bit. A divisor whose reciprocal is not a
+// normal float (never an 8-bit moment's absmax in practice) always divides.
+template <bool kSigned>
+inline int quantize_run_vbmi(const float* __restrict x, uint8_t* __restrict codes, int n,
+                             float divisor, const uint8_t* simd) {
+  const VbmiQuantizer<kSigned> quantizer(simd);
+  const __m512 div = _mm512_set1_ps(divisor);
+  const bool multiply = divisor >= 0x1p-125f && divisor <= 0x1p125f;
+  const __m512 reciprocal = _mm512_set1_ps(1.0f / divisor);
+  int i = 0;
+  for (; i + kVbmiRun <= n; i += kVbmiRun) {
+    __m512 xn[4];
+    __m512i mid[4];
+    __m512i code;
+    if (multiply) {
+      for (int q = 0; q < 4; ++q) xn[q] = _mm512_mul_ps(_mm512_loadu_ps(x + i + 16 * q), reciprocal);
+      code = quantizer.codes(xn, mid);
+      if (__builtin_expect(vbmi_near_decision(xn, mid), 0)) {
+        for (int q = 0; q < 4; ++q) xn[q] = _mm512_div_ps(_mm512_loadu_ps(x + i + 16 * q), div);
+        code = quantizer.codes(xn, mid);
+      }
+    } else {
+      for (int q = 0; q < 4; ++q) xn[q] = _mm512_div_ps(_mm512_loadu_ps(x + i + 16 * q), div);
+      code = quantizer.codes(xn, mid);
+    }
+    _mm512_storeu_si512(codes + i, _mm512_permutexvar_epi8(quantizer.transpose, code));
   }
   return i;
 }
