@@ -152,6 +152,24 @@ void run_dense(const TensorRef& param, const TensorRef& grad, const TensorRef& e
   }
 }
 
+// The new absmax of a block from the maxima its update pass took. A NaN moment ("propagate"
+// policy) must poison its block, not vanish: then both are taken again, NaN-sticky.
+inline void block_absmax(const MomentMaxima& maxima, const float* m, const float* v, int n,
+                         float& m_absmax, float& v_absmax) {
+  constexpr int32_t kInfBits = 0x7f800000;
+  float new_m = bits_float(static_cast<uint32_t>(maxima.m_bits));
+  float new_v = bits_float(static_cast<uint32_t>(maxima.v_bits));
+  if (maxima.m_bits > kInfBits || maxima.v_magnitude > kInfBits) {
+    new_m = new_v = 0.0f;
+    for (int i = 0; i < n; ++i) {
+      new_m = sticky_max(new_m, std::fabs(m[i]));
+      new_v = sticky_max(new_v, v[i]);
+    }
+  }
+  m_absmax = new_m;
+  v_absmax = new_v;
+}
+
 // One block of 8-bit moments, dense or sparse: dequantise m and v into registers/stack, run
 // fn over the block's p and g (n <= kQuantBlock values, already in T), take the new absmax
 // in the same pass, requantise.
@@ -164,20 +182,9 @@ inline void quant8_block(T* p, const T* g, int n, uint8_t* __restrict m_codes, u
   dequantize_run(v_codes, v, n, v_absmax, maps.v);
   MomentMaxima maxima;
   element_block(p, g, m, v, n, fn, clipped, nonfinite, &maxima);
-  float new_m = bits_float(static_cast<uint32_t>(maxima.m_bits));
-  float new_v = bits_float(static_cast<uint32_t>(maxima.v_bits));
-  constexpr int32_t kInfBits = 0x7f800000;
-  if (maxima.m_bits > kInfBits || maxima.v_magnitude > kInfBits) {  // a NaN moment ("propagate"
-    new_m = new_v = 0.0f;                                           // policy) must poison its
-    for (int i = 0; i < n; ++i) {                                   // block, not vanish
-      new_m = sticky_max(new_m, std::fabs(m[i]));
-      new_v = sticky_max(new_v, v[i]);
-    }
-  }
-  m_absmax = new_m;
-  v_absmax = new_v;
-  quantize_run(m, m_codes, n, quant_divisor(new_m), maps.m);
-  quantize_run(v, v_codes, n, quant_divisor(new_v), maps.v);
+  block_absmax(maxima, m, v, n, m_absmax, v_absmax);
+  quantize_run(m, m_codes, n, quant_divisor(m_absmax), maps.m);
+  quantize_run(v, v_codes, n, quant_divisor(v_absmax), maps.v);
 }
 
 // [begin, end) starts on a block boundary (chunks are multiples of kQuantBlock).

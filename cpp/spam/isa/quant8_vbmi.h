@@ -191,40 +191,51 @@ inline bool vbmi_near_decision(const __m512 xn[4], const __m512i mid[4]) {
   return near != 0;
 }
 
+// A block's divisor as the quantiser takes it. A division costs ~9 cycles per 16 lanes on the
+// one divider of Zen 4, which the update's sqrt and division need too, so x is multiplied by
+// 1 / divisor, and the rare 64 values with a lane near a decision (vbmi_near_decision) are
+// divided after all: the codes are those of the quotient, bit for bit. A divisor whose
+// reciprocal is not a normal float (never an 8-bit moment's absmax in practice) always divides.
+struct VbmiDivisor {
+  __m512 divisor, reciprocal;
+  bool multiply;
+  explicit VbmiDivisor(float d)
+      : divisor(_mm512_set1_ps(d)),
+        reciprocal(_mm512_set1_ps(1.0f / d)),
+        multiply(d >= 0x1p-125f && d <= 0x1p125f) {}
+};
+
+// codes[0..64) = quantize_code(x[i] / divisor).
+template <bool kSigned>
+inline void quantize64_vbmi(const VbmiQuantizer<kSigned>& quantizer, const float* __restrict x,
+                            uint8_t* __restrict codes, const VbmiDivisor& d) {
+  __m512 xn[4];
+  __m512i mid[4];
+  __m512i code;
+  const auto divide = [&] {
+    for (int q = 0; q < 4; ++q) xn[q] = _mm512_div_ps(_mm512_loadu_ps(x + 16 * q), d.divisor);
+    code = quantizer.codes(xn, mid);
+  };
+  if (d.multiply) {
+    for (int q = 0; q < 4; ++q) xn[q] = _mm512_mul_ps(_mm512_loadu_ps(x + 16 * q), d.reciprocal);
+    code = quantizer.codes(xn, mid);
+    if (__builtin_expect(vbmi_near_decision(xn, mid), 0)) divide();
+  } else {
+    divide();
+  }
+  _mm512_storeu_si512(codes, _mm512_permutexvar_epi8(quantizer.transpose, code));
+}
+
 // codes[i] = quantize_code(x[i] / divisor) for the first n / 64 * 64 values; returns that count.
 // kSigned: the map's negative buckets are bucket(|x|) + 256, so bit 8 of a bucket is the sign;
 // otherwise (the unsigned map) buckets reach 511 and every x < 0 gets code 0.
-//
-// A division costs ~9 cycles per 16 lanes on the one divider of Zen 4 (the update's sqrt and
-// division need it too), so x is multiplied by 1 / divisor instead, and the rare 64 values
-// with a lane near a decision (vbmi_near_decision, ~0.5% of them) are divided after all:
-// the codes are those of the quotient, bit for bit. A divisor whose reciprocal is not a
-// normal float (never an 8-bit moment's absmax in practice) always divides.
 template <bool kSigned>
 inline int quantize_run_vbmi(const float* __restrict x, uint8_t* __restrict codes, int n,
                              float divisor, const uint8_t* simd) {
   const VbmiQuantizer<kSigned> quantizer(simd);
-  const __m512 div = _mm512_set1_ps(divisor);
-  const bool multiply = divisor >= 0x1p-125f && divisor <= 0x1p125f;
-  const __m512 reciprocal = _mm512_set1_ps(1.0f / divisor);
+  const VbmiDivisor d(divisor);
   int i = 0;
-  for (; i + kVbmiRun <= n; i += kVbmiRun) {
-    __m512 xn[4];
-    __m512i mid[4];
-    __m512i code;
-    if (multiply) {
-      for (int q = 0; q < 4; ++q) xn[q] = _mm512_mul_ps(_mm512_loadu_ps(x + i + 16 * q), reciprocal);
-      code = quantizer.codes(xn, mid);
-      if (__builtin_expect(vbmi_near_decision(xn, mid), 0)) {
-        for (int q = 0; q < 4; ++q) xn[q] = _mm512_div_ps(_mm512_loadu_ps(x + i + 16 * q), div);
-        code = quantizer.codes(xn, mid);
-      }
-    } else {
-      for (int q = 0; q < 4; ++q) xn[q] = _mm512_div_ps(_mm512_loadu_ps(x + i + 16 * q), div);
-      code = quantizer.codes(xn, mid);
-    }
-    _mm512_storeu_si512(codes + i, _mm512_permutexvar_epi8(quantizer.transpose, code));
-  }
+  for (; i + kVbmiRun <= n; i += kVbmiRun) quantize64_vbmi(quantizer, x + i, codes + i, d);
   return i;
 }
 
