@@ -27,10 +27,8 @@ void pack(const nb::ndarray<>& w, const nb::ndarray<>& codes, const nb::ndarray<
           const nb::ndarray<>& zero, const nb::ndarray<>& outlier_idx, const nb::ndarray<>& outlier_val,
           const nb::ndarray<>& bad, int fmt, int64_t group) {
   SameDevice dev;
-  const spam::TensorRef wr = spam::bind::float_ref(w, kCpu, "w");
-  const auto f = spam::bind::to_format(fmt);
-  const auto p = spam::bind::convert_packed(wr.numel, group, f, codes, scale, zero, outlier_idx,
-                                            outlier_val, kCpu, dev);
+  const auto [wr, f, p] = spam::bind::convert_dense_and_packed(
+      w, "w", fmt, group, codes, scale, zero, outlier_idx, outlier_val, kCpu, dev);
   int64_t* b = counter(bad);
   nb::gil_scoped_release release;
   *b += spam::q4::cpu_pack(wr, p, f, group);
@@ -40,10 +38,8 @@ void unpack(const nb::ndarray<>& codes, const nb::ndarray<>& scale, const nb::nd
             const nb::ndarray<>& outlier_idx, const nb::ndarray<>& outlier_val,
             const nb::ndarray<>& out, int fmt, int64_t group) {
   SameDevice dev;
-  const spam::TensorRef o = spam::bind::float_ref(out, kCpu, "out");
-  const auto f = spam::bind::to_format(fmt);
-  const auto p = spam::bind::convert_packed(o.numel, group, f, codes, scale, zero, outlier_idx,
-                                            outlier_val, kCpu, dev);
+  const auto [o, f, p] = spam::bind::convert_dense_and_packed(
+      out, "out", fmt, group, codes, scale, zero, outlier_idx, outlier_val, kCpu, dev);
   nb::gil_scoped_release release;
   spam::q4::cpu_unpack(p, o, f, group);
 }
@@ -53,10 +49,8 @@ void requant_sr(const nb::ndarray<>& w, const nb::ndarray<>& codes, const nb::nd
                 const nb::ndarray<>& outlier_val, const nb::ndarray<>& bad, int fmt, int64_t group,
                 uint64_t seed, uint64_t step) {
   SameDevice dev;
-  const spam::TensorRef wr = spam::bind::float_ref(w, kCpu, "w");
-  const auto f = spam::bind::to_format(fmt);
-  const auto p = spam::bind::convert_packed(wr.numel, group, f, codes, scale, zero, outlier_idx,
-                                            outlier_val, kCpu, dev);
+  const auto [wr, f, p] = spam::bind::convert_dense_and_packed(
+      w, "w", fmt, group, codes, scale, zero, outlier_idx, outlier_val, kCpu, dev);
   int64_t* b = counter(bad);
   nb::gil_scoped_release release;
   *b += spam::q4::cpu_requant_sr(wr, p, f, group, seed, step);

@@ -32,11 +32,8 @@ void pack(const nb::ndarray<>& w, const nb::ndarray<>& codes, const nb::ndarray<
           const nb::ndarray<>& zero, const nb::ndarray<>& outlier_idx, const nb::ndarray<>& outlier_val,
           const nb::ndarray<>& bad, int fmt, int64_t group, uintptr_t stream) {
   SameDevice dev;
-  const spam::TensorRef wr = spam::bind::float_ref(w, kCuda, "w");
-  dev.check(w, "w");
-  const auto f = spam::bind::to_format(fmt);
-  const auto p = spam::bind::convert_packed(wr.numel, group, f, codes, scale, zero, outlier_idx,
-                                            outlier_val, kCuda, dev);
+  const auto [wr, f, p] = spam::bind::convert_dense_and_packed(
+      w, "w", fmt, group, codes, scale, zero, outlier_idx, outlier_val, kCuda, dev);
   spam::q4::launch_pack(wr, p, f, group, counter(bad, dev), dev.device(), stream);
 }
 
@@ -44,11 +41,8 @@ void unpack(const nb::ndarray<>& codes, const nb::ndarray<>& scale, const nb::nd
             const nb::ndarray<>& outlier_idx, const nb::ndarray<>& outlier_val,
             const nb::ndarray<>& out, int fmt, int64_t group, uintptr_t stream) {
   SameDevice dev;
-  const spam::TensorRef o = spam::bind::float_ref(out, kCuda, "out");
-  dev.check(out, "out");
-  const auto f = spam::bind::to_format(fmt);
-  const auto p = spam::bind::convert_packed(o.numel, group, f, codes, scale, zero, outlier_idx,
-                                            outlier_val, kCuda, dev);
+  const auto [o, f, p] = spam::bind::convert_dense_and_packed(
+      out, "out", fmt, group, codes, scale, zero, outlier_idx, outlier_val, kCuda, dev);
   spam::q4::launch_unpack(p, o, f, group, dev.device(), stream);
 }
 
@@ -57,11 +51,8 @@ void requant_sr(const nb::ndarray<>& w, const nb::ndarray<>& codes, const nb::nd
                 const nb::ndarray<>& outlier_val, const nb::ndarray<>& bad, int fmt, int64_t group,
                 uint64_t seed, uint64_t step, uintptr_t stream) {
   SameDevice dev;
-  const spam::TensorRef wr = spam::bind::float_ref(w, kCuda, "w");
-  dev.check(w, "w");
-  const auto f = spam::bind::to_format(fmt);
-  const auto p = spam::bind::convert_packed(wr.numel, group, f, codes, scale, zero, outlier_idx,
-                                            outlier_val, kCuda, dev);
+  const auto [wr, f, p] = spam::bind::convert_dense_and_packed(
+      w, "w", fmt, group, codes, scale, zero, outlier_idx, outlier_val, kCuda, dev);
   spam::q4::launch_requant_sr(wr, p, f, group, seed, step, counter(bad, dev), dev.device(), stream);
 }
 

@@ -50,6 +50,26 @@ inline q4::Packed convert_packed(int64_t numel, int64_t group, q4::Format fmt,
   return p;
 }
 
+// A dense weight (the source or destination of packing) with its format and packed buffers,
+// all checked: the argument block every pack/unpack/requant binding starts with.
+struct DenseAndPacked {
+  TensorRef dense;
+  q4::Format fmt;
+  q4::Packed packed;
+};
+
+inline DenseAndPacked convert_dense_and_packed(const nb::ndarray<>& dense, const char* name, int fmt,
+                                               int64_t group, const nb::ndarray<>& codes,
+                                               const nb::ndarray<>& scale, const nb::ndarray<>& zero,
+                                               const nb::ndarray<>& outlier_idx,
+                                               const nb::ndarray<>& outlier_val, int device_type,
+                                               SameDevice& dev) {
+  const TensorRef d = float_ref(dense, device_type, name);
+  dev.check(dense, name);
+  const q4::Format f = to_format(fmt);
+  return {d, f, convert_packed(d.numel, group, f, codes, scale, zero, outlier_idx, outlier_val, device_type, dev)};
+}
+
 // Input and output of a fake quantiser: same numel and dtype (they may be the same array).
 inline std::pair<TensorRef, TensorRef> convert_in_out(const nb::ndarray<>& in, const nb::ndarray<>& out,
                                                       int device_type, SameDevice& dev) {
