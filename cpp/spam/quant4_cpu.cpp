@@ -63,47 +63,55 @@ void check_packed(const TensorRef& w, const Packed& p, Format fmt, int64_t group
 
 }  // namespace
 
-void cpu_fake_weight_int4(const TensorRef& in, const TensorRef& out, int64_t group) {
+namespace {
+
+// Fake quantisation: rule(dst, begin, x, n) writes the quantised group x[0..n) to dst[begin..).
+template <typename Rule>
+void fake_quantise(const TensorRef& in, const TensorRef& out, int64_t group, const Rule& rule) {
   check_group(group);
   dispatch_dtype(in.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* dst = static_cast<T*>(out.data);
     for_each_group<T>(in, group, [&](int64_t g, const float* x, int64_t n, float* /*tmp*/) -> int64_t {
-      const MinMax mm = min_max(x, n);
-      const Int4Grid grid = int4_weight_grid(mm.lo, mm.hi);
-      for (int64_t j = 0; j < n; ++j)
-        Storage<T>::store(dst, g * group + j, int4_dequant(int4_weight_code(x[j], grid), grid.zero, grid.scale));
+      rule(dst, g * group, x, n);
       return 0;
     });
+  });
+}
+
+// The top-2 |x| of each group kept exact; the rest through fake(v, param), where
+// param = param_of(the third-largest |x|) (ALGORITHMS.md §5.2-5.3).
+template <typename ParamOf, typename Fake>
+void fake_with_outliers(const TensorRef& in, const TensorRef& out, int64_t group, ParamOf param_of,
+                        Fake fake) {
+  fake_quantise(in, out, group, [&](auto* dst, int64_t begin, const float* x, int64_t n) {
+    const Top3 t = top3(x, n);
+    const float param = param_of(t.rest_max());
+    // param and fake by value: read through a reference they would be reloaded per element.
+    write_with_outliers(dst, begin, x, n, t, [param, fake](float v) { return fake(v, param); });
+  });
+}
+
+}  // namespace
+
+void cpu_fake_weight_int4(const TensorRef& in, const TensorRef& out, int64_t group) {
+  fake_quantise(in, out, group, [](auto* dst, int64_t begin, const float* x, int64_t n) {
+    const MinMax mm = min_max(x, n);
+    const Int4Grid grid = int4_weight_grid(mm.lo, mm.hi);
+    for (int64_t j = 0; j < n; ++j)
+      Storage<std::remove_pointer_t<decltype(dst)>>::store(
+          dst, begin + j, int4_dequant(int4_weight_code(x[j], grid), grid.zero, grid.scale));
   });
 }
 
 void cpu_fake_act_int4(const TensorRef& in, const TensorRef& out, int64_t group) {
-  check_group(group);
-  dispatch_dtype(in.dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    T* dst = static_cast<T*>(out.data);
-    for_each_group<T>(in, group, [&](int64_t g, const float* x, int64_t n, float* /*tmp*/) -> int64_t {
-      const Top3 t = top3(x, n);
-      const float scale = act_scale(t.rest_max());
-      write_with_outliers(dst, g * group, x, n, t, [scale](float v) { return int4_act_fake(v, scale); });
-      return 0;
-    });
-  });
+  fake_with_outliers(in, out, group, [](float rest_max) { return act_scale(rest_max); },
+                     [](float v, float scale) { return int4_act_fake(v, scale); });
 }
 
 void cpu_fake_fp4(const TensorRef& in, const TensorRef& out, int64_t group) {
-  check_group(group);
-  dispatch_dtype(in.dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    T* dst = static_cast<T*>(out.data);
-    for_each_group<T>(in, group, [&](int64_t g, const float* x, int64_t n, float* /*tmp*/) -> int64_t {
-      const Top3 t = top3(x, n);
-      const float step = fp4_step(t.rest_max());
-      write_with_outliers(dst, g * group, x, n, t, [step](float v) { return fp4_fake(v, step); });
-      return 0;
-    });
-  });
+  fake_with_outliers(in, out, group, [](float rest_max) { return fp4_step(rest_max); },
+                     [](float v, float step) { return fp4_fake(v, step); });
 }
 
 int64_t cpu_pack(const TensorRef& w, const Packed& p, Format fmt, int64_t group) {
