@@ -67,7 +67,8 @@ inline DenseAndPacked convert_dense_and_packed(const nb::ndarray<>& dense, const
   const TensorRef d = float_ref(dense, device_type, name);
   dev.check(dense, name);
   const q4::Format f = to_format(fmt);
-  return {d, f, convert_packed(d.numel, group, f, codes, scale, zero, outlier_idx, outlier_val, device_type, dev)};
+  return {d, f,
+          convert_packed(d.numel, group, f, codes, scale, zero, outlier_idx, outlier_val, device_type, dev)};
 }
 
 // Input and output of a fake quantiser: same numel and dtype (they may be the same array).
