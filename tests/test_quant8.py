@@ -324,6 +324,55 @@ def test_nonfinite_gradient_does_not_poison_the_block() -> None:
     assert opt.spike_stats()["nonfinite"] == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_nan_code_does_not_depend_on_its_sign(dtype: torch.dtype) -> None:
+    """A NaN of either sign gets code 255, where the reference's searchsorted puts NaN (a NaN's
+    sign bit is not portable: x86 makes inf / inf a negative NaN, CUDA a positive one). So a
+    block with an infinite absmax quantises as in the reference: its infinities to 255, its
+    finite entries to the zero code."""
+    x = torch.randn(4 * BLOCK_SIZE)
+    x[3], x[4] = float("nan"), -float("nan")  # block 0: NaN absmax
+    x[BLOCK_SIZE + 5], x[BLOCK_SIZE + 6] = float("inf"), -float("inf")  # block 1: inf absmax
+    x[2 * BLOCK_SIZE + 7] = -float("inf")  # block 2: inf absmax from -inf alone
+    x = x.to(dtype)
+    assert x[4].view(torch.int16 if dtype == torch.float16 else torch.int32) < 0  # a negative NaN
+    for signed in (True, False):
+        codes, absmax = F.quantize_blockwise(x, signed=signed)
+        ref_codes, ref_absmax = quantize_blocks(x.float(), signed)
+        assert codes[3] == codes[4] == 255
+        assert absmax[0].isnan()
+        # Block 0's other codes are moot (every value dequantises to NaN); the reference zeroes them.
+        assert torch.equal(codes[BLOCK_SIZE:], ref_codes[BLOCK_SIZE:])
+        assert torch.equal(absmax[1:], ref_absmax[1:])
+
+
+def test_infinite_moments_under_propagate_match_the_reference() -> None:
+    """An infinite gradient under nonfinite="propagate" makes its blocks' absmax inf; the kernel
+    must store the codes the reference stores (here it once stored code 0 for +inf: -inf)."""
+    shape = (4096,)
+    gen = torch.Generator().manual_seed(11)
+    ours_p = torch.nn.Parameter(torch.randn(shape, generator=gen))
+    ref_p = torch.nn.Parameter(ours_p.detach().clone())
+    kw = dict(lr=1e-3, state_bits=8, nonfinite="propagate", spike_clipping=False)
+    ours, ref = sl.SPAM([ours_p], **kw), ReferenceSPAM([ref_p], **kw)
+    for step in range(3):
+        g = torch.randn(shape, generator=gen)
+        if step == 2:
+            g[5], g[9], g[300] = float("inf"), -float("inf"), float("inf")
+        ours_p.grad, ref_p.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        so, sr = ours.state[ours_p], ref.state[ref_p]
+        for key in ("exp_avg_codes", "exp_avg_sq_codes", "exp_avg_absmax", "exp_avg_sq_absmax"):
+            if step == 2:  # the two infinite blocks, exactly (finite ones may differ by a rounding)
+                n = 2 * BLOCK_SIZE if key.endswith("codes") else 2
+                assert torch.equal(so[key][:n], sr[key][:n]), key
+            sr[key].copy_(so[key])  # re-sync to the kernel
+        ref_p.data.copy_(ours_p.data)
+    assert so["exp_avg_absmax"][0] == float("inf") and so["exp_avg_codes"][[5, 9, 300]].tolist() == [255] * 3
+    assert ours.spike_stats()["nonfinite"] == 3
+
+
 def test_adamw_32bit_matches_torch() -> None:
     torch.manual_seed(0)
     a = [torch.nn.Parameter(torch.randn(s)) for s in [(300, 7), (5000,)]]

@@ -27,6 +27,12 @@
 //
 // Tie rule: round to the nearest code; a value exactly on a midpoint goes to the larger code.
 // Equivalently code = #{midpoints <= x} (searchsorted(midpoints, x, right=True)).
+// NaN, of either sign, gets the last code (255), as searchsorted puts NaN last: a NaN's sign
+// bit is not portable (x86 makes inf / inf a negative NaN, CUDA a positive one, and CUDA's
+// fp16 -> fp32 conversion drops it), and the code must not depend on it. Normalised values
+// are NaN only in a block whose absmax is NaN or +inf; the SIMD runs leave those blocks to the
+// scalar code (isa/quant8_runs.h). So an infinite block (a moment overflowed) comes back
+// as +inf at its infinite entries and NaN elsewhere (0 * inf), on every device.
 //
 //   |x| bits:  s eeeeeeee mmmmmmmm mmmmmmmmmmmmmmm
 //                \______ bucket ______/ \_ low 15 _/
@@ -99,7 +105,8 @@ SPAM_HD uint8_t quantize_code(float x, const QuantMap& q) {
   const uint32_t negative = bits >> 31;
   const uint32_t entry = static_cast<uint32_t>(q.buckets[negative * kQuantBuckets + quant_bucket(x)]);
   const uint32_t low = (bits ^ (0u - negative)) & 0x7fffu;  // mirrored for x < 0, as the table
-  return static_cast<uint8_t>((entry & 0xffffu) - static_cast<uint32_t>((entry >> 16) > low));
+  const uint8_t code = static_cast<uint8_t>((entry & 0xffffu) - static_cast<uint32_t>((entry >> 16) > low));
+  return x != x ? uint8_t{255} : code;  // NaN of either sign: see the tie rule above
 }
 
 // The divisor that normalises a block: its absmax, or 1 for an all-zero block (whose values

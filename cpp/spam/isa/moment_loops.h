@@ -183,8 +183,8 @@ inline void quant8_block(T* p, const T* g, int n, uint8_t* __restrict m_codes, u
   MomentMaxima maxima;
   element_block(p, g, m, v, n, fn, clipped, nonfinite, &maxima);
   block_absmax(maxima, m, v, n, m_absmax, v_absmax);
-  quantize_run(m, m_codes, n, quant_divisor(m_absmax), maps.m);
-  quantize_run(v, v_codes, n, quant_divisor(v_absmax), maps.v);
+  quantize_run(m, m_codes, n, m_absmax, maps.m);
+  quantize_run(v, v_codes, n, v_absmax, maps.v);
 }
 
 // [begin, end) starts on a block boundary (chunks are multiples of kQuantBlock).

@@ -31,7 +31,7 @@ void cpu_quantize_blockwise(const TensorRef& x, uint8_t* codes, float* absmax, c
         amax = (a > amax || a != a) ? a : amax;  // NaN-sticky, like the optimizer blocks
       }
       absmax[b] = amax;
-      quantize_run(values, codes + begin, n, quant_divisor(amax), map);
+      quantize_run(values, codes + begin, n, amax, map);
     }
   });
 }

@@ -73,28 +73,33 @@ inline __m256i quantize8_avx2(__m256 x, __m256 divisor, const int32_t* buckets) 
 }
 #endif
 
-// codes[i] = quantize_code(x[i] / divisor) for i < n.
-inline void quantize_run(const float* __restrict x, uint8_t* __restrict codes, int n, float divisor,
+// codes[i] = quantize_code(x[i] / quant_divisor(absmax)) for i < n, absmax being the block's
+// (NaN-sticky) max |x|. A block whose absmax is NaN or +inf is left to the scalar code: only
+// there can x / divisor be NaN, whose code (quant8.h) the SIMD runs do not special-case.
+inline void quantize_run(const float* __restrict x, uint8_t* __restrict codes, int n, float absmax,
                          const QuantMap map) {
+  const float divisor = quant_divisor(absmax);
   int i = 0;
+  if (absmax <= 3.40282347e38f) {  // finite (NaN and +inf fail the test)
 #if defined(__AVX512VBMI__)
-  i = quantize_run_vbmi(x, codes, n, divisor, map.simd);
+    i = quantize_run_vbmi(x, codes, n, divisor, map.simd);
 #endif
 #if defined(__AVX2__)
-  const __m256 div = _mm256_set1_ps(divisor);
-  // 32 codes per step: 4 x 8 int32 lanes -> packus to 16-bit -> to 8-bit. The packs work per
-  // 128-bit half, leaving dwords in the order (a0 b0 c0 d0 | a1 b1 c1 d1) of 4-code groups;
-  // one cross-lane permute puts them back in index order.
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  for (; i + 32 <= n; i += 32) {
-    const __m256i a = quantize8_avx2(_mm256_loadu_ps(x + i), div, map.buckets);
-    const __m256i b = quantize8_avx2(_mm256_loadu_ps(x + i + 8), div, map.buckets);
-    const __m256i c = quantize8_avx2(_mm256_loadu_ps(x + i + 16), div, map.buckets);
-    const __m256i d = quantize8_avx2(_mm256_loadu_ps(x + i + 24), div, map.buckets);
-    const __m256i packed = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i), _mm256_permutevar8x32_epi32(packed, order));
-  }
+    const __m256 div = _mm256_set1_ps(divisor);
+    // 32 codes per step: 4 x 8 int32 lanes -> packus to 16-bit -> to 8-bit. The packs work per
+    // 128-bit half, leaving dwords in the order (a0 b0 c0 d0 | a1 b1 c1 d1) of 4-code groups;
+    // one cross-lane permute puts them back in index order.
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; i + 32 <= n; i += 32) {
+      const __m256i a = quantize8_avx2(_mm256_loadu_ps(x + i), div, map.buckets);
+      const __m256i b = quantize8_avx2(_mm256_loadu_ps(x + i + 8), div, map.buckets);
+      const __m256i c = quantize8_avx2(_mm256_loadu_ps(x + i + 16), div, map.buckets);
+      const __m256i d = quantize8_avx2(_mm256_loadu_ps(x + i + 24), div, map.buckets);
+      const __m256i packed = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i), _mm256_permutevar8x32_epi32(packed, order));
+    }
 #endif
+  }
   for (; i < n; ++i) codes[i] = quantize_code(x[i] / divisor, map);
 }
 

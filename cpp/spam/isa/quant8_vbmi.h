@@ -135,8 +135,9 @@ struct VbmiQuantizer {
   // this file); mid[q] receives midpoints[base] of each lane, the one midpoint compared.
   __m512i codes(const __m512 xn[4], __m512i mid[4]) const {
     // Buckets (quant8.h) need only the top 16 bits of x: 32 lanes per register. pair 0 holds
-    // q0 q1, pair 1 q2 q3, in natural order. e = clamp(exponent, 96, 127) (|x| > 1 happens: a
-    // block whose absmax is NaN is divided by 1, quant_divisor); vpermw reads e & 31.
+    // q0 q1, pair 1 q2 q3, in natural order. e = clamp(exponent, 96, 127) (x * (1 / absmax)
+    // may exceed 1 by a rounding step; blocks with a NaN or inf absmax never come here,
+    // quantize_run); vpermw reads e & 31.
     __m512i bucket[2];
     __mmask32 negative[2], high[2];  // bit 8 of a bucket, which the byte lookups take as a mask
     for (int h = 0; h < 2; ++h) {
