@@ -3,7 +3,7 @@
 // (quant8.h) and results as cpp/spam/isa/quant8_blockwise.cpp.
 //
 // Quantise: one warp per 256-element block, as in the optimizer steps (step8.cuh): 8 values a
-// lane, a NaN-sticky warp max for the absmax, then quantize_code(x / divisor) per value.
+// lane, a NaN-sticky warp max for the absmax, then quantize_value(x, divisor) per value.
 // Dequantise: element-wise, map values in shared memory. Both are grid-stride loops over int64
 // indices with a capped grid, so any size launches the same small grid.
 #include <cmath>
@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
       const int64_t i = b0 + j * kWarpSize + lane;
-      if (i < numel) codes[i] = quantize_code(xr[j] / div, map);
+      if (i < numel) codes[i] = quantize_value(xr[j], div, map);
     }
   }
 }

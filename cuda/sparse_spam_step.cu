@@ -175,8 +175,8 @@ __device__ __forceinline__ void sparse_block(const SparseSlot& t, int64_t c, con
     uint8_t* mc = static_cast<uint8_t*>(t.m) + j0;
     uint8_t* vc = static_cast<uint8_t*>(t.v) + j0;
     for (int j = lane; j < n; j += kWarpSize) {
-      mc[j] = quantize_code(stage[0][j] / m_div, m_map);
-      vc[j] = quantize_code(stage[1][j] / v_div, v_map);
+      mc[j] = quantize_value(stage[0][j], m_div, m_map);
+      vc[j] = quantize_value(stage[1][j], v_div, v_map);
     }
   }
 }

@@ -10,7 +10,7 @@
 //
 // Per quantisation block and lane: load 8 codes of m and v, p and g, and the two absmax;
 // dequantise (map values from shared memory); run the element function; NaN-sticky max of
-// |m| and of v over the warp; requantise with quantize_code (quant8.h) against x / divisor.
+// |m| and of v over the warp; requantise with quantize_value (quant8.h): the code of x / divisor.
 //
 // Map tables:
 //   values[256] x 2      shared memory (2 KiB), loaded once per thread block: every element
@@ -195,8 +195,8 @@ __device__ __forceinline__ void quant8_chunk(const Args& args, const ChunkRange&
     for (int j = 0; j < kPerLane; ++j) {
       const int64_t i = b0 + j * kWarpSize + lane;
       if (i < r.end) {
-        m_codes[i] = quantize_code(mr[j] / m_div, m_map);
-        v_codes[i] = quantize_code(vr[j] / v_div, v_map);
+        m_codes[i] = quantize_value(mr[j], m_div, m_map);
+        v_codes[i] = quantize_value(vr[j], v_div, v_map);
       }
     }
   }

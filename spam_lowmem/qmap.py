@@ -10,8 +10,9 @@ parameters bitsandbytes and torchao use for their 8-bit optimizers):
 
 A value x of a block with absolute maximum A is stored as the code
 ``#{midpoints <= x / A}``: the nearest map value, ties going to the larger code. A NaN
-``x / A`` (a block whose A is NaN or inf), of either sign, gets the last code, 255, where
+``x / A`` (a block whose A is NaN), of either sign, gets the last code, 255, where
 ``searchsorted`` puts NaN: a NaN's sign bit differs between x86 and CUDA, the code must not.
+In a block whose A is inf, an infinite x counts as +-1 (not inf / inf), so it keeps its sign.
 The C++/CUDA core receives the map, its midpoints, a bucket table that turns that count
 into one table read and one compare, and the byte tables of the AVX-512 VBMI kernels (see
 cpp/spam/quant8.h, which documents both layouts).

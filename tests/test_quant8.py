@@ -327,9 +327,9 @@ def test_nonfinite_gradient_does_not_poison_the_block() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_nan_code_does_not_depend_on_its_sign(dtype: torch.dtype) -> None:
     """A NaN of either sign gets code 255, where the reference's searchsorted puts NaN (a NaN's
-    sign bit is not portable: x86 makes inf / inf a negative NaN, CUDA a positive one). So a
-    block with an infinite absmax quantises as in the reference: its infinities to 255, its
-    finite entries to the zero code."""
+    sign bit is not portable: x86 makes inf / inf a negative NaN, CUDA a positive one). A block
+    with an infinite absmax quantises as in the reference: its infinities as +-1 (codes 255 and
+    0: they keep their sign), its finite entries to the zero code."""
     x = torch.randn(4 * BLOCK_SIZE)
     x[3], x[4] = float("nan"), -float("nan")  # block 0: NaN absmax
     x[BLOCK_SIZE + 5], x[BLOCK_SIZE + 6] = float("inf"), -float("inf")  # block 1: inf absmax
@@ -344,11 +344,16 @@ def test_nan_code_does_not_depend_on_its_sign(dtype: torch.dtype) -> None:
         # Block 0's other codes are moot (every value dequantises to NaN); the reference zeroes them.
         assert torch.equal(codes[BLOCK_SIZE:], ref_codes[BLOCK_SIZE:])
         assert torch.equal(absmax[1:], ref_absmax[1:])
+        back = F.dequantize_blockwise(codes, absmax, signed=signed)
+        assert back[BLOCK_SIZE + 5] == float("inf") and back[BLOCK_SIZE + 1].isnan()
+        if signed:  # the unsigned map holds no negative value: there -inf reads back as NaN
+            assert back[BLOCK_SIZE + 6] == -float("inf")
 
 
 def test_infinite_moments_under_propagate_match_the_reference() -> None:
     """An infinite gradient under nonfinite="propagate" makes its blocks' absmax inf; the kernel
-    must store the codes the reference stores (here it once stored code 0 for +inf: -inf)."""
+    must store the codes the reference stores, and the infinite moments keep their sign (the
+    kernel once stored code 0 for +inf, which reads back as -inf)."""
     shape = (4096,)
     gen = torch.Generator().manual_seed(11)
     ours_p = torch.nn.Parameter(torch.randn(shape, generator=gen))
@@ -369,7 +374,8 @@ def test_infinite_moments_under_propagate_match_the_reference() -> None:
                 assert torch.equal(so[key][:n], sr[key][:n]), key
             sr[key].copy_(so[key])  # re-sync to the kernel
         ref_p.data.copy_(ours_p.data)
-    assert so["exp_avg_absmax"][0] == float("inf") and so["exp_avg_codes"][[5, 9, 300]].tolist() == [255] * 3
+    assert so["exp_avg_absmax"][0] == float("inf") and so["exp_avg_codes"][[5, 9, 300]].tolist() == [255, 0, 255]
+    assert so["exp_avg_sq_codes"][[5, 9, 300]].tolist() == [255] * 3
     assert ours.spike_stats()["nonfinite"] == 3
 
 

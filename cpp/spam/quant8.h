@@ -29,15 +29,17 @@
 // Equivalently code = #{midpoints <= x} (searchsorted(midpoints, x, right=True)).
 // NaN, of either sign, gets the last code (255), as searchsorted puts NaN last: a NaN's sign
 // bit is not portable (x86 makes inf / inf a negative NaN, CUDA a positive one, and CUDA's
-// fp16 -> fp32 conversion drops it), and the code must not depend on it. Normalised values
-// are NaN only in a block whose absmax is NaN or +inf; the SIMD runs leave those blocks to the
-// scalar code (isa/quant8_runs.h). So an infinite block (a moment overflowed) comes back
-// as +inf at its infinite entries and NaN elsewhere (0 * inf), on every device.
+// fp16 -> fp32 conversion drops it), and the code must not depend on it. Values reach the
+// code through quantize_value (x / divisor), which takes an infinite x in a block whose absmax
+// is inf as +-1, not inf / inf: an infinite moment keeps its sign (its finite neighbours read
+// back as NaN, 0 * inf). So normalised values are NaN only in a block whose absmax is NaN; the
+// SIMD runs leave blocks with a NaN or inf absmax to the scalar code (isa/quant8_runs.h).
 //
 //   |x| bits:  s eeeeeeee mmmmmmmm mmmmmmmmmmmmmmm
 //                \______ bucket ______/ \_ low 15 _/
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "common.h"
@@ -74,8 +76,8 @@ constexpr int kQuantBuckets = 24 * 256 + 1;                          // up to bi
 //
 // Each bucket holds at most one midpoint (checked when the table is built), so
 //   code = base[b] + (midpoints[base[b]] <= x)
-// — the same code as quantize_code for every x, NaN included (a NaN compares false and lands
-// in the bucket of 1.0 or of -1.0, as above).
+// — the same code as quantize_code for every x but NaN (which compares false and lands in the
+// bucket of 1.0 or of -1.0 by its sign; the SIMD runs never see one, see quantize_value).
 constexpr int kQuantSimdBinadeLow = 96;
 constexpr int kQuantSimdDeltas = 64;
 constexpr int kQuantSimdNegativeOr = 128;
@@ -107,6 +109,16 @@ SPAM_HD uint8_t quantize_code(float x, const QuantMap& q) {
   const uint32_t low = (bits ^ (0u - negative)) & 0x7fffu;  // mirrored for x < 0, as the table
   const uint8_t code = static_cast<uint8_t>((entry & 0xffffu) - static_cast<uint32_t>((entry >> 16) > low));
   return x != x ? uint8_t{255} : code;  // NaN of either sign: see the tie rule above
+}
+
+// The code of x in a block normalised by divisor = quant_divisor(absmax): quantize_code(x /
+// divisor), except that an infinite x in a block whose absmax is inf is taken as +-1 (inf / inf
+// would be a NaN, whose code forgets the sign). Every requantisation, CPU and CUDA, goes
+// through here; the SIMD runs only see finite divisors, where this is x / divisor.
+SPAM_HD uint8_t quantize_value(float x, float divisor, const QuantMap& q) {
+  constexpr float kFloatMax = 3.40282347e38f;
+  const bool both_infinite = static_cast<bool>((fabsf(x) > kFloatMax) & (divisor > kFloatMax));
+  return quantize_code(both_infinite ? copysignf(1.0f, x) : x / divisor, q);
 }
 
 // The divisor that normalises a block: its absmax, or 1 for an all-zero block (whose values

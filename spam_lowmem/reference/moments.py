@@ -62,6 +62,9 @@ def quantize_blocks(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     absmax = padded.abs().amax(dim=1)  # amax propagates NaN
     scale = absmax.repeat_interleave(BLOCK_SIZE)[:n]
     normalized = torch.where(scale > 0, x / scale, torch.zeros_like(x))
+    # An infinite entry of an infinite block is taken as +-1, not inf / inf = NaN (quant8.h,
+    # quantize_value): an infinite moment keeps its sign.
+    normalized = torch.where(x.isinf() & scale.isinf(), x.sign(), normalized)
     return quant_map(signed, x.device).quantize_reference(normalized), absmax
 
 

@@ -73,9 +73,10 @@ inline __m256i quantize8_avx2(__m256 x, __m256 divisor, const int32_t* buckets) 
 }
 #endif
 
-// codes[i] = quantize_code(x[i] / quant_divisor(absmax)) for i < n, absmax being the block's
+// codes[i] = quantize_value(x[i], quant_divisor(absmax)) for i < n, absmax being the block's
 // (NaN-sticky) max |x|. A block whose absmax is NaN or +inf is left to the scalar code: only
-// there can x / divisor be NaN, whose code (quant8.h) the SIMD runs do not special-case.
+// there does quantize_value differ from x / divisor or meet a NaN (quant8.h), cases the SIMD
+// runs do not special-case.
 inline void quantize_run(const float* __restrict x, uint8_t* __restrict codes, int n, float absmax,
                          const QuantMap map) {
   const float divisor = quant_divisor(absmax);
@@ -100,7 +101,7 @@ inline void quantize_run(const float* __restrict x, uint8_t* __restrict codes, i
     }
 #endif
   }
-  for (; i < n; ++i) codes[i] = quantize_code(x[i] / divisor, map);
+  for (; i < n; ++i) codes[i] = quantize_value(x[i], divisor, map);
 }
 
 // out[i] = dequantize_code(codes[i], absmax) for i < n.
