@@ -376,7 +376,29 @@ def test_infinite_moments_under_propagate_match_the_reference() -> None:
         ref_p.data.copy_(ours_p.data)
     assert so["exp_avg_absmax"][0] == float("inf") and so["exp_avg_codes"][[5, 9, 300]].tolist() == [255, 0, 255]
     assert so["exp_avg_sq_codes"][[5, 9, 300]].tolist() == [255] * 3
-    assert ours.spike_stats()["nonfinite"] == 3
+    stats = ours.spike_stats()
+    assert stats["nonfinite"] == 3
+    assert stats["nonfinite_state_blocks"] == 4  # m and v of blocks 0 and 1
+
+
+def test_an_overflowing_moment_is_announced() -> None:
+    """A finite gradient whose square overflows makes v inf: its block's other entries then read
+    back as NaN (0 * inf). nonfinite counts only non-finite gradients; the state snapshot
+    nonfinite_state_blocks reports the block."""
+    p = torch.nn.Parameter(torch.randn(3 * BLOCK_SIZE * 16))
+    opt = sl.AdamW([p], lr=1e-3, state_bits=8)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.spike_stats()["nonfinite_state_blocks"] == 0
+    g = torch.randn_like(p)
+    g[BLOCK_SIZE + 3] = 3e19  # finite; g * g = inf in fp32
+    p.grad = g
+    opt.step()
+    stats = opt.spike_stats()
+    assert stats["nonfinite"] == 0 and stats["nonfinite_state_blocks"] == 1
+    assert stats["groups"][0]["nonfinite_state_blocks"] == 1
+    absmax = opt.state[p]["exp_avg_sq_absmax"]
+    assert absmax[1] == float("inf") and torch.isfinite(torch.cat([absmax[:1], absmax[2:]])).all()
 
 
 def test_adamw_32bit_matches_torch() -> None:

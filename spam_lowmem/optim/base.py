@@ -286,11 +286,17 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
 
         Counted on the device inside ``step()`` without a host sync; reading them here syncs
         once. Returns ``{"clipped": int, "nonfinite": int, "requant_nonfinite_groups": int,
-        "groups": [{"clipped", "nonfinite", "requant_nonfinite_groups"}]}`` and resets the
+        "nonfinite_state_blocks": int, "groups": [{...the same keys}]}`` and resets the
         counters; ``requant_nonfinite_groups`` counts packed 4-bit groups whose fused update was
         not finite and which kept their old codes (on CPU such a step also raises).
+        ``nonfinite_state_blocks`` is a snapshot, not a count since the last call: the 8-bit
+        moment blocks (m and v counted apart) whose absmax is NaN or inf now, so that all their
+        entries read back as NaN (or +-inf where the moment itself is infinite). That follows a
+        non-finite gradient under ``nonfinite="propagate"``, or a moment that overflowed from a
+        finite gradient (g**2 > 3.4e38), which ``nonfinite`` does not count.
         """
-        groups = [{"clipped": 0, "nonfinite": 0, "requant_nonfinite_groups": 0} for _ in self.param_groups]
+        groups = [{"clipped": 0, "nonfinite": 0, "requant_nonfinite_groups": 0, "nonfinite_state_blocks": 0}
+                  for _ in self.param_groups]
         for (index, _device), counters in self._telemetry.items():
             clipped, nonfinite = counters.tolist()
             counters.zero_()
@@ -302,12 +308,21 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
             bad.zero_()
             if index < len(groups):
                 groups[index]["requant_nonfinite_groups"] += n
-        return {
-            "clipped": sum(g["clipped"] for g in groups),
-            "nonfinite": sum(g["nonfinite"] for g in groups),
-            "requant_nonfinite_groups": sum(g["requant_nonfinite_groups"] for g in groups),
-            "groups": groups,
-        }
+        for index, group in enumerate(self.param_groups):
+            groups[index]["nonfinite_state_blocks"] = self._nonfinite_state_blocks(group)
+        return {**{key: sum(g[key] for g in groups) for key in groups[0]}, "groups": groups}
+
+    def _nonfinite_state_blocks(self, group: dict[str, Any]) -> int:
+        """8-bit blocks of the group whose absmax is NaN or inf (one host sync per device)."""
+        per_device: dict[torch.device, torch.Tensor] = {}
+        for p in group["params"]:
+            state = self.state.get(p, {})
+            for key in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+                absmax = state.get(key)
+                if absmax is not None:
+                    bad = (~absmax.isfinite()).sum()
+                    per_device[absmax.device] = per_device.get(absmax.device, 0) + bad
+        return sum(int(count) for count in per_device.values())
 
     # ------------------------------------------------------------------ state dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
