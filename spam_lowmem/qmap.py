@@ -86,7 +86,7 @@ def _buckets(midpoints: torch.Tensor) -> torch.Tensor:
     return (packed - ((packed >> 31) << 32)).to(torch.int32)  # as the int32 bit pattern
 
 
-SIMD_EDGE_MARGIN = 8  # float steps a midpoint keeps from the upper edge of its SIMD bucket
+SIMD_EDGE_MARGIN = 8  # float steps a midpoint keeps from the edges of its SIMD bucket
 SIMD_BINADE_LOW = 96  # exponents below are one bucket: |x| < 2^-30, far below any midpoint
 # Byte offsets in the SIMD tables (the layout is drawn in cpp/spam/quant8.h).
 SIMD_BASE, SIMD_MIDS, SIMD_VALUES, SIMD_BYTES = 192, 704, 1728, 2752

@@ -111,12 +111,14 @@ SPAM_HD uint8_t quantize_code(float x, const QuantMap& q) {
   return x != x ? uint8_t{255} : code;  // NaN of either sign: see the tie rule above
 }
 
+// The largest finite float: x <= kFloatMax is false for +inf and NaN alike.
+constexpr float kFloatMax = 3.40282347e38f;
+
 // The code of x in a block normalised by divisor = quant_divisor(absmax): quantize_code(x /
 // divisor), except that an infinite x in a block whose absmax is inf is taken as +-1 (inf / inf
 // would be a NaN, whose code forgets the sign). Every requantisation, CPU and CUDA, goes
 // through here; the SIMD runs only see finite divisors, where this is x / divisor.
 SPAM_HD uint8_t quantize_value(float x, float divisor, const QuantMap& q) {
-  constexpr float kFloatMax = 3.40282347e38f;
   const bool both_infinite = static_cast<bool>((fabsf(x) > kFloatMax) & (divisor > kFloatMax));
   return quantize_code(both_infinite ? copysignf(1.0f, x) : x / divisor, q);
 }

@@ -81,7 +81,7 @@ inline void quantize_run(const float* __restrict x, uint8_t* __restrict codes, i
                          const QuantMap map) {
   const float divisor = quant_divisor(absmax);
   int i = 0;
-  if (absmax <= 3.40282347e38f) {  // finite (NaN and +inf fail the test)
+  if (absmax <= kFloatMax) {  // finite (NaN and +inf fail the test)
 #if defined(__AVX512VBMI__)
     i = quantize_run_vbmi(x, codes, n, divisor, map.simd);
 #endif
