@@ -158,6 +158,15 @@ inline void prefetch_block(const E* block, bool for_write) {
   }
 }
 
+// One block of a step's streams: p, g (read only) and the moments or their codes.
+template <typename T, typename M>
+inline void prefetch_step_block(const T* p, const T* g, const M* m, const M* v) {
+  prefetch_block(p, true);
+  prefetch_block(g, false);
+  prefetch_block(m, true);
+  prefetch_block(v, true);
+}
+
 template <typename T, typename Fn>
 void run_dense(const TensorRef& param, const TensorRef& grad, const TensorRef& exp_avg,
                const TensorRef& exp_avg_sq, int64_t begin, int64_t end, const Fn& fn,
@@ -169,12 +178,7 @@ void run_dense(const TensorRef& param, const TensorRef& grad, const TensorRef& e
   for (int64_t b0 = begin; b0 < end; b0 += kQuantBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kQuantBlock, end - b0));
     const int64_t next = b0 + kQuantBlock;
-    if (next + kQuantBlock <= end) {
-      prefetch_block(p + next, true);
-      prefetch_block(g + next, false);
-      prefetch_block(m + next, true);
-      prefetch_block(v + next, true);
-    }
+    if (next + kQuantBlock <= end) prefetch_step_block(p + next, g + next, m + next, v + next);
     element_block(p + b0, g + b0, m + b0, v + b0, n, fn, clipped, nonfinite);
   }
 }
@@ -231,12 +235,7 @@ void run_quant8(const TensorRef& param, const TensorRef& grad, const Quant8Momen
     const int n = static_cast<int>(std::min<int64_t>(kQuantBlock, end - b0));
     const int64_t block = b0 / kQuantBlock;
     const int64_t next = b0 + kQuantBlock;
-    if (next + kQuantBlock <= end) {
-      prefetch_block(p + next, true);
-      prefetch_block(g + next, false);
-      prefetch_block(m_codes + next, true);
-      prefetch_block(v_codes + next, true);
-    }
+    if (next + kQuantBlock <= end) prefetch_step_block(p + next, g + next, m_codes + next, v_codes + next);
     quant8_block(p + b0, g + b0, n, m_codes + b0, v_codes + b0, m_absmax[block], v_absmax[block], maps,
                  fn, clipped, nonfinite);
   }
