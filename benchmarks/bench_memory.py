@@ -2,7 +2,8 @@
 
 Every candidate steps once on its own copy of the parameters (so lazily created state exists),
 then the bytes of every tensor in ``opt.state`` are summed (tensors shared between parameters,
-such as bitsandbytes' code maps, are counted once). Reported over all parameters and over the
+such as bitsandbytes' code maps, are counted once; a wrapper subclass such as torchao's 8-bit
+state is counted through its inner tensors). Reported over all parameters and over the
 targeted matrices only (the attention/MLP projection weights, the authors' ``density`` group).
 The authors' own sparse layout (a full-size bool mask plus compact m and v in the parameter
 dtype, ALGORITHMS.md §3) is computed from its formula, not measured.
@@ -66,7 +67,23 @@ def candidates(shapes: list[tuple[str, tuple[int, ...]]]) -> dict[str, Callable[
         cands["bitsandbytes AdamW8bit"] = lambda ps: bnb.optim.AdamW8bit(ps)
     except ImportError:
         print("# bitsandbytes not installed: its row is skipped")
+    try:
+        from torchao.optim import AdamW8bit as TorchaoAdamW8bit
+
+        cands["torchao AdamW8bit"] = lambda ps: TorchaoAdamW8bit(ps)
+    except ImportError:
+        print("# torchao not installed: its row is skipped")
     return cands
+
+
+def leaf_tensors(value: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``value``'s bytes: itself, or for a wrapper subclass such as
+    torchao's OptimState8bit (codes, scale, qmap) its inner tensors, recursively."""
+    flatten = getattr(value, "__tensor_flatten__", None)
+    if flatten is None:
+        return [value]
+    names, _ = flatten()
+    return [leaf for name in names for leaf in leaf_tensors(getattr(value, name))]
 
 
 def state_bytes(opt: Any, params: list[torch.nn.Parameter]) -> int:
@@ -75,12 +92,14 @@ def state_bytes(opt: Any, params: list[torch.nn.Parameter]) -> int:
     total = 0
     for p in params:
         for value in opt.state.get(p, {}).values():
-            if isinstance(value, torch.Tensor):
-                key = (value.untyped_storage().data_ptr(), value.untyped_storage().nbytes())
+            if not isinstance(value, torch.Tensor):
+                continue
+            for leaf in leaf_tensors(value):
+                key = (leaf.untyped_storage().data_ptr(), leaf.untyped_storage().nbytes())
                 if key in seen:
                     continue
                 seen.add(key)
-                total += value.numel() * value.element_size()
+                total += leaf.numel() * leaf.element_size()
     return total
 
 
