@@ -11,7 +11,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-__all__ = ["TOLERANCES", "assert_close", "gradient_stream", "available_devices"]
+__all__ = ["TOLERANCES", "assert_close", "gradient_stream", "available_devices", "near_midpoint_blocks",
+           "straddling_blocks"]
 
 #: (rtol, atol) for comparing a kernel against the reference after a trajectory. fp32 agrees
 #: to a few ulp; 16-bit storage may round an element the other way now and then, and the
@@ -88,3 +89,59 @@ def available_devices() -> list[str]:
     if torch.cuda.is_available() and _backend.has_cuda_kernels():
         devices.append("cuda")
     return devices
+
+
+def near_midpoint_blocks(signed: bool, *, blocks: int = 64, steps: int = 8, seed: int = 5) -> torch.Tensor:
+    """Whole 256-element blocks whose values lie within ``steps`` float steps (bit patterns)
+    of absmax * every midpoint of the map, for awkward absmax values over 60 binades; the last
+    element of each block is its absmax. Where the SIMD quantisers multiply by 1 / absmax
+    instead of dividing, only these values can get another code than x / absmax."""
+    from .qmap import quant_map
+
+    mids = quant_map(signed).midpoints[:-1]
+    gen = torch.Generator().manual_seed(seed)
+    absmax = torch.ldexp(1.0 + torch.rand(blocks, generator=gen), torch.randint(-40, 20, (blocks,), generator=gen))
+    out = []
+    for d in absmax:
+        shift = torch.randint(-steps, steps + 1, (mids.numel(),), generator=gen, dtype=torch.int32)
+        x = (mids * d).view(torch.int32).add(shift).view(torch.float32)
+        x = torch.where(x.abs() > d, d.expand_as(x).copysign(x), x)
+        if signed:
+            x = torch.where(torch.rand(mids.numel(), generator=gen) < 0.5, -x, x)
+        out.append(torch.cat([x, d.view(1)]))
+    return torch.cat(out)
+
+
+def straddling_blocks(signed: bool, *, count: int = 16, seed: int = 11) -> torch.Tensor:
+    """``count`` 256-element blocks [x, absmax, 0, ...] in each of which x * (1 / absmax) and
+    x / absmax (float32, as the kernels round them) get different codes: a midpoint lies
+    between them. Found by a seeded search over awkward absmax values and x within 3 float
+    steps of absmax * a midpoint; the quantisers that multiply must catch every one of them
+    (many sit on an edge of the AVX2 lookup's buckets, not near its one inner midpoint)."""
+    from .qmap import BLOCK_SIZE, quant_map
+
+    q = quant_map(signed)
+    mids = q.midpoints[:-1]
+    gen = torch.Generator().manual_seed(seed)
+    xs: list[torch.Tensor] = []
+    ds: list[torch.Tensor] = []
+    found = 0
+    for _ in range(200):
+        n = 1 << 17
+        d = torch.ldexp(1.0 + torch.rand(n, generator=gen), torch.randint(-40, 20, (n,), generator=gen))
+        mu = mids[torch.randint(0, mids.numel(), (n,), generator=gen)]
+        shift = torch.randint(-3, 4, (n,), generator=gen, dtype=torch.int32)
+        x = (mu * d).view(torch.int32).add(shift).view(torch.float32)
+        x = torch.where(x.abs() > d, d.copysign(x), x)
+        differ = q.quantize_reference(x / d) != q.quantize_reference(x * (1.0 / d))
+        xs.append(x[differ])
+        ds.append(d[differ])
+        found += int(differ.sum())
+        if found >= count:
+            break
+    x, d = torch.cat(xs)[:count], torch.cat(ds)[:count]
+    if x.numel() < count:
+        raise RuntimeError(f"found {x.numel()} of {count} straddling values")
+    blocks = torch.zeros(count, BLOCK_SIZE)
+    blocks[:, 0], blocks[:, 1] = x, d
+    return blocks.flatten()

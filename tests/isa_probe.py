@@ -14,6 +14,7 @@ import spam_lowmem as sl
 from spam_lowmem import _C
 from spam_lowmem import functional as F
 from spam_lowmem.qmap import quant_map
+from spam_lowmem.testing import near_midpoint_blocks, straddling_blocks
 
 
 def awkward_values() -> torch.Tensor:
@@ -87,6 +88,11 @@ def main(path: str) -> None:
         result[f"codes.{signed}"] = codes
         result[f"absmax.{signed}"] = absmax
         result[f"dequant.{signed}"] = F.dequantize_blockwise(codes, absmax, signed=signed)
+        # values near decisions, where the SIMD builds multiply by 1 / absmax and must still
+        # write the quotient's codes (the scalar baseline build divides)
+        near = torch.cat([near_midpoint_blocks(signed), straddling_blocks(signed)])
+        near_codes, _ = F.quantize_blockwise(near, signed=signed)
+        result[f"near_codes.{signed}"] = near_codes
     result.update(optimizer_states())
     torch.save(result, path)
 

@@ -15,7 +15,7 @@ from spam_lowmem.qmap import (BLOCK_SIZE, SIMD_BASE, SIMD_BINADE_LOW, SIMD_MIDS,
                                dynamic_map, quant_map)
 from spam_lowmem.reference import ReferenceSPAM, ReferenceStableSPAM
 from spam_lowmem.reference.moments import quantize_blocks
-from spam_lowmem.testing import gradient_stream
+from spam_lowmem.testing import gradient_stream, near_midpoint_blocks, straddling_blocks
 
 
 def brute_force_codes(normalized: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -119,32 +119,18 @@ def test_simd_tables_give_the_nearest_code(signed: bool) -> None:
     assert torch.equal(value_planes.view(torch.float32).flatten(), q.values)
 
 
-def _step(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """x moved by k float steps (bit patterns of the magnitude)."""
-    return (x.view(torch.int32) + k.to(torch.int32)).view(torch.float32)
-
-
 @pytest.mark.parametrize("signed", [True, False])
 def test_codes_near_midpoints_for_any_absmax_are_those_of_the_quotient(signed: bool) -> None:
-    """The VBMI kernels multiply by 1 / absmax and divide only near a decision: blocks with
-    awkward absmax and values within 8 float steps of absmax * every midpoint must get the codes
-    of x / absmax (here on every CPU build; test_cpu_isa.py compares the builds too)."""
-    q = quant_map(signed)
-    mids = q.midpoints[:-1]
-    gen = torch.Generator().manual_seed(5)
-    absmax = torch.ldexp(1.0 + torch.rand(64, generator=gen), torch.randint(-40, 20, (64,), generator=gen))
-    blocks = []
-    for d in absmax:
-        steps = torch.randint(-8, 9, (255,), generator=gen)
-        x = _step(mids * d, steps)
-        x = torch.where(x.abs() > d, d.expand_as(x).copysign(x), x)
-        if signed:
-            x = torch.where(torch.rand(255, generator=gen) < 0.5, -x, x)
-        blocks.append(torch.cat([x, d.view(1)]))
-    x = torch.cat(blocks)
+    """The SIMD kernels (VBMI, and the AVX2 lookups of the AVX2 and AVX-512 builds) multiply by
+    1 / absmax and divide only near a decision: blocks with awkward absmax and values within 8
+    float steps of absmax * every midpoint, and values whose product and quotient straddle a
+    midpoint, must get the codes of x / absmax (here on the best build; test_cpu_isa.py
+    compares every build with the scalar one on the same blocks)."""
+    x = torch.cat([near_midpoint_blocks(signed), straddling_blocks(signed)])
+    absmax = x.view(-1, BLOCK_SIZE).abs().amax(dim=1)
     codes, got_absmax = F.quantize_blockwise(x, signed=signed)
     assert torch.equal(got_absmax, absmax)
-    assert torch.equal(codes, q.quantize_reference(x / absmax.repeat_interleave(BLOCK_SIZE)))
+    assert torch.equal(codes, quant_map(signed).quantize_reference(x / absmax.repeat_interleave(BLOCK_SIZE)))
 
 
 def test_simd_edge_margins_are_checked() -> None:
