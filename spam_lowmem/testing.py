@@ -94,8 +94,8 @@ def available_devices() -> list[str]:
 def near_midpoint_blocks(signed: bool, *, blocks: int = 64, steps: int = 8, seed: int = 5) -> torch.Tensor:
     """Whole 256-element blocks whose values lie within ``steps`` float steps (bit patterns)
     of absmax * every midpoint of the map, for awkward absmax values over 60 binades; the last
-    element of each block is its absmax. Where the SIMD quantisers multiply by 1 / absmax
-    instead of dividing, only these values can get another code than x / absmax."""
+    element of each block is its absmax. Where a quantiser multiplies by 1 / absmax instead of
+    dividing (the VBMI runs), only such values can get another code than x / absmax."""
     from .qmap import quant_map
 
     mids = quant_map(signed).midpoints[:-1]
@@ -116,8 +116,7 @@ def straddling_blocks(signed: bool, *, count: int = 16, seed: int = 11) -> torch
     """``count`` 256-element blocks [x, absmax, 0, ...] in each of which x * (1 / absmax) and
     x / absmax (float32, as the kernels round them) get different codes: a midpoint lies
     between them. Found by a seeded search over awkward absmax values and x within 3 float
-    steps of absmax * a midpoint; the quantisers that multiply must catch every one of them
-    (many sit on an edge of the AVX2 lookup's buckets, not near its one inner midpoint)."""
+    steps of absmax * a midpoint; a quantiser that multiplies must catch every one of them."""
     from .qmap import BLOCK_SIZE, quant_map
 
     q = quant_map(signed)

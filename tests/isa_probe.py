@@ -88,8 +88,8 @@ def main(path: str) -> None:
         result[f"codes.{signed}"] = codes
         result[f"absmax.{signed}"] = absmax
         result[f"dequant.{signed}"] = F.dequantize_blockwise(codes, absmax, signed=signed)
-        # values near decisions, where the SIMD builds multiply by 1 / absmax and must still
-        # write the quotient's codes (the scalar baseline build divides)
+        # values near decisions, where the VBMI build multiplies by 1 / absmax and must still
+        # write the quotient's codes (the other builds divide)
         near = torch.cat([near_midpoint_blocks(signed), straddling_blocks(signed)])
         near_codes, _ = F.quantize_blockwise(near, signed=signed)
         result[f"near_codes.{signed}"] = near_codes

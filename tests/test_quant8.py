@@ -121,11 +121,10 @@ def test_simd_tables_give_the_nearest_code(signed: bool) -> None:
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_codes_near_midpoints_for_any_absmax_are_those_of_the_quotient(signed: bool) -> None:
-    """The SIMD kernels (VBMI, and the AVX2 lookups of the AVX2 and AVX-512 builds) multiply by
-    1 / absmax and divide only near a decision: blocks with awkward absmax and values within 8
-    float steps of absmax * every midpoint, and values whose product and quotient straddle a
-    midpoint, must get the codes of x / absmax (here on the best build; test_cpu_isa.py
-    compares every build with the scalar one on the same blocks)."""
+    """The VBMI kernels multiply by 1 / absmax and divide only near a decision: blocks with
+    awkward absmax and values within 8 float steps of absmax * every midpoint, and values whose
+    product and quotient straddle a midpoint, must get the codes of x / absmax (here on the
+    best build; test_cpu_isa.py compares every build with the scalar one on the same blocks)."""
     x = torch.cat([near_midpoint_blocks(signed), straddling_blocks(signed)])
     absmax = x.view(-1, BLOCK_SIZE).abs().amax(dim=1)
     codes, got_absmax = F.quantize_blockwise(x, signed=signed)
