@@ -91,6 +91,12 @@ def available_devices() -> list[str]:
     return devices
 
 
+def _stepped_multiples(mids: torch.Tensor, absmax: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """absmax * mids moved by ``shift`` float steps (bit patterns), kept within [-absmax, absmax]."""
+    x = (mids * absmax).view(torch.int32).add(shift).view(torch.float32)
+    return torch.where(x.abs() > absmax, absmax.expand_as(x).copysign(x), x)
+
+
 def near_midpoint_blocks(signed: bool, *, blocks: int = 64, steps: int = 8, seed: int = 5) -> torch.Tensor:
     """Whole 256-element blocks whose values lie within ``steps`` float steps (bit patterns)
     of absmax * every midpoint of the map, for awkward absmax values over 60 binades; the last
@@ -104,8 +110,7 @@ def near_midpoint_blocks(signed: bool, *, blocks: int = 64, steps: int = 8, seed
     out = []
     for d in absmax:
         shift = torch.randint(-steps, steps + 1, (mids.numel(),), generator=gen, dtype=torch.int32)
-        x = (mids * d).view(torch.int32).add(shift).view(torch.float32)
-        x = torch.where(x.abs() > d, d.expand_as(x).copysign(x), x)
+        x = _stepped_multiples(mids, d, shift)
         if signed:
             x = torch.where(torch.rand(mids.numel(), generator=gen) < 0.5, -x, x)
         out.append(torch.cat([x, d.view(1)]))
@@ -130,8 +135,7 @@ def straddling_blocks(signed: bool, *, count: int = 16, seed: int = 11) -> torch
         d = torch.ldexp(1.0 + torch.rand(n, generator=gen), torch.randint(-40, 20, (n,), generator=gen))
         mu = mids[torch.randint(0, mids.numel(), (n,), generator=gen)]
         shift = torch.randint(-3, 4, (n,), generator=gen, dtype=torch.int32)
-        x = (mu * d).view(torch.int32).add(shift).view(torch.float32)
-        x = torch.where(x.abs() > d, d.copysign(x), x)
+        x = _stepped_multiples(mu, d, shift)
         differ = q.quantize_reference(x / d) != q.quantize_reference(x * (1.0 / d))
         xs.append(x[differ])
         ds.append(d[differ])
