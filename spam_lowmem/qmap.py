@@ -6,7 +6,18 @@ parameters bitsandbytes and torchao use for their 8-bit optimizers):
 * signed (first moment): 0, 1.0 and, for each decade 10^-6 ... 10^0, 2^k values
   ``+-10^(k-6) * c`` where c runs over the centres of 2^k equal slices of [0.1, 1]
   (k = 0..6): 127 negative values, 0, and 128 positive ones up to 1.0;
-* unsigned (second moment): 0, 1.0 and 2^(k+1) positive values per decade.
+* unsigned (second moment): 1.0 and 2^(k+1) positive values per decade, and in place of
+  bitsandbytes' 0 the floor ``V_FLOOR = 1e-7``: **the second-moment map has no zero**.
+
+Why no zero in the v map: v is m squared, so inside one 256-entry block it spans the square of
+m's range. With a zero code, an entry whose v is below ~1.6e-7 of its block's absmax (a
+gradient 1/2500 of the block's largest) reads back as v = 0 while its m, on the signed map,
+does not: the step becomes ``lr * m / eps`` and the entry jumps by thousands of learning rates
+(measured: benchmarks/bench_8bit_fidelity.py). With the floor such a v reads back as
+``1e-7 * absmax``, larger than the true value, so the step only gets smaller. A v that is
+exactly 0 (an entry that never had a gradient) reads back as the floor too, harmlessly: its m
+is 0. A fresh or reset block has absmax 0 and reads back as exact zeros whatever its codes.
+The same move for 4-bit states is the "zero-point problem" of Li et al. (arXiv 2309.01507).
 
 A value x of a block with absolute maximum A is stored as the code
 ``#{midpoints <= x / A}``: the nearest map value, ties going to the larger code. A NaN
@@ -24,16 +35,22 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["QuantMap", "dynamic_map", "quant_map", "BLOCK_SIZE", "BUCKETS"]
+__all__ = ["QuantMap", "dynamic_map", "quant_map", "BLOCK_SIZE", "BUCKETS", "V_FLOOR"]
 
 BLOCK_SIZE = 256
 BUCKET_BASE = (127 - 24) << 8  # float bits of 2^-24, >> 15 (sign, 8 exponent, 8 mantissa bits)
 BUCKETS = 24 * 256 + 1
+#: the smallest value of the unsigned (second-moment) map, which has no zero (see above)
+V_FLOOR = 1e-7
 
 
 def dynamic_map(signed: bool) -> torch.Tensor:
-    """The 256 sorted float32 values of the signed or unsigned dynamic map."""
-    values: list[float] = [0.0, 1.0]
+    """The 256 sorted float32 values of the signed or unsigned dynamic map.
+
+    The signed map is bitsandbytes' ``create_dynamic_map(signed=True)``; the unsigned one is
+    ``create_dynamic_map(signed=False)`` with its 0 replaced by ``V_FLOOR`` (module docstring).
+    """
+    values: list[float] = [0.0 if signed else V_FLOOR, 1.0]
     for k in range(7):
         slices = 2**k if signed else 2 ** (k + 1)
         edges = torch.linspace(0.1, 1.0, slices + 1, dtype=torch.float32)
@@ -178,7 +195,7 @@ class QuantMap:
     midpoints: torch.Tensor  # float32 [256]: 255 midpoints, then +inf (a sentinel for the core)
     buckets: torch.Tensor  # int32 [2 * BUCKETS], packed (see _buckets)
     simd: torch.Tensor  # uint8 [SIMD_BYTES]: the AVX-512 VBMI kernels' tables (_simd_tables)
-    zero_code: int  # the code of 0.0 (what a fresh or reset block holds)
+    zero_code: int  # the code nearest 0.0 (what a fresh or reset block holds; its absmax is 0)
 
     def quantize_reference(self, normalized: torch.Tensor) -> torch.Tensor:
         """Codes of already-normalised values: #{midpoints <= x} (readable oracle)."""

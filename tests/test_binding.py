@@ -80,3 +80,31 @@ def test_8bit_buffers_are_checked() -> None:
 def test_cpu_module_reports_threads_and_isa() -> None:
     assert _C.num_threads() >= 1
     assert _C.isa() in ("baseline", "avx2", "avx512", "avx512vbmi")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_wrapper_subclass_without_data_pointer_is_rejected_not_dereferenced() -> None:
+    """A DTensor (FSDP2) exports a DLPack capsule with a null data pointer: the core used to
+    segfault on it. The boundary must raise, and the plain tensors of the call stay untouched."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        d = distribute_tensor(torch.randn(16, 16), mesh, [Shard(0)])
+        p, m, v = torch.zeros(16, 16), torch.zeros(16, 16), torch.zeros(16, 16)
+        with pytest.raises(TypeError, match="no data pointer"):
+            call(p, d, m, v)
+        with pytest.raises(TypeError, match="no data pointer"):
+            call(d, torch.ones(16, 16), m, v)
+        assert not p.any() and not m.any() and not v.any()
+    finally:
+        dist.destroy_process_group()

@@ -11,10 +11,10 @@ import torch
 
 import spam_lowmem as sl
 from spam_lowmem import functional as F
-from spam_lowmem.qmap import (BLOCK_SIZE, SIMD_BASE, SIMD_BINADE_LOW, SIMD_MIDS, SIMD_VALUES, QuantMap,
+from spam_lowmem.qmap import (BLOCK_SIZE, SIMD_BASE, SIMD_BINADE_LOW, SIMD_MIDS, SIMD_VALUES, V_FLOOR, QuantMap,
                                dynamic_map, quant_map)
 from spam_lowmem.reference import ReferenceSPAM, ReferenceStableSPAM
-from spam_lowmem.reference.moments import quantize_blocks
+from spam_lowmem.reference.moments import dequantize_blocks, quantize_blocks
 from spam_lowmem.testing import gradient_stream, near_midpoint_blocks, straddling_blocks
 
 
@@ -29,13 +29,38 @@ def brute_force_codes(normalized: torch.Tensor, values: torch.Tensor) -> torch.T
 @pytest.mark.parametrize("signed", [True, False])
 def test_maps_shape_and_bitsandbytes_numerics(signed: bool) -> None:
     values = dynamic_map(signed)
-    assert values.numel() == 256 and torch.all(values[1:] >= values[:-1])
-    assert values.max() == 1.0 and (values == 0).sum() >= 1
+    assert values.numel() == 256 and torch.all(values[1:] > values[:-1])  # distinct, sorted
+    assert values.max() == 1.0
+    # the signed (m) map holds 0; the unsigned (v) map has the floor V_FLOOR in its place
+    assert int((values == 0).sum()) == (1 if signed else 0)
+    if not signed:
+        assert float(values.min()) == pytest.approx(V_FLOOR, rel=1e-6)
     assert int((values < 0).sum()) == (127 if signed else 0)
-    # golden entries: the smallest non-zero magnitude and the top of the first decade
-    assert float(values[values > 0].min()) == pytest.approx(5.5e-7 if signed else 3.25e-7, rel=1e-6)
+    # golden entries: the smallest magnitude above the floor and the top of the first decade
+    above = values[values > (0.0 if signed else V_FLOOR)]
+    assert float(above.min()) == pytest.approx(5.5e-7 if signed else 3.25e-7, rel=1e-6)
     bnb = pytest.importorskip("bitsandbytes.functional")
-    assert torch.equal(values, bnb.create_dynamic_map(signed=signed).float())
+    expected = bnb.create_dynamic_map(signed=signed).float()
+    if not signed:
+        expected[0] = V_FLOOR  # bitsandbytes' v map holds 0 there
+    assert torch.equal(values, expected)
+
+
+def test_second_moment_never_reads_back_as_zero() -> None:
+    """The blocker of issue 14: a v far below its block's absmax must not quantise to 0 (the
+    step would become lr * m / eps). Brute force: every positive v of a block whose range spans
+    1e-30 .. 1 reads back positive and at least V_FLOOR * absmax."""
+    x = torch.logspace(-30, 0, 256)
+    codes, absmax = quantize_blocks(x, signed=False)
+    back = dequantize_blocks(codes, absmax, signed=False)
+    assert bool((back > 0).all())
+    assert float(back.min()) == pytest.approx(V_FLOOR * float(absmax[0]), rel=1e-6)
+    # the core agrees with the reference
+    core_codes, core_absmax = F.quantize_blockwise(x, signed=False)
+    assert torch.equal(core_codes, codes) and torch.equal(core_absmax, absmax)
+    # a fresh block (absmax 0) still reads back as exact zeros
+    zero = dequantize_blocks(torch.zeros(256, dtype=torch.uint8), torch.zeros(1), signed=False)
+    assert bool((zero == 0).all())
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -330,7 +355,9 @@ def test_nan_code_does_not_depend_on_its_sign(dtype: torch.dtype) -> None:
         assert torch.equal(codes[BLOCK_SIZE:], ref_codes[BLOCK_SIZE:])
         assert torch.equal(absmax[1:], ref_absmax[1:])
         back = F.dequantize_blockwise(codes, absmax, signed=signed)
-        assert back[BLOCK_SIZE + 5] == float("inf") and back[BLOCK_SIZE + 1].isnan()
+        assert back[BLOCK_SIZE + 5] == float("inf")
+        # a finite neighbour: 0 * inf = NaN on the signed map; V_FLOOR * inf = inf on the v map
+        assert back[BLOCK_SIZE + 1].isnan() if signed else back[BLOCK_SIZE + 1] == float("inf")
         if signed:  # the unsigned map holds no negative value: there -inf reads back as NaN
             assert back[BLOCK_SIZE + 6] == -float("inf")
 

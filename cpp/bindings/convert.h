@@ -50,6 +50,12 @@ inline bool is_c_contiguous(const nb::ndarray<>& a) {
 inline void check_device(const nb::ndarray<>& a, int device_type, const std::string& name) {
   if (a.device_type() != device_type)
     throw nb::type_error((name + ": tensor is on the wrong device for this backend").c_str());
+  // A tensor subclass that only wraps others (FSDP2's DTensor, a __torch_dispatch__ wrapper)
+  // exports a DLPack capsule without storage: a null data pointer with a non-zero size. Every
+  // conversion passes here, so no kernel is ever handed one.
+  if (a.size() != 0 && a.data() == nullptr)
+    throw nb::type_error((name + ": tensor has no data pointer (a wrapper tensor subclass such "
+                          "as DTensor? pass its local tensor)").c_str());
   if (!is_c_contiguous(a))
     throw nb::type_error((name + ": tensor must be C-contiguous (the core writes in place)").c_str());
 }

@@ -3,7 +3,9 @@
 // Format (the numerics of bitsandbytes' and torchao's 8-bit optimizers, so results compare):
 //   * blocks of kQuantBlock = 256 consecutive elements, one fp32 absmax per block;
 //   * a code is an index into a sorted 256-entry map of values in [-1, 1] (signed "dynamic"
-//     map, first moment) or [0, 1] (unsigned, second moment); x = map[code] * absmax.
+//     map, first moment) or [1e-7, 1] (unsigned, second moment); x = map[code] * absmax.
+//     The unsigned map has no zero: a tiny v reads back as 1e-7 * absmax, never as 0 under a
+//     non-zero m (which would make the step lr * m / eps; spam_lowmem/qmap.py says more).
 //
 // The maps are built once, in Python (spam_lowmem/qmap.py), and handed to the core as
 // buffers, so the reference and the kernels share one definition:
@@ -32,7 +34,7 @@
 // fp16 -> fp32 conversion drops it), and the code must not depend on it. Values reach the
 // code through quantize_value (x / divisor), which takes an infinite x in a block whose absmax
 // is inf as +-1, not inf / inf: an infinite moment keeps its sign (its finite neighbours read
-// back as NaN, 0 * inf). So normalised values are NaN only in a block whose absmax is NaN; the
+// back as NaN, 0 * inf, on the signed map, and as +inf on the unsigned one). So normalised values are NaN only in a block whose absmax is NaN; the
 // SIMD runs leave blocks with a NaN or inf absmax to the scalar code (isa/quant8_runs.h).
 //
 //   |x| bits:  s eeeeeeee mmmmmmmm mmmmmmmmmmmmmmm

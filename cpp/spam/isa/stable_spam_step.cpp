@@ -29,9 +29,11 @@ struct Partial {
 };
 
 // Max |g| and sum g^2 over [begin, end) of the (optionally clipped) gradient, leaving out
-// non-finite entries under the "skip" policy. `omp simd` reductions vectorise without -ffast-math; fp32 partial
-// sums are folded into a double every kBlock elements, which bounds their rounding error,
-// and the fixed block order keeps the result independent of the thread count.
+// non-finite entries under the "skip" policy. `omp simd` reductions vectorise without
+// -ffast-math, and the fixed block order keeps the result independent of the thread count.
+// Squares are taken and summed in double, as the CUDA kernel and the reference do: an fp32
+// square overflows for |g| >= 1.8e19, a finite gradient, and the inf norm then turned the
+// whole tensor into NaN (inf / inf in AdaGN). The square of a float is exact in double.
 template <typename T>
 Partial reduce_chunk(const TensorRef& grad, int64_t begin, int64_t end,
                      const StableTensorScalars& clip, bool skip_nonfinite) {
@@ -45,12 +47,14 @@ Partial reduce_chunk(const TensorRef& grad, int64_t begin, int64_t end,
   double sum_sq = 0.0;
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t e = b + kBlock < end ? b + kBlock : end;
-    float block_sq = 0.0f, block_max = 0.0f;
+    double block_sq = 0.0;
+    float block_max = 0.0f;
 #pragma omp simd reduction(+ : block_sq) reduction(max : block_max)
     for (int64_t i = b; i < e; ++i) {
       float x = Storage<T>::load(g, i);
       x = (is_finite(x) | keep_nonfinite) ? stable_clip(x, c) : 0.0f;
-      block_sq += x * x;
+      const double xd = static_cast<double>(x);
+      block_sq += xd * xd;
       block_max = block_max > fabsf(x) ? block_max : fabsf(x);
     }
     sum_sq += block_sq;
