@@ -37,6 +37,10 @@ class AdamW(SpikeAwareOptimizer):
     ``spike_stats()["clipped"]`` count is always 0.
     """
 
+    KIND = "AdamW"
+    HYPERPARAMETERS = frozenset({"lr", "betas", "eps", "weight_decay", "nonfinite", "state_bits",
+                                 "min_8bit_size"})
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -61,18 +65,19 @@ class AdamW(SpikeAwareOptimizer):
         beta1, beta2 = group["betas"]
         for device, batch in self._gather(group).items():
             step_sizes, sqrt_bc2s = [], []
-            for state in batch.states:
-                state["step"] += 1
-                step_sizes.append(lr / (1.0 - beta1 ** state["step"]))
-                sqrt_bc2s.append(math.sqrt(1.0 - beta2 ** state["step"]))
+            counts = [{"step": state["step"] + 1} for state in batch.states]  # stored after the core
+            for new in counts:
+                step_sizes.append(lr / (1.0 - beta1 ** new["step"]))
+                sqrt_bc2s.append(math.sqrt(1.0 - beta2 ** new["step"]))
             packed_kw = self._packed_args(group_index, device, batch)
-            F.adamw_step(
-                batch.params, batch.grads, **batch.moment_args(device), step_sizes=step_sizes,
-                sqrt_bc2s=sqrt_bc2s, counters=self._counters(group_index, device),
-                beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_keep=1.0 - lr * group["weight_decay"],
-                skip_nonfinite=group["nonfinite"] == "skip",
-                **packed_kw,
-            )
+            with self._committing(batch, counts):
+                F.adamw_step(
+                    batch.params, batch.grads, **batch.moment_args(device), step_sizes=step_sizes,
+                    sqrt_bc2s=sqrt_bc2s, counters=self._counters(group_index, device),
+                    beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_keep=1.0 - lr * group["weight_decay"],
+                    skip_nonfinite=group["nonfinite"] == "skip",
+                    **packed_kw,
+                )
             self._after_packed_step(group_index, device, packed_kw)
             batch.write_back()

@@ -9,14 +9,23 @@
   :meth:`SpikeAwareOptimizer.attach_packed` are stepped on their packed codes by the fused
   kernels;
 * ``load_state_dict`` that keeps float32 side state float32 for bf16/fp16 parameters
-  (torch's loader would cast it to the parameter dtype, DESIGN.md P7) and checks shapes.
+  (torch's loader would cast it to the parameter dtype, DESIGN.md P7), checks that the state
+  was saved by the same optimizer kind, and checks shapes and values before changing anything;
+* a step that the core rejects leaves every state as it was (counts are advanced only after
+  the core call returned);
+* ``copy.deepcopy``, ``pickle`` and ``torch.save(optimizer)`` round trips (see
+  :meth:`SpikeAwareOptimizer.__getstate__`).
+
+Parameters must be plain ``torch.Tensor``/``torch.nn.Parameter``: tensor subclasses (DTensor
+from FSDP2 or tensor parallelism, ``__torch_dispatch__`` wrappers) are rejected with a
+TypeError, because the core writes the raw storage in place and a subclass may have none.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any
 
 import torch
@@ -30,6 +39,13 @@ __all__ = ["SpikeAwareOptimizer", "DeviceBatch"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NONFINITE_POLICIES = ("skip", "propagate")
+#: the only parameter/gradient types the core can step (tensor subclasses are rejected)
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+#: param-group key recording which optimizer kind wrote the group (checked on load)
+KIND_KEY = "optimizer_kind"
+#: group keys that are bookkeeping, not hyper-parameters
+_BOOKKEEPING_KEYS = frozenset({"params", "param_names", "calls", "layout_version", KIND_KEY,
+                               "differentiable"})
 
 
 @dataclass
@@ -42,6 +58,7 @@ class DeviceBatch:
     states: list[dict[str, Any]] = field(default_factory=list)
     copy_back: list[int] = field(default_factory=list)  # indices whose params are copies
     packed: list[PackedStep | None] = field(default_factory=list)  # fused 4-bit weights
+    fresh: list[int] = field(default_factory=list)  # indices whose state this call created
 
     def moment_args(self, device: torch.device) -> dict[str, Any]:
         """Moment buffers (dense or 8-bit) of this batch, as the core step calls take them."""
@@ -71,6 +88,17 @@ def check_count(name: str, value: object) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (expected an int >= 0)")
 
 
+def check_plain_tensor(what: str, t: torch.Tensor) -> None:
+    """Reject tensor subclasses: the core steps raw storage, which a subclass may not have (a
+    DTensor holds only its local shard; a ``__torch_dispatch__`` wrapper often has none), so
+    stepping one can crash the process instead of raising."""
+    if type(t) not in PLAIN_TENSOR_TYPES:
+        raise TypeError(f"spam_lowmem: {what} is a {torch.typename(t)}, a torch.Tensor subclass; only "
+                        "plain torch.Tensor / torch.nn.Parameter are supported. Distributed tensors "
+                        "(DTensor from FSDP2 fully_shard or tensor parallelism) are not supported yet; "
+                        "DDP, whose parameters are plain tensors, is")
+
+
 def check_adam_group(group: dict[str, Any]) -> None:
     """The hyper-parameters every Adam-family group has: lr, betas, eps, weight decay, NaN policy."""
     check_non_negative("learning rate", group["lr"])
@@ -84,6 +112,53 @@ def check_adam_group(group: dict[str, Any]) -> None:
                          f"(expected one of {NONFINITE_POLICIES})")
 
 
+def _split_named(params: Any) -> tuple[list[torch.Tensor], list[str] | None]:
+    """The tensors of a group's ``params`` and their names, with torch.optim's conventions: a
+    single tensor, or an ordered iterable of tensors or of ``(name, tensor)`` tuples (all named
+    or none)."""
+    if isinstance(params, torch.Tensor):
+        return [params], None
+    if isinstance(params, set):
+        raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
+                        "ordering of tensors in sets will change between runs; use a list instead")
+    items = list(params)
+    named = [isinstance(item, tuple) for item in items]
+    if not any(named):
+        return items, None
+    if not all(named):
+        raise ValueError("all optimizer params should be with/without names; some param names are "
+                         "missing (pass either tensors or (name, tensor) tuples in one group)")
+    for item in items:
+        if len(item) != 2 or not isinstance(item[0], str):
+            raise TypeError(f"a named parameter must be a (str, Tensor) tuple, got a tuple of "
+                            f"{[torch.typename(x) for x in item]}")
+    return [item[1] for item in items], [item[0] for item in items]
+
+
+def _kinds() -> dict[str, frozenset[str]]:
+    """The hyper-parameter keys of every optimizer kind defined on this base."""
+    found: dict[str, frozenset[str]] = {}
+    todo = list(SpikeAwareOptimizer.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.KIND:
+            found.setdefault(cls.KIND, cls.HYPERPARAMETERS)
+    return found
+
+
+def _bad_values(t: torch.Tensor, *, non_negative: bool) -> str | None:
+    """Why the values of a loaded float tensor are unusable (NaN/inf, or negative where the
+    quantity cannot be), or None."""
+    values = t.detach().float()
+    if not bool(values.isfinite().all()):
+        n = int((~values.isfinite()).sum())
+        return f"{n} non-finite value(s) (NaN or inf)"
+    if non_negative and bool((values < 0).any()):
+        return f"{int((values < 0).sum())} negative value(s) (it must be >= 0)"
+    return None
+
+
 class SpikeAwareOptimizer(torch.optim.Optimizer):
     """Base class: subclasses define ``_validate_group``, ``_init_extra_state``, ``_step_group``.
 
@@ -95,14 +170,67 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
     _fp32_state_keys: tuple[str, ...] = ()
     #: state entries besides the moments every initialised parameter must have (checked on load)
     _required_state_keys: tuple[str, ...] = ("step",)
+    #: int state entries (counts) besides ``step``: non-negative ints, checked on load
+    _count_state_keys: tuple[str, ...] = ("step",)
     #: version of the state layout written by state_dict(); a mismatch on load is an error
     LAYOUT_VERSION = 1
+    #: the optimizer kind written into every param group (``KIND_KEY``); a state dict of another
+    #: kind is rejected on load. Subclasses of SPAM/StableSPAM/AdamW inherit their parent's kind.
+    KIND = ""
+    #: the hyper-parameter keys of the kind's groups (its ``defaults``)
+    HYPERPARAMETERS: frozenset[str] = frozenset()
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
-        self._telemetry: dict[tuple[int, torch.device], torch.Tensor] = {}
-        self._requant_bad: dict[tuple[int, torch.device], torch.Tensor] = {}
-        self._packed: dict[int, tuple[torch.Tensor, packed_policy.PackedSource]] = {}
+        if set(defaults) != self.HYPERPARAMETERS:  # keeps the load-time key check honest
+            raise AssertionError(f"{type(self).__name__}.HYPERPARAMETERS does not list its defaults")
+        self._init_runtime()
         super().__init__(params, defaults)
+
+    def _init_runtime(self) -> None:
+        """Attributes that are not part of torch's optimizer state (telemetry counters, packed
+        attachments). Only missing ones are set, because torch's ``load_state_dict`` also goes
+        through ``__setstate__`` and must keep them."""
+        if not hasattr(self, "_telemetry"):
+            self._telemetry: dict[tuple[int, torch.device], torch.Tensor] = {}
+        if not hasattr(self, "_requant_bad"):
+            self._requant_bad: dict[tuple[int, torch.device], torch.Tensor] = {}
+        if not hasattr(self, "_packed"):
+            self._packed: dict[int, tuple[torch.Tensor, packed_policy.PackedSource]] = {}
+
+    # ------------------------------------------------------------------ copy / pickle
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy``, ``pickle`` and ``torch.save(optimizer)`` keep: torch's
+        defaults, state and param groups, plus :meth:`_extra_getstate` (e.g. SPAM's subset
+        generator), so that the copy steps exactly like the original.
+
+        The spike telemetry is not copied: the copy's :meth:`spike_stats` counts from zero.
+        Packed 4-bit attachments (:meth:`attach_packed`) refer to live layers whose codes the
+        step rewrites; a copy cannot keep them correctly, so copying an optimizer with any
+        attached raises RuntimeError (detach them first, and attach the copy's own)."""
+        if self._packed:
+            raise RuntimeError(f"spam_lowmem: cannot copy or pickle a {type(self).__name__} with "
+                               f"{len(self._packed)} packed 4-bit weight(s) attached (attach_packed): "
+                               "the attachment points at live layers. Save state_dict() instead, or "
+                               "detach_packed() them before copying and attach the copy's own")
+        return {**super().__getstate__(), **self._extra_getstate()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        extra = {key: state.pop(key) for key in self._extra_state_keys() if key in state}
+        super().__setstate__(state)
+        self._init_runtime()
+        self._extra_setstate(extra)
+
+    def _extra_state_keys(self) -> tuple[str, ...]:
+        """Keys :meth:`_extra_getstate` may add to the pickled state."""
+        return ()
+
+    def _extra_getstate(self) -> dict[str, Any]:
+        """Subclass hook: picklable attributes a copy needs beyond torch's state."""
+        return {}
+
+    def _extra_setstate(self, extra: dict[str, Any]) -> None:
+        """Subclass hook: restore what :meth:`_extra_getstate` saved (empty on a load)."""
 
     # ------------------------------------------------------------------ packed 4-bit weights
     def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
@@ -177,19 +305,26 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ construction
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        # Validate everything before torch appends the group, so a rejected group leaves the
-        # optimizer exactly as it was.
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        """Add a group, as ``torch.optim.Optimizer.add_param_group``: ``params`` may be tensors or
+        ``(name, tensor)`` tuples (``model.named_parameters()``), whose names are kept in
+        ``group["param_names"]``. Everything is validated before the group is appended, so a
+        rejected group leaves the optimizer exactly as it was."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {torch.typename(param_group)}")
+        params, names = _split_named(param_group["params"])
         for p in params:
             self._check_param(p)
         merged = {**self.defaults, **param_group, "params": params}
         self._validate_group(merged)
         self._validate_precision(merged)
-        super().add_param_group({**param_group, "params": params})
+        group = {**param_group, "params": params}
+        if names is not None:
+            group["param_names"] = names
+        super().add_param_group(group)
         group = self.param_groups[-1]
         group.setdefault("calls", 0)
         group["layout_version"] = self.LAYOUT_VERSION
+        group[KIND_KEY] = self.KIND
 
     @staticmethod
     def _validate_precision(group: dict[str, Any]) -> None:
@@ -202,6 +337,10 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _check_param(p: torch.Tensor) -> None:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"spam_lowmem optimizers can only optimize Tensors, but one of the params "
+                            f"is {torch.typename(p)}")
+        check_plain_tensor("a parameter", p)
         if p.is_complex():
             raise ValueError("spam_lowmem optimizers do not support complex parameters "
                              "(view them as real with torch.view_as_real first)")
@@ -229,35 +368,54 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ stepping
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss.
+
+        Every group's hyper-parameters and gradients are checked before any group is stepped,
+        and a group whose core call raises keeps its state as it was (nothing is counted)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             self._validate_group(group)
             self._validate_precision(group)
+            self._check_grads(group)
+        for index, group in enumerate(self.param_groups):
             self._step_group(index, group)
             group["calls"] += 1
         return loss
 
-    def _gather(self, group: dict[str, Any]) -> dict[torch.device, DeviceBatch]:
-        """Collect the parameters with gradients, per device, initialising state lazily."""
-        batches: dict[torch.device, DeviceBatch] = {}
+    @staticmethod
+    def _check_grads(group: dict[str, Any]) -> None:
         for p in group["params"]:
-            if p.grad is None:
-                continue
             grad = p.grad
+            if grad is None:
+                continue
+            check_plain_tensor("a parameter", p)  # p.data may have been swapped since construction
+            check_plain_tensor("a gradient", grad)
             if grad.is_sparse:
                 raise RuntimeError("spam_lowmem optimizers do not support sparse gradients")
             if grad.dtype != p.dtype or grad.shape != p.shape:
                 raise RuntimeError(f"spam_lowmem: gradient {grad.dtype}{tuple(grad.shape)} does not "
                                    f"match its parameter {p.dtype}{tuple(p.shape)}")
+            if grad.device != p.device:
+                raise RuntimeError(f"spam_lowmem: gradient on {grad.device} but its parameter is on "
+                                   f"{p.device}")
+
+    def _gather(self, group: dict[str, Any]) -> dict[torch.device, DeviceBatch]:
+        """Collect the parameters with gradients, per device, initialising state lazily (the
+        gradients were checked by :meth:`_check_grads`)."""
+        batches: dict[torch.device, DeviceBatch] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            grad = p.grad
             packed = self._packed_step(p, group)  # checked before any state is created
             state = self.state[p]
+            batch = batches.setdefault(p.device, DeviceBatch())
             if not state:
                 self._init_state(p, state, group)
-            batch = batches.setdefault(p.device, DeviceBatch())
+                batch.fresh.append(len(batch.owners))
             batch.packed.append(packed)
             if packed is not None:  # the placeholder is never read: an empty array names the dtype
                 batch.params.append(torch.empty(0, dtype=p.dtype, device=p.device))
@@ -271,6 +429,20 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
             batch.owners.append(p)
             batch.states.append(state)
         return batches
+
+    @contextmanager
+    def _committing(self, batch: DeviceBatch, counts: list[dict[str, int]]) -> Iterator[None]:
+        """Around the core step of one device batch: store the batch's new step counts once the
+        core has accepted the call. If it raises (a tensor it rejects), the states created by
+        this call are dropped and no count moves, so the optimizer is as it was before."""
+        try:
+            yield
+        except BaseException:
+            for i in batch.fresh:
+                self.state.pop(batch.owners[i], None)
+            raise
+        for state, new in zip(batch.states, counts):
+            state.update(new)
 
     # ------------------------------------------------------------------ telemetry
     def _counters(self, group_index: int, device: torch.device) -> torch.Tensor:
@@ -286,7 +458,8 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
 
         Counted on the device inside ``step()`` without a host sync; reading them here syncs
         once. Returns ``{"clipped": int, "nonfinite": int, "requant_nonfinite_groups": int,
-        "nonfinite_state_blocks": int, "groups": [{...the same keys}]}`` and resets the
+        "nonfinite_state_blocks": int, "nonfinite_state_entries": int, "groups": [{...the same
+        keys}]}`` and resets the
         counters; ``requant_nonfinite_groups`` counts packed 4-bit groups whose fused update was
         not finite and which kept their old codes (on CPU such a step also raises).
         ``nonfinite_state_blocks`` is a snapshot, not a count since the last call: the 8-bit
@@ -294,9 +467,15 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         entries read back as NaN (or +-inf where the moment itself is infinite). That follows a
         non-finite gradient under ``nonfinite="propagate"``, or a moment that overflowed from a
         finite gradient (g**2 > 3.4e38), which ``nonfinite`` does not count.
+        ``nonfinite_state_entries`` is the same snapshot for 32-bit moments (dense, or the
+        compact moments of a sparse group): the entries of ``exp_avg`` and ``exp_avg_sq`` (counted
+        apart) that are NaN or inf now. Such an entry no longer moves (an infinite v gives a zero
+        update) or is NaN, whatever ``nonfinite`` says, so it also follows an overflow. Both
+        snapshots are computed here, when the stats are read, never inside ``step()``.
         """
-        groups = [{"clipped": 0, "nonfinite": 0, "requant_nonfinite_groups": 0, "nonfinite_state_blocks": 0}
-                  for _ in self.param_groups]
+        keys = ("clipped", "nonfinite", "requant_nonfinite_groups", "nonfinite_state_blocks",
+                "nonfinite_state_entries")
+        groups: list[dict[str, int]] = [dict.fromkeys(keys, 0) for _ in self.param_groups]
         for (index, _device), counters in self._telemetry.items():
             clipped, nonfinite = counters.tolist()
             counters.zero_()
@@ -309,46 +488,62 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
             if index < len(groups):
                 groups[index]["requant_nonfinite_groups"] += n
         for index, group in enumerate(self.param_groups):
-            groups[index]["nonfinite_state_blocks"] = self._nonfinite_state_blocks(group)
-        return {**{key: sum(g[key] for g in groups) for key in groups[0]}, "groups": groups}
+            groups[index]["nonfinite_state_blocks"] = self._count_nonfinite(group, moments.FP32_KEYS)
+            groups[index]["nonfinite_state_entries"] = self._count_nonfinite(group, moments.DENSE_KEYS)
+        return {**{key: sum(g[key] for g in groups) for key in keys}, "groups": groups}
 
-    def _nonfinite_state_blocks(self, group: dict[str, Any]) -> int:
-        """8-bit blocks of the group whose absmax is NaN or inf (one host sync per device)."""
+    def _count_nonfinite(self, group: dict[str, Any], state_keys: tuple[str, ...]) -> int:
+        """NaN/inf entries of the given state tensors of the group (8-bit absmax: blocks; dense
+        moments: entries), summed on each device first: one host sync per device."""
         per_device: dict[torch.device, torch.Tensor] = {}
         for p in group["params"]:
             state = self.state.get(p, {})
-            for key in ("exp_avg_absmax", "exp_avg_sq_absmax"):
-                absmax = state.get(key)
-                if absmax is not None:
-                    bad = (~absmax.isfinite()).sum()
-                    per_device[absmax.device] = per_device.get(absmax.device, 0) + bad
+            for key in state_keys:
+                t = state.get(key)
+                if isinstance(t, torch.Tensor):
+                    bad = (~t.isfinite()).sum()
+                    per_device[t.device] = per_device.get(t.device, 0) + bad
         return sum(int(count) for count in per_device.values())
 
     # ------------------------------------------------------------------ state dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict; float32 side state stays float32 and shapes are checked."""
+        """Load a state dict; float32 side state stays float32.
+
+        Everything is checked before anything changes, so a rejected state dict leaves the
+        optimizer as it was: the optimizer kind that saved it (``KIND_KEY`` in each group; SPAM,
+        StableSPAM and AdamW states do not load into one another), the group hyper-parameters
+        (present and valid), and per parameter the keys, shapes, dtypes and values of its state
+        (counts are ints >= 0; moments, absmax and statistics finite; second moments, absmax and
+        statistics >= 0). Raises ValueError naming the group or parameter and the key."""
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
-        saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
-        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-        if len(saved_ids) != len(params):
-            raise ValueError("loaded state dict contains a parameter group that doesn't match "
-                             "the size of optimizer's group")
-        for group in saved_groups:
-            version = group.get("layout_version")
-            if version != self.LAYOUT_VERSION:
-                raise ValueError(f"loaded state dict has layout version {version!r}; this "
-                                 f"{type(self).__name__} reads version {self.LAYOUT_VERSION}")
-        id_to_param = dict(zip(saved_ids, params))
+        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError("loaded state dict contains a parameter group that doesn't match "
+                                 f"the size of optimizer's group (group {index}: {len(saved['params'])} "
+                                 f"saved, {len(group['params'])} here)")
+        merged_groups = [self._check_loaded_group(index, group, saved)
+                         for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups))]
+        where: dict[Any, tuple[torch.Tensor, dict[str, Any], str]] = {}
+        for saved, merged in zip(saved_groups, merged_groups):
+            names = saved.get("param_names") or merged.get("param_names") or []
+            for i, (pid, p) in enumerate(zip(saved["params"], merged["params"])):
+                name = f" '{names[i]}'" if i < len(names) else ""
+                where[pid] = (p, merged, f"parameter {pid}{name} of shape {tuple(p.shape)}")
         for pid, saved in state_dict["state"].items():
-            p = id_to_param.get(pid)
-            if p is None:
+            if pid not in where:
                 raise ValueError(f"loaded state dict has state for unknown parameter id {pid}")
-            self._check_loaded_state(p, saved)
+            p, group, label = where[pid]
+            if not isinstance(saved, dict):
+                raise ValueError(f"loaded state of {label} is a {type(saved).__name__}, not a dict")  # noqa: TRY004 (load errors are ValueErrors)
+            self._check_loaded_state(p, saved, group, label)
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.setdefault("calls", 0)
+            group[KIND_KEY] = self.KIND  # state dicts saved before the kind was recorded
         for pid, saved in state_dict["state"].items():
-            p = id_to_param[pid]
+            p = where[pid][0]
             for key, value in saved.items():
                 # torch's loader casts every tensor to the parameter dtype, uint8 codes and
                 # float32 absmax included (DESIGN.md P7): keep what was saved instead.
@@ -359,28 +554,94 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
                 if isinstance(value, torch.Tensor):
                     self.state[p][key] = value.contiguous()
 
-    def _check_loaded_state(self, p: torch.Tensor, saved: dict[str, Any]) -> None:
+    def _check_loaded_group(self, index: int, group: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+        """Check a saved param group against this optimizer; return it with this group's params
+        (the group as it will be after loading)."""
+        here = f"loaded state dict, param group {index}"
+        version = saved.get("layout_version")
+        if version != self.LAYOUT_VERSION:
+            raise ValueError(f"{here} has layout version {version!r}; this "
+                             f"{type(self).__name__} reads version {self.LAYOUT_VERSION}")
+        kind = saved.get(KIND_KEY)
+        if kind is not None and kind != self.KIND:
+            raise ValueError(f"{here} was saved by a {kind} optimizer; this is a {self.KIND}: one "
+                             "optimizer kind's state cannot be loaded into another (expected "
+                             f"{KIND_KEY}={self.KIND!r})")
+        if kind is None:  # saved before the kind was recorded: tell the kinds apart by their keys
+            foreign = set().union(*(keys for name, keys in _kinds().items() if name != self.KIND))
+            present = sorted((foreign - self.HYPERPARAMETERS) & set(saved))
+            if present:
+                raise ValueError(f"{here} has hyper-parameters {present} that a {self.KIND} does not "
+                                 "have: it was saved by another optimizer kind")
+        missing = sorted(self.HYPERPARAMETERS - set(saved))
+        if missing:
+            raise ValueError(f"{here} lacks the {self.KIND} hyper-parameters {missing}: it was not "
+                             f"saved by a {self.KIND}")
+        merged = {**saved, "params": group["params"]}
+        try:
+            check_count("calls", merged.get("calls", 0))
+            self._validate_group(merged)
+            self._validate_precision(merged)
+        except ValueError as err:
+            raise ValueError(f"{here}: {err}") from err
+        return merged
+
+    def _check_loaded_state(self, p: torch.Tensor, saved: dict[str, Any], group: dict[str, Any],
+                            where: str) -> None:
+        """Keys, shapes, dtypes and values of one parameter's saved state (``group`` is its group
+        as it will be after loading; ``where`` names the parameter in errors)."""
         shape = tuple(p.shape)
         keys = moments.QUANT_KEYS if moments.is_quantized(saved) else moments.DENSE_KEYS
         missing = [k for k in (*self._required_state_keys, *keys) if k not in saved]
         if missing:
-            raise ValueError(f"loaded state for a parameter of shape {shape} lacks {missing}: "
+            raise ValueError(f"loaded state for {where} lacks {missing}: "
                              f"it was not saved by {type(self).__name__}")
+        self._check_loaded_tensors(saved, (*keys, *self._fp32_state_keys), where)
         if moments.is_quantized(saved):
             blocks = (p.numel() + 255) // 256
             for key in ("exp_avg_codes", "exp_avg_sq_codes"):
                 if saved[key].dtype != torch.uint8 or saved[key].numel() != p.numel():
                     raise ValueError(f"loaded '{key}' does not hold one uint8 code per element of "
-                                     f"the parameter of shape {shape}")
+                                     f"{where} (got {saved[key].dtype}, {saved[key].numel()} entries)")
             for key in moments.FP32_KEYS:
                 if saved[key].numel() != blocks:
-                    raise ValueError(f"loaded '{key}' has {saved[key].numel()} blocks; a parameter "
-                                     f"of shape {shape} has {blocks}")
+                    raise ValueError(f"loaded '{key}' has {saved[key].numel()} blocks; {where} has "
+                                     f"{blocks}")
         else:
             for key in moments.DENSE_KEYS:
                 if tuple(saved[key].shape) != shape:
                     raise ValueError(f"loaded '{key}' has shape {tuple(saved[key].shape)} but the "
-                                     f"parameter has shape {shape}")
+                                     f"parameter has shape {shape} ({where})")
+        self._check_loaded_values(saved, where)
+
+    @staticmethod
+    def _check_loaded_tensors(saved: dict[str, Any], keys: Iterable[str], where: str) -> None:
+        """Each key is a tensor, and a float one unless it holds 8-bit codes."""
+        for key in keys:
+            value = saved.get(key)
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"loaded '{key}' of {where} is a {type(value).__name__}, not a tensor")  # noqa: TRY004
+            if not key.endswith("_codes") and not value.is_floating_point():
+                raise ValueError(f"loaded '{key}' of {where} has dtype {value.dtype}; expected a "
+                                 "floating-point tensor")
+
+    def _check_loaded_values(self, saved: dict[str, Any], where: str) -> None:
+        """Counts are ints >= 0; moments, absmax and ``_fp32_state_keys`` are finite, and those
+        that cannot be negative are not (a NaN or negative value would NaN the parameter or fail
+        inside a later step). Non-finite moments can come from ``nonfinite="propagate"`` or an
+        overflow; :meth:`spike_stats` reports them before they are saved."""
+        for key in self._count_state_keys:
+            value = saved.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"loaded '{key}' of {where} is {value!r}; expected an int >= 0")
+        checks = [(key, key != "exp_avg") for key in (*moments.DENSE_KEYS, *moments.FP32_KEYS)]
+        checks += [(key, True) for key in self._fp32_state_keys]
+        for key, non_negative in checks:
+            if key in saved:
+                reason = _bad_values(saved[key], non_negative=non_negative)
+                if reason is not None:
+                    raise ValueError(f"loaded '{key}' of {where} has {reason}; the saved state is "
+                                     "corrupt or diverged (repair or drop it before loading)")
 
     # ------------------------------------------------------------------ memory
     def memory_report(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@ specification recommends is an explicit keyword.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,7 +18,29 @@ from ..schedules import is_reset_call, spam_clip_active, spam_update_scale, spam
 from . import moments
 from .base import SpikeAwareOptimizer, check_adam_group, check_count
 
-__all__ = ["SPAM"]
+__all__ = ["SPAM", "DEFAULT_SUBSET_SEED"]
+
+#: the subset seed used when ``subset_seed=None``: fixed, so that all ranks of a distributed run
+#: agree (a seed drawn from each process's global RNG would differ between ranks, which would then
+#: update different entries of their replicas and diverge)
+DEFAULT_SUBSET_SEED = 0
+#: ``torch.Generator.manual_seed`` takes seeds in [0, 2**64) (negative ones are wrapped; not accepted)
+SUBSET_SEED_LIMIT = 2**64
+
+
+def check_subset_seed(seed: object) -> int | None:
+    """None, or the seed as an int in [0, 2**64) (numpy ints accepted; bools and floats not)."""
+    if seed is None:
+        return None
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        value = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"Invalid subset_seed: {seed!r} (expected None or an int in [0, 2**64))") from None
+    if not 0 <= value < SUBSET_SEED_LIMIT:
+        raise ValueError(f"Invalid subset_seed: {value} (expected None or an int in [0, 2**64))")
+    return value
 
 
 class SPAM(SpikeAwareOptimizer):
@@ -77,8 +100,11 @@ class SPAM(SpikeAwareOptimizer):
             a no-op in a sparse group. True (clean-up): selected entries get ``p -= lr*wd*p``
             after their update; unselected entries still get nothing.
         subset_seed: seed of the optimizer's own generator that draws the subsets (its state
-            is saved by :meth:`state_dict`, so a resumed run draws the same next subset).
-            None: drawn from torch's global generator when the first subset is needed.
+            is saved by :meth:`state_dict`, so a resumed run draws the same next subset): an
+            int in [0, 2**64). None (default): the fixed :data:`DEFAULT_SUBSET_SEED` (0), not a
+            random draw, so that every process of a distributed run (DDP ranks, which each step
+            their own replica) selects the same subsets without communicating; pass distinct
+            seeds to vary the subsets between runs.
 
     Notes:
         * ``p.grad`` is not modified (the authors write the clipped values into it; nothing
@@ -97,6 +123,12 @@ class SPAM(SpikeAwareOptimizer):
           itself allocates nothing full-size. The state dict also holds
           ``"subset_generator"`` (uint8 generator state).
     """
+
+    KIND = "SPAM"
+    HYPERPARAMETERS = frozenset({
+        "state_bits", "min_8bit_size", "density", "sparse_weight_decay", "lr", "betas", "eps",
+        "weight_decay", "threshold", "reset_interval", "warmup_steps", "clip_delay",
+        "spike_clipping", "reset_bias_correction", "nonfinite"})
 
     def __init__(
         self,
@@ -119,7 +151,7 @@ class SPAM(SpikeAwareOptimizer):
         sparse_weight_decay: bool = False,
         subset_seed: int | None = None,
     ) -> None:
-        self._subset_seed = subset_seed
+        self._subset_seed = check_subset_seed(subset_seed)  # before the first step needs it
         self._subset_gen: torch.Generator | None = None
         defaults = dict(state_bits=state_bits, min_8bit_size=min_8bit_size,
             density=density, sparse_weight_decay=sparse_weight_decay,
@@ -165,11 +197,41 @@ class SPAM(SpikeAwareOptimizer):
 
     def _generator(self) -> torch.Generator:
         if self._subset_gen is None:
-            seed = self._subset_seed
-            if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
-            self._subset_gen = torch.Generator().manual_seed(int(seed))
+            seed = DEFAULT_SUBSET_SEED if self._subset_seed is None else self._subset_seed
+            self._subset_gen = torch.Generator().manual_seed(seed)
         return self._subset_gen
+
+    # ------------------------------------------------------------------ copy / pickle
+    def _extra_state_keys(self) -> tuple[str, ...]:
+        return ("_subset_seed", "subset_generator")
+
+    def _extra_getstate(self) -> dict[str, Any]:
+        # a torch.Generator is not picklable; its state tensor is
+        gen = self._subset_gen
+        return {"_subset_seed": self._subset_seed,
+                "subset_generator": None if gen is None else gen.get_state()}
+
+    def _extra_setstate(self, extra: dict[str, Any]) -> None:
+        if "_subset_seed" in extra:
+            self._subset_seed = extra["_subset_seed"]
+        if "subset_generator" in extra:
+            gen_state = extra["subset_generator"]
+            self._subset_gen = None if gen_state is None else self._restored_generator(gen_state)
+        for attr, value in (("_subset_seed", None), ("_subset_gen", None)):
+            if not hasattr(self, attr):
+                setattr(self, attr, value)
+
+    @staticmethod
+    def _restored_generator(gen_state: Any) -> torch.Generator:
+        if not isinstance(gen_state, torch.Tensor):
+            raise ValueError(  # noqa: TRY004 (load errors are ValueErrors)f"loaded 'subset_generator' is a {type(gen_state).__name__}, not the "
+                             "uint8 state tensor of a torch.Generator")
+        gen = torch.Generator()
+        try:
+            gen.set_state(gen_state.to(dtype=torch.uint8, device="cpu"))
+        except RuntimeError as err:
+            raise ValueError(f"loaded 'subset_generator' is not a valid generator state: {err}") from err
+        return gen
 
     def _set_subset(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
                     rule: torch.Tensor) -> None:
@@ -204,81 +266,122 @@ class SPAM(SpikeAwareOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         gen_state = state_dict.pop("subset_generator", None)
+        # built (and so checked) before anything is loaded: a bad one must change nothing
+        gen = None if gen_state is None else self._restored_generator(gen_state)
         super().load_state_dict(state_dict)
-        if gen_state is not None:
-            gen = torch.Generator()
-            gen.set_state(gen_state.to(dtype=torch.uint8, device="cpu"))
+        if gen is not None:
             self._subset_gen = gen
 
-    def _check_loaded_state(self, p: torch.Tensor, saved: dict[str, Any]) -> None:
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-        shape = tuple(p.shape)
-        if not self._is_sparse(group):
-            if "subset" in saved:
-                raise ValueError(f"loaded state for the parameter of shape {shape} has sparse momentum "
-                                 "but its group here is dense (density=1)")
-            super()._check_loaded_state(p, saved)
-            return
+    def _check_loaded_state(self, p: torch.Tensor, saved: dict[str, Any], group: dict[str, Any],
+                            where: str) -> None:
+        # Sparse momentum is structural: the state must match both the group here and the saved
+        # group (whose hyper-parameters replace these on load), so loading never switches it.
         keys = moments.QUANT_KEYS if moments.is_quantized(saved) else moments.DENSE_KEYS
-        missing = [k for k in ("step", *moments.INDEX_KEYS, *keys) if k not in saved]
-        if missing:
-            raise ValueError(f"loaded state for the parameter of shape {shape} in a sparse group lacks "
-                             f"{missing}: it was not saved by a sparse-momentum SPAM")
+        for g, which in ((self._group_of(p), "here"), (group, "in the state dict")):
+            if not self._is_sparse(g) and "subset" in saved:
+                raise ValueError(f"loaded state for {where} has sparse momentum but its group {which} "
+                                 "is dense (density=1)")
+            missing = [k for k in ("step", *moments.INDEX_KEYS, *keys) if k not in saved]
+            if self._is_sparse(g) and missing:
+                raise ValueError(f"loaded state for {where} in a sparse group (density="
+                                 f"{g['density']} {which}) lacks {missing}: it was not saved by a "
+                                 "sparse-momentum SPAM")
+        if "subset" not in saved:
+            super()._check_loaded_state(p, saved, group, where)
+            return
+        self._check_loaded_tensors(saved, keys, where)
         rule = saved["subset"]
-        if rule.dtype != torch.int64 or rule.numel() != 4:
-            raise ValueError(f"loaded 'subset' for shape {shape} is not an int64 [seed, t_hash, t_index, numel]")
-        seed, t_hash, _t_index, numel = (int(x) for x in rule.tolist())
+        if not isinstance(rule, torch.Tensor) or rule.dtype != torch.int64 or rule.numel() != 4:
+            raise ValueError(f"loaded 'subset' for {where} is not an int64 [seed, t_hash, t_index, numel]")
+        seed, t_hash, t_index, numel = (int(x) for x in rule.tolist())
         if numel != p.numel():
-            raise ValueError(f"loaded subset was drawn for {numel} elements; the parameter of shape "
-                             f"{shape} has {p.numel()}")
-        if not (0 <= seed <= subsets.M32 and 0 <= t_hash <= subsets.M32):
-            raise ValueError(f"loaded subset for shape {shape} has an out-of-range seed or threshold")
+            raise ValueError(f"loaded subset was drawn for {numel} elements; {where} has {p.numel()}")
+        if not (0 <= seed <= subsets.M32 and 0 <= t_hash <= subsets.M32 and -1 <= t_index < max(numel, 1)):
+            raise ValueError(f"loaded subset {[seed, t_hash, t_index, numel]} for {where} is out of range "
+                             "(seed and t_hash in [0, 2**32), t_index in [-1, numel))")
+        if moments.is_quantized(saved):
+            for key in ("exp_avg_codes", "exp_avg_sq_codes"):
+                if saved[key].dtype != torch.uint8:
+                    raise ValueError(f"loaded '{key}' of {where} has dtype {saved[key].dtype}; "
+                                     "expected uint8 codes")
         mask = subsets.subset_mask(rule.cpu())  # load-time full-size temporary
         k = int(mask.sum())
-        first = saved["exp_avg_codes" if moments.is_quantized(saved) else "exp_avg"]
         for key in keys:
             want = (k + 255) // 256 if key in moments.FP32_KEYS else k
             if saved[key].dim() != 1 or saved[key].numel() != want:
-                raise ValueError(f"loaded '{key}' has {saved[key].numel()} entries; the subset of the "
-                                 f"parameter of shape {shape} selects {k} (so {want} are needed)")
-        del first
+                raise ValueError(f"loaded '{key}' has {saved[key].numel()} entries; the subset of "
+                                 f"{where} selects {k} (so {want} are needed)")
         starts = saved["compact_block_starts"]
-        if starts.dtype != torch.int64 or not torch.equal(starts.cpu(), subsets.block_starts(mask)):
-            raise ValueError(f"loaded 'compact_block_starts' for shape {shape} do not match its subset")
+        if (not isinstance(starts, torch.Tensor) or starts.dtype != torch.int64
+                or not torch.equal(starts.cpu(), subsets.block_starts(mask))):
+            raise ValueError(f"loaded 'compact_block_starts' for {where} do not match its subset")
+        self._check_loaded_values(saved, where)
 
     def _step_sparse_group(self, group_index: int, group: dict[str, Any], n: int, reset: bool,
                            warmup: float, clip: bool) -> None:
-        if reset:
-            self._regenerate(group)
-        lr = group["lr"]
-        beta1, beta2 = group["betas"]
-        for device, batch in self._gather(group).items():
-            scales = self._advance_steps(batch.states, group, reset, warmup)
-            F.sparse_spam_step(
-                batch.params, batch.grads, **batch.moment_args(device),
-                block_starts=[st["compact_block_starts"] for st in batch.states],
-                subsets=[st["subset"] for st in batch.states],
-                update_scales=scales, counters=self._counters(group_index, device),
-                beta1=beta1, beta2=beta2, eps=group["eps"],
-                clip_threshold=float(group["threshold"]) if clip else 0.0,
-                weight_decay_scale=lr * group["weight_decay"] if group["sparse_weight_decay"] else 0.0,
-                reset=F.MomentReset.BEFORE_UPDATE if reset else F.MomentReset.NONE,
-                skip_nonfinite=group["nonfinite"] == "skip",
-            )
-            batch.write_back()
+        # A reset call replaces subsets and moments before the core runs: keep what it replaces,
+        # so that a step the core rejects leaves every state (and the generator) as it was.
+        undo = self._subset_snapshot(group) if reset else None
+        done: set[int] = set()
+        try:
+            if reset:
+                self._regenerate(group)
+            lr = group["lr"]
+            beta1, beta2 = group["betas"]
+            for device, batch in self._gather(group).items():
+                counts, scales = self._next_steps(batch.states, group, reset, warmup)
+                with self._committing(batch, counts):
+                    F.sparse_spam_step(
+                        batch.params, batch.grads, **batch.moment_args(device),
+                        block_starts=[st["compact_block_starts"] for st in batch.states],
+                        subsets=[st["subset"] for st in batch.states],
+                        update_scales=scales, counters=self._counters(group_index, device),
+                        beta1=beta1, beta2=beta2, eps=group["eps"],
+                        clip_threshold=float(group["threshold"]) if clip else 0.0,
+                        weight_decay_scale=lr * group["weight_decay"] if group["sparse_weight_decay"] else 0.0,
+                        reset=F.MomentReset.BEFORE_UPDATE if reset else F.MomentReset.NONE,
+                        skip_nonfinite=group["nonfinite"] == "skip",
+                    )
+                done.update(id(p) for p in batch.owners)
+                batch.write_back()
+        except BaseException:
+            if undo is not None:
+                self._restore_subsets(group, undo, done)
+            raise
+
+    def _subset_snapshot(self, group: dict[str, Any]) -> tuple[dict[int, dict[str, Any]], torch.Tensor | None]:
+        """Shallow copies of the group's states (a reset assigns new tensors, it does not write
+        the old ones) and the generator state."""
+        states = {id(p): dict(self.state[p]) for p in group["params"] if self.state.get(p)}
+        gen = None if self._subset_gen is None else self._subset_gen.get_state()
+        return states, gen
+
+    def _restore_subsets(self, group: dict[str, Any], undo: tuple[dict[int, dict[str, Any]], torch.Tensor | None],
+                         done: set[int]) -> None:
+        states, gen = undo
+        for p in group["params"]:
+            if id(p) in states and id(p) not in done:
+                state = self.state[p]
+                state.clear()
+                state.update(states[id(p)])
+        if not done:  # batches that completed drew from the generator; their draws stand
+            if gen is None:
+                self._subset_gen = None
+            else:
+                self._generator().set_state(gen)
 
     @staticmethod
-    def _advance_steps(states: list[dict[str, Any]], group: dict[str, Any], reset: bool,
-                       warmup: float) -> list[float]:
-        """Count this call in every state and return the per-tensor update scales (§2.4 step 7)."""
+    def _next_steps(states: list[dict[str, Any]], group: dict[str, Any], reset: bool,
+                    warmup: float) -> tuple[list[dict[str, int]], list[float]]:
+        """The step count each state will have after this call (stored only once the core
+        accepted the call) and the per-tensor update scales (§2.4 step 7)."""
         beta1, beta2 = group["betas"]
-        scales = []
+        counts, scales = [], []
         for state in states:
-            if reset and group["reset_bias_correction"]:
-                state["step"] = 0
-            state["step"] += 1
-            scales.append(spam_update_scale(group["lr"], beta1, beta2, state["step"], warmup))
-        return scales
+            step = (0 if reset and group["reset_bias_correction"] else state["step"]) + 1
+            counts.append({"step": step})
+            scales.append(spam_update_scale(group["lr"], beta1, beta2, step, warmup))
+        return counts, scales
 
     def _step_group(self, group_index: int, group: dict[str, Any]) -> None:
         n = group["calls"] + 1
@@ -292,17 +395,18 @@ class SPAM(SpikeAwareOptimizer):
         lr = group["lr"]
         beta1, beta2 = group["betas"]
         for device, batch in self._gather(group).items():
-            scales = self._advance_steps(batch.states, group, reset, warmup)
+            counts, scales = self._next_steps(batch.states, group, reset, warmup)
             packed_kw = self._packed_args(group_index, device, batch)
-            F.spam_step(
-                batch.params, batch.grads, **batch.moment_args(device),
-                update_scales=scales, counters=self._counters(group_index, device),
-                beta1=beta1, beta2=beta2, eps=group["eps"],
-                clip_threshold=float(group["threshold"]) if clip else 0.0,
-                weight_decay_scale=lr * group["weight_decay"],
-                reset=F.MomentReset.BEFORE_UPDATE if reset else F.MomentReset.NONE,
-                skip_nonfinite=group["nonfinite"] == "skip",
-                **packed_kw,
-            )
+            with self._committing(batch, counts):
+                F.spam_step(
+                    batch.params, batch.grads, **batch.moment_args(device),
+                    update_scales=scales, counters=self._counters(group_index, device),
+                    beta1=beta1, beta2=beta2, eps=group["eps"],
+                    clip_threshold=float(group["threshold"]) if clip else 0.0,
+                    weight_decay_scale=lr * group["weight_decay"],
+                    reset=F.MomentReset.BEFORE_UPDATE if reset else F.MomentReset.NONE,
+                    skip_nonfinite=group["nonfinite"] == "skip",
+                    **packed_kw,
+                )
             self._after_packed_step(group_index, device, packed_kw)
             batch.write_back()

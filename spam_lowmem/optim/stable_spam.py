@@ -72,6 +72,12 @@ class StableSPAM(SpikeAwareOptimizer):
 
     _fp32_state_keys = ("grad_stats",)
     _required_state_keys = ("step", "stat_step", "grad_stats")
+    _count_state_keys = ("step", "stat_step")
+    KIND = "StableSPAM"
+    HYPERPARAMETERS = frozenset({
+        "state_bits", "min_8bit_size", "lr", "betas", "gammas", "eps", "weight_decay",
+        "reset_interval", "total_steps", "eta_min", "stale_reset_step", "restart_stat_counts",
+        "nonfinite"})
 
     def __init__(
         self,
@@ -112,6 +118,16 @@ class StableSPAM(SpikeAwareOptimizer):
             raise ValueError(f"Invalid total_steps: {total!r} (expected None or an int > 0)")
         check_range("eta_min", group["eta_min"], 0.0, 1.0, closed_high=True)
 
+    def _check_loaded_state(self, p: torch.Tensor, saved: dict[str, Any], group: dict[str, Any],
+                            where: str) -> None:
+        stats = saved.get("grad_stats")
+        if isinstance(stats, torch.Tensor) and tuple(stats.shape) != (3,):
+            raise ValueError(f"loaded 'grad_stats' of {where} has shape {tuple(stats.shape)}; expected "
+                             "(3,): [max|g| EMA, ||g|| EMA, ||g||^2 EMA]")
+        # the base checks that the three statistics are finite and >= 0 (each is an EMA of a
+        # non-negative quantity; a negative ||g||^2 EMA would take a square root of it)
+        super()._check_loaded_state(p, saved, group, where)
+
     def _init_extra_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         state["stat_step"] = 0
         state["grad_stats"] = torch.zeros(3, dtype=torch.float32, device=p.device)
@@ -135,28 +151,29 @@ class StableSPAM(SpikeAwareOptimizer):
             stat_bcs: list[float] = []
             step_sizes: list[float] = []
             sqrt_bc2s: list[float] = []
+            counts: list[dict[str, int]] = []  # stored once the core accepted the call
             for state in batch.states:
-                state["step"] += 1
-                state["stat_step"] += 1
-                k_stat = state["stat_step"]
+                k_stat = state["stat_step"] + 1
                 stat_bcs += [1.0 - gamma1**k_stat, 1.0 - gamma2**k_stat, 1.0 - gamma3**k_stat]
+                k = state["step"] + 1
                 if reset:
-                    state["step"] = 1
+                    k = 1
                     if group["restart_stat_counts"]:
-                        state["stat_step"] = 1
-                k = state["step"]
+                        k_stat = 1
+                counts.append({"step": k, "stat_step": k_stat})
                 step_sizes.append(lr / (1.0 - beta1**k))
                 sqrt_bc2s.append(math.sqrt(1.0 - beta2**k))
             packed_kw = self._packed_args(group_index, device, batch)
-            F.stable_spam_step(
-                batch.params, batch.grads, **batch.moment_args(device),
-                grad_stats=[s["grad_stats"] for s in batch.states],
-                stat_bias_corrections=stat_bcs, step_sizes=step_sizes, sqrt_bc2s=sqrt_bc2s,
-                counters=self._counters(group_index, device),
-                gamma1=gamma1, gamma2=gamma2, gamma3=gamma3, beta1=beta1, beta2=beta2,
-                eps=group["eps"], weight_keep=1.0 - lr * group["weight_decay"], reset=mode,
-                skip_nonfinite=group["nonfinite"] == "skip",
-                **packed_kw,
-            )
+            with self._committing(batch, counts):
+                F.stable_spam_step(
+                    batch.params, batch.grads, **batch.moment_args(device),
+                    grad_stats=[s["grad_stats"] for s in batch.states],
+                    stat_bias_corrections=stat_bcs, step_sizes=step_sizes, sqrt_bc2s=sqrt_bc2s,
+                    counters=self._counters(group_index, device),
+                    gamma1=gamma1, gamma2=gamma2, gamma3=gamma3, beta1=beta1, beta2=beta2,
+                    eps=group["eps"], weight_keep=1.0 - lr * group["weight_decay"], reset=mode,
+                    skip_nonfinite=group["nonfinite"] == "skip",
+                    **packed_kw,
+                )
             self._after_packed_step(group_index, device, packed_kw)
             batch.write_back()
