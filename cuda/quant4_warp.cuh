@@ -91,9 +91,10 @@ __device__ __forceinline__ MinMaxBad lane_min_max(const WarpGroup& w, V&& value)
   MinMaxBad s{3.402823466e38f, -3.402823466e38f, 0u};
   for (int j = lane_id(); j < w.n; j += kWarp) {
     const float v = value(j);
-    s.lo = minf(s.lo, v);
-    s.hi = maxf(s.hi, v);
-    s.bad |= finite(v) ? 0u : 1u;
+    const bool ok = finite(v);  // lo/hi over the finite entries (quant4.h "Edge rules")
+    s.lo = ok ? minf(s.lo, v) : s.lo;
+    s.hi = ok ? maxf(s.hi, v) : s.hi;
+    s.bad |= ok ? 0u : 1u;
   }
   return s;
 }
@@ -105,7 +106,7 @@ __device__ __forceinline__ Top3 lane_top3(const WarpGroup& w, unsigned* bad, V&&
   for (int j = lane_id(); j < w.n; j += kWarp) {
     const float v = value(j);
     *bad |= finite(v) ? 0u : 1u;
-    t.push(absf(v), j);
+    t.push(Top3::key(v), j);  // non-finite entries are never outliers
   }
   return t;
 }

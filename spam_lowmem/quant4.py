@@ -11,7 +11,24 @@ tensor (groups may straddle rows, as in the authors' code):
 Rounding is round-half-to-even (``torch.round``). Weights need ``numel % group_size == 0``
 (a layer's shape is fixed, so a mismatch is a configuration error). Activations may end with
 one shorter tail group: their element count depends on the batch, and the authors' code
-(which would crash there) gives the same result whenever the count divides.
+(which would crash there) gives the same result whenever the count divides; a
+``group_size`` larger than the activation makes the whole tensor one group.
+
+Edge rules of the fake quantisers (identical in the C++ and CUDA kernels and the reference):
+
+* **non-finite entries** (NaN, +-Inf) pass through unchanged, and each group's statistics
+  (min/max for int4 weights, the top-2 and max|rest| otherwise) are taken over its *finite*
+  entries, which are quantised as if the non-finite ones were absent: one overflowed value
+  neither turns its group into NaN nor rescales it, and a NaN stays visible downstream.
+  Packing (:func:`pack_weight`, :func:`requantize_`) refuses such groups instead;
+* **finite data near the fp32 limit** never overflows inside the quantiser: where the plain
+  formula would (int4 weights: ``max - min`` of values of opposite sign beyond FLT_MAX; int4
+  activations: ``x * 7`` or ``q * scale``), an equivalent order is used (``max/15 - min/15``,
+  ``round(7 * (x / scale))``, ``q * (scale / 7)``); elsewhere the plain formula, so ordinary
+  data keeps its bits;
+* dequantised codes **saturate** at +-FLT_MAX: the rounded int4 zero point can put the top
+  level up to half a step beyond the group's range, which for data near FLT_MAX would round
+  to Inf. (Storing the fp32 result to bf16/fp16 still rounds as that dtype does.)
 
 The packed form (:class:`PackedWeight`) stores two codes per byte, element ``2i`` in the low
 nibble of byte ``i``, plus fp32 per-group metadata; the layout is drawn in
@@ -81,7 +98,8 @@ def _stream(device: torch.device) -> dict[str, int]:
 
 
 def fake_quantize_weight(w: torch.Tensor, *, fmt: Format = "int4", group_size: int = 256) -> torch.Tensor:
-    """Quantise then dequantise a weight (new tensor, same shape and dtype)."""
+    """Quantise then dequantise a weight (new tensor, same shape and dtype). NaN/Inf entries
+    pass through; each group is quantised over its finite entries (module docstring)."""
     check_format(fmt)
     _check_tensor(w, "weight")
     check_group_size(group_size, w.numel(), what="weight")
@@ -95,16 +113,20 @@ def fake_quantize_weight(w: torch.Tensor, *, fmt: Format = "int4", group_size: i
 
 
 def fake_quantize_activation(x: torch.Tensor, *, fmt: Format = "int4", group_size: int = 256) -> torch.Tensor:
-    """Quantise then dequantise an activation; the top-2 ``|x|`` per group stay exact."""
+    """Quantise then dequantise an activation; the top-2 finite ``|x|`` per group stay exact and
+    NaN/Inf entries pass through (module docstring). ``group_size`` must be a positive int; one
+    larger than ``x.numel()`` makes the whole tensor one group (same result, and no memory is
+    spent on elements that do not exist)."""
     check_format(fmt)
     _check_tensor(x, "activation")
     check_group_size(group_size, None, what="activation")
     src = x.detach().contiguous()
     out = torch.empty_like(src)
     if src.numel():
+        group = min(group_size, src.numel())  # also keeps a huge Python int within int64
         module = _backend.module_for(src.device)
         fn = module.q4_fake_act_int4 if fmt == "int4" else module.q4_fake_fp4
-        fn(to_dlpack(src), to_dlpack(out), group_size, **_stream(src.device))
+        fn(to_dlpack(src), to_dlpack(out), group, **_stream(src.device))
     return out
 
 

@@ -298,7 +298,8 @@ def test_module_state_dict_copy_save(storage: str, fmt: str) -> None:
     if storage == "fake":
         assert set(sd) == {"weight", "bias"}
     else:
-        assert "weight" not in sd and {"weight_codes", "weight_scale", "weight_sr_state"} <= set(sd)
+        assert sd["weight"].numel() == 0  # the marker that makes dense loaders refuse the codes
+        assert {"weight_codes", "weight_scale", "weight_sr_state"} <= set(sd)
     fresh = QuantLinear(32, 16, fmt=fmt, group_size=32, storage=storage)
     fresh.load_state_dict(_save_load(sd, weights_only=True))  # type: ignore[arg-type]
     clone = copy.deepcopy(layer)

@@ -9,12 +9,25 @@
 // groups may straddle rows, as in the authors' code):
 //   int4 weights  asymmetric min-max:  scale = max(max-min, 1e-5)/15,
 //                 zero = clamp(-rne(min/scale), 0, 15), q = clamp(rne(w/scale)+zero, 0, 15),
-//                 w^ = (q - zero)*scale                                        q in [0, 15]
+//                 w^ = sat((q - zero)*scale)                                   q in [0, 15]
 //   int4 act      symmetric, top-2 |x| kept exact: scale = max(max|rest|, 1e-6),
 //                 q = clamp(rne((x*7)/scale), -8, 7), x^ = (q*scale)/7
 //   fp4 (9-level) top-2 |x| kept exact, alpha = max(max|rest|, 1e-6), step = alpha/4,
 //                 q = clamp(rne(x/step), -4, 4), x^ = q*step      grid {0,±.25,±.5,±.75,±1}·alpha
 // "Top-2" ties go to the lower index (the first seen in a forward scan).
+//
+// Edge rules (the torch reference implements the same ones):
+//   * non-finite entries (NaN, +-Inf) of a fake-quantised group pass through unchanged, and the
+//     group's statistics (min/max, top-2, max|rest|) are taken over its finite entries only:
+//     one overflowed value neither poisons nor rescales the rest of its group. (Packing
+//     refuses such groups instead: a code cannot hold them.)
+//   * finite data whose plain formula overflows fp32 is computed in an equivalent order that
+//     does not: max-min > FLT_MAX gives scale = max/15 - min/15; x*7 or q*scale beyond FLT_MAX
+//     gives rne(7*(x/scale)) or q*(scale/7). Where the plain formula is finite it is used, so
+//     ordinary data keeps its bits.
+//   * sat(): a dequantised int4/fp4 code is clamped to +-FLT_MAX. The rounded zero point can put
+//     the top level up to scale/2 beyond the group's range, which for data near FLT_MAX would
+//     otherwise round to Inf; NaN passes through sat().
 //
 // Packed storage shares one dequantisation rule: w = (code - zero) * scale, with zero per
 // group for int4 and zero = 4 (implicit) for fp4, whose two outliers per group are stored
@@ -41,6 +54,7 @@ constexpr float kWeightScaleMin = 1e-5f;  // clamp on (max - min) before /15
 constexpr float kActScaleMin = 1e-6f;     // clamp on max|rest|
 constexpr int kTopK = 2;                  // outliers kept exact per group (act int4, fp4)
 constexpr int kFp4Zero = 4;               // fp4 codes 0..8 stand for -4..4 steps
+constexpr float kFloatMax = 3.40282346638528859812e+38f;
 
 // ------------------------------------------------------------------ rounding and clamps
 // Round half to even. |x| >= 2^23 is already an integer; below that, adding 2^23 makes the
@@ -86,35 +100,55 @@ struct Int4Grid {
   float zero;  // an integer in [0, 15], kept as float for the arithmetic
 };
 
+// lo, hi: min and max of the group's finite entries. Two finite values of opposite sign can be
+// more than FLT_MAX apart; then (hi - lo)/15 would be Inf and every output NaN, so the scale is
+// taken as hi/15 - lo/15 (<= 2*FLT_MAX/15, finite). Above 1e-5 the clamp cannot bite there.
 SPAM_HD Int4Grid int4_weight_grid(float lo, float hi) {
-  const float scale = maxf(hi - lo, kWeightScaleMin) / 15.f;
+  const float range = hi - lo;
+  const float scale = finite(range) ? maxf(range, kWeightScaleMin) / 15.f : hi / 15.f - lo / 15.f;
   const float zero = clampf(-rne(lo / scale), 0.f, 15.f);
   return Int4Grid{scale, zero};
 }
 
 SPAM_HD float int4_weight_code(float w, Int4Grid g) { return clampf(rne(w / g.scale) + g.zero, 0.f, 15.f); }
 
-SPAM_HD float int4_dequant(float code, float zero, float scale) { return (code - zero) * scale; }
+// Saturating (sat() in the header comment, "Edge rules").
+SPAM_HD float int4_dequant(float code, float zero, float scale) {
+  return clampf((code - zero) * scale, -kFloatMax, kFloatMax);
+}
+
+// Fake-quantised int4 weight element; non-finite entries pass through.
+SPAM_HD float int4_weight_fake(float w, Int4Grid g) {
+  return finite(w) ? int4_dequant(int4_weight_code(w, g), g.zero, g.scale) : w;
+}
 
 // ------------------------------------------------------------------ int4 activations
 SPAM_HD float act_scale(float rest_absmax) { return maxf(rest_absmax, kActScaleMin); }
+// x*7 overflows for |x| > FLT_MAX/7 although x/scale is in [-1, 1]: the reordered forms are
+// used only where the plain one is not finite ("Edge rules"). Non-finite x passes through.
 SPAM_HD float int4_act_fake(float x, float scale) {
-  const float q = clampf(rne((x * 7.f) / scale), -8.f, 7.f);
-  return (q * scale) / 7.f;
+  const float x7 = x * 7.f;
+  const float q = clampf(rne(finite(x7) ? x7 / scale : 7.f * (x / scale)), -8.f, 7.f);
+  const float qs = q * scale;
+  const float r = finite(qs) ? qs / 7.f : q * (scale / 7.f);
+  return finite(x) ? r : x;
 }
 
 // ------------------------------------------------------------------ fp4 (9-level grid)
 SPAM_HD float fp4_step(float rest_absmax) { return maxf(rest_absmax, kActScaleMin) * 0.25f; }
 SPAM_HD float fp4_level(float x, float step) { return clampf(rne(x / step), -4.f, 4.f); }
-SPAM_HD float fp4_fake(float x, float step) { return fp4_level(x, step) * step; }
+SPAM_HD float fp4_fake(float x, float step) { return finite(x) ? fp4_level(x, step) * step : x; }
 
 // ------------------------------------------------------------------ top-2 selection
 // Running top-3 of |x| in one forward scan: indices of the two largest (the outliers kept
 // exact) and the third-largest magnitude (= max|rest|). Strict '>' keeps the earlier index
-// on ties, so the scan order defines the tie rule. NaN compares false and is never chosen.
+// on ties, so the scan order defines the tie rule. Non-finite entries are never chosen nor
+// counted in max|rest| ("Edge rules"): push key(x), which is -1 (below every |x|) for them.
 struct Top3 {
   float v0 = -1.f, v1 = -1.f, v2 = -1.f;  // magnitudes, v0 >= v1 >= v2; -1 = empty
   int64_t i0 = -1, i1 = -1;
+
+  SPAM_HD static float key(float x) { return finite(x) ? absf(x) : -1.f; }
 
   SPAM_HD void push(float a, int64_t i) {
     if (a > v0) {

@@ -3,6 +3,7 @@
 // each group is converted once into a small fp32 scratch row (L1-resident), then one scan
 // computes its statistics and one writes its results, so every call reads and writes each
 // element of the tensor once. Scalar rules and formats: quant4.h; layouts: quant4_ops.h.
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -17,7 +18,10 @@ int64_t num_groups(int64_t numel, int64_t group) { return (numel + group - 1) / 
 
 // Runs body(group_index, fp32_row, row_length, scratch) for every group of `in`, in parallel
 // when the call is large enough; `bad` accumulates the int64 the body returns. `scratch` is
-// per-thread room for 2 x `group` floats (codes before packing, uniforms).
+// per-thread room for 2 x row_length floats (codes before packing, uniforms).
+// The per-thread row is sized by the longest group that thread actually meets (at most the
+// tensor), never by the requested group size: a huge group_size on a small tensor must not
+// allocate for elements that do not exist, and a thread that gets no group allocates nothing.
 template <typename T, typename Body>
 int64_t for_each_group(const TensorRef& in, int64_t group, Body&& body) {
   const T* src = static_cast<const T*>(in.data);
@@ -25,15 +29,15 @@ int64_t for_each_group(const TensorRef& in, int64_t group, Body&& body) {
   int64_t bad = 0;
 #pragma omp parallel if (in.numel >= kCpuParallelMin) reduction(+ : bad)
   {
-    std::vector<float> row(static_cast<size_t>(3 * group));
-    float* x = row.data();
-    float* scratch = x + group;
+    std::vector<float> row;
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t begin = g * group;
       const int64_t n = in.numel - begin < group ? in.numel - begin : group;
+      if (static_cast<int64_t>(row.size()) < 3 * n) row.resize(static_cast<size_t>(3 * n));
+      float* x = row.data();
       for (int64_t j = 0; j < n; ++j) x[j] = Storage<T>::load(src, begin + j);
-      bad += body(g, x, n, scratch);
+      bad += body(g, x, n, x + n);
     }
   }
   return bad;
@@ -61,6 +65,20 @@ void check_packed(const TensorRef& w, const Packed& p, Format fmt, int64_t group
   }
 }
 
+// The fp4 outlier positions are the one piece of packed data used as an address (unpack
+// stores to o[idx]): buffers loaded from a file or edited by hand may hold anything, so every
+// index is checked before the parallel loop (where an exception could not be thrown). One
+// pass over 2 int16 per group, negligible next to the unpack itself.
+void check_outlier_idx(const Packed& p, int64_t groups, int64_t group) {
+  int64_t bad = -1;
+  for (int64_t i = 0; i < 2 * groups && bad < 0; ++i)
+    if (p.outlier_idx[i] < 0 || p.outlier_idx[i] >= group) bad = i;
+  if (bad >= 0)
+    throw Error("spam_lowmem: fp4 outlier_idx[" + std::to_string(bad / 2) + ", " + std::to_string(bad % 2) +
+                "] = " + std::to_string(p.outlier_idx[bad]) + " is outside the group [0, " +
+                std::to_string(group) + ")");
+}
+
 }  // namespace
 
 namespace {
@@ -69,6 +87,7 @@ namespace {
 template <typename Rule>
 void fake_quantise(const TensorRef& in, const TensorRef& out, int64_t group, const Rule& rule) {
   check_group(group);
+  if (group > in.numel) group = in.numel > 0 ? in.numel : 1;  // a group longer than the tensor is the tensor
   dispatch_dtype(in.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* dst = static_cast<T*>(out.data);
@@ -99,8 +118,7 @@ void cpu_fake_weight_int4(const TensorRef& in, const TensorRef& out, int64_t gro
     const MinMax mm = min_max(x, n);
     const Int4Grid grid = int4_weight_grid(mm.lo, mm.hi);
     for (int64_t j = 0; j < n; ++j)
-      Storage<std::remove_pointer_t<decltype(dst)>>::store(
-          dst, begin + j, int4_dequant(int4_weight_code(x[j], grid), grid.zero, grid.scale));
+      Storage<std::remove_pointer_t<decltype(dst)>>::store(dst, begin + j, int4_weight_fake(x[j], grid));
   });
 }
 
@@ -144,6 +162,7 @@ int64_t cpu_pack(const TensorRef& w, const Packed& p, Format fmt, int64_t group)
 
 void cpu_unpack(const Packed& p, const TensorRef& out, Format fmt, int64_t group) {
   check_packed(out, p, fmt, group);
+  if (fmt == Format::kFp4) check_outlier_idx(p, out.numel / group, group);
   dispatch_dtype(out.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* dst = static_cast<T*>(out.data);

@@ -26,23 +26,25 @@ inline uint32_t is_nonfinite(float v) { return (float_bits(v) & 0x7f800000u) == 
 
 // Eight independent accumulators: min/max of finite values do not depend on the order, and
 // without -ffast-math the compiler vectorises only reductions written this way.
+// lo/hi cover the finite entries only (a non-finite one is replaced by the neutral +-Inf:
+// quant4.h "Edge rules"); `finite` says whether there was none. No finite entry: lo = +Inf,
+// hi = -Inf.
 inline MinMax min_max(const float* x, int64_t n) {
   constexpr int kLanes = 8;
+  constexpr float kInf = __builtin_huge_valf();
   float lo[kLanes], hi[kLanes];
   uint32_t nonfinite[kLanes];
-  for (int k = 0; k < kLanes; ++k) lo[k] = hi[k] = x[0], nonfinite[k] = 0;
+  for (int k = 0; k < kLanes; ++k) lo[k] = kInf, hi[k] = -kInf, nonfinite[k] = 0;
+  auto add = [&](int k, float v) {
+    const uint32_t bad = is_nonfinite(v);
+    lo[k] = minf(lo[k], select(bad != 0u, kInf, v));
+    hi[k] = maxf(hi[k], select(bad != 0u, -kInf, v));
+    nonfinite[k] |= bad;
+  };
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
-    for (int k = 0; k < kLanes; ++k) {
-      lo[k] = minf(lo[k], x[j + k]);
-      hi[k] = maxf(hi[k], x[j + k]);
-      nonfinite[k] |= is_nonfinite(x[j + k]);
-    }
-  for (; j < n; ++j) {
-    lo[0] = minf(lo[0], x[j]);
-    hi[0] = maxf(hi[0], x[j]);
-    nonfinite[0] |= is_nonfinite(x[j]);
-  }
+    for (int k = 0; k < kLanes; ++k) add(k, x[j + k]);
+  for (; j < n; ++j) add(0, x[j]);
   for (int k = 1; k < kLanes; ++k) {
     lo[0] = minf(lo[0], lo[k]);
     hi[0] = maxf(hi[0], hi[k]);
@@ -53,7 +55,7 @@ inline MinMax min_max(const float* x, int64_t n) {
 
 inline Top3 top3(const float* x, int64_t n) {
   Top3 t;
-  for (int64_t j = 0; j < n; ++j) t.push(absf(x[j]), j);
+  for (int64_t j = 0; j < n; ++j) t.push(Top3::key(x[j]), j);
   return t;
 }
 

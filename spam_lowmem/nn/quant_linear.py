@@ -29,6 +29,13 @@ Two storages:
   same codes bit for bit. The working dtype is the module's dtype (fp32 by default; bf16 halves
   the gradient and the optimizer state; the re-quantiser adds the optimizer's change to the
   exact stored value, so the working value's own bf16 rounding never moves a code).
+
+  State dict of a packed layer: the buffers above, ``weight_sr_state`` (rounding counter), and
+  ``weight`` as a *0-element marker* in the working dtype. The marker makes any loader that
+  expects a dense ``(out, in)`` weight fail on a size mismatch (``nn.Linear.load_state_dict``,
+  transformers' ``from_pretrained``) instead of silently keeping random weights; QuantLinear
+  ignores it. Loaded packed buffers are validated (dtype, shape, zero points <= 15, fp4
+  outlier positions inside the group) and a bad one raises ValueError naming its key.
 """
 
 from __future__ import annotations
@@ -300,9 +307,50 @@ class QuantLinear(nn.Module):
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.storage == "packed":
-            # the codes are the weight; the placeholder (or a working copy) is never saved
-            destination.pop(prefix + "weight", None)
+            # the codes are the weight; the placeholder (or a working copy) is never saved. The
+            # 0-element marker in its place makes a dense loader fail loudly (module docstring).
+            destination[prefix + "weight"] = torch.empty(0, dtype=self.weight.dtype,
+                                                         device=self.weight_codes.device)
             destination[prefix + "weight_sr_state"] = torch.tensor([self._sr_seed, self._sr_step], dtype=torch.int64)
+
+    def _packed_specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """dtype and shape of every packed buffer this layer's format has, by buffer name."""
+        return {name: (t.dtype, tuple(t.shape)) for name, t in self.packed_weight().tensors().items()}
+
+    def _check_loaded_packed(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Validate the packed buffers of ``state_dict`` before anything is copied: a wrong dtype
+        (which ``copy_`` would cast, e.g. int32 positions wrapping in int16), size, or value
+        that would make a kernel index outside the group raises ValueError naming the key."""
+        group = self.config.group_size
+        for name, (dtype, shape) in self._packed_specs().items():
+            key = prefix + "weight_" + name
+            if key not in state_dict:
+                continue  # reported as missing by torch (or replaced by a dense weight)
+            t = state_dict[key]
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"spam_lowmem: {key} must be a tensor, got {type(t).__name__}")
+            if t.dtype != dtype:
+                raise ValueError(f"spam_lowmem: {key} has dtype {t.dtype}, this {self.config.fmt} "
+                                 f"layer stores {dtype}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"spam_lowmem: {key} has shape {tuple(t.shape)}, this layer "
+                                 f"({self.out_features}x{self.in_features}, group_size {group}, "
+                                 f"{self.config.fmt}) needs {shape}")
+            if name == "outlier_idx" and t.numel():
+                lo, hi = int(t.min()), int(t.max())
+                if lo < 0 or hi >= group:
+                    bad = lo if lo < 0 else hi
+                    raise ValueError(f"spam_lowmem: {key} holds position {bad}, outside the group "
+                                     f"[0, {group}); the checkpoint is corrupt or from another "
+                                     "group_size")
+            if name == "zero" and t.numel() and int(t.max()) > 15:
+                raise ValueError(f"spam_lowmem: {key} holds zero point {int(t.max())}, outside "
+                                 "the int4 range [0, 15]")
+        sr = state_dict.get(prefix + "weight_sr_state")
+        if sr is not None and (not isinstance(sr, torch.Tensor) or sr.dtype != torch.int64
+                               or tuple(sr.shape) != (2,)):
+            raise ValueError(f"spam_lowmem: {prefix}weight_sr_state must be an int64 tensor of "
+                             "shape (2,) (seed, step)")
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any,
                               strict: bool, missing_keys: list[str], unexpected_keys: list[str],
@@ -310,6 +358,7 @@ class QuantLinear(nn.Module):
         if self.storage != "packed":
             return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                                  missing_keys, unexpected_keys, error_msgs)
+        self._check_loaded_packed(state_dict, prefix)
         params = self._parameters
         self._parameters = {k: v for k, v in params.items() if k != "weight"}
         try:
@@ -324,6 +373,8 @@ class QuantLinear(nn.Module):
         if sr is not None:
             self._sr_seed, self._sr_step = (int(v) for v in sr.tolist())
         dense = state_dict.get(prefix + "weight")
+        if dense is not None and dense.numel() == 0:
+            dense = None  # the marker of a packed checkpoint (see _save_to_state_dict)
         if dense is not None:  # a full-precision checkpoint (e.g. from nn.Linear): pack it
             if tuple(dense.shape) != (self.out_features, self.in_features):
                 error_msgs.append(f"size mismatch for {prefix}weight: copying a param with shape "

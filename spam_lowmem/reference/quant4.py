@@ -9,7 +9,14 @@ Readable, vectorised over groups, fp32 math, one torch op per C++ operation of
 * rounding is round-half-to-even (``torch.round``, the authors' rule);
 * "top-2" outliers: the two largest ``|x|`` of a group, ties to the lower index;
 * divisions by constants use 0-dim tensors: ``x / 15`` with a Python scalar may be computed as
-  ``x * (1/15)``, which differs from the C++ division in the last bit.
+  ``x * (1/15)``, which differs from the C++ division in the last bit;
+* edge rules (``quant4.h``, "Edge rules"): non-finite entries (NaN, +-Inf) pass through the fake
+  quantisers unchanged and are left out of their group's statistics (min/max, top-2,
+  max|rest|), so the finite entries are quantised over the finite range; finite data whose
+  plain formula would overflow fp32 uses an equivalent order that does not (int4 weights:
+  ``scale = max/15 - min/15`` when ``max - min`` overflows; int4 activations:
+  ``round(7 * (x / scale))`` and ``q * (scale / 7)`` when ``x * 7`` or ``q * scale`` overflow);
+  dequantised codes saturate at +-FLT_MAX.
 
 Packed layout (nibble order pinned in ``quant4.h``): element ``2i`` in the low nibble of byte
 ``i``, element ``2i+1`` in the high nibble::
@@ -32,6 +39,7 @@ __all__ = [
 WEIGHT_SCALE_MIN = 1e-5
 ACT_SCALE_MIN = 1e-6
 FP4_ZERO = 4
+FLOAT_MAX = torch.finfo(torch.float32).max
 MAX_SCALE_MOVES = 320
 LEVEL_TOL = 2.0**-16  # quant4.h kLevelTol: "already on the lattice" tolerance, in levels
 
@@ -56,8 +64,10 @@ def _join(parts: list[Tensor | None], like: Tensor) -> Tensor:
 
 def top2(rows: Tensor) -> tuple[Tensor, Tensor]:
     """Indices (groups, 2) of the two largest |x| per row, ties to the lower index, and the
-    largest |x| of the rest (0 for rows of <= 2 elements)."""
-    a = rows.abs()
+    largest |x| of the rest (0 for rows of <= 2 finite elements). Non-finite entries count as
+    magnitude -1: never above a finite one, never in the rest's max (torch.sort would rank a
+    NaN above everything)."""
+    a = torch.where(rows.isfinite(), rows.abs(), _c(-1.0, rows))
     k = min(2, rows.shape[1])
     idx = torch.sort(a, dim=1, descending=True, stable=True).indices[:, :k]
     mask = torch.zeros_like(a, dtype=torch.bool).scatter_(1, idx, True)
@@ -65,9 +75,15 @@ def top2(rows: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _int4_weight_grid(rows: Tensor) -> tuple[Tensor, Tensor]:
-    lo = rows.amin(dim=1, keepdim=True)
-    hi = rows.amax(dim=1, keepdim=True)
-    scale = (hi - lo).clamp(min=WEIGHT_SCALE_MIN) / _c(15.0, rows)
+    finite = rows.isfinite()
+    inf = _c(float("inf"), rows)
+    lo = torch.where(finite, rows, inf).amin(dim=1, keepdim=True)  # over the finite entries
+    hi = torch.where(finite, rows, -inf).amax(dim=1, keepdim=True)
+    fifteen = _c(15.0, rows)
+    span = hi - lo
+    # max - min of finite values can overflow (1e38 - -1e38... up to 2*FLT_MAX): split the division
+    scale = torch.where(span.isfinite(), span.clamp(min=WEIGHT_SCALE_MIN) / fifteen,
+                        hi / fifteen - lo / fifteen)
     zero = (-torch.round(lo / scale)).clamp(0, 15)
     return scale, zero
 
@@ -76,22 +92,35 @@ def _int4_weight_codes(rows: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     return (torch.round(rows / scale) + zero).clamp(0, 15)
 
 
+def _dequant(codes: Tensor, zero: Tensor, scale: Tensor) -> Tensor:
+    """``(code - zero) * scale``, saturated at +-FLT_MAX (a rounded zero point can put the top
+    level scale/2 beyond the group's range); NaN passes through, as in quant4.h."""
+    return ((codes - zero) * scale).clamp(-FLOAT_MAX, FLOAT_MAX)
+
+
 def fake_weight_int4(w: Tensor, group_size: int) -> Tensor:
-    """INT4 asymmetric min-max fake quantisation (ALGORITHMS.md §5.2), per group."""
+    """INT4 asymmetric min-max fake quantisation (ALGORITHMS.md §5.2), per group. NaN/Inf
+    entries pass through; the finite ones use the min/max of the group's finite entries."""
     rows, _ = _rows(w, group_size)
     scale, zero = _int4_weight_grid(rows)
-    return _join([(_int4_weight_codes(rows, scale, zero) - zero) * scale], w)
+    fake = _dequant(_int4_weight_codes(rows, scale, zero), zero, scale)
+    return _join([torch.where(rows.isfinite(), fake, rows)], w)
 
 
 def _keep_top2(rows: Tensor, fake: Tensor, idx: Tensor) -> Tensor:
+    """The top-2 restored exactly, and the non-finite entries passed through."""
+    fake = torch.where(rows.isfinite(), fake, rows)
     return fake.scatter(1, idx, rows.gather(1, idx))
 
 
 def _act_int4_rows(rows: Tensor) -> Tensor:
     idx, rest = top2(rows)
     scale = rest.clamp(min=ACT_SCALE_MIN)
-    q = torch.round(rows * _c(7.0, rows) / scale).clamp(-8, 7)
-    return _keep_top2(rows, q * scale / _c(7.0, rows), idx)
+    seven = _c(7.0, rows)
+    x7 = rows * seven  # overflows for |x| > FLT_MAX/7: then 7 * (x / scale), as quant4.h
+    q = torch.round(torch.where(x7.isfinite(), x7 / scale, seven * (rows / scale))).clamp(-8, 7)
+    qs = q * scale
+    return _keep_top2(rows, torch.where(qs.isfinite(), qs / seven, q * (scale / seven)), idx)
 
 
 def _fp4_step(rest: Tensor) -> Tensor:
@@ -105,13 +134,15 @@ def _fp4_rows(rows: Tensor) -> Tensor:
 
 
 def fake_act_int4(x: Tensor, group_size: int) -> Tensor:
-    """INT4 symmetric fake quantisation with the top-2 |x| kept exact (§5.2); tail allowed."""
+    """INT4 symmetric fake quantisation with the top-2 |x| kept exact (§5.2); tail allowed.
+    NaN/Inf entries pass through and are not candidates for the top-2 nor part of max|rest|."""
     rows, tail = _rows(x, group_size)
     return _join([_act_int4_rows(rows), None if tail is None else _act_int4_rows(tail)], x)
 
 
 def fake_fp4(x: Tensor, group_size: int) -> Tensor:
-    """The authors' "FP4": 9-level grid {0,±.25,±.5,±.75,±1}·alpha, top-2 exact (§5.3)."""
+    """The authors' "FP4": 9-level grid {0,±.25,±.5,±.75,±1}·alpha, top-2 exact (§5.3).
+    NaN/Inf entries pass through and are not candidates for the top-2 nor part of alpha."""
     rows, tail = _rows(x, group_size)
     return _join([_fp4_rows(rows), None if tail is None else _fp4_rows(tail)], x)
 
@@ -151,9 +182,9 @@ def unpack(p: dict[str, Tensor], fmt: str, group_size: int, shape: tuple[int, ..
     codes = unpack_nibbles(p["codes"]).float().reshape(-1, group_size)
     scale = p["scale"].reshape(-1, 1)
     if fmt == "int4":
-        out = (codes - p["zero"].float().reshape(-1, 1)) * scale
+        out = _dequant(codes, p["zero"].float().reshape(-1, 1), scale)
     else:
-        out = (codes - _c(float(FP4_ZERO), codes)) * scale
+        out = _dequant(codes, _c(float(FP4_ZERO), codes), scale)
         out = out.scatter(1, p["outlier_idx"].long(), p["outlier_val"])
     return out.to(dtype).reshape(shape)
 
