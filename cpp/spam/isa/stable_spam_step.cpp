@@ -28,16 +28,34 @@ struct Partial {
   double sum_sq = 0.0;
 };
 
+// Sum of squares of [b, e) in double: the fallback of reduce_chunk for blocks whose fp32 sum
+// left the range where it is accurate. The square of a float is exact in double.
+template <typename T>
+double sum_sq_double(const T* __restrict g, int64_t b, int64_t e, const StableTensorScalars& c,
+                     bool keep_nonfinite) {
+  double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = b; i < e; ++i) {
+    float x = Storage<T>::load(g, i);
+    x = (is_finite(x) | keep_nonfinite) ? stable_clip(x, c) : 0.0f;
+    sum += static_cast<double>(x) * static_cast<double>(x);
+  }
+  return sum;
+}
+
 // Max |g| and sum g^2 over [begin, end) of the (optionally clipped) gradient, leaving out
 // non-finite entries under the "skip" policy. `omp simd` reductions vectorise without
-// -ffast-math, and the fixed block order keeps the result independent of the thread count.
-// Squares are taken and summed in double, as the CUDA kernel and the reference do: an fp32
-// square overflows for |g| >= 1.8e19, a finite gradient, and the inf norm then turned the
-// whole tensor into NaN (inf / inf in AdaGN). The square of a float is exact in double.
+// -ffast-math; fp32 partial sums are folded into a double every kBlock elements, which bounds
+// their rounding error, and the fixed block order keeps the result independent of the thread
+// count. A block whose fp32 sum overflowed (a finite |g| >= 1.8e19 squares to inf: the norm
+// became inf, AdaGN's target inf / inf and the whole tensor NaN) or may have underflowed
+// (|g| < 1e-22 squares below the fp32 range) is summed again in double, as the reference and
+// the CUDA kernel sum every square; other blocks keep the fast fp32 sum.
 template <typename T>
 Partial reduce_chunk(const TensorRef& grad, int64_t begin, int64_t end,
                      const StableTensorScalars& clip, bool skip_nonfinite) {
   constexpr int64_t kBlock = 1024;
+  constexpr float kAccurateLow = 1e-30f;  // a sum below this may have lost underflowed squares
   const T* __restrict g = static_cast<const T*>(grad.data);
   // Local copies: read through `clip` (a reference), the scalars were reloaded and branched
   // on every element, and GCC ran this loop scalar.
@@ -47,17 +65,18 @@ Partial reduce_chunk(const TensorRef& grad, int64_t begin, int64_t end,
   double sum_sq = 0.0;
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t e = b + kBlock < end ? b + kBlock : end;
-    double block_sq = 0.0;
-    float block_max = 0.0f;
+    float block_sq = 0.0f, block_max = 0.0f;
 #pragma omp simd reduction(+ : block_sq) reduction(max : block_max)
     for (int64_t i = b; i < e; ++i) {
       float x = Storage<T>::load(g, i);
       x = (is_finite(x) | keep_nonfinite) ? stable_clip(x, c) : 0.0f;
-      const double xd = static_cast<double>(x);
-      block_sq += xd * xd;
+      block_sq += x * x;
       block_max = block_max > fabsf(x) ? block_max : fabsf(x);
     }
-    sum_sq += block_sq;
+    const bool overflowed = !(block_sq <= kFloatMax);  // inf, or NaN under "propagate"
+    const bool underflowed = block_sq < kAccurateLow && block_max > 0.0f;
+    sum_sq += (overflowed | underflowed) ? sum_sq_double(g, b, e, c, keep_nonfinite)
+                                         : static_cast<double>(block_sq);
     max_abs = max_abs > block_max ? max_abs : block_max;
   }
   // Under "propagate" a NaN entry must poison max|g| as it does in torch; the simd max
