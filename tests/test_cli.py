@@ -110,7 +110,7 @@ def test_bad_input_exits_cleanly(corpus: Path, cache: Path, tmp_path: Path, caps
     (tmp_path / "empty.txt").write_text("\n\n")
     _fails(capsys, base + ["--data", str(tmp_path / "empty.txt")], "no text found")
     _fails(capsys, base + ["--seq-len", "65"], "exceeds the micro model's maximum of 64 positions")
-    _fails(capsys, base + ["--steps", "0"], "--steps must be > 0")
+    _fails(capsys, base + ["--steps", "0"], "argument --steps: must be an integer >= 1, got 0")
     if not supports_density():
         _fails(capsys, base + ["--optimizer", "spam", "--density", "0.3"], "does not accept density=")
     _fails(capsys, base + ["--resume"], "nothing to resume")
@@ -128,6 +128,8 @@ def test_run_folder_protection(corpus: Path, cache: Path, tmp_path: Path, capsys
     assert main(micro_args(corpus, cache, out, steps=2) + ["--resume"]) == 0  # finished: nothing to do
     assert main(micro_args(corpus, cache, out, "spam", steps=2) + ["--overwrite"]) == 0
     assert json.loads((out / "config.json").read_text())["optimizer"] == "spam"
+    # a finished run keeps its summary and never reads the checkpoint; without the summary it must
+    (out / "summary.json").unlink()
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
     _fails(capsys, micro_args(corpus, cache, out, "spam", steps=2) + ["--resume"], "cannot resume from")
 
@@ -272,7 +274,8 @@ def test_4bit_bad_input(corpus: Path, cache: Path, tmp_path: Path, capsys: pytes
     _fails(capsys, base + ["--weight-bits", "4", "--quant-format", "nf4"], "invalid choice: 'nf4'")
     _fails(capsys, base + ["--weight-bits", "4", "--weight-storage", "disk"], "invalid choice: 'disk'")
     _fails(capsys, base + ["--quant-format", "fp4"], "only apply to 4-bit training")
-    _fails(capsys, base + ["--weight-bits", "4", "--quant-group-size", "1"], "--quant-group-size must be")
+    _fails(capsys, base + ["--weight-bits", "4", "--quant-group-size", "1"],
+           "argument --quant-group-size: must be an integer >= 2, got 1")
     assert not out.exists()
     _fails(capsys, ["compare", "--model", "micro", "--out", str(out), "--quant-format", "fp4"],
            "only apply to 4-bit training")
@@ -296,3 +299,153 @@ def test_compare_four_bit(corpus: Path, tmp_path: Path) -> None:
     assert all(r["final_eval_loss"] > 0 and r["steps"] == 2 for r in rows)
     md = (out / "results.md").read_text()
     assert "| stable-spam w4a4 | 0.003 |" in md and "| adamw 16-bit | 0.002 |" in md and "W4A4" in md
+
+
+# ---- resume after an interruption: torn metrics, finished runs, --stop-after
+
+def _losses(out: Path) -> list[tuple[str, int, float]]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [(r["type"], r["step"], r["loss"]) for r in map(json.loads, lines)]
+
+
+@pytest.mark.parametrize("torn", [b'{"type": "train", "step": 3, "lo',  # cut inside a record
+                                  b"\x00" * 24,  # zero fill a file system can leave at a power loss
+                                  b'{"type": "eval", "step": 4, "loss": 5.\xe2\x80'])  # cut in a UTF-8 character
+def test_resume_drops_a_torn_last_metrics_line(torn: bytes, corpus: Path, cache: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(micro_args(corpus, cache, whole, steps=4)) == 0
+    assert main(micro_args(corpus, cache, split, steps=4) + ["--stop-after", "2"]) == 0
+    with open(split / "metrics.jsonl", "ab") as fh:
+        fh.write(torn)
+    capsys.readouterr()
+    assert main(micro_args(corpus, cache, split, steps=4) + ["--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"{split / 'metrics.jsonl'}: dropped a torn last line (line 4, {len(torn)} bytes" in err, err
+    # the torn bytes are gone and the file is what an uninterrupted run writes
+    raw = (split / "metrics.jsonl").read_bytes()
+    assert raw.endswith(b"}\n") and b"\x00" not in raw and raw.count(b"\n") == 6  # 4 train + 2 eval
+    assert _losses(split) == _losses(whole)
+    assert [r["step"] for r in records(split, "train")] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_damaged_middle_metrics_line(corpus: Path, cache: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(micro_args(corpus, cache, out, steps=4) + ["--stop-after", "2"]) == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # train 1, train 2, eval 2
+    lines[1] = lines[1][:20]
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    _fails(capsys, micro_args(corpus, cache, out, steps=4) + ["--resume"],
+           f"{out / 'metrics.jsonl'}: line 2 of 3 is damaged")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # nothing written
+
+
+def test_resume_of_a_finished_run_keeps_its_summary(corpus: Path, cache: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(micro_args(corpus, cache, out, steps=2)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_seconds"] > 0 and summary["tokens_per_second"] > 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(micro_args(corpus, cache, out, steps=2) + ["--resume"]) == 0
+    captured = capsys.readouterr()
+    assert "already finished (2 of 2 steps); its summary.json is kept" in captured.err
+    assert f"eval loss {summary['final_eval_loss']:.4f}" in captured.out
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # the run finished but its summary was lost (power loss before it was written): the new one
+    # takes the training time of the run from its metrics instead of zero seconds
+    (out / "summary.json").unlink()
+    assert main(micro_args(corpus, cache, out, steps=2) + ["--resume"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    seconds = sum(r["seconds"] for r in records(out, "train"))
+    assert again["train_seconds"] == pytest.approx(seconds) and seconds > 0
+    assert again["tokens_per_second"] == pytest.approx(2 * 4 * 32 / seconds)
+    assert again["final_eval_loss"] == summary["final_eval_loss"] and again["steps"] == 2
+
+
+def test_stop_after_is_checked(corpus: Path, cache: Path, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    from spam_lowmem.train.config import TrainConfig
+    from spam_lowmem.train.loop import train
+
+    out = tmp_path / "run"
+    for value, shown in (("0", "0"), ("-1", "-1"), ("1.5", "'1.5'"), ("x", "'x'")):
+        _fails(capsys, micro_args(corpus, cache, out, steps=4) + ["--stop-after", value],
+               f"argument --stop-after: must be an integer >= 1, got {shown}")
+    assert not out.exists()
+    with pytest.raises(UsageError, match="--stop-after must be >= 1, got 0"):  # the Python entry point too
+        train(TrainConfig(model="micro", steps=4), out, stop_after=0)
+    assert not out.exists()
+    assert main(micro_args(corpus, cache, out, steps=4) + ["--stop-after", "2"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    # STEP counts from the start of the run: the run is already there, so no update is due
+    _fails(capsys, micro_args(corpus, cache, out, steps=4) + ["--stop-after", "2", "--resume"],
+           "--stop-after 2: the run in")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert main(micro_args(corpus, cache, out, steps=4) + ["--stop-after", "3", "--resume"]) == 0
+    assert [r["step"] for r in records(out, "train")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("flag,value,minimum", [
+    ("--steps", "-5", 1), ("--batch-size", "0", 1), ("--grad-accum", "0", 1), ("--grad-accum", "-2", 1),
+    ("--seq-len", "0", 2), ("--seq-len", "1", 2), ("--vocab-size", "0", 258), ("--vocab-size", "257", 258),
+    ("--warmup", "-1", 0), ("--eval-every", "-1", 0), ("--eval-batches", "-1", 0), ("--save-every", "-1", 0),
+    ("--galore-rank", "0", 1), ("--galore-gap", "0", 1), ("--threads", "0", 1), ("--seed", "-1", 0),
+])
+def test_integer_flags_are_checked_by_argparse(flag: str, value: str, minimum: int, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "never"
+    bound = "in [0, 4294967295]" if flag == "--seed" else f">= {minimum}"
+    message = f"argument {flag}: must be an integer {bound}, got {value}"
+    _fails(capsys, ["train", "--model", "micro", "--out", str(out), flag, value], message)
+    if flag != "--save-every":  # a train-only flag
+        _fails(capsys, ["compare", "--model", "micro", "--out", str(out), flag, value], message)
+    assert not out.exists()
+
+
+def test_density_rank_is_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    # 0 used to read as "not given" and print the default rank's density
+    _fails(capsys, ["density", "--model", "micro", "--rank", "0"], "argument --rank: must be an integer >= 1, got 0")
+    assert main(["density", "--model", "micro", "--rank", "8"]) == 0
+    assert capsys.readouterr().out.strip() == "0.3214285714"
+
+
+@pytest.mark.parametrize("names,message", [
+    ("", "--optimizers '' names no optimizer"), ("  ", "--optimizers '  ' names no optimizer"),
+    (",", "empty name at position 1"), ("adamw,,spam", "empty name at position 2"),
+    ("adamw,", "empty name at position 2"), ("adamw, nadam", "unknown optimizer(s) 'nadam'"),
+])
+def test_compare_optimizer_names_are_checked(names: str, message: str, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "never"
+    # a missing --data would stop the default set too, with another message, if the names passed
+    argv = ["compare", "--model", "micro", "--out", str(out), "--data", str(tmp_path / "missing.txt"),
+            "--optimizers", names]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "choose from adamw, spam, stable-spam, galore, adam-mini, bnb-adamw8bit, spam-sparse" in err, err
+    assert not out.exists()
+
+
+def test_compare_lr_for_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "never"
+    for lr in ("0", "-1e-3", "nan"):
+        _fails(capsys, ["compare", "--optimizers", "adamw", "--lr-for", f"adamw={lr}", "--out", str(out),
+                        "--data", str(tmp_path / "missing.txt")], "the learning rate must be a positive number")
+    assert not out.exists()
+
+
+def test_train_budget_needs_a_unit(corpus: Path, cache: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "never"
+    base = micro_args(corpus, cache, out, "spam")
+    _fails(capsys, base + ["--budget", "1.5"], "cannot parse --budget '1.5': no unit")
+    _fails(capsys, base + ["--budget", "1.5B"], "a fractional number of bytes")
+    _fails(capsys, base + ["--budget", "0GiB"], "the size must be positive")
+    _fails(capsys, base + ["--budget", "2XB"], "unknown unit 'XB'")
+    assert not out.exists()

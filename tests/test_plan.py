@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -149,20 +150,57 @@ def test_sparse_plan_groups_and_kwargs() -> None:
 
 # ------------------------------------------------------------------ budgets
 @pytest.mark.parametrize("text,expected", [
-    (123456, 123456), ("123456", 123456), ("2e9", 2_000_000_000), ("1.5GB", 1_500_000_000),
+    (123456, 123456), ("123456B", 123456), ("2e9B", 2_000_000_000), ("1.5GB", 1_500_000_000),
     ("800MiB", 800 * 2**20), ("1GiB", 2**30), ("3 kB", 3000), (" 2 GiB ", 2 * 2**30),
-    ("1.5G", int(1.5 * 2**30)), (2e9, 2_000_000_000), ("512b", 512),
+    ("1.5G", int(1.5 * 2**30)), (2e9, 2_000_000_000), ("512b", 512), ("1.5gb", 1_500_000_000),
+    ("1.3MiB", 1363148),  # 1363148.8: a larger unit rounds down to whole bytes (a budget is a ceiling)
+    ("1.001kB", 1001), ("4.1MB", 4_100_000),  # decimal arithmetic: in floats 1.001 * 1000 is 1000.99...
+    (".5 GiB", 2**29), ("+2GB", 2_000_000_000), (np.int64(4096), 4096), (np.float64(4096.0), 4096),
 ])
 def test_parse_budget_bytes(text: object, expected: int) -> None:
-    assert parse_budget(text) == expected
+    got = parse_budget(text)
+    assert got == expected and type(got) is int
 
 
 @pytest.mark.parametrize("bad", ["", "lots", "1.5XB", "-3GB", "0", "galore:", "galore:x", "%", True, 1.5,
-                                 None, "25%%"])
+                                 None, "25%%",
+                                 # no unit: "1.5" used to read as 1 byte, "2e9" and "123456" as bytes
+                                 "1.5", "2e9", "123456", " 7 ",
+                                 "0GB", "-1.5GiB", "nan", "nanGB", "inf GB", "-inf", "0.5B", "1.5B", "0.0001kB",
+                                 "1e999999999GB", "16777217TiB", "galore:0", "0%", "-5%", "1e400%",
+                                 0, -1, 0.0, 0.5, float("nan"), float("inf"), 2**40 + 0.5 - 0.25, [1]])
 def test_parse_budget_rejects_with_the_input_named(bad: object) -> None:
     with pytest.raises(ValueError, match=repr(bad).replace("(", r"\(").replace("[", r"\[")
                        .replace(".", r"\.").replace("%", "%").replace("*", r"\*")):
         parse_budget(bad, _model())
+
+
+@pytest.mark.parametrize("bad,why", [
+    ("1.5", "no unit (a bare number is ambiguous: bytes? GB?); write e.g. '1.5GB' or '1.5GiB'"),
+    ("2XB", "unknown unit 'XB'"), ("-3GB", "the size must be positive"), ("0GB", "the size must be positive"),
+    ("nan GB", "the size must be a finite number"), ("1.5B", "a fractional number of bytes"),
+    (1.5, "a fractional number of bytes"), (float("nan"), "the number of bytes must be finite and >= 1"),
+    (0, "the number of bytes must be >= 1"), ("galore:0", "the GaLore rank must be >= 1"),
+    ("0%", "the fraction must be a positive, finite percentage"),
+])
+def test_bad_budgets_say_why_and_list_the_accepted_forms(bad: object, why: str) -> None:
+    model = _model()
+    with pytest.raises(ValueError) as err:
+        sl.plan(model, budget=bad)
+    message = str(err.value)
+    assert message.startswith(f"cannot parse budget {bad!r}: {why}"), message
+    for form in ("an int of bytes", "'1.5GB'", "'800MiB'", "'512B'", "'25%'", "'galore:RANK'", "'adam-mini'",
+                 "KiB/MiB/GiB/TiB or K/M/G/T (powers of 1024)", "kB/MB/GB/TB (powers of 1000)"):
+        assert form in message, (form, message)
+
+
+def test_a_bare_number_string_is_not_bytes() -> None:
+    # a whole number of bytes is an int (or a string with B); a bare string is refused, not read as bytes
+    model = _model()
+    assert sl.plan(model, budget="10GB").preset.name == "full-32"
+    with pytest.raises(ValueError, match="no unit"):
+        sl.plan(model, budget="10")
+    assert parse_budget(10**10) == parse_budget("10GB") == parse_budget("10000000000B") == 10**10
 
 
 def test_relative_budgets_need_a_model() -> None:

@@ -46,18 +46,35 @@ def _parse_lr_for(items: list[str], names: list[str]) -> dict[str, float]:
         if name not in names:
             raise UsageError(f"--lr-for {item!r}: {name!r} is not among the compared optimizers ({', '.join(names)})")
         try:
-            out[name] = float(value)
+            lr = float(value)
         except ValueError:
             raise UsageError(f"--lr-for {item!r}: {value!r} is not a number") from None
+        if not (math.isfinite(lr) and lr > 0):  # caught here, not as one failed run among the others
+            raise UsageError(f"--lr-for {item!r}: the learning rate must be a positive number")
+        out[name] = lr
     return out
 
 
 def _select(spec_text: str | None, default: tuple[str, ...] = DEFAULT_SET) -> list[str]:
-    names = [n.strip() for n in spec_text.split(",") if n.strip()] if spec_text else list(default)
+    """The optimizers of ``--optimizers`` (None: not given, ``default``), duplicates dropped.
+
+    Only a missing flag means the default set: an empty or blank value, or an empty name in the
+    list (``adamw,,spam``, a trailing comma), is most likely a shell variable that expanded to
+    nothing, and running the six defaults for it would silently spend the time on other runs.
+    """
     valid = OPTIMIZER_NAMES + (SPARSE,)
+    choose = f"choose from {', '.join(valid)} (comma-separated)"
+    if spec_text is None:
+        return list(default)
+    if not spec_text.strip():
+        raise UsageError(f"--optimizers {spec_text!r} names no optimizer; {choose}, or leave out --optimizers "
+                         f"for the default set {','.join(default)}")
+    names = [n.strip() for n in spec_text.split(",")]
+    if "" in names:
+        raise UsageError(f"--optimizers {spec_text!r}: empty name at position {names.index('') + 1}; {choose}")
     bad = [n for n in names if n not in valid]
-    if bad or not names:
-        raise UsageError(f"unknown optimizer(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(valid)}")
+    if bad:
+        raise UsageError(f"--optimizers {spec_text!r}: unknown optimizer(s) {', '.join(map(repr, bad))}; {choose}")
     return list(dict.fromkeys(names))
 
 

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -103,19 +103,104 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _save_checkpoint(path: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
                      sched: Any, device: torch.device, config: dict[str, Any], batches_done: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": 1, "step": step, "batches_consumed": batches_done, "config": config,
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": _rng_state(device)}, tmp)
+    with open(tmp, "wb") as fh:
+        torch.save({"format": 1, "step": step, "batches_consumed": batches_done, "config": config,
+                    "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "rng": _rng_state(device)}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())  # on disk before the rename: a power loss leaves the old or the new file
     os.replace(tmp, path)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the records up to ``step`` so a resumed run's file equals an uninterrupted one."""
+class _Metrics(NamedTuple):
+    """What :func:`_read_metrics` found in ``metrics.jsonl``."""
+
+    lines: list[bytes]  # the complete records kept, without their newline
+    torn: str | None  # description of a torn last line that was dropped, or None
+    train_seconds: float  # sum of the kept train records' "seconds"
+    train_steps: list[int]  # steps of the kept train records
+
+
+def _read_metrics(path: Path, step: int | None) -> _Metrics:
+    """The records of ``path`` up to ``step`` (all if None), so that a resumed run's file equals an
+    uninterrupted one. Reads only; raises UsageError (nothing written).
+
+    A last line that is not a complete JSON record is dropped: a power loss (or a full disk)
+    during an append leaves such a partial line, and its step is re-run from the checkpoint
+    anyway. A bad line anywhere else is damage we cannot explain that way, so it is an error
+    naming the file and line instead of a guess.
+    """
     if not path.exists():
-        return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        return _Metrics([], None, 0.0, [])
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from exc
+    # bytes, not text: a torn write can end inside a multi-byte character or in zero fill
+    numbered = [(n, line) for n, line in enumerate(raw.split(b"\n"), start=1) if line.strip()]
+    kept: list[bytes] = []
+    torn: str | None = None
+    seconds, steps = 0.0, []
+    for i, (n, line) in enumerate(numbered):
+        record = _parse_record(line)
+        if isinstance(record, str):
+            preview = line[:60].decode("utf-8", errors="replace") + ("..." if len(line) > 60 else "")
+            if i == len(numbered) - 1:
+                torn = f"line {n}, {len(line)} bytes: {preview!r}"
+                break
+            raise UsageError(f"{path}: line {n} of {numbered[-1][0]} is damaged ({record}: {preview!r}); only a "
+                             "torn last line is repaired on --resume. Remove or fix that line, or start the "
+                             "run again with --overwrite")
+        if step is not None and record.get("step", 0) > step:
+            continue
+        kept.append(line)
+        if record.get("type") == "train":
+            seconds += float(record.get("seconds", 0.0))
+            steps.append(record["step"])
+    return _Metrics(kept, torn, seconds, steps)
+
+
+def _parse_record(line: bytes) -> dict[str, Any] | str:
+    """One metrics record, or why ``line`` is not one."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return str(exc)
+    if not isinstance(record, dict) or not isinstance(record.get("step", 0), int):
+        return "not a metrics record (a JSON object with an integer step)"
+    return record
+
+
+def _write_metrics(path: Path, lines: list[bytes]) -> None:
+    """Replace ``path`` by ``lines`` through a temporary file and an atomic rename, so that a
+    second interruption during the repair cannot lose the records kept."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(b"".join(line + b"\n" for line in lines))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _repair_metrics(path: Path, metrics: _Metrics, log: Callable[[str], None]) -> None:
+    """Write the kept records back (dropping a torn last line) and warn about what was lost."""
+    if path.exists():
+        _write_metrics(path, metrics.lines)
+    if metrics.torn is not None:
+        log(f"warning: {path}: dropped a torn last line ({metrics.torn}), left by an interrupted write; "
+            "the file now ends at its last complete record")
+
+
+def _finished_summary(path: Path, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The summary of a finished run in its folder, or None (no such file, unreadable, unfinished)."""
+    if not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log(f"warning: cannot read {path} ({exc}); it will be written again")
+        return None
+    return summary if isinstance(summary, dict) and summary.get("finished") is True else None
 
 
 def _warm_up(device: torch.device) -> None:
@@ -214,6 +299,11 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool 
 
     Every input check happens before the first write to ``out``. ``threads`` sets torch's CPU
     threads; bit-exact resume needs the same count (it changes the order of float reductions).
+    ``stop_after`` (>= 1) is an update number of the whole run, not of this call.
+
+    Resuming a run whose ``summary.json`` says it finished (or diverged) trains nothing and
+    returns that summary unchanged. A torn last line of ``metrics.jsonl`` is dropped with a
+    warning; a damaged line before it is a UsageError naming the file and line.
     """
     wall0 = time.perf_counter()
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -221,6 +311,8 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool 
         if threads <= 0:
             raise UsageError(f"--threads must be > 0, got {threads}")
         torch.set_num_threads(threads)
+    if stop_after is not None and stop_after < 1:  # 0 or less used to run one update anyway
+        raise UsageError(f"--stop-after must be >= 1, got {stop_after}")
     spec = get_spec(cfg.model)
     cfg.validate(spec.max_positions)
     device = resolve_device(cfg.device)
@@ -232,6 +324,23 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool 
     docs = D.load_documents(cfg.data or None)
     config = {**cfg.to_dict(), "corpus_sha256": D.corpus_sha256(docs[0])}
     mode = check_run_dir(out, config, resume=resume, overwrite=overwrite)
+    metrics_path = out / "metrics.jsonl"
+    if mode == "resume":
+        done = _finished_summary(out / "summary.json", log)
+        if done is not None:
+            # Nothing left to train: re-running the tail would only rewrite summary.json with this
+            # process's timings (zero training time, no throughput) over the real ones.
+            try:
+                previous = _read_metrics(metrics_path, None)
+            except UsageError as exc:  # nothing will be appended: report it, but it blocks nothing
+                log(f"warning: {exc}")
+            else:
+                if previous.torn is not None:
+                    _repair_metrics(metrics_path, previous, log)
+            how = "diverged" if done.get("diverged") else "finished"
+            log(f"run in {out} already {how} ({done.get('steps')} of {cfg.steps} steps); its summary.json "
+                "is kept as it is, nothing to do")
+            return done
     corpus = D.prepare_corpus(cfg.data or None, cfg.vocab_size, cache_dir or out / "cache", loaded=docs)
     stream = D.BatchStream(D.pack(corpus.train_tokens, cfg.seq_len), cfg.batch_size, cfg.seed)
     held = D.eval_batches(D.pack(corpus.eval_tokens, cfg.seq_len), cfg.batch_size, cfg.eval_batches)
@@ -266,8 +375,12 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool 
         except Exception as exc:  # damaged or foreign file: say so instead of a traceback
             raise UsageError(f"cannot resume from {ckpt_path}: {type(exc).__name__}: {exc}") from exc
         del ckpt
-        if start >= cfg.steps:
-            log(f"run in {out} already finished ({start} steps)")
+        if start >= cfg.steps:  # finished, but its summary.json was lost: written again below
+            log(f"run in {out} already finished ({start} steps); writing its missing summary.json")
+    if stop_after is not None and start < cfg.steps and start >= stop_after:
+        raise UsageError(f"--stop-after {stop_after}: the run in {out} is already at step {start}; give a "
+                         f"larger value, or drop --stop-after to train to step {cfg.steps}")
+    previous = _read_metrics(metrics_path, start) if mode == "resume" else _Metrics([], None, 0.0, [])
 
     # ---- from here on we write
     out.mkdir(parents=True, exist_ok=True)
@@ -277,8 +390,12 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool 
     corpus.save_cache()
     if mode != "resume":
         write_json(out / "config.json", config)
-    metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start)
+    if mode == "resume":
+        _repair_metrics(metrics_path, previous, log)
+        missing = sorted(set(range(1, start + 1)) - set(previous.train_steps))
+        if missing:  # e.g. records not yet on disk at a power loss, from a run without fsync
+            log(f"warning: {metrics_path} has no train records for {len(missing)} of the {start} checkpointed "
+                f"steps (steps {missing[0]}..{missing[-1]}); training continues from the checkpoint")
     n_params = count_parameters(model)
     log(f"[{cfg.optimizer}] {cfg.model} model, {n_params / 1e6:.2f}M parameters, vocab {corpus.vocab_size}, "
         f"{len(stream.chunks)} train / {sum(len(b) for b in held)} eval sequences of {cfg.seq_len} tokens; "
@@ -290,7 +407,9 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool 
             f"{quant['group_size']}, {quant['storage']} weight storage")
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
-    train_time, trained_steps, eval_loss, diverged = 0.0, 0, float("nan"), False
+    # training time of the whole run: the earlier sessions' steps (from their metrics) plus this one's
+    train_time, trained_steps = previous.train_seconds, len(previous.train_steps)
+    eval_loss, diverged = float("nan"), False
     eval_step, eval_tokens = -1, 0
     from tqdm import tqdm
 
@@ -339,6 +458,9 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool 
                 log(f"[{cfg.optimizer}] training diverged at step {step} (loss {train_loss})")
                 break
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stopping:
+                # the records up to this step reach the disk before the checkpoint that covers them,
+                # so a power loss can only tear records after the checkpoint (re-run on --resume)
+                os.fsync(metrics.fileno())
                 _save_checkpoint(ckpt_path, step, model, opt, sched, device, config, step * cfg.grad_accum)
             if stopping and step < cfg.steps:
                 break

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import inspect
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -145,24 +144,20 @@ def build_optimizer(name: str, model: torch.nn.Module, spec: ModelSpec, *, lr: f
     return opt
 
 
-_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4,
-          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
-          "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
-
-
 def parse_budget(text: str) -> int:
-    """Bytes from ``"2GiB"``, ``"1.5G"``, ``"800MB"``, ``"123456"``.
+    """Bytes from a size with its unit: ``"2GiB"``, ``"1.5G"``, ``"800MB"``, ``"123456B"``.
 
-    K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024; KB/MB/GB/TB powers of 1000; no unit is bytes.
+    The grammar of :func:`spam_lowmem.plan`'s absolute budgets (one set of units for both):
+    K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024, kB/MB/GB/TB powers of 1000, B bytes. A
+    number without a unit is refused: ``--budget 1.5`` is far more likely GB than 1 byte.
     """
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).lower() if match else ""
-    if not match or unit not in _UNITS:
-        raise UsageError(f"cannot parse --budget {text!r}; use a size such as 2GiB, 800MB or 1.5G")
-    value = int(float(match.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise UsageError(f"--budget must be positive, got {text!r}")
-    return value
+    from ..plan import SIZE_UNITS, _size_bytes
+
+    try:
+        return _size_bytes(text)
+    except ValueError as exc:
+        raise UsageError(f"cannot parse --budget {text!r}: {exc}; use a size with its unit such as 2GiB, "
+                         f"800MB, 1.5G or 123456B (units {SIZE_UNITS})") from None
 
 
 def planned_kwargs(model: torch.nn.Module, budget: int, optimizer: str = "spam") -> dict[str, Any]:
