@@ -229,7 +229,10 @@ def test_train_4bit_smoke(fmt: str, storage: str, corpus: Path, cache: Path, tmp
             config["quant_group_size"]) == (4, fmt, storage, 256)
     state = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
     key = "model.layers.0.self_attn.q_proj.weight"
-    assert (key in state) == (storage == "fake") and (key + "_codes" in state) == (storage == "packed")
+    assert (key + "_codes" in state) == (storage == "packed")
+    # fake storage keeps the full weight; packed storage keeps an empty placeholder under the
+    # same key, so that a plain Linear / from_pretrained load of it fails loudly
+    assert (state[key].numel() == 0) == (storage == "packed")
 
 
 def test_train_16bit_config_and_group_fallback(corpus: Path, cache: Path, tmp_path: Path) -> None:
