@@ -150,8 +150,9 @@ def test_parse_budget() -> None:
     assert parse_budget("2GiB") == 2 * 1024**3
     assert parse_budget("1.5G") == int(1.5 * 1024**3)
     assert parse_budget("800MB") == 800 * 1000**2
-    assert parse_budget(" 4096 ") == 4096
-    for bad in ("", "lots", "2 parsecs", "-1G", "0", "1.2.3G"):
+    assert parse_budget(" 4096B ") == 4096
+    # a bare number is refused: "--budget 1.5" is far more likely GB than 1 byte
+    for bad in ("", "lots", "2 parsecs", "-1G", "0", "1.2.3G", " 4096 ", "1.5"):
         with pytest.raises(UsageError, match="budget"):
             parse_budget(bad)
 

@@ -93,7 +93,8 @@ def check_plain_tensor(what: str, t: torch.Tensor) -> None:
     DTensor holds only its local shard; a ``__torch_dispatch__`` wrapper often has none), so
     stepping one can crash the process instead of raising."""
     if type(t) not in PLAIN_TENSOR_TYPES:
-        raise TypeError(f"spam_lowmem: {what} is a {torch.typename(t)}, a torch.Tensor subclass; only "
+        kind = f"{type(t).__module__}.{type(t).__qualname__}"
+        raise TypeError(f"spam_lowmem: {what} is a {kind}, a torch.Tensor subclass; only "
                         "plain torch.Tensor / torch.nn.Parameter are supported. Distributed tensors "
                         "(DTensor from FSDP2 fully_shard or tensor parallelism) are not supported yet; "
                         "DDP, whose parameters are plain tensors, is")

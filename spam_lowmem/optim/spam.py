@@ -224,8 +224,9 @@ class SPAM(SpikeAwareOptimizer):
     @staticmethod
     def _restored_generator(gen_state: Any) -> torch.Generator:
         if not isinstance(gen_state, torch.Tensor):
-            raise ValueError(  # noqa: TRY004 (load errors are ValueErrors)f"loaded 'subset_generator' is a {type(gen_state).__name__}, not the "
-                             "uint8 state tensor of a torch.Generator")
+            raise ValueError(  # noqa: TRY004 (load errors are ValueErrors)
+                f"loaded 'subset_generator' is a {type(gen_state).__name__}, not the uint8 state "
+                "tensor of a torch.Generator")
         gen = torch.Generator()
         try:
             gen.set_state(gen_state.to(dtype=torch.uint8, device="cpu"))
