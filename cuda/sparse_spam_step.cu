@@ -86,7 +86,7 @@ __device__ __forceinline__ void sparse_block(const SparseSlot& t, int64_t c, con
   if (!read_rule(t, rule)) return;
   const int lane = threadIdx.x % kWarpSize;
   const unsigned lower_lanes = (1u << lane) - 1u;
-  const int64_t blocks = (t.compact + kQuantBlock - 1) / kQuantBlock;
+  const int64_t blocks = num_blocks(t.compact);
   const int64_t j0 = c * kQuantBlock;
   const int n = static_cast<int>(min(kQuantBlock, t.compact - j0));
   // Clamped, so arbitrary block starts can only mis-assign entries, never leave the tensor.
@@ -222,7 +222,7 @@ void launch_sparse_group(const std::vector<CudaSparseSpamTensor>& tensors,
   };
   for (const int i : order) {
     const CudaSparseSpamTensor& t = tensors[i];
-    const int64_t blocks = (t.compact + kQuantBlock - 1) / kQuantBlock;
+    const int64_t blocks = num_blocks(t.compact);
     if (blocks == 0) continue;
     SparseSlot& s = args.slot[args.n_slots++];
     s.param = t.param.data;

@@ -25,7 +25,7 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from . import _backend
-from .qmap import BLOCK_SIZE, quant_map
+from .qmap import num_blocks, quant_map
 from .quant4 import PackedWeight
 
 __all__ = ["MomentReset", "PackedStep", "spam_step", "sparse_spam_step", "stable_spam_step", "adamw_step", "quantize_blockwise",
@@ -227,7 +227,7 @@ def quantize_blockwise(x: torch.Tensor, *, signed: bool = True) -> tuple[torch.T
     """
     _check_quant_input(x)
     src = x.detach().contiguous()
-    blocks = (src.numel() + BLOCK_SIZE - 1) // BLOCK_SIZE
+    blocks = num_blocks(src.numel())
     codes = torch.empty(src.numel(), dtype=torch.uint8, device=src.device)
     absmax = torch.empty(blocks, dtype=torch.float32, device=src.device)
     kw = {"stream": torch.cuda.current_stream(src.device).cuda_stream} if src.is_cuda else {}
@@ -241,7 +241,7 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, *, signed: b
     """Inverse of :func:`quantize_blockwise`: a flat tensor of ``codes.numel()`` values."""
     if codes.dtype != torch.uint8:
         raise TypeError(f"dequantize_blockwise: codes must be uint8, got {codes.dtype}")
-    if absmax.dtype != torch.float32 or absmax.numel() != (codes.numel() + BLOCK_SIZE - 1) // BLOCK_SIZE:
+    if absmax.dtype != torch.float32 or absmax.numel() != num_blocks(codes.numel()):
         raise ValueError("dequantize_blockwise: absmax must be float32 with one entry per 256 codes")
     out = torch.empty(codes.numel(), dtype=dtype, device=codes.device)
     kw = {"stream": torch.cuda.current_stream(codes.device).cuda_stream} if codes.is_cuda else {}

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .qmap import BLOCK_SIZE
+from .qmap import num_blocks
 from .sparse import DEFAULT_TARGETS, _target_linears, sparse_param_groups
 
 __all__ = ["PRESETS", "Plan", "Preset", "format_bytes", "parse_budget", "plan", "predict_param_bytes"]
@@ -241,7 +241,7 @@ def parse_budget(budget: Any, model: nn.Module | None = None) -> int:
 # ---------------------------------------------------------------------------------- prediction
 def _moment_bytes(count: int, quantized: bool, element_size: int) -> int:
     if quantized:
-        return 2 * count + 2 * 4 * ((count + BLOCK_SIZE - 1) // BLOCK_SIZE)
+        return 2 * count + 2 * 4 * (num_blocks(count))
     return 2 * count * element_size
 
 
@@ -262,7 +262,7 @@ def predict_param_bytes(p: torch.Tensor, *, state_bits: int = 32, density: float
     quantized = state_bits == 8 and numel >= min_8bit_size
     if density < 1.0:
         k = math.floor(density * numel)  # as sparse_subset.exact_rule
-        blocks = (k + BLOCK_SIZE - 1) // BLOCK_SIZE
+        blocks = num_blocks(k)
         total = _moment_bytes(k, quantized, element_size) + _SUBSET_RULE_BYTES + 8 * blocks
     else:
         total = _moment_bytes(numel, quantized, element_size)

@@ -35,9 +35,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["QuantMap", "dynamic_map", "quant_map", "BLOCK_SIZE", "BUCKETS", "V_FLOOR"]
+__all__ = ["QuantMap", "dynamic_map", "quant_map", "BLOCK_SIZE", "BUCKETS", "num_blocks", "V_FLOOR"]
 
 BLOCK_SIZE = 256
+
+
+def num_blocks(n: int) -> int:
+    """Blocks of :data:`BLOCK_SIZE` covering ``n`` elements (one absmax each; the last may be partial)."""
+    return -(-n // BLOCK_SIZE)
+
+
 BUCKET_BASE = (127 - 24) << 8  # float bits of 2^-24, >> 15 (sign, 8 exponent, 8 mantissa bits)
 BUCKETS = 24 * 256 + 1
 #: the smallest value of the unsigned (second-moment) map, which has no zero (see above)

@@ -115,7 +115,7 @@ class SameDevice {
 inline Quant8Moments convert_q8_moments(const nb::ndarray<>& m_codes, const nb::ndarray<>& v_codes,
                                         const nb::ndarray<>& m_absmax, const nb::ndarray<>& v_absmax,
                                         int64_t count, int device_type, SameDevice& dev, size_t i) {
-  const int64_t blocks = (count + kQuantBlock - 1) / kQuantBlock;
+  const int64_t blocks = num_blocks(count);
   auto codes = [&](const nb::ndarray<>& a, const char* what) {
     uint8_t* ptr = typed_buffer<uint8_t>(a, device_type, count, describe(what, i));
     if (static_cast<int64_t>(a.size()) != count)

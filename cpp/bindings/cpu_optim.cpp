@@ -127,7 +127,7 @@ void adamw_step(const ArrayList& params, const ArrayList& grads, const ArrayList
 void quantize_blockwise(const nb::ndarray<>& x, const nb::ndarray<>& codes,
                         const nb::ndarray<>& absmax, const ArrayList& map) {
   const spam::TensorRef ref = float_ref(x, kCpu, "x");
-  const int64_t blocks = (ref.numel + spam::kQuantBlock - 1) / spam::kQuantBlock;
+  const int64_t blocks = spam::num_blocks(ref.numel);
   uint8_t* c = typed_buffer<uint8_t>(codes, kCpu, ref.numel, "codes");
   float* a = typed_buffer<float>(absmax, kCpu, blocks, "absmax");
   const spam::QuantMap q = convert_map(map, kCpu, "map");
@@ -138,7 +138,7 @@ void quantize_blockwise(const nb::ndarray<>& x, const nb::ndarray<>& codes,
 void dequantize_blockwise(const nb::ndarray<>& codes, const nb::ndarray<>& absmax,
                           const nb::ndarray<>& out, const ArrayList& map) {
   const spam::TensorRef ref = float_ref(out, kCpu, "out");
-  const int64_t blocks = (ref.numel + spam::kQuantBlock - 1) / spam::kQuantBlock;
+  const int64_t blocks = spam::num_blocks(ref.numel);
   const uint8_t* c = typed_buffer<uint8_t>(codes, kCpu, ref.numel, "codes");
   const float* a = typed_buffer<float>(absmax, kCpu, blocks, "absmax");
   const spam::QuantMap q = convert_map(map, kCpu, "map");

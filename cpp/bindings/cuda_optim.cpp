@@ -165,7 +165,7 @@ void quantize_blockwise(const nb::ndarray<>& x, const nb::ndarray<>& codes,
   SameDevice dev;
   const spam::TensorRef ref = float_ref(x, kCuda, "x");
   dev.check(x, "x");
-  const int64_t blocks = (ref.numel + spam::kQuantBlock - 1) / spam::kQuantBlock;
+  const int64_t blocks = spam::num_blocks(ref.numel);
   uint8_t* c = typed_buffer<uint8_t>(codes, kCuda, ref.numel, "codes");
   dev.check(codes, "codes");
   float* a = typed_buffer<float>(absmax, kCuda, blocks, "absmax");
@@ -181,7 +181,7 @@ void dequantize_blockwise(const nb::ndarray<>& codes, const nb::ndarray<>& absma
   SameDevice dev;
   const spam::TensorRef ref = float_ref(out, kCuda, "out");
   dev.check(out, "out");
-  const int64_t blocks = (ref.numel + spam::kQuantBlock - 1) / spam::kQuantBlock;
+  const int64_t blocks = spam::num_blocks(ref.numel);
   const uint8_t* c = typed_buffer<uint8_t>(codes, kCuda, ref.numel, "codes");
   dev.check(codes, "codes");
   const float* a = typed_buffer<float>(absmax, kCuda, blocks, "absmax");

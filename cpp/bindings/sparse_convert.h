@@ -54,7 +54,7 @@ inline std::vector<SparseBuffers> convert_sparse_buffers(
     const int64_t k = static_cast<int64_t>(exp_avgs[i].size());
     if (k > t.param.numel)
       throw nb::value_error((describe("exp_avgs", i) + ": more compact values than elements").c_str());
-    const int64_t blocks = (k + kQuantBlock - 1) / kQuantBlock;
+    const int64_t blocks = num_blocks(k);
     t.compact = k;
     t.block_starts = typed_buffer<int64_t>(block_starts[i], device_type, blocks, describe("block_starts", i));
     dev.check(block_starts[i], describe("block_starts", i));

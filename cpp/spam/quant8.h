@@ -50,6 +50,8 @@
 namespace spam {
 
 constexpr int64_t kQuantBlock = 256;
+// Blocks of kQuantBlock covering n elements (the last one may be partial): one absmax each.
+SPAM_HD constexpr int64_t num_blocks(int64_t n) { return (n + kQuantBlock - 1) / kQuantBlock; }
 constexpr int kQuantCodes = 256;
 // Buckets cover |x| in [2^-24, 1]; everything below 2^-24 shares bucket 0 (all maps have no
 // midpoint below 1e-7), everything above 1 (only NaN after normalisation) the last one.

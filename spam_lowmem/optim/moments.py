@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..qmap import BLOCK_SIZE, quant_map
+from ..qmap import num_blocks, quant_map
 
 __all__ = ["DENSE_KEYS", "QUANT_KEYS", "FP32_KEYS", "INDEX_KEYS", "init_moments", "init_compact_moments", "is_quantized", "moment_args",
            "dequantized_moments", "state_bytes"]
@@ -40,7 +40,7 @@ def init_moments(p: torch.Tensor, state: dict[str, Any], quantized: bool) -> Non
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return
-    blocks = (p.numel() + BLOCK_SIZE - 1) // BLOCK_SIZE
+    blocks = num_blocks(p.numel())
     for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
         zero = quant_map(signed).zero_code
         state[f"{key}_codes"] = torch.full((p.numel(),), zero, dtype=torch.uint8, device=p.device)
@@ -56,7 +56,7 @@ def init_compact_moments(p: torch.Tensor, state: dict[str, Any], compact: int, q
         state["exp_avg"] = torch.zeros(compact, dtype=p.dtype, device=p.device)
         state["exp_avg_sq"] = torch.zeros(compact, dtype=p.dtype, device=p.device)
         return
-    blocks = (compact + BLOCK_SIZE - 1) // BLOCK_SIZE
+    blocks = num_blocks(compact)
     for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
         zero = quant_map(signed).zero_code
         state[f"{key}_codes"] = torch.full((compact,), zero, dtype=torch.uint8, device=p.device)

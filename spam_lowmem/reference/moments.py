@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from spam_lowmem.qmap import BLOCK_SIZE, quant_map
+from spam_lowmem.qmap import BLOCK_SIZE, num_blocks, quant_map
 
 __all__ = ["init_moments", "init_compact_moments", "load_moments", "store_moments", "quantize_blocks",
            "dequantize_blocks"]
@@ -27,7 +27,7 @@ def init_moments(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Non
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return
-    blocks = (p.numel() + BLOCK_SIZE - 1) // BLOCK_SIZE
+    blocks = num_blocks(p.numel())
     for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
         state[f"{key}_codes"] = torch.full((p.numel(),), quant_map(signed).zero_code,
                                            dtype=torch.uint8, device=p.device)
@@ -43,7 +43,7 @@ def init_compact_moments(p: Tensor, state: dict[str, Any], group: dict[str, Any]
         state["exp_avg"] = torch.zeros(compact, dtype=p.dtype, device=p.device)
         state["exp_avg_sq"] = torch.zeros(compact, dtype=p.dtype, device=p.device)
         return
-    blocks = (compact + BLOCK_SIZE - 1) // BLOCK_SIZE
+    blocks = num_blocks(compact)
     for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
         state[f"{key}_codes"] = torch.full((compact,), quant_map(signed).zero_code,
                                            dtype=torch.uint8, device=p.device)

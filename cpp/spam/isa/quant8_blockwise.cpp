@@ -15,7 +15,7 @@ namespace spam {
 namespace SPAM_CPU_ISA {
 
 void cpu_quantize_blockwise(const TensorRef& x, uint8_t* codes, float* absmax, const QuantMap& map) {
-  const int64_t n_blocks = (x.numel + kQuantBlock - 1) / kQuantBlock;
+  const int64_t n_blocks = num_blocks(x.numel);
   dispatch_dtype(x.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T* __restrict src = static_cast<const T*>(x.data);
@@ -41,7 +41,7 @@ void cpu_dequantize_blockwise(const uint8_t* codes, const float* absmax, const T
   dispatch_dtype(out.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* __restrict dst = static_cast<T*>(out.data);
-    const int64_t n_blocks = (out.numel + kQuantBlock - 1) / kQuantBlock;
+    const int64_t n_blocks = num_blocks(out.numel);
 #pragma omp parallel for schedule(static) if (out.numel >= kCpuParallelMin)
     for (int64_t b = 0; b < n_blocks; ++b) {
       const int64_t begin = b * kQuantBlock;

@@ -201,7 +201,7 @@ void cpu_sparse_spam_step(const std::vector<SparseSpamTensor>& tensors, const Sp
   int64_t walked = 0;
   for (size_t ti = 0; ti < tensors.size(); ++ti) {
     const SparseSpamTensor& t = tensors[ti];
-    const int64_t blocks = (t.compact + kQuantBlock - 1) / kQuantBlock;
+    const int64_t blocks = num_blocks(t.compact);
     if (blocks == 0) continue;
     walked += t.param.numel;
     const int64_t per_run = std::max<int64_t>(
