@@ -9,6 +9,8 @@ import io
 import math
 import pickle
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -579,7 +581,20 @@ def test_ranks_draw_the_same_subsets_without_a_seed(tmp_path: Path) -> None:
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available():
         pytest.skip("needs torch.distributed")
-    torch.multiprocessing.spawn(_rank_subsets, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    # Two real processes. Not torch.multiprocessing.spawn: its children unpickle _rank_subsets by
+    # module name, and this file is no importable module under pytest's importlib mode. Each
+    # child loads this file by path and runs in tmp_path, so a source checkout in the working
+    # directory cannot shadow the installed package.
+    port = _free_port()
+    loader = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('robustness', sys.argv[1]); "
+              "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod); "
+              "mod._rank_subsets(int(sys.argv[2]), 2, int(sys.argv[3]), sys.argv[4])")
+    ranks = [subprocess.Popen([sys.executable, "-c", loader, __file__, str(rank), str(port), str(tmp_path)],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(2)]
+    for rank, proc in enumerate(ranks):
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"rank {rank} failed:\n{out}"
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     for a, b in zip(r0["rules"], r1["rules"]):
         assert torch.equal(a, b)
