@@ -6,7 +6,7 @@
 // differ only through its reductions; AdamW has none).
 #include <cmath>
 
-#include "../cpp/spam/cpu_chunks.h"  // dispatch_dtype
+#include "../cpp/spam/dtype_dispatch.h"
 #include "../cpp/spam/cuda_api.h"
 #include "../cpp/spam/half.h"
 #include "../cpp/spam/math.h"

@@ -11,8 +11,8 @@
 #include <vector>
 
 #include "../cpp/spam/common.h"
-#include "../cpp/spam/cpu_ops.h"
 #include "../cpp/spam/math.h"
+#include "../cpp/spam/step_tensors.h"
 #include "common.cuh"
 
 namespace spam::cuda {

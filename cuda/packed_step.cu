@@ -12,7 +12,7 @@
 // Recomputing costs one more read of g, m, v per element but needs no scratch whatever the
 // group size. A group whose targets are not all finite keeps its codes (moments are still
 // written, as in the unfused path) and is counted in *bad_groups.
-#include "../cpp/spam/cpu_chunks.h"  // dispatch_dtype
+#include "../cpp/spam/dtype_dispatch.h"
 #include "../cpp/spam/half.h"
 #include "../cpp/spam/quant4.h"
 #include "packed_step.cuh"

@@ -1,5 +1,5 @@
 // packed_step.cuh — the fused optimizer step of packed 4-bit weights on CUDA (PackedParam,
-// cpp/spam/cpu_ops.h; CPU twin: cpp/spam/isa/packed_loop.h). Launchers for the SPAM element
+// cpp/spam/step_tensors.h; CPU twin: cpp/spam/isa/packed_loop.h). Launchers for the SPAM element
 // and for the Adam-family element (AdamW, and Stable-SPAM's phase 5 with the scalars its
 // phases 2 and 4 left in device scratch). One launch per packed tensor; the caller has made
 // the device current, nothing waits for the GPU.
@@ -7,8 +7,8 @@
 
 #include <cstdint>
 
-#include "../cpp/spam/cpu_ops.h"
 #include "../cpp/spam/math.h"
+#include "../cpp/spam/step_tensors.h"
 #include "adam_update.cuh"  // TensorState
 #include "common.cuh"
 

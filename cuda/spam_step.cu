@@ -9,7 +9,7 @@
 //
 // Tensors with dense moments and tensors with 8-bit blockwise moments (step8.cuh) may be
 // mixed in one call; each (dtype, moment kind) group gets its own multi-tensor launches.
-#include "../cpp/spam/cpu_chunks.h"  // dispatch_dtype: the one place a DType becomes a type
+#include "../cpp/spam/dtype_dispatch.h"
 #include "../cpp/spam/cuda_api.h"
 #include "../cpp/spam/half.h"
 #include "../cpp/spam/math.h"

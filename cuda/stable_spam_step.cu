@@ -24,7 +24,7 @@
 // has already folded them into TensorState::sum_sq, and stream order separates the phases.
 #include <cmath>
 
-#include "../cpp/spam/cpu_chunks.h"  // dispatch_dtype
+#include "../cpp/spam/dtype_dispatch.h"
 #include "../cpp/spam/cuda_api.h"
 #include "../cpp/spam/half.h"
 #include "../cpp/spam/math.h"

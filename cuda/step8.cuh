@@ -32,11 +32,11 @@
 #include <utility>
 #include <vector>
 
-#include "../cpp/spam/cpu_chunks.h"  // dispatch_dtype
-#include "../cpp/spam/cpu_ops.h"
+#include "../cpp/spam/dtype_dispatch.h"
 #include "../cpp/spam/half.h"
 #include "../cpp/spam/math.h"
 #include "../cpp/spam/quant8.h"
+#include "../cpp/spam/step_tensors.h"
 #include "common.cuh"
 #include "multi_tensor.cuh"
 
