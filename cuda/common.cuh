@@ -11,7 +11,7 @@
 #include <string>
 
 #include "../cpp/spam/common.h"
-#include "../cpp/spam/cpu_ops.h"  // Counters: the layout of the telemetry buffer
+#include "../cpp/spam/step_tensors.h"  // Counters: the layout of the telemetry buffer
 
 // Turns a CUDA error into spam::Error, which nanobind raises as a Python RuntimeError.
 // A sticky error left by an earlier asynchronous kernel also surfaces here.

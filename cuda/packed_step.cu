@@ -12,7 +12,7 @@
 // Recomputing costs one more read of g, m, v per element but needs no scratch whatever the
 // group size. A group whose targets are not all finite keeps its codes (moments are still
 // written, as in the unfused path) and is counted in *bad_groups.
-#include "../cpp/spam/cpu_chunks.h"  // dispatch_dtype
+#include "../cpp/spam/dtype_dispatch.h"
 #include "../cpp/spam/half.h"
 #include "../cpp/spam/quant4.h"
 #include "packed_step.cuh"
@@ -24,40 +24,6 @@ namespace {
 using namespace q4::warp;  // NOLINT: warp statistics (quant4_warp.cuh)
 constexpr int kWarpsPerBlock = kBlockThreads / kWarp;
 
-struct SpamElem {
-  SpamHyper h;
-  float scale;
-  __device__ __forceinline__ ElementFlags operator()(float& p, float g, float& m, float& v) const {
-    return spam_element(p, g, m, v, h, scale);
-  }
-};
-
-struct AdamElem {
-  StableAdamHyper h;
-  StableAdamTensor t;
-  StableTensorScalars s;
-  __device__ __forceinline__ ElementFlags operator()(float& p, float g, float& m, float& v) const {
-    return stable_spam_element(p, g, m, v, h, t, s);
-  }
-};
-
-// Builds the element functor inside the kernel (Stable-SPAM's scalars live on the device).
-struct SpamMaker {
-  SpamElem e;
-  __device__ __forceinline__ SpamElem make() const { return e; }
-};
-struct AdamMaker {
-  StableAdamHyper h;
-  StableAdamTensor t;
-  const TensorState* state;  // null: AdamW
-  int32_t index;
-  __device__ __forceinline__ AdamElem make() const {
-    const StableTensorScalars s =
-        state ? state[index].scalars : StableTensorScalars{INFINITY, 1.0f, 0.0f, 0.0f};
-    return AdamElem{h, t, s};
-  }
-};
-
 template <typename T>
 __device__ __forceinline__ float round_to(float x) {
   T t;
@@ -65,12 +31,13 @@ __device__ __forceinline__ float round_to(float x) {
   return Storage<T>::load(&t, 0);
 }
 
-template <typename T, typename Maker>
+template <typename T, typename Op>
 __global__ void __launch_bounds__(kBlockThreads)
     packed_step_kernel(const T* __restrict__ grad, T* __restrict__ m, T* __restrict__ v,
                        q4::Packed p, q4::Format fmt, int64_t numel, int64_t group, uint64_t key,
-                       int64_t* bad_groups, const Maker maker, int64_t* counters) {
-  const auto fn = maker.make();
+                       int64_t* bad_groups, const Op op, const typename Op::Extra extra,
+                       int64_t* counters) {
+  const auto fn = op.element(extra);
   const int64_t groups = numel / group;
   const int64_t stride = int64_t{gridDim.x} * kWarpsPerBlock;
   const int lane = lane_id();
@@ -171,9 +138,12 @@ int grid_for(int64_t groups) {
   return static_cast<int>(blocks < (int64_t{1} << 20) ? (blocks > 0 ? blocks : 1) : (int64_t{1} << 20));
 }
 
-template <typename Maker>
-void launch(const PackedParam& q, const TensorRef& grad, const TensorRef& exp_avg,
-            const TensorRef& exp_avg_sq, const Maker& maker, int64_t* counters, cudaStream_t stream) {
+}  // namespace
+
+template <typename Op>
+void launch_packed_step(const PackedParam& q, const TensorRef& grad, const TensorRef& exp_avg,
+                        const TensorRef& exp_avg_sq, const Op& op, const typename Op::Extra& extra,
+                        int64_t* counters, cudaStream_t stream) {
   SPAM_CHECK(q.group > 0 && q.group % 2 == 0 && grad.numel % q.group == 0,
              "packed weights need an even group size dividing numel");
   SPAM_CHECK(q.group <= (int64_t{1} << 30), "group size must be at most 2^30");
@@ -181,27 +151,20 @@ void launch(const PackedParam& q, const TensorRef& grad, const TensorRef& exp_av
   if (grad.numel == 0) return;
   dispatch_dtype(grad.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    packed_step_kernel<T, Maker><<<grid_for(grad.numel / q.group), kBlockThreads, 0, stream>>>(
+    packed_step_kernel<T, Op><<<grid_for(grad.numel / q.group), kBlockThreads, 0, stream>>>(
         static_cast<const T*>(grad.data), static_cast<T*>(exp_avg.data),
         static_cast<T*>(exp_avg_sq.data), q.buf, q.fmt, grad.numel, q.group, q.key, q.bad_groups,
-        maker, counters);
+        op, extra, counters);
   });
   check_launch();
 }
 
-}  // namespace
-
-void launch_packed_spam(const PackedParam& q, const TensorRef& grad, const TensorRef& exp_avg,
-                        const TensorRef& exp_avg_sq, const SpamHyper& hyper, float update_scale,
-                        int64_t* counters, cudaStream_t stream) {
-  launch(q, grad, exp_avg, exp_avg_sq, SpamMaker{SpamElem{hyper, update_scale}}, counters, stream);
-}
-
-void launch_packed_adam(const PackedParam& q, const TensorRef& grad, const TensorRef& exp_avg,
-                        const TensorRef& exp_avg_sq, const StableAdamHyper& hyper,
-                        const StableAdamTensor& adam, const TensorState* state, int32_t index,
-                        int64_t* counters, cudaStream_t stream) {
-  launch(q, grad, exp_avg, exp_avg_sq, AdamMaker{hyper, adam, state, index}, counters, stream);
-}
+// The ops of the CUDA steps (moment_step.cuh).
+template void launch_packed_step<SpamOp>(const PackedParam&, const TensorRef&, const TensorRef&,
+                                         const TensorRef&, const SpamOp&, const SpamExtra&,
+                                         int64_t*, cudaStream_t);
+template void launch_packed_step<AdamOp>(const PackedParam&, const TensorRef&, const TensorRef&,
+                                         const TensorRef&, const AdamOp&, const AdamExtra&,
+                                         int64_t*, cudaStream_t);
 
 }  // namespace spam::cuda

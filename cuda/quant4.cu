@@ -4,7 +4,7 @@
 // One warp per group: the 32 lanes stride over the group (coalesced), merge their statistics
 // with the warp butterflies of quant4_warp.cuh (exact, so CPU and GPU agree bit for bit), then
 // write. Scalar rules: cpp/spam/quant4.h.
-#include "../cpp/spam/cpu_chunks.h"  // dispatch_dtype
+#include "../cpp/spam/dtype_dispatch.h"
 #include "../cpp/spam/cuda_quant4_api.h"
 #include "../cpp/spam/half.h"
 #include "../cpp/spam/quant4.h"

@@ -8,7 +8,7 @@
 // indices with a capped grid, so any size launches the same small grid.
 #include <cmath>
 
-#include "../cpp/spam/cpu_chunks.h"  // dispatch_dtype
+#include "../cpp/spam/dtype_dispatch.h"
 #include "../cpp/spam/cuda_api.h"
 #include "../cpp/spam/half.h"
 #include "../cpp/spam/quant8.h"

@@ -22,7 +22,7 @@
 #include <cstring>
 #include <vector>
 
-#include "../cpp/spam/cpu_chunks.h"  // dispatch_dtype
+#include "../cpp/spam/dtype_dispatch.h"
 #include "../cpp/spam/cuda_sparse_api.h"
 #include "../cpp/spam/half.h"
 #include "../cpp/spam/math.h"

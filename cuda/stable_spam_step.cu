@@ -24,7 +24,7 @@
 // has already folded them into TensorState::sum_sq, and stream order separates the phases.
 #include <cmath>
 
-#include "../cpp/spam/cpu_chunks.h"  // dispatch_dtype
+#include "../cpp/spam/dtype_dispatch.h"
 #include "../cpp/spam/cuda_api.h"
 #include "../cpp/spam/half.h"
 #include "../cpp/spam/math.h"
@@ -36,7 +36,7 @@
 namespace spam::cuda {
 namespace {
 
-// TensorState (per tensor, in scratch) is declared in adam_update.cuh: phase 5 reads it.
+// TensorState (per tensor, in scratch) is declared in element_ops.cuh: phase 5 reads it.
 struct alignas(16) ChunkPartial {
   double sum_sq;
   float max_abs;
@@ -258,12 +258,10 @@ void cuda_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
   for (const StableSpamTensor& t : tensors)
     if (t.q8.active()) check_maps(maps);
   const Plan plan = make_plan(numels);
-  std::vector<AdamUpdateTensor> items;  // phase 5's view of the tensors
+  std::vector<AdamTensor> items;  // phase 5's view of the tensors; item i reads state[i]
   items.reserve(tensors.size());
-  for (int i = 0; i < n; ++i) {
-    const StableSpamTensor& t = tensors[i];
-    items.push_back({t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.adam, t.q8, i, t.q4});
-  }
+  for (const StableSpamTensor& t : tensors)
+    items.push_back({t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.adam, t.q8, t.q4});
 
   DeviceGuard guard(ctx.device);
   const cudaStream_t stream = to_stream(ctx.stream);

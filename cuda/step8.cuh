@@ -1,6 +1,7 @@
 // step8.cuh — the 8-bit blockwise moment loop of the CUDA optimizer steps (the device twin of
-// run_quant8 in cpp/spam/isa/moment_loops.h), and the routing of a call's tensors to the
-// dense or the 8-bit kernel variant.
+// run_quant8 in cpp/spam/isa/moment_loops.h), its kernel and launcher for the ops of
+// element_ops.cuh (the 8-bit twin of dense_step.cuh), and the split of a call's tensors into
+// dense and 8-bit groups.
 //
 // Work split: one warp owns one whole 256-element quantisation block at a time (8 elements a
 // lane, lane + 32 k), so the block's new absmax is a warp reduction of shuffles: no barrier,
@@ -32,11 +33,11 @@
 #include <utility>
 #include <vector>
 
-#include "../cpp/spam/cpu_chunks.h"  // dispatch_dtype
-#include "../cpp/spam/cpu_ops.h"
+#include "../cpp/spam/dtype_dispatch.h"
 #include "../cpp/spam/half.h"
 #include "../cpp/spam/math.h"
 #include "../cpp/spam/quant8.h"
+#include "../cpp/spam/step_tensors.h"
 #include "common.cuh"
 #include "multi_tensor.cuh"
 
@@ -200,6 +201,48 @@ __device__ __forceinline__ void quant8_chunk(const Args& args, const ChunkRange&
       }
     }
   }
+}
+
+// The 8-bit shell of an op (element_ops.cuh): the twin of dense_step_kernel. The bucket
+// tables are separate __restrict__ parameters so their lookups use the read-only cache.
+template <typename T, typename Op>
+__global__ void __launch_bounds__(kBlockThreads, kQ8MinBlocks)
+    quant8_step_kernel(const __grid_constant__ MultiTensorArgs<kQ8Depth, typename Op::Extra> args,
+                       const Op op, int64_t* counters, const MapValues values,
+                       const int32_t* __restrict__ m_buckets,
+                       const int32_t* __restrict__ v_buckets) {
+  __shared__ float map_values[2][kQuantCodes];
+  stage_map_values(values, map_values);
+  const ChunkRange r = chunk_range(args);
+  const auto fn = op.element(args.extra[r.slot]);
+  const QuantMap m_map{map_values[0], nullptr, m_buckets};
+  const QuantMap v_map{map_values[1], nullptr, v_buckets};
+  int clipped = 0, nonfinite = 0;
+  quant8_chunk<T>(args, r, m_map, v_map, fn, clipped, nonfinite);
+  block_add_counts(counters, clipped, nonfinite);
+}
+
+// Enqueues the tensors `order` (indices into `tensors`, all of storage type T, 8-bit moments)
+// in multi-tensor launches; extra_of(i) -> Op::Extra as for launch_dense_step.
+template <typename T, typename Op, typename Tensors, typename ExtraOf>
+void launch_quant8_step(const Tensors& tensors, const std::vector<int>& order, const Op& op,
+                        ExtraOf&& extra_of, const QuantMaps& maps, int64_t* counters,
+                        cudaStream_t stream) {
+  using Args = MultiTensorArgs<kQ8Depth, typename Op::Extra>;
+  static_assert(sizeof(Args) + sizeof(Op) + sizeof(counters) + sizeof(MapValues) +
+                    2 * sizeof(void*) <= 4096, "kernel arguments exceed 4 KB");
+  const MapValues values{maps.m.values, maps.v.values};
+  multi_tensor_apply<Args>(
+      order, [&](int i) { return tensors[i].param.numel; },
+      [&](Args& a, int slot, int i) {
+        fill_q8_ptrs(a, slot, tensors[i].param, tensors[i].grad, tensors[i].q8);
+        a.extra[slot] = extra_of(i);
+      },
+      [&](const Args& a, int blocks) {
+        quant8_step_kernel<T, Op><<<blocks, kBlockThreads, 0, stream>>>(
+            a, op, counters, values, maps.m.buckets, maps.v.buckets);
+        check_launch();
+      });
 }
 
 #endif  // __CUDACC__

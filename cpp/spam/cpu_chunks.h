@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common.h"
+#include "dtype_dispatch.h"  // dispatch_dtype: CPU loops over chunks dispatch on dtype
 
 namespace spam {
 
@@ -46,24 +47,4 @@ inline ChunkPlan make_chunks(const std::vector<int64_t>& numels,
   return ChunkPlan{std::move(chunks), total >= kCpuParallelMin};
 }
 
-// Calls f(type_tag) with the storage type of dtype; the one place an enum becomes a type.
-template <typename T> struct TypeTag { using type = T; };
-
-template <typename F>
-decltype(auto) dispatch_dtype(DType dtype, F&& f);
-
-}  // namespace spam
-
-#include "half.h"
-
-namespace spam {
-template <typename F>
-decltype(auto) dispatch_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(TypeTag<float>{});
-    case DType::kBFloat16: return f(TypeTag<bf16_t>{});
-    case DType::kFloat16: return f(TypeTag<f16_t>{});
-  }
-  throw Error("spam_lowmem: unsupported dtype");
-}
 }  // namespace spam

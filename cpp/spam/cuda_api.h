@@ -16,9 +16,9 @@
 #include <vector>
 
 #include "common.h"
-#include "cpu_ops.h"  // SpamTensor, StableSpamTensor, AdamTensor, QuantMaps, Counters
 #include "math.h"
 #include "quant8.h"
+#include "step_tensors.h"  // SpamTensor, StableSpamTensor, AdamTensor, QuantMaps, Counters
 
 namespace spam {
 

@@ -7,9 +7,9 @@
 #include <cstdint>
 #include <vector>
 
-#include "cpu_ops.h"  // TensorRef, Quant8Moments, QuantMaps
 #include "cuda_api.h"  // CudaContext
 #include "math.h"
+#include "step_tensors.h"  // Quant8Moments, QuantMaps
 
 namespace spam {
 
