@@ -225,21 +225,25 @@ class StableSPAMSettings(Settings):
 
 def settings_constructor(settings: type[Settings]) -> Callable[..., None]:
     """The ``__init__(self, params, ...)`` of an optimizer class whose arguments are the fields
-    of ``settings``: the dataclass binds them (positional order, keyword-only fields, defaults,
-    errors for unknown keywords) and the instance goes to ``self._setup(params, settings)``.
-    The function carries the resulting signature, so ``help()`` and ``inspect.signature`` show
-    the real arguments rather than ``*args, **kwargs``."""
-
-    def __init__(self: Any, params: Iterable[Any], *args: Any, **kwargs: Any) -> None:
-        try:
-            bound = settings(*args, **kwargs)
-        except TypeError as err:  # name the optimizer, not the dataclass, in the message
-            raise TypeError(str(err).replace(f"{settings.__name__}.__init__()",
-                                             f"{type(self).__name__}()")) from None
-        self._setup(params, bound)
+    of ``settings`` (positional order, keyword-only fields, defaults): the call is checked
+    against that signature (so a TypeError names the optimizer and counts its arguments), the
+    dataclass binds the values, and the instance goes to ``self._setup(params, settings)``.
+    The function carries the signature, so ``help()``, ``inspect.signature`` and
+    :func:`spam_lowmem.train.optimizers.accepts_keyword` see the real arguments rather than
+    ``*args, **kwargs``."""
 
     fields = list(inspect.signature(settings).parameters.values())
     head = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation)
             for name, annotation in (("self", inspect.Parameter.empty), ("params", "Iterable[Any]"))]
-    __init__.__signature__ = inspect.Signature([*head, *fields], return_annotation=None)  # type: ignore[attr-defined]
+    signature = inspect.Signature([*head, *fields], return_annotation=None)
+
+    def __init__(self: Any, params: Iterable[Any], *args: Any, **kwargs: Any) -> None:
+        try:  # checked against the optimizer's own signature, so errors count its arguments
+            signature.bind(self, params, *args, **kwargs)
+        except TypeError as err:
+            raise TypeError(f"{type(self).__name__}(): {err}") from None
+        self._setup(params, settings(*args, **kwargs))
+
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
+    __init__.__doc__ = f"Bind the arguments defined by :class:`{settings.__qualname__}` and set up the optimizer."
     return __init__
