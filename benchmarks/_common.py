@@ -7,6 +7,7 @@ runs are timed with events on the current stream; CPU runs with perf_counter.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -121,11 +122,9 @@ def environment(device: str) -> dict[str, Any]:
         env.update(spam_lowmem=spam_lowmem.__version__, core_isa=_C.isa(), core_threads=_C.num_threads())
     except ImportError:
         pass
-    try:
+    with contextlib.suppress(OSError):  # no git: the row just lacks a commit
         env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                        text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
-    except OSError:
-        pass
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda_runtime"] = torch.version.cuda

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import _common as C  # noqa: E402
+import _common as C
 
-import spam_lowmem as sl  # noqa: E402
-from spam_lowmem.step_bounds import STREAMS, adam_direction_bound  # noqa: E402
+import spam_lowmem as sl
+from spam_lowmem.step_bounds import STREAMS, adam_direction_bound
 
 LR, BETAS = 1e-3, (0.9, 0.999)
 Factory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import _common as C  # noqa: E402
+import _common as C
 
-import spam_lowmem as sl  # noqa: E402
+import spam_lowmem as sl
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DENSITIES = (0.01, 0.05, 0.25, 0.43)
@@ -125,7 +125,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="append JSON lines here")
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype]
-    elem = torch.empty((), dtype=dtype).element_size()
     shapes = C.llama_shapes(C.LLAMA_60M["hidden"], args.layers, C.LLAMA_60M["ffn"], C.LLAMA_60M["vocab"])
     numel = sum(math.prod(s) for _, s in shapes)
     target_numel = sum(math.prod(s) for n, s in shapes if is_target(n, s))

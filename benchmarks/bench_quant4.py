@@ -29,12 +29,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-import _common as C  # noqa: E402
+import _common as C
 
-import spam_lowmem.reference.quant4 as R  # noqa: E402
-import spam_lowmem as sl  # noqa: E402
-from spam_lowmem import quant4 as q4  # noqa: E402
-from spam_lowmem.nn import QuantLinear, attach_packed_requant, quantize_model  # noqa: E402
+import spam_lowmem as sl
+import spam_lowmem.reference.quant4 as R
+from spam_lowmem import quant4 as q4
+from spam_lowmem.nn import QuantLinear, attach_packed_requant, quantize_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -44,23 +44,30 @@ def quantiser_cases(w: torch.Tensor, g: int) -> dict[str, tuple[Callable[[], Any
     n, es = w.numel(), w.element_size()
     packed = {f: q4.pack_weight(w, fmt=f, group_size=g) for f in ("int4", "fp4")}  # type: ignore[arg-type]
     refp = {f: {k: t.clone() for k, t in p.tensors().items()} for f, p in packed.items()}
-    moved = (q4.unpack_weight(packed["int4"], dtype=w.dtype).float() + 1e-3 * torch.randn(w.shape, device=w.device)).to(w.dtype)
-    moved_fp4 = (q4.unpack_weight(packed["fp4"], dtype=w.dtype).float() + 1e-3 * torch.randn(w.shape, device=w.device)).to(w.dtype)
+    moved = (q4.unpack_weight(packed["int4"], dtype=w.dtype).float()
+             + 1e-3 * torch.randn(w.shape, device=w.device)).to(w.dtype)
+    moved_fp4 = (q4.unpack_weight(packed["fp4"], dtype=w.dtype).float()
+                 + 1e-3 * torch.randn(w.shape, device=w.device)).to(w.dtype)
     meta = {f: sum(t.numel() * t.element_size() for k, t in p.tensors().items() if k != "codes")
             for f, p in packed.items()}
     fake_bytes, pack_bytes = 2 * n * es, n * es + n // 2
     return {
-        "fake weight int4": (lambda: q4.fake_quantize_weight(w, group_size=g), lambda: R.fake_weight_int4(w, g), fake_bytes),
-        "fake act int4 (top-2)": (lambda: q4.fake_quantize_activation(w, group_size=g), lambda: R.fake_act_int4(w, g), fake_bytes),
-        "fake fp4 (top-2)": (lambda: q4.fake_quantize_activation(w, fmt="fp4", group_size=g), lambda: R.fake_fp4(w, g), fake_bytes),
+        "fake weight int4": (lambda: q4.fake_quantize_weight(w, group_size=g), lambda: R.fake_weight_int4(w, g),
+                             fake_bytes),
+        "fake act int4 (top-2)": (lambda: q4.fake_quantize_activation(w, group_size=g),
+                                  lambda: R.fake_act_int4(w, g), fake_bytes),
+        "fake fp4 (top-2)": (lambda: q4.fake_quantize_activation(w, fmt="fp4", group_size=g),
+                             lambda: R.fake_fp4(w, g), fake_bytes),
         "pack int4": (lambda: q4.pack_weight(w, group_size=g, out=packed["int4"]), lambda: R.pack(w, "int4", g),
                       pack_bytes + meta["int4"]),
         "unpack int4": (lambda: q4.unpack_weight(packed["int4"], dtype=w.dtype),
                         lambda: R.unpack(refp["int4"], "int4", g, tuple(w.shape), w.dtype), pack_bytes + meta["int4"]),
         "requant int4 (SR)": (lambda: q4.requantize_(moved, packed["int4"], seed=1, step=0, check_finite=False),
-                              lambda: R.requant_sr(moved, refp["int4"], "int4", g, 1, 0), pack_bytes + n // 2 + 2 * meta["int4"]),
+                              lambda: R.requant_sr(moved, refp["int4"], "int4", g, 1, 0),
+                              pack_bytes + n // 2 + 2 * meta["int4"]),
         "requant fp4 (SR)": (lambda: q4.requantize_(moved_fp4, packed["fp4"], seed=1, step=0, check_finite=False),
-                             lambda: R.requant_sr(moved_fp4, refp["fp4"], "fp4", g, 1, 0), pack_bytes + n // 2 + 2 * meta["fp4"]),
+                             lambda: R.requant_sr(moved_fp4, refp["fp4"], "fp4", g, 1, 0),
+                             pack_bytes + n // 2 + 2 * meta["fp4"]),
     }
 
 
@@ -130,6 +137,20 @@ def weight_memory(model: nn.Module, opt: torch.optim.Optimizer, fused: bool) -> 
             "weights": numel}
 
 
+def _training_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                   losses: list[float]) -> Callable[[], None]:
+    """One timed training step of ``model`` (its loss appended to ``losses``)."""
+
+    def step() -> None:
+        loss = nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+
+    return step
+
+
 def bench_training(args: argparse.Namespace, env: dict[str, Any]) -> list[dict[str, Any]]:
     dtype = DTYPES[args.dtype]
     gen = torch.Generator().manual_seed(0)
@@ -150,14 +171,7 @@ def bench_training(args: argparse.Namespace, env: dict[str, Any]) -> list[dict[s
             assert attach_packed_requant(opt, model, fused=fused).fused == fused
 
         losses: list[float] = []
-
-        def step() -> None:
-            loss = nn.functional.cross_entropy(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss))
-
+        step = _training_step(model, opt, x, y, losses)
         times = C.time_interleaved({mode: step}, args.device, warmup=2, rounds=args.train_rounds)[mode]
         s = C.summarize(times)
         mem = weight_memory(model, opt, fused)

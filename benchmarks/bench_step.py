@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import _common as C  # noqa: E402
+import _common as C
 
-import spam_lowmem as sl  # noqa: E402
-from spam_lowmem.reference import ReferenceSPAM, ReferenceStableSPAM  # noqa: E402
+import spam_lowmem as sl
+from spam_lowmem.reference import ReferenceSPAM, ReferenceStableSPAM
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

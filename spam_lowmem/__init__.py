@@ -12,7 +12,7 @@ from . import functional, nn, quant4, reference, schedules
 from ._backend import has_cuda_kernels
 from .nn import QuantLinear, attach_packed_requant, quantize_model
 from .optim import SPAM, AdamW, StableSPAM
-from .plan import PRESETS, Plan, plan
+from .planner import PRESETS, Plan, plan
 from .sparse import density_for_galore_rank, sparse_param_groups
 
 __version__ = "0.1.0"

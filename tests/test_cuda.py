@@ -512,7 +512,7 @@ def test_sparse_many_tensors_and_kinds_in_one_group():
     kw = dict(SPARSE_KW, state_bits=8, min_8bit_size=1200, subset_seed=4)
     cpu_opt = sl.SPAM([{"params": cpu_params, "density": 0.3}], **kw)
     dev_opt = sl.SPAM([{"params": dev_params, "density": 0.3}], **kw)
-    for step in range(12):
+    for _ in range(12):
         gs = [torch.randn(s, generator=gen).to(p.dtype) for s, p in zip(shapes, cpu_params)]
         _step(cpu_opt, cpu_params, gs)
         _step(dev_opt, dev_params, gs)

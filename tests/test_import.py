@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 
+import torch
+
 import spam_lowmem as sl
 from spam_lowmem import _backend
+from spam_lowmem.optim.base import SpikeAwareOptimizer
 
 
 def test_public_api() -> None:
-    assert sl.SPAM.__mro__[-2] is not object and issubclass(sl.SPAM, __import__("torch").optim.Optimizer)
+    for cls in (sl.SPAM, sl.StableSPAM, sl.AdamW):
+        # each kind derives directly from the shared base, which is a torch optimizer
+        assert cls.__mro__ == (cls, SpikeAwareOptimizer, torch.optim.Optimizer, object), cls.__mro__
+        # its constructor shows its real arguments (those of its settings), not *args/**kwargs
+        signature = inspect.signature(cls)
+        assert next(iter(signature.parameters)) == "params"
+        assert cls.HYPERPARAMETERS and set(signature.parameters) >= cls.HYPERPARAMETERS, cls
     assert callable(sl.functional.spam_step) and callable(sl.functional.stable_spam_step)
+    assert inspect.isfunction(sl.plan) and inspect.ismodule(sl.planner)  # one name, one thing
     assert sl.__version__
 
 

@@ -111,7 +111,8 @@ def test_one_step_from_random_state(name: str, dtype: torch.dtype) -> None:
     ref.step()
     rtol, atol = TOLERANCES[dtype]
     for a, b in zip(ours_p, ref_p):
-        torch.testing.assert_close(a.detach(), b.detach(), rtol=rtol / 10 if dtype == torch.float32 else rtol, atol=atol)
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=rtol / 10 if dtype == torch.float32 else rtol,
+                                   atol=atol)
         torch.testing.assert_close(ours.state[a]["exp_avg_sq"], ref.state[b]["exp_avg_sq"], rtol=rtol, atol=atol)
     assert ours.spike_stats()["clipped"] == ref.last_counts["clipped"] > 0
 
@@ -122,7 +123,7 @@ def test_mixed_dtypes_in_one_group(name: str) -> None:
     ours_p = [make_params(d, [(300,)])[0] for d in DTYPES]
     ref_p = clone_params(ours_p)
     ours, ref = ours_cls(ours_p, **kw), ref_cls(ref_p, **kw)
-    for step in range(60):
+    for _ in range(60):
         for a, b in zip(ours_p, ref_p):
             g = torch.randn(a.shape).to(a.dtype)
             a.grad, b.grad = g.clone(), g.clone()

@@ -105,7 +105,7 @@ def _subclass_params() -> list[torch.Tensor]:
 def test_tensor_subclass_parameters_are_rejected(name: str) -> None:
     cls = CLASSES[name]
     for bad in _subclass_params():
-        with pytest.raises(TypeError, match="subclass.*DTensor"):
+        with pytest.raises(TypeError, match=r"subclass.*DTensor"):
             cls([bad])
         opt = cls([nn.Parameter(torch.zeros(2))])
         with pytest.raises(TypeError, match="not supported yet"):
@@ -118,7 +118,7 @@ def test_tensor_subclass_gradient_is_rejected_at_step(name: str) -> None:
     p = nn.Parameter(torch.ones(3, 4))
     opt = CLASSES[name]([p])
     p.grad = torch.Tensor._make_subclass(_Sub, torch.ones(3, 4))
-    with pytest.raises(TypeError, match="gradient .*subclass"):
+    with pytest.raises(TypeError, match=r"gradient .*subclass"):
         opt.step()
     assert not opt.state[p]
     assert torch.equal(p.detach(), torch.ones(3, 4))

@@ -1,4 +1,4 @@
-"""spam_lowmem.plan: budget parsing, preset choice, exact predicted == measured state bytes."""
+"""spam_lowmem.plan (spam_lowmem/planner.py): budget parsing, preset choice, exact predicted == measured state bytes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import spam_lowmem as sl
-from spam_lowmem.plan import PRESETS, Preset, galore_state_bytes, parse_budget
+from spam_lowmem.planner import PRESETS, Preset, galore_state_bytes, parse_budget
 
 
 class Attn(nn.Module):

@@ -346,7 +346,7 @@ def test_bad_input() -> None:
     model = TinyLlamaMLP()
     with pytest.raises(ValueError, match="no module name ends with"):
         quantize_model(model, targets=("qkv_proj",))
-    with pytest.raises(TypeError, match="not nn.Linear"):
+    with pytest.raises(TypeError, match=r"not nn.Linear"):
         quantize_model(nn.Sequential(nn.ReLU()), targets=("0",))
     with pytest.raises(ValueError, match="does not divide"):
         quantize_model(model, group_size=96)

@@ -301,9 +301,8 @@ def test_kernel_checks_outlier_index_it_dereferences() -> None:
     with torch.no_grad():
         layer(torch.randn(2, 32))
         layer.weight_outlier_idx[2, 0] = 1000  # past load-time validation: edited in place
-    with pytest.raises(RuntimeError, match="outlier_idx"):
-        with torch.no_grad():
-            layer(torch.randn(2, 32))  # used to write out of bounds and crash the process
+    with pytest.raises(RuntimeError, match="outlier_idx"), torch.no_grad():
+        layer(torch.randn(2, 32))  # used to write out of bounds and crash the process
     p = layer.packed_weight()
     p.outlier_idx[2, 0] = -7
     with pytest.raises(RuntimeError, match="outside the group"):

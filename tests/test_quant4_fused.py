@@ -183,9 +183,10 @@ def test_bad_input() -> None:
         F.adamw_step([torch.empty(0)], [grad], [m], packed=[other], packed_bad=bad, **common)
     with pytest.raises(ValueError, match="dense"):  # 8-bit moments
         F.adamw_step([torch.empty(0)], [grad], [torch.zeros(grad.numel(), dtype=torch.uint8)],
-                     packed=[step], packed_bad=bad, **{**common, "exp_avg_sqs": [torch.zeros(grad.numel(), dtype=torch.uint8)],
-                                                       "absmax_m": [torch.zeros(grad.numel() // 256 + 1)],
-                                                       "absmax_v": [torch.zeros(grad.numel() // 256 + 1)]})
+                     packed=[step], packed_bad=bad,
+                     **{**common, "exp_avg_sqs": [torch.zeros(grad.numel(), dtype=torch.uint8)],
+                        "absmax_m": [torch.zeros(grad.numel() // 256 + 1)],
+                        "absmax_v": [torch.zeros(grad.numel() // 256 + 1)]})
 
 
 def test_nonfinite_update_keeps_packed_groups_fused() -> None:

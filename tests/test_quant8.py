@@ -11,8 +11,17 @@ import torch
 
 import spam_lowmem as sl
 from spam_lowmem import functional as F
-from spam_lowmem.qmap import (BLOCK_SIZE, SIMD_BASE, SIMD_BINADE_LOW, SIMD_MIDS, SIMD_VALUES, V_FLOOR, QuantMap,
-                               dynamic_map, quant_map)
+from spam_lowmem.qmap import (
+    BLOCK_SIZE,
+    SIMD_BASE,
+    SIMD_BINADE_LOW,
+    SIMD_MIDS,
+    SIMD_VALUES,
+    V_FLOOR,
+    QuantMap,
+    dynamic_map,
+    quant_map,
+)
 from spam_lowmem.reference import ReferenceSPAM, ReferenceStableSPAM
 from spam_lowmem.reference.moments import dequantize_blocks, quantize_blocks
 from spam_lowmem.testing import gradient_stream, near_midpoint_blocks, straddling_blocks

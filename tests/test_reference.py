@@ -82,7 +82,7 @@ def textbook_spam(p0, grads, lr, beta1, beta2, eps, wd, theta, dT, N, delay, res
             p[i] -= step_size * s * m[i] / (math.sqrt(v[i]) + eps)
             p[i] -= lr * wd * p[i]
         clips.append(count)
-        total_step += 1
+        total_step += 1  # noqa: SIM113 (the authors' counter, kept as they write it)
         current_step += 1
         if dT and (total_step + 1) % dT == 0:
             current_step = 0
@@ -200,7 +200,7 @@ def test_spam_without_clip_and_reset_is_adam_with_eps0():
     """SPAM step = lr*sqrt(bc2)/bc1 * m/(sqrt(v)+eps) = lr/bc1 * m/(sqrt(v)/sqrt(bc2) + eps/sqrt(bc2))."""
     p0, grads = torch.randn(64), _grads(25, 64, seed=4)
     kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=0.0, weight_decay=0.0)
-    p, state, _ = _run(ReferenceSPAM, p0, grads, spike_clipping=False, reset_interval=0, **kw)
+    p, _, _ = _run(ReferenceSPAM, p0, grads, spike_clipping=False, reset_interval=0, **kw)
     torch.testing.assert_close(p, _adam_run(p0, grads, kw), rtol=1e-6, atol=1e-7)
 
 

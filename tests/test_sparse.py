@@ -349,5 +349,5 @@ def test_density_for_shapes_formula_clamp_and_errors() -> None:
     assert density_for_shapes([(4, 4)], 100) == 1.0  # rank clamped to 4, density capped at 1
     with pytest.raises(ValueError, match="rank"):
         density_for_shapes([(8, 4)], 0)
-    with pytest.raises(ValueError, match="no nn.Linear"):
+    with pytest.raises(ValueError, match=r"no nn.Linear"):
         sl.density_for_galore_rank(torch.nn.Sequential(torch.nn.LayerNorm(4)), 8)

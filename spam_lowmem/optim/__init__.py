@@ -6,4 +6,4 @@ from .adamw import AdamW
 from .spam import SPAM
 from .stable_spam import StableSPAM
 
-__all__ = ["AdamW", "SPAM", "StableSPAM"]
+__all__ = ["SPAM", "AdamW", "StableSPAM"]

@@ -7,11 +7,11 @@ after bias correction), with 32-bit or blockwise 8-bit moments.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 from .. import functional as F
-from .base import SpikeAwareOptimizer, check_adam_group
+from ..hyperparams import AdamWSettings, settings_constructor
+from .base import DeviceBatch, SpikeAwareOptimizer
 
 __all__ = ["AdamW"]
 
@@ -38,46 +38,20 @@ class AdamW(SpikeAwareOptimizer):
     """
 
     KIND = "AdamW"
-    HYPERPARAMETERS = frozenset({"lr", "betas", "eps", "weight_decay", "nonfinite", "state_bits",
-                                 "min_8bit_size"})
+    SETTINGS = AdamWSettings
+    __init__ = settings_constructor(AdamWSettings)
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        *,
-        nonfinite: str = "skip",
-        state_bits: int = 32,
-        min_8bit_size: int = 4096,
-    ) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        nonfinite=nonfinite, state_bits=state_bits, min_8bit_size=min_8bit_size)
-        super().__init__(params, defaults)
+    def _group_scalars(self, group: dict[str, Any], call: int) -> None:
+        """AdamW has no schedule of its own (LR schedulers act on ``lr``)."""
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        check_adam_group(group)
-
-    def _step_group(self, group_index: int, group: dict[str, Any]) -> None:
-        lr = group["lr"]
+    def _tensor_scalars(self, state: dict[str, Any], group: dict[str, Any],
+                        call: None) -> tuple[dict[str, int], dict[str, float | tuple[float, ...]]]:
         beta1, beta2 = group["betas"]
-        for device, batch in self._gather(group).items():
-            step_sizes, sqrt_bc2s = [], []
-            counts = [{"step": state["step"] + 1} for state in batch.states]  # stored after the core
-            for new in counts:
-                step_sizes.append(lr / (1.0 - beta1 ** new["step"]))
-                sqrt_bc2s.append(math.sqrt(1.0 - beta2 ** new["step"]))
-            packed_kw = self._packed_args(group_index, device, batch)
-            with self._committing(batch, counts):
-                F.adamw_step(
-                    batch.params, batch.grads, **batch.moment_args(device), step_sizes=step_sizes,
-                    sqrt_bc2s=sqrt_bc2s, counters=self._counters(group_index, device),
-                    beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_keep=1.0 - lr * group["weight_decay"],
-                    skip_nonfinite=group["nonfinite"] == "skip",
-                    **packed_kw,
-                )
-            self._after_packed_step(group_index, device, packed_kw)
-            batch.write_back()
+        step = state["step"] + 1
+        return {"step": step}, {"step_sizes": group["lr"] / (1.0 - beta1**step),
+                                "sqrt_bc2s": math.sqrt(1.0 - beta2**step)}
+
+    def _core_step(self, batch: DeviceBatch, group: dict[str, Any], call: None, core_kw: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        F.adamw_step(batch.params, batch.grads, **core_kw, beta1=beta1, beta2=beta2, eps=group["eps"],
+                     weight_keep=1.0 - group["lr"] * group["weight_decay"])

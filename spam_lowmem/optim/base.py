@@ -19,6 +19,21 @@
 Parameters must be plain ``torch.Tensor``/``torch.nn.Parameter``: tensor subclasses (DTensor
 from FSDP2 or tensor parallelism, ``__torch_dispatch__`` wrappers) are rejected with a
 TypeError, because the core writes the raw storage in place and a subclass may have none.
+
+How to add an Adam-family optimizer: describe its arguments once as a frozen dataclass
+deriving from :class:`spam_lowmem.hyperparams.Settings` (positional fields first, ``KW_ONLY``
+before the keyword-only ones, and a ``check_group`` staticmethod with its validation rules),
+then subclass :class:`SpikeAwareOptimizer` with ``KIND`` (the name recorded in its state
+dicts), ``SETTINGS`` and ``__init__ = settings_constructor(SETTINGS)``, and write three
+hooks of the step template :meth:`SpikeAwareOptimizer._step_group`: ``_group_scalars(group,
+call)`` (the schedules of call 1, 2, ...: resets, decays), ``_tensor_scalars(state, group,
+call)`` (each tensor's counts after the call and its per-tensor scalars, keyed by the core
+keyword) and ``_core_step(batch, group, call, core_kw)`` (the one :mod:`spam_lowmem.functional`
+call). State beyond ``step`` and the moments goes in ``_init_extra_state`` and is declared
+in ``_required_state_keys`` / ``_count_state_keys`` / ``_fp32_state_keys`` for the load
+checks; state a call replaces before the core runs belongs in ``_group_transaction``, which
+must restore it when the core raises. Gathering, commit-after-success, packed weights,
+telemetry, copies and state-dict checks then come from this class.
 """
 
 from __future__ import annotations
@@ -32,13 +47,13 @@ import torch
 
 from .. import _backend
 from ..functional import PackedStep
+from ..hyperparams import Settings, check_count
 from . import moments
 from . import packed as packed_policy
 
-__all__ = ["SpikeAwareOptimizer", "DeviceBatch"]
+__all__ = ["DeviceBatch", "SpikeAwareOptimizer"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-NONFINITE_POLICIES = ("skip", "propagate")
 #: the only parameter/gradient types the core can step (tensor subclasses are rejected)
 PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 #: param-group key recording which optimizer kind wrote the group (checked on load)
@@ -70,24 +85,6 @@ class DeviceBatch:
             self.owners[i].detach().copy_(self.params[i])
 
 
-def check_range(name: str, value: float, low: float, high: float, *, closed_high: bool = False) -> None:
-    ok = low <= value <= high if closed_high else low <= value < high
-    if not ok:
-        bracket = "]" if closed_high else ")"
-        raise ValueError(f"Invalid {name}: {value} (expected a value in [{low}, {high}{bracket})")
-
-
-def check_non_negative(name: str, value: float) -> None:
-    if not value >= 0.0:  # also rejects NaN
-        raise ValueError(f"Invalid {name}: {value} (expected >= 0)")
-
-
-def check_count(name: str, value: object) -> None:
-    """A non-negative int (bools rejected): step counts and periods."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"Invalid {name}: {value!r} (expected an int >= 0)")
-
-
 def check_plain_tensor(what: str, t: torch.Tensor) -> None:
     """Reject tensor subclasses: the core steps raw storage, which a subclass may not have (a
     DTensor holds only its local shard; a ``__torch_dispatch__`` wrapper often has none), so
@@ -98,19 +95,6 @@ def check_plain_tensor(what: str, t: torch.Tensor) -> None:
                         "plain torch.Tensor / torch.nn.Parameter are supported. Distributed tensors "
                         "(DTensor from FSDP2 fully_shard or tensor parallelism) are not supported yet; "
                         "DDP, whose parameters are plain tensors, is")
-
-
-def check_adam_group(group: dict[str, Any]) -> None:
-    """The hyper-parameters every Adam-family group has: lr, betas, eps, weight decay, NaN policy."""
-    check_non_negative("learning rate", group["lr"])
-    beta1, beta2 = group["betas"]
-    check_range("beta1", beta1, 0.0, 1.0)
-    check_range("beta2", beta2, 0.0, 1.0)
-    check_non_negative("eps", group["eps"])
-    check_non_negative("weight_decay", group["weight_decay"])
-    if group["nonfinite"] not in NONFINITE_POLICIES:
-        raise ValueError(f"Invalid nonfinite policy: {group['nonfinite']!r} "
-                         f"(expected one of {NONFINITE_POLICIES})")
 
 
 def _split_named(params: Any) -> tuple[list[torch.Tensor], list[str] | None]:
@@ -161,7 +145,7 @@ def _bad_values(t: torch.Tensor, *, non_negative: bool) -> str | None:
 
 
 class SpikeAwareOptimizer(torch.optim.Optimizer):
-    """Base class: subclasses define ``_validate_group``, ``_init_extra_state``, ``_step_group``.
+    """Base class: subclasses give ``KIND``, ``SETTINGS`` and the step hooks (module docstring).
 
     Every group also carries ``state_bits`` (32: moments in the parameter dtype; 8: blockwise
     8-bit moments, :mod:`spam_lowmem.optim.moments`) and ``min_8bit_size``.
@@ -178,14 +162,27 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
     #: the optimizer kind written into every param group (``KIND_KEY``); a state dict of another
     #: kind is rejected on load. Subclasses of SPAM/StableSPAM/AdamW inherit their parent's kind.
     KIND = ""
-    #: the hyper-parameter keys of the kind's groups (its ``defaults``)
+    #: the kind's hyper-parameters (:mod:`spam_lowmem.hyperparams`): constructor arguments,
+    #: defaults and the rules a group obeys; a kind's ``__init__`` is
+    #: ``settings_constructor(SETTINGS)``
+    SETTINGS: type[Settings]
+    #: the hyper-parameter keys of the kind's groups (its ``defaults``), from ``SETTINGS``
     HYPERPARAMETERS: frozenset[str] = frozenset()
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
-        if set(defaults) != self.HYPERPARAMETERS:  # keeps the load-time key check honest
-            raise AssertionError(f"{type(self).__name__}.HYPERPARAMETERS does not list its defaults")
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "SETTINGS" in cls.__dict__:
+            cls.HYPERPARAMETERS = cls.SETTINGS.group_keys()
+
+    def _setup(self, params: Iterable[Any], settings: Settings) -> None:
+        """What ``__init__`` does once the arguments are bound: the subclass hook
+        :meth:`_configure`, then torch's constructor with the group defaults."""
+        self._configure(settings)
         self._init_runtime()
-        super().__init__(params, defaults)
+        super().__init__(params, settings.group_defaults())
+
+    def _configure(self, settings: Settings) -> None:
+        """Subclass hook: keep the settings that configure the optimizer, not a group."""
 
     def _init_runtime(self) -> None:
         """Attributes that are not part of torch's optimizer state (telemetry counters, packed
@@ -317,7 +314,6 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
             self._check_param(p)
         merged = {**self.defaults, **param_group, "params": params}
         self._validate_group(merged)
-        self._validate_precision(merged)
         group = {**param_group, "params": params}
         if names is not None:
             group["param_names"] = names
@@ -326,15 +322,6 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         group.setdefault("calls", 0)
         group["layout_version"] = self.LAYOUT_VERSION
         group[KIND_KEY] = self.KIND
-
-    @staticmethod
-    def _validate_precision(group: dict[str, Any]) -> None:
-        bits = group.get("state_bits", 32)
-        if bits not in (8, 32) or isinstance(bits, bool):
-            raise ValueError(f"Invalid state_bits: {bits!r} (expected 8 or 32)")
-        size = group.get("min_8bit_size", 4096)
-        if not isinstance(size, int) or size < 0:
-            raise ValueError(f"Invalid min_8bit_size: {size!r} (expected an int >= 0)")
 
     @staticmethod
     def _check_param(p: torch.Tensor) -> None:
@@ -352,8 +339,9 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
             raise ValueError("spam_lowmem: sparse parameters are not supported")
         _backend.check_device(p.device)
 
-    def _validate_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Raise ValueError if the group's values break the kind's rules (``SETTINGS``)."""
+        self.SETTINGS.check_group(group)
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         state["step"] = 0
@@ -363,8 +351,72 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
     def _init_extra_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         """Subclass hook for state beyond the step count and the moments."""
 
-    def _step_group(self, group_index: int, group: dict[str, Any]) -> None:  # pragma: no cover
+    # ------------------------------------------------------------------ the step template
+    def _step_group(self, group_index: int, group: dict[str, Any]) -> None:
+        """One call of one group: the sequence every kind shares, around the kind's hooks.
+
+        Per device: gather the tensors (state created lazily), compute each tensor's next
+        counts and scalars (:meth:`_tensor_scalars`), make the one core call
+        (:meth:`_core_step`), store the counts only once it returned (:meth:`_committing`),
+        then check packed 4-bit results and copy back non-contiguous parameters. The whole
+        group runs inside :meth:`_group_transaction`, where a kind changes state before the
+        core runs (and undoes it when the core rejects the call)."""
+        call = self._group_scalars(group, group["calls"] + 1)
+        accepted: list[DeviceBatch] = []
+        with self._group_transaction(group, call, accepted):
+            for device, batch in self._gather(group).items():
+                counts, scalars = self._batch_scalars(batch, group, call)
+                packed_kw = self._packed_args(group_index, device, batch)
+                core_kw = {**batch.moment_args(device), **scalars, "counters": self._counters(group_index, device),
+                           "skip_nonfinite": group["nonfinite"] == "skip", **packed_kw}
+                with self._committing(batch, counts):
+                    self._core_step(batch, group, call, core_kw)
+                accepted.append(batch)
+                self._after_packed_step(group_index, device, packed_kw)
+                batch.write_back()
+
+    def _batch_scalars(self, batch: DeviceBatch, group: dict[str, Any],
+                       call: Any) -> tuple[list[dict[str, int]], dict[str, list[float]]]:
+        """:meth:`_tensor_scalars` of every tensor of ``batch``: the new counts in batch order,
+        and per core keyword the list of scalars (a tuple value contributes all its entries)."""
+        counts: list[dict[str, int]] = []
+        scalars: dict[str, list[float]] = {}
+        for state in batch.states:
+            new_counts, tensor_scalars = self._tensor_scalars(state, group, call)
+            counts.append(new_counts)
+            for key, value in tensor_scalars.items():
+                column = scalars.setdefault(key, [])
+                if isinstance(value, tuple):
+                    column.extend(value)
+                else:
+                    column.append(value)
+        return counts, scalars
+
+    def _group_scalars(self, group: dict[str, Any], call: int) -> Any:
+        """Hook: what the kind's schedules give for call ``call`` (1, 2, ...) of ``group``, the
+        same for all its tensors (reset flags, decays, warmup factors); handed to the other
+        hooks as ``call``."""
         raise NotImplementedError
+
+    def _tensor_scalars(self, state: dict[str, Any], group: dict[str, Any],
+                        call: Any) -> tuple[dict[str, int], dict[str, float | tuple[float, ...]]]:
+        """Hook: for one tensor's ``state``, the counts it will have after this call (stored
+        only once the core accepted the call) and its per-tensor scalars, keyed by the core
+        step's keyword (a tuple adds several entries to that keyword's list)."""
+        raise NotImplementedError
+
+    def _core_step(self, batch: DeviceBatch, group: dict[str, Any], call: Any, core_kw: dict[str, Any]) -> None:
+        """Hook: the one :mod:`spam_lowmem.functional` call for ``batch``: ``batch.params``,
+        ``batch.grads``, ``core_kw`` (moments, the per-tensor scalar lists, counters, the NaN
+        policy and any packed weights) and the kind's group-wide keywords."""
+        raise NotImplementedError
+
+    @contextmanager
+    def _group_transaction(self, group: dict[str, Any], call: Any, accepted: list[DeviceBatch]) -> Iterator[None]:
+        """Hook around a group's step: state a kind replaces before the core runs (SPAM's
+        sparse subsets at a reset) is prepared here and restored if a core call raises;
+        ``accepted`` lists the device batches the core has already accepted. Default: nothing."""
+        yield
 
     # ------------------------------------------------------------------ stepping
     @torch.no_grad()
@@ -379,7 +431,6 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             self._validate_group(group)
-            self._validate_precision(group)
             self._check_grads(group)
         for index, group in enumerate(self.param_groups):
             self._step_group(index, group)
@@ -537,7 +588,7 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"loaded state dict has state for unknown parameter id {pid}")
             p, group, label = where[pid]
             if not isinstance(saved, dict):
-                raise ValueError(f"loaded state of {label} is a {type(saved).__name__}, not a dict")  # noqa: TRY004 (load errors are ValueErrors)
+                raise ValueError(f"loaded state of {label} is a {type(saved).__name__}, not a dict")
             self._check_loaded_state(p, saved, group, label)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
@@ -582,7 +633,6 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         try:
             check_count("calls", merged.get("calls", 0))
             self._validate_group(merged)
-            self._validate_precision(merged)
         except ValueError as err:
             raise ValueError(f"{here}: {err}") from err
         return merged
@@ -621,7 +671,7 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         for key in keys:
             value = saved.get(key)
             if not isinstance(value, torch.Tensor):
-                raise ValueError(f"loaded '{key}' of {where} is a {type(value).__name__}, not a tensor")  # noqa: TRY004
+                raise ValueError(f"loaded '{key}' of {where} is a {type(value).__name__}, not a tensor")
             if not key.endswith("_codes") and not value.is_floating_point():
                 raise ValueError(f"loaded '{key}' of {where} has dtype {value.dtype}; expected a "
                                  "floating-point tensor")

@@ -20,8 +20,18 @@ import torch
 
 from ..qmap import num_blocks, quant_map
 
-__all__ = ["DENSE_KEYS", "QUANT_KEYS", "FP32_KEYS", "INDEX_KEYS", "init_moments", "init_compact_moments", "is_quantized", "moment_args",
-           "dequantized_moments", "state_bytes"]
+__all__ = [
+    "DENSE_KEYS",
+    "FP32_KEYS",
+    "INDEX_KEYS",
+    "QUANT_KEYS",
+    "dequantized_moments",
+    "init_compact_moments",
+    "init_moments",
+    "is_quantized",
+    "moment_args",
+    "state_bytes",
+]
 
 DENSE_KEYS = ("exp_avg", "exp_avg_sq")
 QUANT_KEYS = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")

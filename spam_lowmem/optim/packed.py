@@ -24,7 +24,7 @@ import torch
 from ..quant4 import PackedWeight
 from . import moments
 
-__all__ = ["PackedSource", "unsupported_reason", "check_supported"]
+__all__ = ["PackedSource", "check_supported", "unsupported_reason"]
 
 
 class PackedSource(Protocol):

@@ -6,41 +6,33 @@ specification recommends is an explicit keyword.
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import torch
 
 from .. import functional as F
 from .. import sparse_subset as subsets
+from ..hyperparams import SPAMSettings, check_subset_seed, settings_constructor
 from ..schedules import is_reset_call, spam_clip_active, spam_update_scale, spam_warmup_factor
 from . import moments
-from .base import SpikeAwareOptimizer, check_adam_group, check_count
+from .base import DeviceBatch, SpikeAwareOptimizer
 
-__all__ = ["SPAM", "DEFAULT_SUBSET_SEED"]
+__all__ = ["DEFAULT_SUBSET_SEED", "SPAM"]
 
 #: the subset seed used when ``subset_seed=None``: fixed, so that all ranks of a distributed run
 #: agree (a seed drawn from each process's global RNG would differ between ranks, which would then
 #: update different entries of their replicas and diverge)
 DEFAULT_SUBSET_SEED = 0
-#: ``torch.Generator.manual_seed`` takes seeds in [0, 2**64) (negative ones are wrapped; not accepted)
-SUBSET_SEED_LIMIT = 2**64
 
 
-def check_subset_seed(seed: object) -> int | None:
-    """None, or the seed as an int in [0, 2**64) (numpy ints accepted; bools and floats not)."""
-    if seed is None:
-        return None
-    try:
-        if isinstance(seed, bool):
-            raise TypeError
-        value = operator.index(seed)
-    except TypeError:
-        raise TypeError(f"Invalid subset_seed: {seed!r} (expected None or an int in [0, 2**64))") from None
-    if not 0 <= value < SUBSET_SEED_LIMIT:
-        raise ValueError(f"Invalid subset_seed: {value} (expected None or an int in [0, 2**64))")
-    return value
+class _SPAMCall(NamedTuple):
+    """The schedules of one SPAM call (ALGORITHMS.md §2.3-2.4), the same for every tensor."""
+
+    reset: bool
+    warmup: float
+    clip: bool
 
 
 class SPAM(SpikeAwareOptimizer):
@@ -125,70 +117,20 @@ class SPAM(SpikeAwareOptimizer):
     """
 
     KIND = "SPAM"
-    HYPERPARAMETERS = frozenset({
-        "state_bits", "min_8bit_size", "density", "sparse_weight_decay", "lr", "betas", "eps",
-        "weight_decay", "threshold", "reset_interval", "warmup_steps", "clip_delay",
-        "spike_clipping", "reset_bias_correction", "nonfinite"})
+    SETTINGS = SPAMSettings
+    __init__ = settings_constructor(SPAMSettings)
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        threshold: float = 5000.0,
-        reset_interval: int = 500,
-        warmup_steps: int = 150,
-        clip_delay: int = 20,
-        *,
-        spike_clipping: bool = True,
-        reset_bias_correction: bool = False,
-        nonfinite: str = "skip",
-        state_bits: int = 32,
-        min_8bit_size: int = 4096,
-        density: float = 1.0,
-        sparse_weight_decay: bool = False,
-        subset_seed: int | None = None,
-    ) -> None:
-        self._subset_seed = check_subset_seed(subset_seed)  # before the first step needs it
+    def _configure(self, settings: SPAMSettings) -> None:  # type: ignore[override]
+        self._subset_seed = check_subset_seed(settings.subset_seed)  # before the first step needs it
         self._subset_gen: torch.Generator | None = None
-        defaults = dict(state_bits=state_bits, min_8bit_size=min_8bit_size,
-            density=density, sparse_weight_decay=sparse_weight_decay,
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, threshold=threshold,
-            reset_interval=reset_interval, warmup_steps=warmup_steps, clip_delay=clip_delay,
-            spike_clipping=spike_clipping, reset_bias_correction=reset_bias_correction,
-            nonfinite=nonfinite,
-        )
-        super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_adam_group(group)
-        if group["spike_clipping"] and not group["threshold"] > 0.0:
-            raise ValueError(f"Invalid threshold: {group['threshold']} (must be > 0 with "
-                             "spike_clipping=True; pass spike_clipping=False to turn clipping off)")
-        for key in ("reset_interval", "warmup_steps", "clip_delay"):
-            check_count(key, group[key])
-        self._validate_density(group)
-
-    @staticmethod
-    def _validate_density(group: dict[str, Any]) -> None:
-        d = group.get("density", 1.0)
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < d <= 1.0:
-            raise ValueError(f"Invalid density: {d!r} (expected a number in (0, 1])")
-        if d == 1.0:
-            return
-        for p in group["params"]:
-            if p.dim() != 2:
-                raise ValueError(f"sparse momentum (density={d}) needs 2-D weights; got a parameter "
-                                 f"of shape {tuple(p.shape)}: put it in a density=1 group "
-                                 "(see spam_lowmem.sparse_param_groups)")
-            if p.numel() > subsets.MAX_NUMEL:
-                raise ValueError(f"sparse momentum supports parameters of fewer than 2^32 elements; "
-                                 f"got shape {tuple(p.shape)}")
-            if p.device.type not in ("cpu", "cuda"):
-                raise NotImplementedError(f"spam_lowmem: sparse momentum (density < 1) has no kernel for "
-                                          f"device '{p.device}'; use density=1.0 there")
+        super()._validate_group(group)
+        if group.get("density", 1.0) < 1.0:
+            for p in group["params"]:
+                if p.device.type not in ("cpu", "cuda"):
+                    raise NotImplementedError(f"spam_lowmem: sparse momentum (density < 1) has no kernel "
+                                              f"for device '{p.device}'; use density=1.0 there")
 
     # ------------------------------------------------------------------ sparse momentum
     @staticmethod
@@ -224,7 +166,7 @@ class SPAM(SpikeAwareOptimizer):
     @staticmethod
     def _restored_generator(gen_state: Any) -> torch.Generator:
         if not isinstance(gen_state, torch.Tensor):
-            raise ValueError(  # noqa: TRY004 (load errors are ValueErrors)
+            raise ValueError(
                 f"loaded 'subset_generator' is a {type(gen_state).__name__}, not the uint8 state "
                 "tensor of a torch.Generator")
         gen = torch.Generator()
@@ -318,36 +260,51 @@ class SPAM(SpikeAwareOptimizer):
             raise ValueError(f"loaded 'compact_block_starts' for {where} do not match its subset")
         self._check_loaded_values(saved, where)
 
-    def _step_sparse_group(self, group_index: int, group: dict[str, Any], n: int, reset: bool,
-                           warmup: float, clip: bool) -> None:
-        # A reset call replaces subsets and moments before the core runs: keep what it replaces,
-        # so that a step the core rejects leaves every state (and the generator) as it was.
-        undo = self._subset_snapshot(group) if reset else None
-        done: set[int] = set()
+    # ------------------------------------------------------------------ step hooks
+    def _group_scalars(self, group: dict[str, Any], call: int) -> _SPAMCall:
+        interval = group["reset_interval"]
+        return _SPAMCall(reset=is_reset_call(call, interval),
+                         warmup=spam_warmup_factor(call, interval, group["warmup_steps"]),
+                         clip=group["spike_clipping"] and spam_clip_active(call, interval, group["clip_delay"]))
+
+    def _tensor_scalars(self, state: dict[str, Any], group: dict[str, Any],
+                        call: _SPAMCall) -> tuple[dict[str, int], dict[str, float | tuple[float, ...]]]:
+        """The step count after this call and the update scale (§2.4 step 7)."""
+        beta1, beta2 = group["betas"]
+        step = (0 if call.reset and group["reset_bias_correction"] else state["step"]) + 1
+        return {"step": step}, {"update_scales": spam_update_scale(group["lr"], beta1, beta2, step, call.warmup)}
+
+    def _core_step(self, batch: DeviceBatch, group: dict[str, Any], call: _SPAMCall,
+                   core_kw: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        decay = group["lr"] * group["weight_decay"]
+        common = {**core_kw, "beta1": beta1, "beta2": beta2, "eps": group["eps"],
+                  "clip_threshold": float(group["threshold"]) if call.clip else 0.0,
+                  "reset": F.MomentReset.BEFORE_UPDATE if call.reset else F.MomentReset.NONE}
+        if not self._is_sparse(group):
+            F.spam_step(batch.params, batch.grads, **common, weight_decay_scale=decay)
+            return
+        # a sparse group never holds packed weights (attach_packed rejects them), so no packed keywords
+        F.sparse_spam_step(batch.params, batch.grads, **common,
+                           block_starts=[st["compact_block_starts"] for st in batch.states],
+                           subsets=[st["subset"] for st in batch.states],
+                           weight_decay_scale=decay if group["sparse_weight_decay"] else 0.0)
+
+    @contextmanager
+    def _group_transaction(self, group: dict[str, Any], call: _SPAMCall,
+                           accepted: list[DeviceBatch]) -> Iterator[None]:
+        """A sparse group's reset call replaces subsets and moments before the core runs: keep
+        what it replaces, so that a step the core rejects leaves every state (and the
+        generator) as it was; batches the core already accepted keep their new subsets."""
+        if not (self._is_sparse(group) and call.reset):
+            yield
+            return
+        undo = self._subset_snapshot(group)
         try:
-            if reset:
-                self._regenerate(group)
-            lr = group["lr"]
-            beta1, beta2 = group["betas"]
-            for device, batch in self._gather(group).items():
-                counts, scales = self._next_steps(batch.states, group, reset, warmup)
-                with self._committing(batch, counts):
-                    F.sparse_spam_step(
-                        batch.params, batch.grads, **batch.moment_args(device),
-                        block_starts=[st["compact_block_starts"] for st in batch.states],
-                        subsets=[st["subset"] for st in batch.states],
-                        update_scales=scales, counters=self._counters(group_index, device),
-                        beta1=beta1, beta2=beta2, eps=group["eps"],
-                        clip_threshold=float(group["threshold"]) if clip else 0.0,
-                        weight_decay_scale=lr * group["weight_decay"] if group["sparse_weight_decay"] else 0.0,
-                        reset=F.MomentReset.BEFORE_UPDATE if reset else F.MomentReset.NONE,
-                        skip_nonfinite=group["nonfinite"] == "skip",
-                    )
-                done.update(id(p) for p in batch.owners)
-                batch.write_back()
+            self._regenerate(group)
+            yield
         except BaseException:
-            if undo is not None:
-                self._restore_subsets(group, undo, done)
+            self._restore_subsets(group, undo, {id(p) for batch in accepted for p in batch.owners})
             raise
 
     def _subset_snapshot(self, group: dict[str, Any]) -> tuple[dict[int, dict[str, Any]], torch.Tensor | None]:
@@ -370,44 +327,3 @@ class SPAM(SpikeAwareOptimizer):
                 self._subset_gen = None
             else:
                 self._generator().set_state(gen)
-
-    @staticmethod
-    def _next_steps(states: list[dict[str, Any]], group: dict[str, Any], reset: bool,
-                    warmup: float) -> tuple[list[dict[str, int]], list[float]]:
-        """The step count each state will have after this call (stored only once the core
-        accepted the call) and the per-tensor update scales (§2.4 step 7)."""
-        beta1, beta2 = group["betas"]
-        counts, scales = [], []
-        for state in states:
-            step = (0 if reset and group["reset_bias_correction"] else state["step"]) + 1
-            counts.append({"step": step})
-            scales.append(spam_update_scale(group["lr"], beta1, beta2, step, warmup))
-        return counts, scales
-
-    def _step_group(self, group_index: int, group: dict[str, Any]) -> None:
-        n = group["calls"] + 1
-        interval = group["reset_interval"]
-        reset = is_reset_call(n, interval)
-        warmup = spam_warmup_factor(n, interval, group["warmup_steps"])
-        clip = group["spike_clipping"] and spam_clip_active(n, interval, group["clip_delay"])
-        if self._is_sparse(group):
-            self._step_sparse_group(group_index, group, n, reset, warmup, clip)
-            return
-        lr = group["lr"]
-        beta1, beta2 = group["betas"]
-        for device, batch in self._gather(group).items():
-            counts, scales = self._next_steps(batch.states, group, reset, warmup)
-            packed_kw = self._packed_args(group_index, device, batch)
-            with self._committing(batch, counts):
-                F.spam_step(
-                    batch.params, batch.grads, **batch.moment_args(device),
-                    update_scales=scales, counters=self._counters(group_index, device),
-                    beta1=beta1, beta2=beta2, eps=group["eps"],
-                    clip_threshold=float(group["threshold"]) if clip else 0.0,
-                    weight_decay_scale=lr * group["weight_decay"],
-                    reset=F.MomentReset.BEFORE_UPDATE if reset else F.MomentReset.NONE,
-                    skip_nonfinite=group["nonfinite"] == "skip",
-                    **packed_kw,
-                )
-            self._after_packed_step(group_index, device, packed_kw)
-            batch.write_back()

@@ -7,16 +7,25 @@ specification recommends is an explicit keyword.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .. import functional as F
+from ..hyperparams import StableSPAMSettings, settings_constructor
 from ..schedules import is_reset_call, stable_spam_decay
-from .base import SpikeAwareOptimizer, check_adam_group, check_count, check_range
+from .base import DeviceBatch, SpikeAwareOptimizer
 
 __all__ = ["StableSPAM"]
+
+
+class _StableCall(NamedTuple):
+    """The schedules of one Stable-SPAM call: reset, its mode, and the decayed beta1/gamma1."""
+
+    reset: bool
+    mode: int
+    beta1: float
+    gamma1: float
 
 
 class StableSPAM(SpikeAwareOptimizer):
@@ -74,49 +83,9 @@ class StableSPAM(SpikeAwareOptimizer):
     _required_state_keys = ("step", "stat_step", "grad_stats")
     _count_state_keys = ("step", "stat_step")
     KIND = "StableSPAM"
-    HYPERPARAMETERS = frozenset({
-        "state_bits", "min_8bit_size", "lr", "betas", "gammas", "eps", "weight_decay",
-        "reset_interval", "total_steps", "eta_min", "stale_reset_step", "restart_stat_counts",
-        "nonfinite"})
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        gammas: tuple[float, float, float] = (0.7, 0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        reset_interval: int = 1000,
-        total_steps: int | None = None,
-        eta_min: float = 0.5,
-        *,
-        stale_reset_step: bool = True,
-        restart_stat_counts: bool = True,
-        nonfinite: str = "skip",
-        state_bits: int = 32,
-        min_8bit_size: int = 4096,
-    ) -> None:
-        defaults = dict(state_bits=state_bits, min_8bit_size=min_8bit_size,
-            lr=lr, betas=tuple(betas), gammas=tuple(gammas), eps=eps, weight_decay=weight_decay,
-            reset_interval=reset_interval, total_steps=total_steps, eta_min=eta_min,
-            stale_reset_step=stale_reset_step, restart_stat_counts=restart_stat_counts,
-            nonfinite=nonfinite,
-        )
-        super().__init__(params, defaults)
-
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        check_adam_group(group)
-        gamma1, gamma2, gamma3 = group["gammas"]
-        if gamma1 != -1:
-            check_range("gamma1", gamma1, 0.0, 1.0)
-        check_range("gamma2", gamma2, 0.0, 1.0)
-        check_range("gamma3", gamma3, 0.0, 1.0)
-        check_count("reset_interval", group["reset_interval"])
-        total = group["total_steps"]
-        if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total <= 0):
-            raise ValueError(f"Invalid total_steps: {total!r} (expected None or an int > 0)")
-        check_range("eta_min", group["eta_min"], 0.0, 1.0, closed_high=True)
+    SETTINGS = StableSPAMSettings
+    __init__ = settings_constructor(StableSPAMSettings)
 
     def _check_loaded_state(self, p: torch.Tensor, saved: dict[str, Any], group: dict[str, Any],
                             where: str) -> None:
@@ -132,48 +101,40 @@ class StableSPAM(SpikeAwareOptimizer):
         state["stat_step"] = 0
         state["grad_stats"] = torch.zeros(3, dtype=torch.float32, device=p.device)
 
-    def _step_group(self, group_index: int, group: dict[str, Any]) -> None:
-        T = group["calls"] + 1
-        sc = stable_spam_decay(T, group["total_steps"], group["eta_min"])
-        beta1, beta2 = group["betas"]
-        gamma1, gamma2, gamma3 = group["gammas"]
-        gamma1 = (beta1 if gamma1 == -1 else gamma1) * sc
-        beta1 = beta1 * sc
-        reset = is_reset_call(T, group["reset_interval"])
-        lr = group["lr"]
+    def _group_scalars(self, group: dict[str, Any], call: int) -> _StableCall:
+        sc = stable_spam_decay(call, group["total_steps"], group["eta_min"])
+        beta1, _ = group["betas"]
+        gamma1 = group["gammas"][0]
+        reset = is_reset_call(call, group["reset_interval"])
         if not reset:
             mode = F.MomentReset.NONE
         elif group["stale_reset_step"]:
             mode = F.MomentReset.AFTER_UPDATE
         else:
             mode = F.MomentReset.BEFORE_UPDATE
-        for device, batch in self._gather(group).items():
-            stat_bcs: list[float] = []
-            step_sizes: list[float] = []
-            sqrt_bc2s: list[float] = []
-            counts: list[dict[str, int]] = []  # stored once the core accepted the call
-            for state in batch.states:
-                k_stat = state["stat_step"] + 1
-                stat_bcs += [1.0 - gamma1**k_stat, 1.0 - gamma2**k_stat, 1.0 - gamma3**k_stat]
-                k = state["step"] + 1
-                if reset:
-                    k = 1
-                    if group["restart_stat_counts"]:
-                        k_stat = 1
-                counts.append({"step": k, "stat_step": k_stat})
-                step_sizes.append(lr / (1.0 - beta1**k))
-                sqrt_bc2s.append(math.sqrt(1.0 - beta2**k))
-            packed_kw = self._packed_args(group_index, device, batch)
-            with self._committing(batch, counts):
-                F.stable_spam_step(
-                    batch.params, batch.grads, **batch.moment_args(device),
-                    grad_stats=[s["grad_stats"] for s in batch.states],
-                    stat_bias_corrections=stat_bcs, step_sizes=step_sizes, sqrt_bc2s=sqrt_bc2s,
-                    counters=self._counters(group_index, device),
-                    gamma1=gamma1, gamma2=gamma2, gamma3=gamma3, beta1=beta1, beta2=beta2,
-                    eps=group["eps"], weight_keep=1.0 - lr * group["weight_decay"], reset=mode,
-                    skip_nonfinite=group["nonfinite"] == "skip",
-                    **packed_kw,
-                )
-            self._after_packed_step(group_index, device, packed_kw)
-            batch.write_back()
+        return _StableCall(reset=reset, mode=mode, beta1=beta1 * sc,
+                           gamma1=(beta1 if gamma1 == -1 else gamma1) * sc)
+
+    def _tensor_scalars(self, state: dict[str, Any], group: dict[str, Any],
+                        call: _StableCall) -> tuple[dict[str, int], dict[str, float | tuple[float, ...]]]:
+        _, beta2 = group["betas"]
+        _, gamma2, gamma3 = group["gammas"]
+        k_stat = state["stat_step"] + 1
+        stat_bcs = (1.0 - call.gamma1**k_stat, 1.0 - gamma2**k_stat, 1.0 - gamma3**k_stat)
+        k = state["step"] + 1
+        if call.reset:
+            k = 1
+            if group["restart_stat_counts"]:
+                k_stat = 1
+        return {"step": k, "stat_step": k_stat}, {
+            "stat_bias_corrections": stat_bcs, "step_sizes": group["lr"] / (1.0 - call.beta1**k),
+            "sqrt_bc2s": math.sqrt(1.0 - beta2**k)}
+
+    def _core_step(self, batch: DeviceBatch, group: dict[str, Any], call: _StableCall,
+                   core_kw: dict[str, Any]) -> None:
+        _, beta2 = group["betas"]
+        _, gamma2, gamma3 = group["gammas"]
+        F.stable_spam_step(
+            batch.params, batch.grads, **core_kw, grad_stats=[s["grad_stats"] for s in batch.states],
+            gamma1=call.gamma1, gamma2=gamma2, gamma3=gamma3, beta1=call.beta1, beta2=beta2,
+            eps=group["eps"], weight_keep=1.0 - group["lr"] * group["weight_decay"], reset=call.mode)

@@ -14,8 +14,14 @@ from torch import Tensor
 
 from spam_lowmem.qmap import BLOCK_SIZE, num_blocks, quant_map
 
-__all__ = ["init_moments", "init_compact_moments", "load_moments", "store_moments", "quantize_blocks",
-           "dequantize_blocks"]
+__all__ = [
+    "dequantize_blocks",
+    "init_compact_moments",
+    "init_moments",
+    "load_moments",
+    "quantize_blocks",
+    "store_moments",
+]
 
 
 def _uses_8bit(p: Tensor, group: dict[str, Any]) -> bool:

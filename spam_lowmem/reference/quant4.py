@@ -32,8 +32,15 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "fake_weight_int4", "fake_act_int4", "fake_fp4", "pack", "unpack", "pack_nibbles",
-    "unpack_nibbles", "sr_uniform", "requant_sr",
+    "fake_act_int4",
+    "fake_fp4",
+    "fake_weight_int4",
+    "pack",
+    "pack_nibbles",
+    "requant_sr",
+    "sr_uniform",
+    "unpack",
+    "unpack_nibbles",
 ]
 
 WEIGHT_SCALE_MIN = 1e-5

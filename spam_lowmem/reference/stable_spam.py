@@ -16,43 +16,28 @@ As-implemented quirks (§4.5) are the defaults and can be switched off:
   corrections restarts with ``k`` (to 1 after the reset call, so the next call uses 2),
   while ``M, mu, nu`` keep their values. ``False``: that count never restarts.
 
-It imports only ``torch``, ``math`` and :mod:`spam_lowmem.schedules`.
+It imports only ``torch``, ``math``, :mod:`spam_lowmem.schedules` and the argument
+definitions of :mod:`spam_lowmem.hyperparams`, never the compiled extension.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from spam_lowmem.reference.spam import check_common, dense_grad, f32
+from spam_lowmem.hyperparams import StableSPAMSettings, settings_constructor
+from spam_lowmem.reference.base import ReferenceOptimizer, dense_grad
 from spam_lowmem.reference.moments import init_moments, load_moments, store_moments
+from spam_lowmem.reference.spam import f32
 from spam_lowmem.schedules import is_reset_call, stable_spam_decay
 
 __all__ = ["ReferenceStableSPAM"]
 
 
-def _check_stable(group: dict[str, Any]) -> None:
-    check_common(group)
-    gammas = tuple(group["gammas"])
-    if len(gammas) != 3:
-        raise ValueError(f"Invalid gammas (three values expected): {group['gammas']}")
-    g1, g2, g3 = (float(x) for x in gammas)
-    if not (g1 == -1.0 or 0.0 <= g1 < 1.0):
-        raise ValueError(f"Invalid gamma1 (in [0, 1), or -1 for beta1): {g1}")
-    if not (0.0 <= g2 < 1.0 and 0.0 <= g3 < 1.0):
-        raise ValueError(f"Invalid gamma2/gamma3 (each in [0, 1)): {gammas}")
-    total = group["total_steps"]
-    if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total <= 0):
-        raise ValueError(f"Invalid total_steps (None or a positive int): {total}")
-    if not 0.0 <= float(group["eta_min"]) <= 1.0:
-        raise ValueError(f"Invalid eta_min (in [0, 1]): {group['eta_min']}")
-
-
-class ReferenceStableSPAM(torch.optim.Optimizer):
+class ReferenceStableSPAM(ReferenceOptimizer):
     """Oracle Stable-SPAM optimizer (ALGORITHMS.md §4.4, with the §4.5 quirks by default).
 
     Per call ``T = group["calls"] + 1``: ``sc = stable_spam_decay(T, total_steps, eta_min)``
@@ -69,63 +54,10 @@ class ReferenceStableSPAM(torch.optim.Optimizer):
     the clipped (finite, ``|g| > threshold``) and non-finite entry counts of the last call.
     """
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        gammas: tuple[float, float, float] = (0.7, 0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        reset_interval: int = 1000,
-        total_steps: int | None = None,
-        eta_min: float = 0.5,
-        *,
-        stale_reset_step: bool = True,
-        restart_stat_counts: bool = True,
-        nonfinite: str = "skip",
-        state_bits: int = 32,
-        min_8bit_size: int = 4096,
-    ) -> None:
-        defaults = dict(state_bits=state_bits, min_8bit_size=min_8bit_size,
-            lr=lr, betas=betas, gammas=gammas, eps=eps, weight_decay=weight_decay,
-            reset_interval=reset_interval, total_steps=total_steps, eta_min=eta_min,
-            stale_reset_step=stale_reset_step, restart_stat_counts=restart_stat_counts,
-            nonfinite=nonfinite,
-        )
-        _check_stable(defaults)
-        self.last_counts: dict[str, int] = {"clipped": 0, "nonfinite": 0}
-        super().__init__(params, defaults)
+    SETTINGS = StableSPAMSettings
+    __init__ = settings_constructor(StableSPAMSettings)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group after validating its (possibly overridden) hyper-parameters."""
-        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        _check_stable(merged)
-        super().add_param_group(param_group)
-        self.param_groups[-1].setdefault("calls", 0)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One Stable-SPAM call for every group; returns the closure's loss, if any."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        clipped = nonfinite = 0
-        for group in self.param_groups:
-            T = group["calls"] + 1
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                c, b = self._update_tensor(p, self.state[p], group, T)
-                clipped += c
-                nonfinite += b
-            group["calls"] = T
-        self.last_counts = {"clipped": clipped, "nonfinite": nonfinite}
-        return loss
-
-    @staticmethod
-    def _update_tensor(p: Tensor, state: dict[str, Any], group: dict[str, Any], T: int) -> tuple[int, int]:
+    def _update_tensor(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], T: int) -> tuple[int, int]:
         grad = dense_grad(p, "ReferenceStableSPAM")
         if not state:
             state["step"] = 0

@@ -151,7 +151,7 @@ def parse_budget(text: str) -> int:
     K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024, kB/MB/GB/TB powers of 1000, B bytes. A
     number without a unit is refused: ``--budget 1.5`` is far more likely GB than 1 byte.
     """
-    from ..plan import SIZE_UNITS, _size_bytes
+    from ..planner import SIZE_UNITS, _size_bytes
 
     try:
         return _size_bytes(text)
