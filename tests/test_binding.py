@@ -120,6 +120,31 @@ def test_typed_arguments_are_checked() -> None:
     assert not p.any() and not m.any() and not v.any()
 
 
+@pytest.mark.filterwarnings("ignore:nanobind")  # it warns about the uninitialised instance
+def test_packed_descriptors_are_checked_against_the_batch() -> None:
+    p, g, m, v, empty = torch.empty(0), torch.ones(64), torch.zeros(64), torch.zeros(64), torch.empty(0)
+    bad = torch.zeros(1, dtype=torch.int64)
+
+    def batch(ref: object) -> None:
+        _C.StepBatch(*[[to_dlpack(t)] for t in (p, g, m, v, empty, empty)],
+                     to_dlpack(torch.zeros(2, dtype=torch.int64)), *maps(), packed=[ref],
+                     packed_bad=to_dlpack(bad))
+
+    def ref(numel: int) -> object:
+        return _C.PackedWeightRef(to_dlpack(torch.zeros(numel // 2, dtype=torch.uint8)),
+                                  to_dlpack(torch.zeros(numel // 32)),
+                                  to_dlpack(torch.zeros(numel // 32, dtype=torch.uint8)), None, None,
+                                  numel=numel, fmt=0, group=32, seed=1, step=0)
+
+    batch(ref(64))
+    with pytest.raises(ValueError, match=r"packed\[0\]: the packed weight has 128 elements"):
+        batch(ref(128))
+    with pytest.raises(TypeError, match="PackedWeightRef"):  # its __init__ never ran
+        batch(_C.PackedWeightRef.__new__(_C.PackedWeightRef))
+    with pytest.raises(TypeError, match="PackedWeightRef"):
+        batch((1, 2))
+
+
 def test_cpu_module_reports_threads_and_isa() -> None:
     assert _C.num_threads() >= 1
     assert _C.isa() in ("baseline", "avx2", "avx512", "avx512vbmi")

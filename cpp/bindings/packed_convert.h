@@ -74,9 +74,11 @@ inline std::vector<const PackedWeightRef*> packed_refs(const nb::object& packed,
   for (size_t i = 0; i < n; ++i) {
     const nb::handle item = items[i];
     if (item.is_none()) continue;
-    if (!nb::isinstance<PackedWeightRef>(item))
+    // try_cast, not inst_ptr: it also refuses an instance whose __init__ never ran.
+    const PackedWeightRef* ref = nullptr;
+    if (!nb::try_cast<const PackedWeightRef*>(item, ref) || ref == nullptr)
       throw nb::type_error((describe("packed", i) + ": expected None or a PackedWeightRef").c_str());
-    refs[i] = nb::inst_ptr<PackedWeightRef>(item);
+    refs[i] = ref;
     any = true;
   }
   if (!any) refs.clear();
