@@ -1,6 +1,8 @@
 // step_batch.h — StepBatch: the tensors of one optimizer step call (SPAM, Stable-SPAM, AdamW),
 // converted and checked once when the batch is built (convert.h), so the step entries
-// (step_entry.h) only add the per-call constants. The batch holds every array it points into.
+// (step_entry.h) only add the per-call constants. The batch holds every array it points into;
+// as with any DLPack export, those tensors must not be resized while it refers to them
+// (functional.py builds a batch and steps it in one go).
 //
 // Per tensor the moments are dense (exp_avgs/exp_avg_sqs in the parameter dtype) or 8-bit
 // (uint8 codes plus absmax_m/absmax_v), mixed freely within a call, and a tensor may be a
