@@ -23,7 +23,7 @@ except ImportError as exc:  # built without nvcc, or the CUDA runtime is missing
     _cuda_module = None
     _cuda_import_error = str(exc)
 
-__all__ = ["cpu_module", "cuda_module", "has_cuda_kernels", "module_for", "check_device"]
+__all__ = ["cpu_module", "cuda_module", "has_cuda_kernels", "module_for", "check_device", "stream_for"]
 
 SUPPORTED_DEVICE_TYPES = ("cpu", "cuda")
 
@@ -62,3 +62,9 @@ def module_for(device: torch.device) -> ModuleType:
     """The core module that serves tensors on ``device``."""
     check_device(device)
     return _C if device.type == "cpu" else cuda_module()
+
+
+def stream_for(device: torch.device) -> int:
+    """The ``stream`` argument of a core call on ``device``: the current CUDA stream as an int,
+    0 on the CPU (whose core has no streams)."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0

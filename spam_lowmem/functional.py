@@ -18,7 +18,8 @@ update, and re-quantises it with stochastic rounding in one fused pass; the resu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -31,13 +32,10 @@ from .quant4 import PackedWeight
 __all__ = ["MomentReset", "PackedStep", "spam_step", "sparse_spam_step", "stable_spam_step", "adamw_step", "quantize_blockwise",
            "dequantize_blockwise"]
 
-
-class MomentReset:
-    """How a momentum reset treats the current call (mirrors ``spam::MomentReset``)."""
-
-    NONE = 0
-    BEFORE_UPDATE = 1  # m, v read as zero, then updated (SPAM; Stable-SPAM clean mode)
-    AFTER_UPDATE = 2  # step with the old m, v, then store zeros (Stable-SPAM as implemented)
+# How a momentum reset treats the current call: NONE, BEFORE_UPDATE (m, v read as zero, then
+# updated: SPAM, Stable-SPAM clean mode), AFTER_UPDATE (step with the old m, v, then store
+# zeros: Stable-SPAM as implemented). The core's own enum (spam::MomentReset), an IntEnum.
+MomentReset = _backend.cpu_module().MomentReset
 
 
 class PackedStep(NamedTuple):
@@ -49,9 +47,9 @@ class PackedStep(NamedTuple):
     step: int
 
 
-def _packed_kwargs(packed: Sequence[PackedStep | None] | None, packed_bad: torch.Tensor | None,
-                   grads: Sequence[torch.Tensor]) -> dict[str, object]:
-    """The ``packed``/``packed_bad`` keywords of the core step calls (none when no tensor is
+def _packed_kwargs(module: ModuleType, packed: Sequence[PackedStep | None] | None,
+                   packed_bad: torch.Tensor | None, grads: Sequence[torch.Tensor]) -> dict[str, object]:
+    """The ``packed``/``packed_bad`` keywords of the core's StepBatch (none when no tensor is
     packed, so dense groups pay nothing)."""
     if packed is None or all(item is None for item in packed):
         return {}
@@ -60,10 +58,10 @@ def _packed_kwargs(packed: Sequence[PackedStep | None] | None, packed_bad: torch
                          "element on their device (non-finite groups are counted there)")
     if len(packed) != len(grads):
         raise ValueError(f"spam_lowmem: 'packed' has {len(packed)} entries for {len(grads)} tensors")
-    specs: list[object] = []
+    refs: list[object] = []
     for item, grad in zip(packed, grads):
         if item is None:
-            specs.append(None)
+            refs.append(None)
             continue
         if not isinstance(item, PackedStep):
             raise TypeError(f"spam_lowmem: packed entries must be None or PackedStep, got "
@@ -72,9 +70,8 @@ def _packed_kwargs(packed: Sequence[PackedStep | None] | None, packed_bad: torch
         if w.numel != grad.numel():
             raise ValueError(f"spam_lowmem: a packed weight of shape {w.shape} ({w.numel} elements) "
                              f"got a gradient of {grad.numel()} elements")
-        specs.append((*w._capsules(), 0 if w.fmt == "int4" else 1, w.group_size,
-                      int(item.seed) & (2**64 - 1), int(item.step) & (2**64 - 1)))
-    return {"packed": specs, "packed_bad": to_dlpack(packed_bad)}
+        refs.append(w._ref(module, seed=item.seed, step=item.step))
+    return {"packed": refs, "packed_bad": to_dlpack(packed_bad)}
 
 
 def _capsules(tensors: Sequence[torch.Tensor]) -> list[object]:
@@ -89,18 +86,38 @@ def _map_capsules(signed: bool, device: torch.device) -> list[object]:
     return _capsules([q.values, q.midpoints, q.buckets, q.simd])
 
 
-def _common(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-            exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
-            absmax_m: Sequence[torch.Tensor], absmax_v: Sequence[torch.Tensor]) -> list[object]:
-    return [_capsules(params), _capsules(grads), _capsules(exp_avgs), _capsules(exp_avg_sqs),
-            _capsules(absmax_m), _capsules(absmax_v)]
+# The arguments of a core `step` after the batch, built on the module that runs it (each core
+# module has its own hyper-parameter classes).
+_StepArgs = Callable[[ModuleType], tuple[object, ...]]
 
 
-def _device_kwargs(device: torch.device) -> dict[str, object]:
-    kw: dict[str, object] = {"m_map": _map_capsules(True, device), "v_map": _map_capsules(False, device)}
-    if device.type == "cuda":
-        kw["stream"] = torch.cuda.current_stream(device).cuda_stream
-    return kw
+def _step(columns: Sequence[Sequence[torch.Tensor]], counters: torch.Tensor, args: _StepArgs, *,
+          sparse: bool = False, packed: Sequence[PackedStep | None] | None = None,
+          packed_bad: torch.Tensor | None = None) -> None:
+    """The one path into the core: the call's tensors become a typed batch (checked by the
+    core when built: devices, dtypes, sizes, contiguity) on the module serving the counters'
+    device, and that module's ``step`` runs the algorithm its argument types name.
+
+    ``columns``: params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v (sparse: then
+    block_starts, subsets), one tensor per parameter each."""
+    device = counters.device
+    module = _backend.module_for(device)
+    arrays = [_capsules(c) for c in columns]
+    maps = (_map_capsules(True, device), _map_capsules(False, device))
+    stream = _backend.stream_for(device)
+    if sparse:
+        batch = module.SparseBatch(*arrays, to_dlpack(counters), *maps, stream=stream)
+    else:
+        batch = module.StepBatch(*arrays, to_dlpack(counters), *maps, stream=stream,
+                                 **_packed_kwargs(module, packed, packed_bad, columns[1]))
+    module.step(batch, *args(module))
+
+
+def _spam_args(hyper: dict[str, float | int | bool], update_scales: Sequence[float]) -> _StepArgs:
+    """The arguments of a dense or sparse SPAM ``step``: SpamHyper and the update scales."""
+    def args(module: ModuleType) -> tuple[object, ...]:
+        return module.SpamHyper(**hyper), list(update_scales)
+    return args
 
 
 def spam_step(
@@ -119,15 +136,10 @@ def spam_step(
     accumulates [clipped, non-finite] entries. ``packed``/``packed_bad``: packed 4-bit
     weights stepped in the fused pass (module docstring).
     """
-    device = counters.device
-    kw = _device_kwargs(device)
-    _backend.module_for(device).spam_step(
-        *_common(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), list(update_scales),
-        to_dlpack(counters), kw.pop("m_map"), kw.pop("v_map"),
-        beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
-        eps=eps, clip_threshold=clip_threshold, weight_decay_scale=weight_decay_scale,
-        reset=reset, skip_nonfinite=skip_nonfinite, **_packed_kwargs(packed, packed_bad, grads), **kw,
-    )
+    hyper = dict(beta1=beta1, beta2=beta2, eps=eps, clip_threshold=clip_threshold,
+                 weight_decay_scale=weight_decay_scale, reset=reset, skip_nonfinite=skip_nonfinite)
+    _step((params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), counters,
+          _spam_args(hyper, update_scales), packed=packed, packed_bad=packed_bad)
 
 
 def sparse_spam_step(
@@ -149,15 +161,10 @@ def sparse_spam_step(
     :func:`spam_step`. On CUDA the subsets and block starts are device tensors, read by the
     kernel (no host sync); the CPU and CUDA kernels give the same results on the same state.
     """
-    device = counters.device
-    kw = _device_kwargs(device)
-    _backend.module_for(device).sparse_spam_step(
-        *_common(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), _capsules(block_starts),
-        _capsules(subsets), list(update_scales), to_dlpack(counters), kw.pop("m_map"), kw.pop("v_map"),
-        beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
-        eps=eps, clip_threshold=clip_threshold, weight_decay_scale=weight_decay_scale,
-        reset=reset, skip_nonfinite=skip_nonfinite, **kw,
-    )
+    hyper = dict(beta1=beta1, beta2=beta2, eps=eps, clip_threshold=clip_threshold,
+                 weight_decay_scale=weight_decay_scale, reset=reset, skip_nonfinite=skip_nonfinite)
+    _step((params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v, block_starts, subsets),
+          counters, _spam_args(hyper, update_scales), sparse=True)
 
 
 def stable_spam_step(
@@ -178,23 +185,28 @@ def stable_spam_step(
     ``weight_keep = 1 - lr * weight_decay``. ``packed``/``packed_bad``: packed 4-bit weights
     (module docstring); their max|g| and ||g|| come from the gradient as for any tensor.
     """
+    corrections = list(stat_bias_corrections)
+    if len(corrections) != 3 * len(grad_stats):
+        raise ValueError(f"spam_lowmem: 'stat_bias_corrections' needs 3 entries per tensor: "
+                         f"{len(corrections)} for {len(grad_stats)} grad_stats")
     device = counters.device
-    module = _backend.module_for(device)
-    kw = _device_kwargs(device)
-    if device.type == "cuda":
-        # sizes from the gradients: a packed weight's params entry is empty
-        nbytes = module.stable_spam_scratch_bytes([g.numel() for g in grads])
-        kw["scratch"] = to_dlpack(torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device))
-    module.stable_spam_step(
-        *_common(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), _capsules(grad_stats),
-        list(stat_bias_corrections), list(step_sizes), list(sqrt_bc2s), to_dlpack(counters),
-        kw.pop("m_map"), kw.pop("v_map"),
-        gamma1=gamma1, one_minus_gamma1=1.0 - gamma1, gamma2=gamma2,
-        one_minus_gamma2=1.0 - gamma2, gamma3=gamma3, one_minus_gamma3=1.0 - gamma3,
-        beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
-        eps=eps, weight_keep=weight_keep, reset=reset, skip_nonfinite=skip_nonfinite,
-        **_packed_kwargs(packed, packed_bad, grads), **kw,
-    )
+
+    def args(module: ModuleType) -> tuple[object, ...]:
+        # the core's statistics take one list per correction: no per-tensor tuple is built
+        stats = module.StableStats(_capsules(grad_stats), corrections[0::3], corrections[1::3],
+                                   corrections[2::3])
+        scratch = None
+        if device.type == "cuda":
+            # sizes from the gradients: a packed weight's params entry is empty
+            nbytes = module.stable_spam_scratch_bytes([g.numel() for g in grads])
+            scratch = to_dlpack(torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device))
+        return (module.AdamHyper(beta1=beta1, beta2=beta2, eps=eps, weight_keep=weight_keep,
+                                 skip_nonfinite=skip_nonfinite, reset=reset),
+                module.StatHyper(gamma1=gamma1, gamma2=gamma2, gamma3=gamma3), stats,
+                list(step_sizes), list(sqrt_bc2s), scratch)
+
+    _step((params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), counters, args,
+          packed=packed, packed_bad=packed_bad)
 
 
 def adamw_step(
@@ -208,15 +220,12 @@ def adamw_step(
     """One AdamW step with ``torch.optim.AdamW``'s conventions (decay first, eps after bias
     correction); ``step_sizes[i] = lr / (1 - beta1^k_i)``, ``sqrt_bc2s[i] = sqrt(1 - beta2^k_i)``.
     ``packed``/``packed_bad``: packed 4-bit weights (module docstring)."""
-    device = counters.device
-    kw = _device_kwargs(device)
-    _backend.module_for(device).adamw_step(
-        *_common(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), list(step_sizes),
-        list(sqrt_bc2s), to_dlpack(counters), kw.pop("m_map"), kw.pop("v_map"),
-        beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
-        eps=eps, weight_keep=weight_keep, skip_nonfinite=skip_nonfinite,
-        **_packed_kwargs(packed, packed_bad, grads), **kw,
-    )
+    def args(module: ModuleType) -> tuple[object, ...]:
+        return (module.AdamHyper(beta1=beta1, beta2=beta2, eps=eps, weight_keep=weight_keep,
+                                 skip_nonfinite=skip_nonfinite), list(step_sizes), list(sqrt_bc2s))
+
+    _step((params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), counters, args,
+          packed=packed, packed_bad=packed_bad)
 
 
 def quantize_blockwise(x: torch.Tensor, *, signed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,9 +239,9 @@ def quantize_blockwise(x: torch.Tensor, *, signed: bool = True) -> tuple[torch.T
     blocks = num_blocks(src.numel())
     codes = torch.empty(src.numel(), dtype=torch.uint8, device=src.device)
     absmax = torch.empty(blocks, dtype=torch.float32, device=src.device)
-    kw = {"stream": torch.cuda.current_stream(src.device).cuda_stream} if src.is_cuda else {}
     _backend.module_for(src.device).quantize_blockwise(
-        to_dlpack(src), to_dlpack(codes), to_dlpack(absmax), _map_capsules(signed, src.device), **kw)
+        to_dlpack(src), to_dlpack(codes), to_dlpack(absmax), _map_capsules(signed, src.device),
+        stream=_backend.stream_for(src.device))
     return codes, absmax
 
 
@@ -244,10 +253,9 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, *, signed: b
     if absmax.dtype != torch.float32 or absmax.numel() != num_blocks(codes.numel()):
         raise ValueError("dequantize_blockwise: absmax must be float32 with one entry per 256 codes")
     out = torch.empty(codes.numel(), dtype=dtype, device=codes.device)
-    kw = {"stream": torch.cuda.current_stream(codes.device).cuda_stream} if codes.is_cuda else {}
     _backend.module_for(codes.device).dequantize_blockwise(
         to_dlpack(codes.contiguous()), to_dlpack(absmax.contiguous()), to_dlpack(out),
-        _map_capsules(signed, codes.device), **kw)
+        _map_capsules(signed, codes.device), stream=_backend.stream_for(codes.device))
     return out
 
 

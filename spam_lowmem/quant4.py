@@ -38,6 +38,7 @@ nibble of byte ``i``, plus fp32 per-group metadata; the layout is drawn in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal
 
 import torch
@@ -182,6 +183,13 @@ class PackedWeight:
     def _capsules(self) -> list[object | None]:
         return [None if t is None else to_dlpack(t)
                 for t in (self.codes, self.scale, self.zero, self.outlier_idx, self.outlier_val)]
+
+    def _ref(self, module: ModuleType, *, seed: int, step: int) -> object:
+        """This weight as ``module``'s PackedWeightRef (checked there) for one fused optimizer
+        update whose stochastic rounding uses the counter (``seed``, ``step``)."""
+        return module.PackedWeightRef(*self._capsules(), numel=self.numel, fmt=_FMT_CODE[self.fmt],
+                                      group=self.group_size, seed=int(seed) & (2**64 - 1),
+                                      step=int(step) & (2**64 - 1))
 
 
 def packed_bytes_per_weight(fmt: Format, group_size: int = 256) -> float:

@@ -45,13 +45,10 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(_C_cuda is None, reason=_SKIP
 DEVICE = "cuda"
 SIZES = (1, 7, 255, 4097, 65537)  # 65537 spans two 64Ki-element chunks
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-SPAM_KW = dict(beta1=0.9, one_minus_beta1=0.1, beta2=0.999, one_minus_beta2=0.001, eps=1e-6,
-               weight_decay_scale=1e-4)
+SPAM_KW = dict(beta1=0.9, beta2=0.999, eps=1e-6, weight_decay_scale=1e-4)
 GAMMA1, GAMMA2, GAMMA3, SC = 0.7, 0.9, 0.999, 0.8
-ADAM_KW = dict(beta1=0.9 * SC, one_minus_beta1=1 - 0.9 * SC, beta2=0.999, one_minus_beta2=0.001,
-               eps=1e-8, weight_keep=1 - 1e-3 * 0.01)
-STABLE_KW = dict(ADAM_KW, gamma1=GAMMA1 * SC, one_minus_gamma1=1 - GAMMA1 * SC, gamma2=GAMMA2,
-                 one_minus_gamma2=1 - GAMMA2, gamma3=GAMMA3, one_minus_gamma3=1 - GAMMA3)
+ADAM_KW = dict(beta1=0.9 * SC, beta2=0.999, eps=1e-8, weight_keep=1 - 1e-3 * 0.01)
+STAT_KW = dict(gamma1=GAMMA1 * SC, gamma2=GAMMA2, gamma3=GAMMA3)
 STATS_CLIPPING = (0.05, 0.5, 0.3)  # M small: M_hat ~ 0.08 < max|g| of the larger tensors
 STATS_QUIET = (10.0, 0.5, 0.3)  # M_hat ~ 16: AdaClip does not fire
 ALGOS = ("spam", "stable", "adamw")
@@ -105,7 +102,17 @@ def _columns(group):
 
 
 def _maps(device):
-    return [[q.values, q.midpoints, q.buckets] for q in (quant_map(True, device), quant_map(False, device))]
+    return [[q.values, q.midpoints, q.buckets, q.simd]
+            for q in (quant_map(True, device), quant_map(False, device))]
+
+
+def _batch(module, cols, cnt, maps, stream=0):
+    """The core's StepBatch of `module` (_C or _C_cuda) for these columns."""
+    return module.StepBatch(*cols, cnt, *maps, stream=stream)
+
+
+def _stats(module, stats, bcs):
+    return module.StableStats(stats, bcs[0::3], bcs[1::3], bcs[2::3])
 
 
 def _stream():
@@ -180,25 +187,27 @@ def _stable_lists(n):
     return bcs, step_sizes, sqrt_bc2s
 
 
-def _call(module, algo, group, stats, cnt, opts, **device_kw):
+def _call(module, algo, group, stats, cnt, opts, stream=0):
     """One step of `algo` through `module` (_C or _C_cuda) with the arguments of the test."""
-    cols, maps, n = _columns(group), _maps(cnt.device), len(group)
+    n = len(group)
+    batch = _batch(module, _columns(group), cnt.detach(), _maps(cnt.device), stream)
     bcs, step_sizes, sqrt_bc2s = _stable_lists(n)
     if algo == "spam":
-        kw = dict(SPAM_KW, clip_threshold=opts.get("clip", 50.0), reset=opts.get("reset", 0),
-                  skip_nonfinite=opts.get("skip", True))
-        scales = [1e-3 * (1.0 + 0.1 * i) for i in range(n)]
-        module.spam_step(*cols, scales, cnt.detach(), *maps, **kw, **device_kw)
+        hyper = module.SpamHyper(**SPAM_KW, clip_threshold=opts.get("clip", 50.0),
+                                 reset=opts.get("reset", 0), skip_nonfinite=opts.get("skip", True))
+        module.step(batch, hyper, [1e-3 * (1.0 + 0.1 * i) for i in range(n)])
     elif algo == "stable":
-        kw = dict(STABLE_KW, reset=opts.get("reset", 0), skip_nonfinite=opts.get("skip", True))
+        hyper = module.AdamHyper(**ADAM_KW, reset=opts.get("reset", 0),
+                                 skip_nonfinite=opts.get("skip", True))
+        scratch = None
         if module is _C_cuda:
             nbytes = _C_cuda.stable_spam_scratch_bytes([ts[0].numel() for ts in group])
-            device_kw["scratch"] = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
-        module.stable_spam_step(*cols, [s.detach() for s in stats], bcs, step_sizes, sqrt_bc2s,
-                                cnt.detach(), *maps, **kw, **device_kw)
+            scratch = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
+        module.step(batch, hyper, module.StatHyper(**STAT_KW),
+                    _stats(module, [s.detach() for s in stats], bcs), step_sizes, sqrt_bc2s, scratch)
     else:
-        kw = dict(ADAM_KW, skip_nonfinite=opts.get("skip", True))
-        module.adamw_step(*cols, step_sizes, sqrt_bc2s, cnt.detach(), *maps, **kw, **device_kw)
+        hyper = module.AdamHyper(**ADAM_KW, skip_nonfinite=opts.get("skip", True))
+        module.step(batch, hyper, step_sizes, sqrt_bc2s)
 
 
 def _run(algo, group, *, stream=None, before_launch=None, stats_init=STATS_CLIPPING, **opts):
@@ -410,24 +419,25 @@ def test_scratch_bytes_and_argument_checks():
     stats = [torch.zeros(3, device=DEVICE)]
     cnt = torch.zeros(2, dtype=torch.int64, device=DEVICE)
     maps = _maps(DEVICE)
-    kw = dict(STABLE_KW, reset=0, skip_nonfinite=True, stream=_stream())
     too_small = torch.empty(small - 1, dtype=torch.uint8, device=DEVICE)
+    bcs, step_sizes, sqrt_bc2s = _stable_lists(1)
     with pytest.raises(ValueError):
-        _C_cuda.stable_spam_step(*_columns(group), stats, *_stable_lists(1), cnt, *maps, **kw,
-                                 scratch=too_small)
-    spam_kw = dict(SPAM_KW, clip_threshold=0.0, reset=0, skip_nonfinite=True, stream=_stream())
+        _C_cuda.step(_batch(_C_cuda, _columns(group), cnt, maps, _stream()),
+                     _C_cuda.AdamHyper(**ADAM_KW, reset=0, skip_nonfinite=True),
+                     _C_cuda.StatHyper(**STAT_KW), _stats(_C_cuda, stats, bcs), step_sizes,
+                     sqrt_bc2s, too_small)
     cpu_params = [group[0][0].cpu()]
     with pytest.raises(TypeError):  # a CPU tensor handed to the CUDA module
-        _C_cuda.spam_step(cpu_params, *_columns(group)[1:], [1e-3], cnt, *maps, **spam_kw)
+        _batch(_C_cuda, [cpu_params, *_columns(group)[1:]], cnt, maps)
     with pytest.raises(TypeError):  # counters must be int64
-        _C_cuda.spam_step(*_columns(group), [1e-3], cnt.float(), *maps, **spam_kw)
+        _batch(_C_cuda, _columns(group), cnt.float(), maps)
     group8 = _to_device(_make_group([1000], torch.float32, seed=11, q8=True))
     with pytest.raises(TypeError):  # 8-bit moments need the maps on the device
-        _C_cuda.spam_step(*_columns(group8), [1e-3], cnt, *_maps("cpu"), **spam_kw)
+        _batch(_C_cuda, _columns(group8), cnt, _maps("cpu"))
     cols = _columns(group8)
     cols[4] = [cols[4][0][:-1]]
     with pytest.raises(ValueError):  # one absmax per 256 elements
-        _C_cuda.spam_step(*cols, [1e-3], cnt, *maps, **spam_kw)
+        _batch(_C_cuda, cols, cnt, maps)
 
 
 # ------------------------------------------------------------------- sparse momentum (§3)

@@ -9,6 +9,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -83,13 +84,22 @@ inline void check_same(const TensorRef& p, const TensorRef& other, const std::st
     throw nb::type_error((name + ": dtype differs from the parameter's").c_str());
 }
 
-inline void check_lengths(size_t n, size_t m, const char* what) {
+inline void check_lengths(size_t n, size_t m, const char* what, const char* of = "params") {
   if (n != m)
     throw nb::value_error((std::string("spam_lowmem: list '") + what +
-                           "' has a different length from 'params'").c_str());
+                           "' has a different length from '" + of + "'").c_str());
 }
 
 using ArrayList = std::vector<nb::ndarray<>>;
+
+// Every list of a call has one entry per parameter.
+struct Column {
+  const ArrayList& list;
+  const char* name;
+};
+inline void check_columns(size_t n, std::initializer_list<Column> columns) {
+  for (const Column& c : columns) check_lengths(n, c.list.size(), c.name);
+}
 
 // Every array of one CUDA call must be on one device: the launcher makes that device
 // current and a kernel cannot dereference another GPU's memory. (CPU calls: a no-op.)
@@ -163,11 +173,8 @@ inline StepBuffers convert_step_buffers(const ArrayList& params, const ArrayList
                                         int device_type, SameDevice& dev,
                                         const std::vector<char>* packed = nullptr) {
   const size_t n = params.size();
-  check_lengths(n, grads.size(), "grads");
-  check_lengths(n, exp_avgs.size(), "exp_avgs");
-  check_lengths(n, exp_avg_sqs.size(), "exp_avg_sqs");
-  check_lengths(n, absmax_m.size(), "absmax_m");
-  check_lengths(n, absmax_v.size(), "absmax_v");
+  check_columns(n, {{grads, "grads"}, {exp_avgs, "exp_avgs"}, {exp_avg_sqs, "exp_avg_sqs"},
+                    {absmax_m, "absmax_m"}, {absmax_v, "absmax_v"}});
   StepBuffers b;
   auto convert = [&](const nb::ndarray<>& a, const char* what, size_t i) {
     return device_float_ref(a, what, i, device_type, dev);
@@ -217,30 +224,19 @@ inline QuantMap convert_map(const ArrayList& parts, int device_type, const char*
                   typed_buffer<uint8_t>(parts[3], device_type, kQuantSimdBytes, n + ".simd")};
 }
 
-inline MomentReset to_reset(int reset) {
-  if (reset < 0 || reset > 2) throw nb::value_error("spam_lowmem: reset must be 0, 1 or 2");
-  return static_cast<MomentReset>(reset);
+// A code map on the call's device (a kernel cannot read another GPU's table), and the m
+// (signed) and v (unsigned) maps of a call with 8-bit moments.
+inline QuantMap convert_device_map(const ArrayList& parts, int device_type, const char* name,
+                                   SameDevice& dev) {
+  const QuantMap q = convert_map(parts, device_type, name);
+  for (size_t k = 0; k < parts.size(); ++k) dev.check(parts[k], describe(name, k));
+  return q;
 }
 
-// Hyper-parameter structs from the named keywords every binding takes (math.h). Constants
-// arrive as Python floats (double) and are rounded to fp32 once, here.
-inline StableAdamHyper adam_hyper(double beta1, double one_minus_beta1, double beta2,
-                                  double one_minus_beta2, double eps, double weight_keep, int reset,
-                                  bool skip_nonfinite) {
-  return StableAdamHyper{static_cast<float>(beta1), static_cast<float>(one_minus_beta1),
-                         static_cast<float>(beta2), static_cast<float>(one_minus_beta2),
-                         static_cast<float>(eps),   static_cast<float>(weight_keep),
-                         to_reset(reset),           NonFinite{skip_nonfinite}};
-}
-
-inline SpamHyper spam_hyper(double beta1, double one_minus_beta1, double beta2,
-                            double one_minus_beta2, double eps, double clip_threshold,
-                            double weight_decay_scale, int reset, bool skip_nonfinite) {
-  return SpamHyper{static_cast<float>(beta1),        static_cast<float>(one_minus_beta1),
-                   static_cast<float>(beta2),        static_cast<float>(one_minus_beta2),
-                   static_cast<float>(eps),          static_cast<float>(clip_threshold),
-                   static_cast<float>(weight_decay_scale), to_reset(reset),
-                   NonFinite{skip_nonfinite}};
+inline QuantMaps convert_maps(const ArrayList& m_map, const ArrayList& v_map, int device_type,
+                              SameDevice& dev) {
+  return QuantMaps{convert_device_map(m_map, device_type, "m_map", dev),
+                   convert_device_map(v_map, device_type, "v_map", dev)};
 }
 
 }  // namespace spam::bind

@@ -1,5 +1,5 @@
-// quant4_convert.h — argument conversion shared by the CPU (cpu_quant4.cpp) and CUDA
-// (cuda_quant4.cpp) bindings of the 4-bit quantisers: DLPack arrays -> spam::q4::Packed,
+// quant4_convert.h — argument conversion of the 4-bit quantisers (quant4_entry.h) and of the
+// packed weights of a fused step (packed_convert.h): DLPack arrays -> spam::q4::Packed,
 // with the size/dtype/device checks that keep a malformed buffer away from a kernel.
 #pragma once
 

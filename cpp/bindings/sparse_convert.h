@@ -1,8 +1,10 @@
-// sparse_convert.h — argument checks and conversions shared by the CPU and CUDA bindings of the
-// sparse-momentum SPAM step (cpu_sparse.cpp, cuda_sparse.cpp). Per tensor: the full-size
-// parameter and gradient; compact moments (K values in the parameter dtype, or K uint8 codes
-// plus ceil(K/256) float32 absmax); block_starts (int64 [ceil(K/256)]). The subset rule is
-// left to each binding: the CPU reads its scalars on the host, the CUDA kernel on the device.
+// sparse_convert.h — SparseBatch: the tensors of one sparse-momentum SPAM call (ALGORITHMS.md
+// §3), checked once when the batch is built. Per tensor: the full-size parameter and gradient;
+// compact moments (K values in the parameter dtype, or K uint8 codes plus ceil(K/256) float32
+// absmax); block_starts (int64 [ceil(K/256)]); subsets (int64 [4]: seed, t_hash, t_index,
+// numel; sparse_subset.h). What is done with the subset rule and the block starts is the
+// backend's (Backend::sparse_tensor): the CPU reads and checks them on the host, the CUDA
+// kernel reads them on the device.
 #pragma once
 
 #include <limits>
@@ -10,6 +12,7 @@
 
 #include "../spam/cpu_ops.h"
 #include "convert.h"
+#include "step_batch.h"
 
 namespace spam {
 namespace bind {
@@ -19,24 +22,18 @@ struct SparseBuffers {
   TensorRef exp_avg, exp_avg_sq;  // compact, parameter dtype (unused if q8 is active)
   int64_t compact = 0;
   const int64_t* block_starts = nullptr;
-  float update_scale = 0.0f;
   Quant8Moments q8;
 };
 
 inline std::vector<SparseBuffers> convert_sparse_buffers(
     const ArrayList& params, const ArrayList& grads, const ArrayList& exp_avgs,
     const ArrayList& exp_avg_sqs, const ArrayList& absmax_m, const ArrayList& absmax_v,
-    const ArrayList& block_starts, const ArrayList& subsets, const std::vector<double>& update_scales,
-    int device_type, SameDevice& dev, bool& any_q8) {
+    const ArrayList& block_starts, const ArrayList& subsets, int device_type, SameDevice& dev,
+    bool& any_q8) {
   const size_t n = params.size();
-  check_lengths(n, grads.size(), "grads");
-  check_lengths(n, exp_avgs.size(), "exp_avgs");
-  check_lengths(n, exp_avg_sqs.size(), "exp_avg_sqs");
-  check_lengths(n, absmax_m.size(), "absmax_m");
-  check_lengths(n, absmax_v.size(), "absmax_v");
-  check_lengths(n, block_starts.size(), "block_starts");
-  check_lengths(n, subsets.size(), "subsets");
-  check_lengths(n, update_scales.size(), "update_scales");
+  check_columns(n, {{grads, "grads"}, {exp_avgs, "exp_avgs"}, {exp_avg_sqs, "exp_avg_sqs"},
+                    {absmax_m, "absmax_m"}, {absmax_v, "absmax_v"},
+                    {block_starts, "block_starts"}, {subsets, "subsets"}});
   auto full = [&](const nb::ndarray<>& a, const char* what, size_t i) {
     return device_float_ref(a, what, i, device_type, dev);
   };
@@ -61,7 +58,6 @@ inline std::vector<SparseBuffers> convert_sparse_buffers(
     if (static_cast<int64_t>(block_starts[i].size()) != blocks)
       throw nb::value_error((describe("block_starts", i) + ": need one entry per 256 compact "
                              "values").c_str());
-    t.update_scale = static_cast<float>(update_scales[i]);
     if (exp_avgs[i].dtype() == nb::dtype<uint8_t>()) {
       t.q8 = convert_q8_moments(exp_avgs[i], exp_avg_sqs[i], absmax_m[i], absmax_v[i], k, device_type, dev, i);
       any_q8 = true;
@@ -77,6 +73,49 @@ inline std::vector<SparseBuffers> convert_sparse_buffers(
     out.push_back(t);
   }
   return out;
+}
+
+// The kernel's tensors carry the per-call update scale, filled in by the step entry.
+template <class Backend>
+struct SparseBatch {
+  ArrayList params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v, block_starts, subsets;
+  std::vector<typename Backend::SparseTensor> tensors;
+  CallTarget<Backend> target;
+
+  size_t size() const { return tensors.size(); }
+};
+
+template <class Backend>
+void bind_sparse_batch(nb::module_& m) {
+  using namespace nb::literals;
+  using Batch = SparseBatch<Backend>;
+  nb::class_<Batch>(m, "SparseBatch",
+                    "The tensors of one sparse-momentum step call, checked on construction.")
+      .def("__init__",
+           [](Batch* self, ArrayList params, ArrayList grads, ArrayList exp_avgs,
+              ArrayList exp_avg_sqs, ArrayList absmax_m, ArrayList absmax_v,
+              ArrayList block_starts, ArrayList subsets, nb::ndarray<> counters, ArrayList m_map,
+              ArrayList v_map, uintptr_t stream) {
+             SameDevice dev;
+             bool any_q8 = false;
+             const std::vector<SparseBuffers> buffers = convert_sparse_buffers(
+                 params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v, block_starts, subsets,
+                 Backend::kDeviceType, dev, any_q8);
+             std::vector<typename Backend::SparseTensor> tensors;
+             tensors.reserve(buffers.size());
+             for (size_t i = 0; i < buffers.size(); ++i)
+               tensors.push_back(Backend::sparse_tensor(buffers[i], subsets[i], i, dev));
+             CallTarget<Backend> target = convert_target<Backend>(
+                 std::move(counters), std::move(m_map), std::move(v_map), any_q8, stream, dev);
+             new (self) Batch{std::move(params),   std::move(grads),        std::move(exp_avgs),
+                              std::move(exp_avg_sqs), std::move(absmax_m),  std::move(absmax_v),
+                              std::move(block_starts), std::move(subsets),  std::move(tensors),
+                              std::move(target)};
+           },
+           "params"_a, "grads"_a, "exp_avgs"_a, "exp_avg_sqs"_a, "absmax_m"_a, "absmax_v"_a,
+           "block_starts"_a, "subsets"_a, "counters"_a, "m_map"_a, "v_map"_a, nb::kw_only(),
+           "stream"_a = 0)
+      .def("__len__", &Batch::size);
 }
 
 }  // namespace bind
