@@ -1,6 +1,6 @@
 """Shared benchmark plumbing: parameter sets, timing, environment capture, JSON lines.
 
-Timing follows DESIGN.md §13: warm up, then interleave the candidates round by round
+Timing follows docs/design.md §8: warm up, then interleave the candidates round by round
 (so drift in machine load hits all of them alike) and report the median and IQR. CUDA
 runs are timed with events on the current stream; CPU runs with perf_counter.
 """
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-#: LLaMA-60M (ALGORITHMS.md §1.1): hidden 512, 8 layers, ffn 1376, vocab 32000, untied head.
+#: LLaMA-60M (docs/algorithms.md §1.1): hidden 512, 8 layers, ffn 1376, vocab 32000, untied head.
 LLAMA_60M = dict(hidden=512, layers=8, ffn=1376, vocab=32000)
 
 

@@ -6,7 +6,7 @@ such as bitsandbytes' code maps, are counted once; a wrapper subclass such as to
 state is counted through its inner tensors). Reported over all parameters and over the
 targeted matrices only (the attention/MLP projection weights, the authors' ``density`` group).
 The authors' own sparse layout (a full-size bool mask plus compact m and v in the parameter
-dtype, ALGORITHMS.md §3) is computed from its formula, not measured.
+dtype, docs/algorithms.md §3) is computed from its formula, not measured.
 
     python benchmarks/bench_memory.py                   # fp32 parameters
     python benchmarks/bench_memory.py --dtype bf16 --out bench_out/memory.jsonl

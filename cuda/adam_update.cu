@@ -13,7 +13,7 @@
 
 namespace spam::cuda {
 
-void launch_adam_update(const std::vector<AdamTensor>& tensors, const StableAdamHyper& hyper,
+void launch_adam_update(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper,
                         const TensorState* state, const QuantMaps& maps, int64_t* counters,
                         cudaStream_t stream) {
   launch_step(
@@ -26,7 +26,7 @@ void launch_adam_update(const std::vector<AdamTensor>& tensors, const StableAdam
 
 namespace spam {
 
-void cuda_adamw_step(const std::vector<AdamTensor>& tensors, const StableAdamHyper& hyper,
+void cuda_adamw_step(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper,
                      const QuantMaps& maps, int64_t* counters, const CudaContext& ctx) {
   if (tensors.empty()) return;
   SPAM_CHECK(counters != nullptr, "counters must be a device buffer");

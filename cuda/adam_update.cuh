@@ -20,7 +20,7 @@ namespace spam::cuda {
 // Enqueues the update of every tensor on `stream`; tensor i reads state[i] when `state` is not
 // null. `maps` is read only if some tensor has 8-bit moments. The caller has checked the maps
 // and made the device current.
-void launch_adam_update(const std::vector<AdamTensor>& tensors, const StableAdamHyper& hyper,
+void launch_adam_update(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper,
                         const TensorState* state, const QuantMaps& maps, int64_t* counters,
                         cudaStream_t stream);
 

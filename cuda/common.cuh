@@ -1,5 +1,5 @@
 // common.cuh — what every CUDA translation unit of the core shares: error checking that
-// throws (never exit(), DESIGN.md §8 rule 6), a device guard that restores the caller's
+// throws (never exit(), docs/design.md §3 rule 6), a device guard that restores the caller's
 // current device, and deterministic block reductions.
 //
 // Only CUDA headers and cpp/spam/*.h are included here: no nanobind, Python or torch.

@@ -56,7 +56,7 @@ struct alignas(16) TensorState {
 static_assert(sizeof(TensorState) == 32, "scratch layout");
 
 struct AdamExtra {
-  StableAdamTensor adam;  // step_size, sqrt_bc2
+  AdamBiasCorrection adam;  // step_size, sqrt_bc2
   int32_t tensor;         // TensorState index (unused for AdamW)
 };
 
@@ -66,12 +66,12 @@ struct AdamExtra {
 // cpu_adamw_step does.
 struct AdamOp {
   using Extra = AdamExtra;
-  StableAdamHyper hyper;
+  AdamHyper hyper;
   const TensorState* state;  // null: plain AdamW
 
   struct Element {
-    StableAdamHyper h;
-    StableAdamTensor t;
+    AdamHyper h;
+    AdamBiasCorrection t;
     StableTensorScalars s;
 #if defined(__CUDACC__)
     __device__ __forceinline__ ElementFlags operator()(float& p, float g, float& m,

@@ -1,4 +1,4 @@
-// spam_step.cu — CUDA SPAM step (ALGORITHMS.md §2.4): one fused pass per element (spike
+// spam_step.cu — CUDA SPAM step (docs/algorithms.md §2.4): one fused pass per element (spike
 // test against the previous v, clip, moment update, bias-corrected step scaled by the
 // warmup factor, weight decay), all tensors of a group in multi-tensor launches.
 //

@@ -1,4 +1,4 @@
-// sparse_spam_step.cu — CUDA SPAM step of a sparse-momentum group (ALGORITHMS.md §3): the
+// sparse_spam_step.cu — CUDA SPAM step of a sparse-momentum group (docs/algorithms.md §3): the
 // device twin of cpp/spam/isa/sparse_spam_step.cpp, on the same state, so a CPU state dict
 // continues here bit for bit (same hash rule, same compact order, same 8-bit block format,
 // same math.h / quant8.h code, --fmad=false).

@@ -1,4 +1,4 @@
-// stable_spam_step.cu — CUDA Stable-SPAM step (ALGORITHMS.md §4.4), all tensors of a group,
+// stable_spam_step.cu — CUDA Stable-SPAM step (docs/algorithms.md §4.4), all tensors of a group,
 // enqueued as five stream-ordered phases with no host sync in between:
 //
 //   1 reduce    (per chunk)   max|g|, sum g^2 (under "skip" finite entries only) -> partial[chunk]
@@ -241,7 +241,7 @@ int64_t cuda_stable_spam_scratch_bytes(const std::vector<int64_t>& numels) {
 }
 
 void cuda_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
-                           const StableAdamHyper& hyper, const QuantMaps& maps, int64_t* counters,
+                           const AdamHyper& hyper, const QuantMaps& maps, int64_t* counters,
                            void* scratch, int64_t scratch_bytes, const CudaContext& ctx) {
   using namespace spam::cuda;
   if (tensors.empty()) return;

@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop once the run reaches update STEP, counted from the start of the run (also with "
                         "--resume); a checkpoint is saved to continue from with --resume")
     t.add_argument("--weight-bits", type=int, choices=(16, 4), default=16,
-                   help="4: W4A4 training of the 7 projection linears per layer (ALGORITHMS.md §5); "
+                   help="4: W4A4 training of the 7 projection linears per layer (docs/algorithms.md §5); "
                         "16: unquantised (default)")
     _quant_flags(t)
 

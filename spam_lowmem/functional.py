@@ -129,7 +129,7 @@ def spam_step(
     reset: int, skip_nonfinite: bool, packed: Sequence[PackedStep | None] | None = None,
     packed_bad: torch.Tensor | None = None,
 ) -> None:
-    """One SPAM step (ALGORITHMS.md §2.4) over tensors that all live on one device.
+    """One SPAM step (docs/algorithms.md §2.4) over tensors that all live on one device.
 
     ``update_scales[i] = lr * s * sqrt(1 - beta2^t_i) / (1 - beta1^t_i)``; ``clip_threshold``
     is theta, or 0 for no clipping this call; ``counters`` (int64, 2 entries, same device)
@@ -151,7 +151,7 @@ def sparse_spam_step(
     beta1: float, beta2: float, eps: float, clip_threshold: float, weight_decay_scale: float,
     reset: int, skip_nonfinite: bool,
 ) -> None:
-    """One SPAM step of a sparse-momentum group (ALGORITHMS.md §3), on CPU or CUDA.
+    """One SPAM step of a sparse-momentum group (docs/algorithms.md §3), on CPU or CUDA.
 
     Moments are compact (one value per selected entry, in flat-index order; dense in the
     parameter dtype or 8-bit with one absmax per 256 compact values). ``subsets[i]`` is the
@@ -177,7 +177,7 @@ def stable_spam_step(
     weight_keep: float, reset: int, skip_nonfinite: bool,
     packed: Sequence[PackedStep | None] | None = None, packed_bad: torch.Tensor | None = None,
 ) -> None:
-    """One Stable-SPAM step (ALGORITHMS.md §4.4) over tensors that all live on one device.
+    """One Stable-SPAM step (docs/algorithms.md §4.4) over tensors that all live on one device.
 
     ``gamma1`` and ``beta1`` already include the cosine factor ``sc``;
     ``stat_bias_corrections`` holds ``(1-gamma1^k, 1-gamma2^k, 1-gamma3^k)`` per tensor;

@@ -1,4 +1,4 @@
-"""Typed entry points to the 4-bit quantisers of the C++/CUDA core (ALGORITHMS.md §5).
+"""Typed entry points to the 4-bit quantisers of the C++/CUDA core (docs/algorithms.md §5).
 
 Formats (``fmt``), each per group of ``group_size`` consecutive elements of the flattened
 tensor (groups may straddle rows, as in the authors' code):

@@ -3,7 +3,7 @@
 Python owns these (the C++ core only sees the resulting scalars). ``n`` is always the
 1-based index of the current ``step()`` call of a parameter group.
 
-References: ALGORITHMS.md §2.2-2.5 (SPAM) and §4.3 (Stable-SPAM).
+References: docs/algorithms.md §2.2-2.5 (SPAM) and §4.3 (Stable-SPAM).
 """
 
 from __future__ import annotations

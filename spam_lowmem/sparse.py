@@ -1,4 +1,4 @@
-"""Helpers for SPAM's sparse momentum (ALGORITHMS.md §3): the authors' parameter grouping and
+"""Helpers for SPAM's sparse momentum (docs/algorithms.md §3): the authors' parameter grouping and
 their GaLore memory-matched density."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def sparse_param_groups(model: nn.Module, density: float, targets: Iterable[str]
 
 def density_for_shapes(shapes: Iterable[tuple[int, int]], rank: int) -> float:
     """The density whose optimizer state matches GaLore at ``rank`` on matrices of these shapes
-    (ALGORITHMS.md §3):
+    (docs/algorithms.md §3):
 
         d = sum_W [2 r max(m, n) + r min(m, n)] / sum_W [2 m n]
 

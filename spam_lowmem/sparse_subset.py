@@ -1,6 +1,6 @@
 """The random coordinate subset of SPAM's sparse momentum, without stored indices.
 
-ALGORITHMS.md §3: in a ``density`` group each 2-D weight keeps Adam moments only for a random
+docs/algorithms.md §3: in a ``density`` group each 2-D weight keeps Adam moments only for a random
 subset of its entries. Here membership of flat index ``i`` is decided by a counter-based hash,
 written identically in ``cpp/spam/sparse_subset.h`` (``SPAM_HD``)::
 

@@ -204,7 +204,7 @@ def test_optimizer_keywords_pass_through(corpus: Path, cache: Path, tmp_path: Pa
     assert json.loads((tmp_path / "d" / "summary.json").read_text())["optimizer_kwargs"] == {"state_bits": 8}
 
 
-# ---- 4-bit training (ALGORITHMS.md §5): --weight-bits 4, compare --four-bit
+# ---- 4-bit training (docs/algorithms.md §5): --weight-bits 4, compare --four-bit
 
 @pytest.mark.parametrize("fmt,storage", [("int4", "fake"), ("fp4", "fake"), ("int4", "packed")])
 def test_train_4bit_smoke(fmt: str, storage: str, corpus: Path, cache: Path, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""4-bit quantisers and QuantLinear (ALGORITHMS.md §5): brute force -> reference -> C++/CUDA,
+"""4-bit quantisers and QuantLinear (docs/algorithms.md §5): brute force -> reference -> C++/CUDA,
 golden nibble layouts, stochastic rounding, STE gradients, tiny-model training, module
 behaviour and bad input."""
 

@@ -1,7 +1,7 @@
 """Tests of the pure-PyTorch oracles (spam_lowmem.reference) against independent oracles.
 
 1. Brute-force textbook loops in plain Python floats (float64), written from
-   ALGORITHMS.md §2.2-2.7 and §4.3-4.6 without importing spam_lowmem.schedules.
+   docs/algorithms.md §2.2-2.7 and §4.3-4.6 without importing spam_lowmem.schedules.
 2. Reductions to torch.optim.Adam / AdamW, with the eps and weight-decay conventions
    derived explicitly.
 3. Properties: resets, warmup factor, clipping, holdoff, stale reset step, non-finite
@@ -57,7 +57,7 @@ def _f32(x: float) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- 1. textbook
 def textbook_spam(p0, grads, lr, beta1, beta2, eps, wd, theta, dT, N, delay, reset_t=False):
-    """ALGORITHMS.md §2.2-2.5 literally: the authors' counters (total_step, current_step).
+    """docs/algorithms.md §2.2-2.5 literally: the authors' counters (total_step, current_step).
     ``reset_t``: the §11 clean-up that also restarts the bias-correction count t."""
     p, m, v = list(p0), [0.0] * len(p0), [0.0] * len(p0)
     t, total_step, current_step = 0, 0, N + 1
@@ -90,7 +90,7 @@ def textbook_spam(p0, grads, lr, beta1, beta2, eps, wd, theta, dT, N, delay, res
 
 
 def textbook_stable(p0, grads, lr, betas, gammas, eps, wd, dT, total_T, eta, stale, restart):
-    """ALGORITHMS.md §4.3-4.6. ``stale``/``restart``: the §4.5a/b as-implemented behaviour."""
+    """docs/algorithms.md §4.3-4.6. ``stale``/``restart``: the §4.5a/b as-implemented behaviour."""
     beta1, beta2 = betas
     p, m, v = list(p0), [0.0] * len(p0), [0.0] * len(p0)
     k = ks = 0

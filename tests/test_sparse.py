@@ -1,4 +1,4 @@
-"""SPAM sparse momentum (ALGORITHMS.md §3): the hash-defined subset, the C++ kernel against the
+"""SPAM sparse momentum (docs/algorithms.md §3): the hash-defined subset, the C++ kernel against the
 reference, the schedule of subset changes, memory accounting, state dicts and bad input."""
 
 from __future__ import annotations

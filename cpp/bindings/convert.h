@@ -3,7 +3,7 @@
 //
 // Arrays are taken as generic nb::ndarray<> (no dtype/order constraints) and checked here,
 // so nanobind never makes an implicit converted copy: a copy would silently drop the
-// in-place update (DESIGN.md P9). Anything unexpected raises a Python exception.
+// in-place update (docs/design.md T7). Anything unexpected raises a Python exception.
 #pragma once
 
 #include <nanobind/nanobind.h>

@@ -62,7 +62,7 @@ struct CpuBackend {
   static constexpr auto spam_step = &cpu_spam_step;
   static constexpr auto sparse_spam_step = &cpu_sparse_spam_step;
   static constexpr auto adamw_step = &cpu_adamw_step;
-  static void stable_spam_step(const std::vector<StableSpamTensor>& t, const StableAdamHyper& h,
+  static void stable_spam_step(const std::vector<StableSpamTensor>& t, const AdamHyper& h,
                                const QuantMaps& maps, int64_t* counters, const Scratch& /*s*/) {
     cpu_stable_spam_step(t, h, maps, counters);
   }

@@ -65,7 +65,7 @@ struct CudaBackend {
   static constexpr auto spam_step = &cuda_spam_step;
   static constexpr auto sparse_spam_step = &cuda_sparse_spam_step;
   static constexpr auto adamw_step = &cuda_adamw_step;
-  static void stable_spam_step(const std::vector<StableSpamTensor>& t, const StableAdamHyper& h,
+  static void stable_spam_step(const std::vector<StableSpamTensor>& t, const AdamHyper& h,
                                const QuantMaps& maps, int64_t* counters, const Scratch& s,
                                const Context& ctx) {
     cuda_stable_spam_step(t, h, maps, counters, s.ptr, s.bytes, ctx);

@@ -56,20 +56,20 @@ inline void bind_hypers(nb::module_& m) {
       .def_ro("one_minus_beta2", &SpamHyper::one_minus_beta2)
       .def_ro("reset", &SpamHyper::reset);
 
-  nb::class_<StableAdamHyper>(m, "AdamHyper",
+  nb::class_<AdamHyper>(m, "AdamHyper",
                               "Per-call constants of an AdamW or Stable-SPAM element update.")
       .def("__init__",
-           [](StableAdamHyper* h, double beta1, double beta2, double eps, double weight_keep,
+           [](AdamHyper* h, double beta1, double beta2, double eps, double weight_keep,
               bool skip_nonfinite, int reset) {
-             new (h) StableAdamHyper{f32(beta1), complement(beta1), f32(beta2), complement(beta2),
+             new (h) AdamHyper{f32(beta1), complement(beta1), f32(beta2), complement(beta2),
                                      f32(eps), f32(weight_keep), to_reset(reset),
                                      NonFinite{skip_nonfinite}};
            },
            nb::kw_only(), "beta1"_a, "beta2"_a, "eps"_a, "weight_keep"_a, "skip_nonfinite"_a,
            "reset"_a = 0)
-      .def_ro("one_minus_beta1", &StableAdamHyper::one_minus_beta1)
-      .def_ro("one_minus_beta2", &StableAdamHyper::one_minus_beta2)
-      .def_ro("reset", &StableAdamHyper::reset);
+      .def_ro("one_minus_beta1", &AdamHyper::one_minus_beta1)
+      .def_ro("one_minus_beta2", &AdamHyper::one_minus_beta2)
+      .def_ro("reset", &AdamHyper::reset);
 
   nb::class_<StatHyper>(m, "StatHyper", "Stable-SPAM's gradient-statistic EMA constants.")
       .def("__init__",

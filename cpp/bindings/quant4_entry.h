@@ -87,13 +87,13 @@ void bind_quant4(nb::module_& m) {
   using namespace nb::literals;
   m.def("q4_fake_weight_int4", &q4_fake<Backend, Backend::q4_fake_weight_int4>, "input"_a, "out"_a,
         "group"_a, nb::kw_only(), "stream"_a = 0,
-        "INT4 asymmetric min-max fake quantisation per group (ALGORITHMS.md §5.2).");
+        "INT4 asymmetric min-max fake quantisation per group (docs/algorithms.md §5.2).");
   m.def("q4_fake_act_int4", &q4_fake<Backend, Backend::q4_fake_act_int4>, "input"_a, "out"_a,
         "group"_a, nb::kw_only(), "stream"_a = 0,
-        "INT4 symmetric fake quantisation per group, top-2 |x| kept exact (ALGORITHMS.md §5.2).");
+        "INT4 symmetric fake quantisation per group, top-2 |x| kept exact (docs/algorithms.md §5.2).");
   m.def("q4_fake_fp4", &q4_fake<Backend, Backend::q4_fake_fp4>, "input"_a, "out"_a, "group"_a,
         nb::kw_only(), "stream"_a = 0,
-        "9-level 'FP4' fake quantisation per group, top-2 |x| kept exact (ALGORITHMS.md §5.3).");
+        "9-level 'FP4' fake quantisation per group, top-2 |x| kept exact (docs/algorithms.md §5.3).");
   m.def("q4_pack", &q4_pack<Backend>, "w"_a, "codes"_a, "scale"_a, "zero"_a.none(),
         "outlier_idx"_a.none(), "outlier_val"_a.none(), "bad"_a, nb::kw_only(), "fmt"_a, "group"_a,
         "stream"_a = 0,

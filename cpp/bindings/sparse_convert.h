@@ -1,4 +1,4 @@
-// sparse_convert.h — SparseBatch: the tensors of one sparse-momentum SPAM call (ALGORITHMS.md
+// sparse_convert.h — SparseBatch: the tensors of one sparse-momentum SPAM call (docs/algorithms.md
 // §3), checked once when the batch is built. Per tensor: the full-size parameter and gradient;
 // compact moments (K values in the parameter dtype, or K uint8 codes plus ceil(K/256) float32
 // absmax); block_starts (int64 [ceil(K/256)]); subsets (int64 [4]: seed, t_hash, t_index,

@@ -5,7 +5,7 @@
 // is done with the sparse subset rule and the Stable-SPAM scratch, and the kernels.
 //
 // One entry, `step`, serves every algorithm; the argument types choose it:
-//   step(StepBatch, SpamHyper, update_scales)                          SPAM (ALGORITHMS.md §2.4)
+//   step(StepBatch, SpamHyper, update_scales)                          SPAM (docs/algorithms.md §2.4)
 //   step(SparseBatch, SpamHyper, update_scales)                        sparse-momentum SPAM (§3)
 //   step(StepBatch, AdamHyper, step_sizes, sqrt_bc2s)                  AdamW (torch conventions)
 //   step(StepBatch, AdamHyper, StatHyper, StableStats, step_sizes,
@@ -61,20 +61,20 @@ void sparse_spam_step(const SparseBatch<Backend>& b, const SpamHyper& h,
 
 // Adam's per-tensor bias corrections: step_sizes[i] = lr / (1 - beta1^k_i),
 // sqrt_bc2s[i] = sqrt(1 - beta2^k_i).
-inline std::vector<StableAdamTensor> adam_scalars(size_t n, const Scalars& step_sizes,
+inline std::vector<AdamBiasCorrection> adam_scalars(size_t n, const Scalars& step_sizes,
                                                   const Scalars& sqrt_bc2s) {
   check_lengths(n, step_sizes.size(), "step_sizes");
   check_lengths(n, sqrt_bc2s.size(), "sqrt_bc2s");
-  std::vector<StableAdamTensor> out;
+  std::vector<AdamBiasCorrection> out;
   out.reserve(n);
   for (size_t i = 0; i < n; ++i) out.push_back({f32(step_sizes[i]), f32(sqrt_bc2s[i])});
   return out;
 }
 
 template <class Backend>
-void adamw_step(const StepBatch<Backend>& b, const StableAdamHyper& h, const Scalars& step_sizes,
+void adamw_step(const StepBatch<Backend>& b, const AdamHyper& h, const Scalars& step_sizes,
                 const Scalars& sqrt_bc2s) {
-  const std::vector<StableAdamTensor> adam = adam_scalars(b.size(), step_sizes, sqrt_bc2s);
+  const std::vector<AdamBiasCorrection> adam = adam_scalars(b.size(), step_sizes, sqrt_bc2s);
   std::vector<AdamTensor> tensors;
   tensors.reserve(b.size());
   for (size_t i = 0; i < b.size(); ++i)
@@ -83,12 +83,12 @@ void adamw_step(const StepBatch<Backend>& b, const StableAdamHyper& h, const Sca
 }
 
 template <class Backend>
-void stable_spam_step(const StepBatch<Backend>& b, const StableAdamHyper& h, const StatHyper& sh,
+void stable_spam_step(const StepBatch<Backend>& b, const AdamHyper& h, const StatHyper& sh,
                       const StableStats& stats, const Scalars& step_sizes,
                       const Scalars& sqrt_bc2s, const nb::object& scratch) {
   check_lengths(b.size(), stats.size(), "grad_stats");
   check_stats_device(stats, b.target.dev);
-  const std::vector<StableAdamTensor> adam = adam_scalars(b.size(), step_sizes, sqrt_bc2s);
+  const std::vector<AdamBiasCorrection> adam = adam_scalars(b.size(), step_sizes, sqrt_bc2s);
   const typename Backend::Scratch s = Backend::scratch(scratch, b.b, b.target.dev);
   std::vector<StableSpamTensor> tensors;
   tensors.reserve(b.size());

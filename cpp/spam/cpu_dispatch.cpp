@@ -77,12 +77,12 @@ void cpu_sparse_spam_step(const std::vector<SparseSpamTensor>& t, const SpamHype
   SPAM_DISPATCH(cpu_sparse_spam_step, t, h, q, c);
 }
 
-void cpu_stable_spam_step(const std::vector<StableSpamTensor>& t, const StableAdamHyper& h,
+void cpu_stable_spam_step(const std::vector<StableSpamTensor>& t, const AdamHyper& h,
                           const QuantMaps& q, int64_t* c) {
   SPAM_DISPATCH(cpu_stable_spam_step, t, h, q, c);
 }
 
-void cpu_adamw_step(const std::vector<AdamTensor>& t, const StableAdamHyper& h,
+void cpu_adamw_step(const std::vector<AdamTensor>& t, const AdamHyper& h,
                     const QuantMaps& q, int64_t* c) {
   SPAM_DISPATCH(cpu_adamw_step, t, h, q, c);
 }

@@ -21,9 +21,9 @@ namespace spam {
                      int64_t*);                                                                \
   void cpu_sparse_spam_step(const std::vector<SparseSpamTensor>&, const SpamHyper&,            \
                             const QuantMaps&, int64_t*);                                       \
-  void cpu_stable_spam_step(const std::vector<StableSpamTensor>&, const StableAdamHyper&,      \
+  void cpu_stable_spam_step(const std::vector<StableSpamTensor>&, const AdamHyper&,      \
                             const QuantMaps&, int64_t*);                                       \
-  void cpu_adamw_step(const std::vector<AdamTensor>&, const StableAdamHyper&,                  \
+  void cpu_adamw_step(const std::vector<AdamTensor>&, const AdamHyper&,                  \
                       const QuantMaps&, int64_t*);                                             \
   void cpu_quantize_blockwise(const TensorRef&, uint8_t*, float*, const QuantMap&);            \
   void cpu_dequantize_blockwise(const uint8_t*, const float*, const TensorRef&,                \

@@ -13,11 +13,11 @@
 
 namespace spam {
 
-// One SPAM step (ALGORITHMS.md §2.4) over all tensors of a group.
+// One SPAM step (docs/algorithms.md §2.4) over all tensors of a group.
 void cpu_spam_step(const std::vector<SpamTensor>& tensors, const SpamHyper& hyper,
                    const QuantMaps& maps, int64_t* counters);
 
-// A parameter of a sparse-momentum group (ALGORITHMS.md §3): moments exist only for the
+// A parameter of a sparse-momentum group (docs/algorithms.md §3): moments exist only for the
 // entries selected by `subset` (sparse_subset.h), stored compactly in index order. CPU only:
 // the CUDA step keeps the rule on the device (CudaSparseSpamTensor, cuda_sparse_api.h).
 struct SparseSpamTensor {
@@ -38,14 +38,14 @@ struct SparseSpamTensor {
 void cpu_sparse_spam_step(const std::vector<SparseSpamTensor>& tensors, const SpamHyper& hyper,
                           const QuantMaps& maps, int64_t* counters);
 
-// One Stable-SPAM step (ALGORITHMS.md §4.4) over all tensors of a group: per-tensor
+// One Stable-SPAM step (docs/algorithms.md §4.4) over all tensors of a group: per-tensor
 // max|g| and ||g|| reductions, AdaClip, AdaGN, then the Adam update, all here.
 void cpu_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
-                          const StableAdamHyper& hyper, const QuantMaps& maps, int64_t* counters);
+                          const AdamHyper& hyper, const QuantMaps& maps, int64_t* counters);
 
 // Plain AdamW with torch.optim.AdamW's conventions (decay first, eps after bias correction):
 // the Stable-SPAM element with clipping and normalisation off.
-void cpu_adamw_step(const std::vector<AdamTensor>& tensors, const StableAdamHyper& hyper,
+void cpu_adamw_step(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper,
                     const QuantMaps& maps, int64_t* counters);
 
 // Blockwise quantisation of whole tensors (functional.quantize_blockwise and friends).

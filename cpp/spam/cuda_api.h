@@ -4,7 +4,7 @@
 // the .cu files (nvcc), so it names no CUDA, nanobind or torch type. The stream travels as
 // an integer (torch's `Stream.cuda_stream`) and is cast to cudaStream_t inside cuda/.
 //
-// Contract shared by every launcher (DESIGN.md §8):
+// Contract shared by every launcher (docs/design.md §3):
 //   - all pointers are device pointers on `device`; the core never allocates tensor memory;
 //   - the launcher makes `device` current and restores the previous device afterwards;
 //   - work is enqueued on `stream` and nothing waits for it: no host sync, no host<->device
@@ -32,7 +32,7 @@ struct CudaContext {
 // holds device pointers to the m (signed) and v (unsigned) code maps and is read only when
 // some tensor has 8-bit moments. Results equal the CPU core's (same math.h / quant8.h code).
 
-// One SPAM step (ALGORITHMS.md §2.4) over all tensors; same semantics as cpu_spam_step.
+// One SPAM step (docs/algorithms.md §2.4) over all tensors; same semantics as cpu_spam_step.
 // `counters` is an int64 device buffer [clipped, nonfinite] that the kernels add into.
 void cuda_spam_step(const std::vector<SpamTensor>& tensors, const SpamHyper& hyper,
                     const QuantMaps& maps, int64_t* counters, const CudaContext& ctx);
@@ -41,17 +41,17 @@ void cuda_spam_step(const std::vector<SpamTensor>& tensors, const SpamHyper& hyp
 // (per-tensor scalars plus one partial per 64Ki-element chunk). Pure host arithmetic.
 int64_t cuda_stable_spam_scratch_bytes(const std::vector<int64_t>& numels);
 
-// One Stable-SPAM step (ALGORITHMS.md §4.4) over all tensors; same semantics as
+// One Stable-SPAM step (docs/algorithms.md §4.4) over all tensors; same semantics as
 // cpu_stable_spam_step. grad_stats pointers are device float[3]; `scratch` is a device
 // buffer of at least cuda_stable_spam_scratch_bytes(numels) bytes, 16-byte aligned, that
 // must not be used by anything else until the step's kernels have run (stream order).
 void cuda_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
-                           const StableAdamHyper& hyper, const QuantMaps& maps, int64_t* counters,
+                           const AdamHyper& hyper, const QuantMaps& maps, int64_t* counters,
                            void* scratch, int64_t scratch_bytes, const CudaContext& ctx);
 
 // Plain AdamW (torch.optim.AdamW conventions); same semantics as cpu_adamw_step: the
 // Stable-SPAM update with clipping and normalisation off, no reductions, no scratch.
-void cuda_adamw_step(const std::vector<AdamTensor>& tensors, const StableAdamHyper& hyper,
+void cuda_adamw_step(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper,
                      const QuantMaps& maps, int64_t* counters, const CudaContext& ctx);
 
 // Blockwise 8-bit quantisation of a whole device tensor (cpu_quantize_blockwise): codes

@@ -1,5 +1,5 @@
 // cuda_sparse_api.h — host-callable entry point of the CUDA sparse-momentum SPAM step
-// (ALGORITHMS.md §3; implemented in cuda/sparse_spam_step.cu). Plain C++, like cuda_api.h,
+// (docs/algorithms.md §3; implemented in cuda/sparse_spam_step.cu). Plain C++, like cuda_api.h,
 // whose launcher contract applies: device pointers only, work enqueued on the caller's stream,
 // no host sync, no allocation, errors thrown as spam::Error.
 #pragma once

@@ -7,7 +7,7 @@
 // Python layer in float64 and arrive here as fp32, exactly as torch.optim passes its
 // python-float hyper-parameters to its kernels.
 //
-// Specification: ALGORITHMS.md §2.4 (SPAM) and §4.4 (Stable-SPAM), papers
+// Specification: docs/algorithms.md §2.4 (SPAM) and §4.4 (Stable-SPAM), papers
 // arXiv 2501.06842 (SPAM, Alg. 1) and 2502.17055 (Stable-SPAM, Alg. 1).
 #pragma once
 
@@ -155,8 +155,9 @@ SPAM_HD void stable_adagn(float* stats, float grad_norm, const StableStatHyper& 
   out.norm_target = mu_hat / (sqrtf(nu_hat) + h.eps);
 }
 
-// Per-call Adam scalars of Stable-SPAM (§4.4 step 6); beta1 is already multiplied by sc.
-struct StableAdamHyper {
+// Per-call scalars of the Adam element update shared by AdamW and Stable-SPAM (§4.4 step 6;
+// for Stable-SPAM beta1 is already multiplied by sc, for AdamW it is the group's beta1).
+struct AdamHyper {
   float beta1, one_minus_beta1;
   float beta2, one_minus_beta2;
   float eps;                // added after bias correction (torch convention)
@@ -167,13 +168,13 @@ struct StableAdamHyper {
 
 // Per-tensor Adam bias corrections (the Adam count k differs per tensor only if a tensor
 // skipped calls without a gradient).
-struct StableAdamTensor {
+struct AdamBiasCorrection {
   float step_size;       // lr / (1 - beta1'^k)
   float sqrt_bc2;        // sqrt(1 - beta2^k)
 };
 
 SPAM_HD ElementFlags stable_spam_element(float& p, float g, float& m, float& v,
-                                         const StableAdamHyper& h, const StableAdamTensor& t,
+                                         const AdamHyper& h, const AdamBiasCorrection& t,
                                          const StableTensorScalars& s) {
   const bool zero_before = h.reset == MomentReset::kBeforeUpdate;
   const bool zero_after = h.reset == MomentReset::kAfterUpdate;

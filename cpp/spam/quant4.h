@@ -1,4 +1,4 @@
-// quant4.h — scalar rules of 4-bit weight/activation quantisation (ALGORITHMS.md §5), shared
+// quant4.h — scalar rules of 4-bit weight/activation quantisation (docs/algorithms.md §5), shared
 // by the CPU loops (quant4_cpu.cpp) and the CUDA kernels (cuda/quant4.cu). Everything here is
 // SPAM_HD and branch-light, so the two backends compute the same bits: math in fp32, no FMA
 // contraction (both builds disable it), IEEE division, and one rounding rule.
@@ -33,7 +33,7 @@
 // group for int4 and zero = 4 (implicit) for fp4, whose two outliers per group are stored
 // exactly (int16 index within the group + fp32 value) and override their code.
 //
-// Nibble order (pinned here, DESIGN.md P21): element 2i of the flattened tensor lives in the
+// Nibble order (pinned here, docs/design.md T12): element 2i of the flattened tensor lives in the
 // LOW nibble of byte i, element 2i+1 in the HIGH nibble.
 //
 //        byte i:   bit 7 ... 4 | 3 ... 0

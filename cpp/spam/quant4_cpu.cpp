@@ -99,7 +99,7 @@ void fake_quantise(const TensorRef& in, const TensorRef& out, int64_t group, con
 }
 
 // The top-2 |x| of each group kept exact; the rest through fake(v, param), where
-// param = param_of(the third-largest |x|) (ALGORITHMS.md §5.2-5.3).
+// param = param_of(the third-largest |x|) (docs/algorithms.md §5.2-5.3).
 template <typename ParamOf, typename Fake>
 void fake_with_outliers(const TensorRef& in, const TensorRef& out, int64_t group, ParamOf param_of,
                         Fake fake) {

@@ -1,4 +1,4 @@
-// sparse_subset.h — the random coordinate subset of SPAM's sparse momentum (ALGORITHMS.md §3),
+// sparse_subset.h — the random coordinate subset of SPAM's sparse momentum (docs/algorithms.md §3),
 // encoded without stored indices: element i of a parameter is selected when a counter-based
 // hash h(seed, i) passes a per-tensor threshold. One definition for the CPU loops, the CUDA
 // kernels and (written identically in torch int64 arithmetic) spam_lowmem/sparse_subset.py.

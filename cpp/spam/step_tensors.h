@@ -59,7 +59,7 @@ struct StableSpamTensor {
   TensorRef param, grad, exp_avg, exp_avg_sq;
   float* grad_stats;  // 3 floats: [M, mu, nu], see GradStatsIndex
   StableStatHyper stat;
-  StableAdamTensor adam;
+  AdamBiasCorrection adam;
   Quant8Moments q8;
   PackedParam q4;
 };
@@ -67,7 +67,7 @@ struct StableSpamTensor {
 // One tensor of an AdamW step (cpu_adamw_step, cuda_adamw_step).
 struct AdamTensor {
   TensorRef param, grad, exp_avg, exp_avg_sq;
-  StableAdamTensor adam;
+  AdamBiasCorrection adam;
   Quant8Moments q8;
   PackedParam q4;
 };

@@ -1,4 +1,4 @@
-"""Neural-network layers: 4-bit quantised linear layers for W4A4 training (ALGORITHMS.md §5)."""
+"""Neural-network layers: 4-bit quantised linear layers for W4A4 training (docs/algorithms.md §5)."""
 
 from __future__ import annotations
 

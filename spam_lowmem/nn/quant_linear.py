@@ -1,5 +1,5 @@
 """``QuantLinear``: a linear layer trained with 4-bit weights and activations (W4A4,
-ALGORITHMS.md §5): ``y = Q(x) @ Q(W)^T (+ b)``, backward ``grad_x = grad_y @ Q(W)``,
+docs/algorithms.md §5): ``y = Q(x) @ Q(W)^T (+ b)``, backward ``grad_x = grad_y @ Q(W)``,
 ``grad_W = grad_y^T @ Q(x)`` (straight-through for the weight), gradients unquantised.
 
 Two storages:

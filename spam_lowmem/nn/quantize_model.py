@@ -2,7 +2,7 @@
 weights in sync with an optimizer.
 
 Only the ``nn.Linear`` modules whose qualified name ends with one of ``targets`` are replaced
-(by default the LLaMA projections q/k/v/o/gate/up/down, ALGORITHMS.md §5.1); ``lm_head``,
+(by default the LLaMA projections q/k/v/o/gate/up/down, docs/algorithms.md §5.1); ``lm_head``,
 embeddings and norms stay as they are.
 
 Saving: a model with a transformers config records each :func:`quantize_model` call in it

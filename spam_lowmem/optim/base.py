@@ -9,7 +9,7 @@
   :meth:`SpikeAwareOptimizer.attach_packed` are stepped on their packed codes by the fused
   kernels;
 * ``load_state_dict`` that keeps float32 side state float32 for bf16/fp16 parameters
-  (torch's loader would cast it to the parameter dtype, DESIGN.md P7), checks that the state
+  (torch's loader would cast it to the parameter dtype, docs/design.md T6), checks that the state
   was saved by the same optimizer kind, and checks shapes and values before changing anything;
 * a step that the core rejects leaves every state as it was (counts are advanced only after
   the core call returned);
@@ -598,7 +598,7 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
             p = where[pid][0]
             for key, value in saved.items():
                 # torch's loader casts every tensor to the parameter dtype, uint8 codes and
-                # float32 absmax included (DESIGN.md P7): keep what was saved instead.
+                # float32 absmax included (docs/design.md T6): keep what was saved instead.
                 keep = key in self._fp32_state_keys or key in moments.FP32_KEYS
                 if isinstance(value, torch.Tensor) and (keep or not value.is_floating_point()):
                     self.state[p][key] = value.to(device=p.device, copy=True)

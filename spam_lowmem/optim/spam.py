@@ -1,6 +1,6 @@
 """SPAM: spike-aware Adam with momentum reset (Huang et al., arXiv 2501.06842).
 
-Follows ALGORITHMS.md §2 (the authors' code) exactly, quirks included; each clean-up the
+Follows docs/algorithms.md §2 (the authors' code) exactly, quirks included; each clean-up the
 specification recommends is an explicit keyword.
 """
 
@@ -28,7 +28,7 @@ DEFAULT_SUBSET_SEED = 0
 
 
 class _SPAMCall(NamedTuple):
-    """The schedules of one SPAM call (ALGORITHMS.md §2.3-2.4), the same for every tensor."""
+    """The schedules of one SPAM call (docs/algorithms.md §2.3-2.4), the same for every tensor."""
 
     reset: bool
     warmup: float
@@ -68,7 +68,7 @@ class SPAM(SpikeAwareOptimizer):
         spike_clipping: set False to turn clipping off (then ``threshold`` is unused).
         reset_bias_correction: clean-up option. False (default, as implemented): the
             bias-correction count :math:`t` keeps counting through resets, which inflates
-            steps for hundreds of calls after each reset (ALGORITHMS.md §2.6a). True:
+            steps for hundreds of calls after each reset (docs/algorithms.md §2.6a). True:
             :math:`t` restarts at each reset, like a fresh Adam.
         nonfinite: ``"skip"`` (default): a NaN/Inf gradient entry leaves its parameter and
             moments untouched this step and is counted in :meth:`spike_stats` (``nonfinite``);
@@ -79,7 +79,7 @@ class SPAM(SpikeAwareOptimizer):
             the dequantised previous v.
         min_8bit_size: parameters with fewer elements keep 32-bit moments under
             ``state_bits=8`` (listed by :meth:`memory_report`). Default 4096.
-        density: sparse momentum (ALGORITHMS.md §3), a group key in (0, 1]; 1 (default) is
+        density: sparse momentum (docs/algorithms.md §3), a group key in (0, 1]; 1 (default) is
             the dense optimizer. With d < 1 every parameter of the group must be 2-D and
             keeps moments only for a random subset of its entries: exactly floor(d·numel)
             entries at first, then at every momentum reset (on the reset call) a fresh subset

@@ -1,6 +1,6 @@
 """Stable-SPAM: AdaClip + AdaGN + momentum reset (Huang et al., arXiv 2502.17055).
 
-Follows ALGORITHMS.md §4 (the authors' code) exactly, quirks included; each clean-up the
+Follows docs/algorithms.md §4 (the authors' code) exactly, quirks included; each clean-up the
 specification recommends is an explicit keyword.
 """
 

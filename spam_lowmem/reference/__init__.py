@@ -1,6 +1,6 @@
 """Pure-PyTorch reference (oracle) implementations of SPAM and Stable-SPAM.
 
-These are the oracles the C++/CUDA optimizers are tested against (ALGORITHMS.md §2 and
+These are the oracles the C++/CUDA optimizers are tested against (docs/algorithms.md §2 and
 §4). They import only ``torch``, ``math``, :mod:`spam_lowmem.schedules` and the pure-Python
 argument definitions of :mod:`spam_lowmem.hyperparams` (shared with the optimizers, so both
 accept the same arguments), never the compiled extension, so they work before it is built.

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference (oracle) for the 4-bit quantisers, ALGORITHMS.md §5.
+"""Pure-PyTorch reference (oracle) for the 4-bit quantisers, docs/algorithms.md §5.
 
 Readable, vectorised over groups, fp32 math, one torch op per C++ operation of
 ``cpp/spam/quant4.h`` so the compiled kernels match it bit for bit. Conventions:
@@ -106,7 +106,7 @@ def _dequant(codes: Tensor, zero: Tensor, scale: Tensor) -> Tensor:
 
 
 def fake_weight_int4(w: Tensor, group_size: int) -> Tensor:
-    """INT4 asymmetric min-max fake quantisation (ALGORITHMS.md §5.2), per group. NaN/Inf
+    """INT4 asymmetric min-max fake quantisation (docs/algorithms.md §5.2), per group. NaN/Inf
     entries pass through; the finite ones use the min/max of the group's finite entries."""
     rows, _ = _rows(w, group_size)
     scale, zero = _int4_weight_grid(rows)

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference (oracle) for SPAM, ALGORITHMS.md §2.2-2.7.
+"""Pure-PyTorch reference (oracle) for SPAM, docs/algorithms.md §2.2-2.7.
 
 This module is the *oracle* the C++/CUDA optimizers are tested against: it is written
 for readability, not speed. Every element follows ``spam_element`` in ``cpp/spam/math.h``
@@ -12,7 +12,7 @@ It imports only ``torch``, ``math``, :mod:`spam_lowmem.schedules`, the pure-torc
 hash :mod:`spam_lowmem.sparse_subset` and the argument definitions of
 :mod:`spam_lowmem.hyperparams`, never the compiled extension.
 
-Sparse momentum (``density < 1``, ALGORITHMS.md §3) is written the authors' way: a full-size
+Sparse momentum (``density < 1``, docs/algorithms.md §3) is written the authors' way: a full-size
 bool ``mask`` per parameter (built from the same hash rule as the optimizer's, so the subsets
 agree), ``g = grad[mask]``, compact moments, the update scattered into a zero full-size tensor.
 """
@@ -75,7 +75,7 @@ def _spam_elements(g: Tensor, pf: Tensor, m_old: Tensor, v_old: Tensor, *, reset
 
 
 class ReferenceSPAM(ReferenceOptimizer):
-    """Oracle SPAM optimizer (ALGORITHMS.md §2.4, dense group; §2.3 warmup; §2.5 counters).
+    """Oracle SPAM optimizer (docs/algorithms.md §2.4, dense group; §2.3 warmup; §2.5 counters).
 
     Per call ``n = group["calls"] + 1`` and per parameter, in order: momentum reset on
     ``n % reset_interval == 0`` (the bias-correction count ``t`` keeps counting unless

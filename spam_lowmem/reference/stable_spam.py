@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference (oracle) for Stable-SPAM, ALGORITHMS.md §4.3-4.6.
+"""Pure-PyTorch reference (oracle) for Stable-SPAM, docs/algorithms.md §4.3-4.6.
 
 This module is the *oracle* the C++/CUDA optimizers are tested against. Per tensor it
 follows ``stable_adaclip``, ``stable_adagn`` and ``stable_spam_element`` of
@@ -38,7 +38,7 @@ __all__ = ["ReferenceStableSPAM"]
 
 
 class ReferenceStableSPAM(ReferenceOptimizer):
-    """Oracle Stable-SPAM optimizer (ALGORITHMS.md §4.4, with the §4.5 quirks by default).
+    """Oracle Stable-SPAM optimizer (docs/algorithms.md §4.4, with the §4.5 quirks by default).
 
     Per call ``T = group["calls"] + 1``: ``sc = stable_spam_decay(T, total_steps, eta_min)``
     decays ``beta1`` and ``gamma1`` (``gamma1 = -1`` means ``beta1``). Per tensor: AdaClip

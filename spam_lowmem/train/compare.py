@@ -31,7 +31,7 @@ from .optimizers import OPTIMIZER_NAMES, density_for_galore_rank, supports_densi
 
 __all__ = ["DEFAULT_SET", "SPARSE", "run_compare", "write_report"]
 
-SPARSE = "spam-sparse"  # SPAM at the density matching GaLore's state memory (ALGORITHMS.md §3, §6)
+SPARSE = "spam-sparse"  # SPAM at the density matching GaLore's state memory (docs/algorithms.md §3, §6)
 DEFAULT_SET = ("adamw", "spam", "stable-spam", "galore", "adam-mini", SPARSE)
 #: ``--four-bit``: these with W4A4, plus the unquantised AdamW baseline (Stable-SPAM paper, §5)
 FOUR_BIT_SET = ("adamw", "spam", "stable-spam")
@@ -126,7 +126,7 @@ def run_compare(args: argparse.Namespace, make_config: Callable[[argparse.Namesp
         notes.append(f"4-bit: every run except `adamw 16-bit` trains with W4A4 ({base.quant_format}, "
                      f"{base.weight_storage} weight storage, group {base.quant_group_size} or the largest power of "
                      "two below it dividing every weight) on the 7 projection linears per layer; lm_head, "
-                     "embeddings and norms unquantised; gradients unquantised (ALGORITHMS.md §5). "
+                     "embeddings and norms unquantised; gradients unquantised (docs/algorithms.md §5). "
                      "`adamw 16-bit` is the unquantised baseline at the same data, seed and steps")
     if SPARSE in names and not supports_density():
         notes.append(f"skipped {SPARSE}: spam_lowmem.SPAM in this build does not accept density= yet")

@@ -61,7 +61,7 @@ class TrainConfig:
     galore_rank: int | None = None
     galore_gap: int = 200
     galore_scale: float = 0.25
-    # 4-bit training (ALGORITHMS.md §5): 16 = unquantised; 4 = W4A4 on the 7 projections. The three
+    # 4-bit training (docs/algorithms.md §5): 16 = unquantised; 4 = W4A4 on the 7 projections. The three
     # quant_* keys are None for 16-bit runs and filled (int4 / fake / 256 by default) for 4-bit ones.
     weight_bits: int = 16
     quant_format: str | None = None

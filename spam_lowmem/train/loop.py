@@ -1,6 +1,6 @@
 """The training loop: schedule, evaluation, metrics, checkpoints and exact resume.
 
-Learning-rate schedule (ALGORITHMS.md §1.3): linear warmup, then cosine decay to
+Learning-rate schedule (docs/algorithms.md §1.3): linear warmup, then cosine decay to
 ``min_lr_ratio`` (0.1) of the base rate. Two deliberate differences from the authors' harness:
 the first update uses ``lr / warmup`` instead of 0, and we run exactly ``steps`` updates (no
 extra near-zero update at the end).
@@ -57,7 +57,7 @@ def evaluate(model: torch.nn.Module, batches: Sequence[torch.Tensor], device: to
     """(mean next-token cross-entropy in nats, number of target tokens) over ``batches``.
 
     A sequence of T tokens has T-1 targets; we divide the summed per-token losses by their
-    count, a true mean over tokens. The authors' harness (GaLore-derived, ALGORITHMS.md §1.5)
+    count, a true mean over tokens. The authors' harness (GaLore-derived, docs/algorithms.md §1.5)
     instead averages per-batch means and divides by ``n_batches + 1``, which biases its
     reported loss low by a factor of about n/(n+1); we deliberately do not replicate that.
     """
@@ -239,7 +239,7 @@ def effective_group_size(requested: int, numels: Sequence[int]) -> int:
 
 
 def quantize_projections(cfg: TrainConfig, model: torch.nn.Module) -> dict[str, Any]:
-    """W4A4 on the 7 projection linears (ALGORITHMS.md §5.1), in place; returns the settings used."""
+    """W4A4 on the 7 projection linears (docs/algorithms.md §5.1), in place; returns the settings used."""
     from ..nn import quantize_model
     from .model import PROJECTIONS
 

@@ -1,4 +1,4 @@
-"""LLaMA configurations of the papers' harness (ALGORITHMS.md §1.1) plus two CPU sizes.
+"""LLaMA configurations of the papers' harness (docs/algorithms.md §1.1) plus two CPU sizes.
 
 Built offline with transformers' ``LlamaConfig`` / ``LlamaForCausalLM``: SiLU, RMSNorm eps 1e-6,
 init std 0.02, no biases, **untied** lm_head, RoPE, SDPA causal attention. Nothing is downloaded.
@@ -16,7 +16,7 @@ from .errors import UsageError
 __all__ = ["ModelSpec", "SPECS", "MODEL_NAMES", "PROJECTIONS", "get_spec", "projection_shapes",
            "build_model", "count_parameters"]
 
-#: the 7 projection matrices per layer (the GaLore / sparse-momentum targets, ALGORITHMS.md §3, §6)
+#: the 7 projection matrices per layer (the GaLore / sparse-momentum targets, docs/algorithms.md §3, §6)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -1,4 +1,4 @@
-"""Optimizer factory: SPAM, Stable-SPAM and the baselines as configured in ALGORITHMS.md §6.
+"""Optimizer factory: SPAM, Stable-SPAM and the baselines as configured in docs/algorithms.md §6.
 
 * ``adamw``: ``torch.optim.AdamW`` (weight decay 0, as all the papers' runs).
 * ``spam`` / ``stable-spam``: :class:`spam_lowmem.SPAM` / :class:`spam_lowmem.StableSPAM` with the

@@ -1,4 +1,4 @@
-// isa/sparse_spam_step.cpp — CPU SPAM step for a sparse-momentum group (ALGORITHMS.md §3).
+// isa/sparse_spam_step.cpp — CPU SPAM step for a sparse-momentum group (docs/algorithms.md §3).
 //
 // Moments exist only for the entries of a hash-defined subset (sparse_subset.h), stored in
 // index order as a compact array of K values (dense in the parameter dtype, or 8-bit codes

@@ -1,4 +1,4 @@
-// isa/stable_spam_step.cpp — CPU Stable-SPAM step (ALGORITHMS.md §4.4), all tensors of a group:
+// isa/stable_spam_step.cpp — CPU Stable-SPAM step (docs/algorithms.md §4.4), all tensors of a group:
 //   pass 1  per-chunk max|g| and sum g^2 (finite entries), combined per tensor in chunk order
 //           so the result does not depend on the thread count;
 //   scalar  AdaClip: M <- g3 M + (1-g3) max|g|, threshold M_hat (math.h);
@@ -116,7 +116,7 @@ void reduce_tensors(const std::vector<StableSpamTensor>& tensors, const ChunkPla
 }  // namespace
 
 void cpu_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
-                          const StableAdamHyper& hyper, const QuantMaps& maps, int64_t* counters) {
+                          const AdamHyper& hyper, const QuantMaps& maps, int64_t* counters) {
   const size_t n = tensors.size();
   std::vector<int64_t> numels;
   numels.reserve(n);
@@ -146,8 +146,8 @@ void cpu_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
                  tensors[i].stat, scalars[i]);
 
   run_group(tensors, maps, [&](int i) {
-    const StableAdamHyper h = hyper;
-    const StableAdamTensor adam = tensors[i].adam;
+    const AdamHyper h = hyper;
+    const AdamBiasCorrection adam = tensors[i].adam;
     const StableTensorScalars sc = scalars[i];
     return [h, adam, sc](float& p, float g, float& m, float& v) {
       return stable_spam_element(p, g, m, v, h, adam, sc);
@@ -155,11 +155,11 @@ void cpu_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
   }, counters);
 }
 
-void cpu_adamw_step(const std::vector<AdamTensor>& tensors, const StableAdamHyper& hyper,
+void cpu_adamw_step(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper,
                     const QuantMaps& maps, int64_t* counters) {
   run_group(tensors, maps, [&](int i) {
-    const StableAdamHyper h = hyper;
-    const StableAdamTensor adam = tensors[i].adam;
+    const AdamHyper h = hyper;
+    const AdamBiasCorrection adam = tensors[i].adam;
     return [h, adam](float& p, float g, float& m, float& v) {
       return stable_spam_element(p, g, m, v, h, adam, kNoClip);
     };
