@@ -44,12 +44,13 @@ class AdamW(SpikeAwareOptimizer):
     def _group_scalars(self, group: dict[str, Any], call: int) -> None:
         """AdamW has no schedule of its own (LR schedulers act on ``lr``)."""
 
-    def _tensor_scalars(self, state: dict[str, Any], group: dict[str, Any],
-                        call: None) -> tuple[dict[str, int], dict[str, float | tuple[float, ...]]]:
+    def _tensor_scalars(self, states: list[dict[str, Any]], group: dict[str, Any],
+                        call: None) -> tuple[list[dict[str, int]], dict[str, list[float]]]:
         beta1, beta2 = group["betas"]
-        step = state["step"] + 1
-        return {"step": step}, {"step_sizes": group["lr"] / (1.0 - beta1**step),
-                                "sqrt_bc2s": math.sqrt(1.0 - beta2**step)}
+        lr = group["lr"]
+        steps = [state["step"] + 1 for state in states]
+        return [{"step": step} for step in steps], {"step_sizes": [lr / (1.0 - beta1**step) for step in steps],
+                                                    "sqrt_bc2s": [math.sqrt(1.0 - beta2**step) for step in steps]}
 
     def _core_step(self, batch: DeviceBatch, group: dict[str, Any], call: None, core_kw: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]

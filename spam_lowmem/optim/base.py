@@ -26,9 +26,9 @@ before the keyword-only ones, and a ``check_group`` staticmethod with its valida
 then subclass :class:`SpikeAwareOptimizer` with ``KIND`` (the name recorded in its state
 dicts), ``SETTINGS`` and ``__init__ = settings_constructor(SETTINGS)``, and write three
 hooks of the step template :meth:`SpikeAwareOptimizer._step_group`: ``_group_scalars(group,
-call)`` (the schedules of call 1, 2, ...: resets, decays), ``_tensor_scalars(state, group,
-call)`` (each tensor's counts after the call and its per-tensor scalars, keyed by the core
-keyword) and ``_core_step(batch, group, call, core_kw)`` (the one :mod:`spam_lowmem.functional`
+call)`` (the schedules of call 1, 2, ...: resets, decays), ``_tensor_scalars(states, group,
+call)`` (the counts of each tensor of a device batch after the call and the per-tensor scalar
+lists, keyed by the core keyword) and ``_core_step(batch, group, call, core_kw)`` (the one :mod:`spam_lowmem.functional`
 call). State beyond ``step`` and the moments goes in ``_init_extra_state`` and is declared
 in ``_required_state_keys`` / ``_count_state_keys`` / ``_fp32_state_keys`` for the load
 checks; state a call replaces before the core runs belongs in ``_group_transaction``, which
@@ -365,7 +365,7 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         accepted: list[DeviceBatch] = []
         with self._group_transaction(group, call, accepted):
             for device, batch in self._gather(group).items():
-                counts, scalars = self._batch_scalars(batch, group, call)
+                counts, scalars = self._tensor_scalars(batch.states, group, call)
                 packed_kw = self._packed_args(group_index, device, batch)
                 core_kw = {**batch.moment_args(device), **scalars, "counters": self._counters(group_index, device),
                            "skip_nonfinite": group["nonfinite"] == "skip", **packed_kw}
@@ -375,34 +375,18 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
                 self._after_packed_step(group_index, device, packed_kw)
                 batch.write_back()
 
-    def _batch_scalars(self, batch: DeviceBatch, group: dict[str, Any],
-                       call: Any) -> tuple[list[dict[str, int]], dict[str, list[float]]]:
-        """:meth:`_tensor_scalars` of every tensor of ``batch``: the new counts in batch order,
-        and per core keyword the list of scalars (a tuple value contributes all its entries)."""
-        counts: list[dict[str, int]] = []
-        scalars: dict[str, list[float]] = {}
-        for state in batch.states:
-            new_counts, tensor_scalars = self._tensor_scalars(state, group, call)
-            counts.append(new_counts)
-            for key, value in tensor_scalars.items():
-                column = scalars.setdefault(key, [])
-                if isinstance(value, tuple):
-                    column.extend(value)
-                else:
-                    column.append(value)
-        return counts, scalars
-
     def _group_scalars(self, group: dict[str, Any], call: int) -> Any:
         """Hook: what the kind's schedules give for call ``call`` (1, 2, ...) of ``group``, the
         same for all its tensors (reset flags, decays, warmup factors); handed to the other
         hooks as ``call``."""
         raise NotImplementedError
 
-    def _tensor_scalars(self, state: dict[str, Any], group: dict[str, Any],
-                        call: Any) -> tuple[dict[str, int], dict[str, float | tuple[float, ...]]]:
-        """Hook: for one tensor's ``state``, the counts it will have after this call (stored
-        only once the core accepted the call) and its per-tensor scalars, keyed by the core
-        step's keyword (a tuple adds several entries to that keyword's list)."""
+    def _tensor_scalars(self, states: list[dict[str, Any]], group: dict[str, Any],
+                        call: Any) -> tuple[list[dict[str, int]], dict[str, list[float]]]:
+        """Hook: for the ``states`` of one device batch (in batch order), the counts each tensor
+        will have after this call (stored only once the core accepted the call) and the
+        per-tensor scalar lists, keyed by the core step's keyword. One call per batch, not per
+        tensor: groups of hundreds of small tensors make per-tensor Python calls the cost."""
         raise NotImplementedError
 
     def _core_step(self, batch: DeviceBatch, group: dict[str, Any], call: Any, core_kw: dict[str, Any]) -> None:

@@ -267,12 +267,15 @@ class SPAM(SpikeAwareOptimizer):
                          warmup=spam_warmup_factor(call, interval, group["warmup_steps"]),
                          clip=group["spike_clipping"] and spam_clip_active(call, interval, group["clip_delay"]))
 
-    def _tensor_scalars(self, state: dict[str, Any], group: dict[str, Any],
-                        call: _SPAMCall) -> tuple[dict[str, int], dict[str, float | tuple[float, ...]]]:
-        """The step count after this call and the update scale (§2.4 step 7)."""
+    def _tensor_scalars(self, states: list[dict[str, Any]], group: dict[str, Any],
+                        call: _SPAMCall) -> tuple[list[dict[str, int]], dict[str, list[float]]]:
+        """Step counts after this call and the update scales (§2.4 step 7)."""
         beta1, beta2 = group["betas"]
-        step = (0 if call.reset and group["reset_bias_correction"] else state["step"]) + 1
-        return {"step": step}, {"update_scales": spam_update_scale(group["lr"], beta1, beta2, step, call.warmup)}
+        lr, warmup = group["lr"], call.warmup
+        restart = call.reset and group["reset_bias_correction"]
+        steps = [1 if restart else state["step"] + 1 for state in states]
+        return ([{"step": step} for step in steps],
+                {"update_scales": [spam_update_scale(lr, beta1, beta2, step, warmup) for step in steps]})
 
     def _core_step(self, batch: DeviceBatch, group: dict[str, Any], call: _SPAMCall,
                    core_kw: dict[str, Any]) -> None:

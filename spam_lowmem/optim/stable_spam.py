@@ -115,20 +115,25 @@ class StableSPAM(SpikeAwareOptimizer):
         return _StableCall(reset=reset, mode=mode, beta1=beta1 * sc,
                            gamma1=(beta1 if gamma1 == -1 else gamma1) * sc)
 
-    def _tensor_scalars(self, state: dict[str, Any], group: dict[str, Any],
-                        call: _StableCall) -> tuple[dict[str, int], dict[str, float | tuple[float, ...]]]:
+    def _tensor_scalars(self, states: list[dict[str, Any]], group: dict[str, Any],
+                        call: _StableCall) -> tuple[list[dict[str, int]], dict[str, list[float]]]:
         _, beta2 = group["betas"]
         _, gamma2, gamma3 = group["gammas"]
-        k_stat = state["stat_step"] + 1
-        stat_bcs = (1.0 - call.gamma1**k_stat, 1.0 - gamma2**k_stat, 1.0 - gamma3**k_stat)
-        k = state["step"] + 1
-        if call.reset:
-            k = 1
-            if group["restart_stat_counts"]:
-                k_stat = 1
-        return {"step": k, "stat_step": k_stat}, {
-            "stat_bias_corrections": stat_bcs, "step_sizes": group["lr"] / (1.0 - call.beta1**k),
-            "sqrt_bc2s": math.sqrt(1.0 - beta2**k)}
+        lr, beta1, gamma1 = group["lr"], call.beta1, call.gamma1
+        counts: list[dict[str, int]] = []
+        stat_bcs: list[float] = []  # (1-gamma1^k, 1-gamma2^k, 1-gamma3^k) per tensor, flat
+        step_sizes: list[float] = []
+        sqrt_bc2s: list[float] = []
+        restart_stats = call.reset and group["restart_stat_counts"]
+        for state in states:
+            # the statistics' bias corrections use the count before a reset restarts it
+            k_stat = state["stat_step"] + 1
+            stat_bcs += (1.0 - gamma1**k_stat, 1.0 - gamma2**k_stat, 1.0 - gamma3**k_stat)
+            k = 1 if call.reset else state["step"] + 1
+            counts.append({"step": k, "stat_step": 1 if restart_stats else k_stat})
+            step_sizes.append(lr / (1.0 - beta1**k))
+            sqrt_bc2s.append(math.sqrt(1.0 - beta2**k))
+        return counts, {"stat_bias_corrections": stat_bcs, "step_sizes": step_sizes, "sqrt_bc2s": sqrt_bc2s}
 
     def _core_step(self, batch: DeviceBatch, group: dict[str, Any], call: _StableCall,
                    core_kw: dict[str, Any]) -> None:
