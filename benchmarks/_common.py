@@ -32,15 +32,20 @@ def llama_shapes(hidden: int, layers: int, ffn: int, vocab: int) -> list[tuple[s
         pre = f"layers.{i}"
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             shapes.append((f"{pre}.self_attn.{proj}", (hidden, hidden)))
-        shapes += [(f"{pre}.mlp.gate_proj", (ffn, hidden)), (f"{pre}.mlp.up_proj", (ffn, hidden)),
-                   (f"{pre}.mlp.down_proj", (hidden, ffn)),
-                   (f"{pre}.input_layernorm", (hidden,)), (f"{pre}.post_attention_layernorm", (hidden,))]
+        shapes += [
+            (f"{pre}.mlp.gate_proj", (ffn, hidden)),
+            (f"{pre}.mlp.up_proj", (ffn, hidden)),
+            (f"{pre}.mlp.down_proj", (hidden, ffn)),
+            (f"{pre}.input_layernorm", (hidden,)),
+            (f"{pre}.post_attention_layernorm", (hidden,)),
+        ]
     shapes += [("norm", (hidden,)), ("lm_head", (vocab, hidden))]
     return shapes
 
 
-def make_params(shapes: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, device: str,
-                seed: int = 0) -> list[torch.nn.Parameter]:
+def make_params(
+    shapes: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, device: str, seed: int = 0
+) -> list[torch.nn.Parameter]:
     """Parameters with a fixed random gradient attached (the step is timed, not backward)."""
     gen = torch.Generator().manual_seed(seed)
     params = []
@@ -70,8 +75,14 @@ def time_once(fn: Callable[[], Any], device: str) -> float:
     return time.perf_counter() - t0
 
 
-def time_interleaved(cases: dict[str, Callable[[], Any]], device: str, *, warmup: int, rounds: int,
-                     max_seconds: dict[str, float] | None = None) -> dict[str, list[float]]:
+def time_interleaved(
+    cases: dict[str, Callable[[], Any]],
+    device: str,
+    *,
+    warmup: int,
+    rounds: int,
+    max_seconds: dict[str, float] | None = None,
+) -> dict[str, list[float]]:
     """Warm each case up, then time one call of every case per round, round after round.
 
     A case whose single call exceeds ``max_seconds[name]`` is timed fewer times (slow
@@ -93,8 +104,7 @@ def time_interleaved(cases: dict[str, Callable[[], Any]], device: str, *, warmup
 
 def summarize(samples: list[float]) -> dict[str, float]:
     qs = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
-    return {"median_ms": statistics.median(samples) * 1e3, "iqr_ms": (qs[2] - qs[0]) * 1e3,
-            "runs": len(samples)}
+    return {"median_ms": statistics.median(samples) * 1e3, "iqr_ms": (qs[2] - qs[0]) * 1e3, "runs": len(samples)}
 
 
 def copy_bandwidth(numel: int, dtype: torch.dtype, device: str, rounds: int = 10) -> float:
@@ -123,8 +133,13 @@ def environment(device: str) -> dict[str, Any]:
     except ImportError:
         pass
     with contextlib.suppress(OSError):  # no git: the row just lacks a commit
-        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                       text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
+        env["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=False,
+        ).stdout.strip()
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda_runtime"] = torch.version.cuda

@@ -44,19 +44,25 @@ def candidates() -> dict[str, tuple[Factory, str]]:
     stable_kw = dict(lr=LR, betas=BETAS, reset_interval=0)
     cands: dict[str, tuple[Factory, str]] = {
         "torch AdamW": (lambda ps: torch.optim.AdamW(ps, lr=LR, betas=BETAS, weight_decay=0.0), ""),
-        "AdamW 8-bit (ours)": (lambda ps: sl.AdamW(ps, lr=LR, betas=BETAS, weight_decay=0.0, state_bits=8),
-                               "torch AdamW"),
+        "AdamW 8-bit (ours)": (
+            lambda ps: sl.AdamW(ps, lr=LR, betas=BETAS, weight_decay=0.0, state_bits=8),
+            "torch AdamW",
+        ),
         "SPAM 32-bit (ours)": (lambda ps: sl.SPAM(ps, **spam_kw), ""),
         "SPAM 8-bit (ours)": (lambda ps: sl.SPAM(ps, **spam_kw, state_bits=8), "SPAM 32-bit (ours)"),
         "StableSPAM 32-bit (ours)": (lambda ps: sl.StableSPAM(ps, **stable_kw), ""),
-        "StableSPAM 8-bit (ours)": (lambda ps: sl.StableSPAM(ps, **stable_kw, state_bits=8),
-                                    "StableSPAM 32-bit (ours)"),
+        "StableSPAM 8-bit (ours)": (
+            lambda ps: sl.StableSPAM(ps, **stable_kw, state_bits=8),
+            "StableSPAM 32-bit (ours)",
+        ),
     }
     try:
         import bitsandbytes as bnb
 
         cands["bitsandbytes AdamW8bit"] = (
-            lambda ps: bnb.optim.AdamW8bit(ps, lr=LR, betas=BETAS, weight_decay=0.0), "torch AdamW")
+            lambda ps: bnb.optim.AdamW8bit(ps, lr=LR, betas=BETAS, weight_decay=0.0),
+            "torch AdamW",
+        )
     except ImportError:
         print("bitsandbytes not installed: its row is skipped (pip install bitsandbytes)")
     return cands
@@ -87,8 +93,10 @@ def main() -> None:
     args = parser.parse_args()
     shape = (args.rows, args.cols)
     env = C.environment("cpu")
-    print(f"# 8-bit fidelity, {shape}, {args.steps} steps, lr {LR}, {env['date']}, torch {env['torch']}, "
-          f"{env.get('cpu')}, commit {env.get('commit')}")
+    print(
+        f"# 8-bit fidelity, {shape}, {args.steps} steps, lr {LR}, {env['date']}, torch {env['torch']}, "
+        f"{env.get('cpu')}, commit {env.get('commit')}"
+    )
     cands = candidates()
     rows: list[dict[str, Any]] = []
     for stream_name in args.streams.split(","):
@@ -101,8 +109,15 @@ def main() -> None:
         table = []
         for name, (_, base) in cands.items():
             res = results[name]
-            row: dict[str, Any] = {"bench": "8bit_fidelity", "stream": stream_name, "optimizer": name,
-                                   "shape": list(shape), "steps": args.steps, "worst_move": res["worst_move"], **env}
+            row: dict[str, Any] = {
+                "bench": "8bit_fidelity",
+                "stream": stream_name,
+                "optimizer": name,
+                "shape": list(shape),
+                "steps": args.steps,
+                "worst_move": res["worst_move"],
+                **env,
+            }
             if base:
                 ref = results[base]["final"]
                 row["baseline"] = base
@@ -110,14 +125,19 @@ def main() -> None:
             if small is not None:
                 row["small_half_max"] = float(res["final"][small].abs().max())
             rows.append(row)
-            table.append([name, base or "-", f"{row['distance']:.4f}" if base else "-",
-                          f"{res['worst_move']:.3f}",
-                          f"{row['small_half_max']:.4g}" if small is not None else "-"])
+            table.append(
+                [
+                    name,
+                    base or "-",
+                    f"{row['distance']:.4f}" if base else "-",
+                    f"{res['worst_move']:.3f}",
+                    f"{row['small_half_max']:.4g}" if small is not None else "-",
+                ]
+            )
         print(f"\nstream {stream_name}")
-        C.print_table(["optimizer", "compared with", "distance", "worst move / bound", "max|p| small half"],
-                      table)
-        ours = next((r for r in rows[-len(cands):] if r["optimizer"] == "AdamW 8-bit (ours)"), None)
-        bnb_row = next((r for r in rows[-len(cands):] if r["optimizer"] == "bitsandbytes AdamW8bit"), None)
+        C.print_table(["optimizer", "compared with", "distance", "worst move / bound", "max|p| small half"], table)
+        ours = next((r for r in rows[-len(cands) :] if r["optimizer"] == "AdamW 8-bit (ours)"), None)
+        bnb_row = next((r for r in rows[-len(cands) :] if r["optimizer"] == "bitsandbytes AdamW8bit"), None)
         if ours is not None and bnb_row is not None:
             ratio = ours["distance"] / bnb_row["distance"] if bnb_row["distance"] > 0 else float("inf")
             print(f"AdamW 8-bit distance, ours / bitsandbytes: {ratio:.3f}")

@@ -39,8 +39,9 @@ def is_target(name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and any(t in name for t in TARGETS) and name.endswith("_proj")
 
 
-def sparse_groups(params: list[torch.nn.Parameter], names: list[tuple[str, tuple[int, ...]]],
-                  density: float, **kw: Any) -> list[dict[str, Any]]:
+def sparse_groups(
+    params: list[torch.nn.Parameter], names: list[tuple[str, tuple[int, ...]]], density: float, **kw: Any
+) -> list[dict[str, Any]]:
     """What sl.sparse_param_groups builds for a LLaMA, from the parameter names."""
     sparse = [p for p, (n, s) in zip(params, names) if is_target(n, s)]
     dense = [p for p, (n, s) in zip(params, names) if not is_target(n, s)]
@@ -59,8 +60,9 @@ def candidates(shapes: list[tuple[str, tuple[int, ...]]]) -> dict[str, Callable[
     }
     for d in DENSITIES:
         for bits in (32, 8):
-            cands[f"sparse SPAM d={d} {bits}-bit (ours)"] = (
-                lambda ps, d=d, bits=bits: sl.SPAM(sparse_groups(ps, shapes, d), state_bits=bits, subset_seed=0))
+            cands[f"sparse SPAM d={d} {bits}-bit (ours)"] = lambda ps, d=d, bits=bits: sl.SPAM(
+                sparse_groups(ps, shapes, d), state_bits=bits, subset_seed=0
+            )
     try:
         import bitsandbytes as bnb
 
@@ -151,16 +153,36 @@ def main(argv: list[str] | None = None) -> None:
 
     rows, records = [], []
     for name, total, target, how in results:
-        rec = {"bench": "memory", "candidate": name, "how": how, "dtype": args.dtype, "params": numel,
-               "target_params": target_numel, "state_bytes": total, "bytes_per_param": total / numel,
-               "target_state_bytes": target, "target_bytes_per_param": target / target_numel,
-               "ratio_to_adamw32": total / (8 * numel), "env": env}
+        rec = {
+            "bench": "memory",
+            "candidate": name,
+            "how": how,
+            "dtype": args.dtype,
+            "params": numel,
+            "target_params": target_numel,
+            "state_bytes": total,
+            "bytes_per_param": total / numel,
+            "target_state_bytes": target,
+            "target_bytes_per_param": target / target_numel,
+            "ratio_to_adamw32": total / (8 * numel),
+            "env": env,
+        }
         records.append(rec)
-        rows.append([name, how, f"{total / 2**20:.1f}", f"{total / numel:.3f}", f"{target / target_numel:.3f}",
-                     f"{total / (8 * numel):.3f}"])
-    print(f"# LLaMA-60M shapes ({args.layers} layers): {numel / 1e6:.2f}M params, {target_numel / 1e6:.2f}M in "
-          f"the targeted projections; {args.dtype} parameters; state measured after one step; {env['date']}; "
-          f"torch {env['torch']}")
+        rows.append(
+            [
+                name,
+                how,
+                f"{total / 2**20:.1f}",
+                f"{total / numel:.3f}",
+                f"{target / target_numel:.3f}",
+                f"{total / (8 * numel):.3f}",
+            ]
+        )
+    print(
+        f"# LLaMA-60M shapes ({args.layers} layers): {numel / 1e6:.2f}M params, {target_numel / 1e6:.2f}M in "
+        f"the targeted projections; {args.dtype} parameters; state measured after one step; {env['date']}; "
+        f"torch {env['torch']}"
+    )
     C.print_table(["optimizer", "how", "state MiB", "B/param (all)", "B/param (targeted)", "vs AdamW fp32"], rows)
     C.write_jsonl(args.out, records)
 

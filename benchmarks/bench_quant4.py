@@ -44,30 +44,52 @@ def quantiser_cases(w: torch.Tensor, g: int) -> dict[str, tuple[Callable[[], Any
     n, es = w.numel(), w.element_size()
     packed = {f: q4.pack_weight(w, fmt=f, group_size=g) for f in ("int4", "fp4")}  # type: ignore[arg-type]
     refp = {f: {k: t.clone() for k, t in p.tensors().items()} for f, p in packed.items()}
-    moved = (q4.unpack_weight(packed["int4"], dtype=w.dtype).float()
-             + 1e-3 * torch.randn(w.shape, device=w.device)).to(w.dtype)
-    moved_fp4 = (q4.unpack_weight(packed["fp4"], dtype=w.dtype).float()
-                 + 1e-3 * torch.randn(w.shape, device=w.device)).to(w.dtype)
-    meta = {f: sum(t.numel() * t.element_size() for k, t in p.tensors().items() if k != "codes")
-            for f, p in packed.items()}
+    moved = (q4.unpack_weight(packed["int4"], dtype=w.dtype).float() + 1e-3 * torch.randn(w.shape, device=w.device)).to(
+        w.dtype
+    )
+    moved_fp4 = (
+        q4.unpack_weight(packed["fp4"], dtype=w.dtype).float() + 1e-3 * torch.randn(w.shape, device=w.device)
+    ).to(w.dtype)
+    meta = {
+        f: sum(t.numel() * t.element_size() for k, t in p.tensors().items() if k != "codes") for f, p in packed.items()
+    }
     fake_bytes, pack_bytes = 2 * n * es, n * es + n // 2
     return {
-        "fake weight int4": (lambda: q4.fake_quantize_weight(w, group_size=g), lambda: R.fake_weight_int4(w, g),
-                             fake_bytes),
-        "fake act int4 (top-2)": (lambda: q4.fake_quantize_activation(w, group_size=g),
-                                  lambda: R.fake_act_int4(w, g), fake_bytes),
-        "fake fp4 (top-2)": (lambda: q4.fake_quantize_activation(w, fmt="fp4", group_size=g),
-                             lambda: R.fake_fp4(w, g), fake_bytes),
-        "pack int4": (lambda: q4.pack_weight(w, group_size=g, out=packed["int4"]), lambda: R.pack(w, "int4", g),
-                      pack_bytes + meta["int4"]),
-        "unpack int4": (lambda: q4.unpack_weight(packed["int4"], dtype=w.dtype),
-                        lambda: R.unpack(refp["int4"], "int4", g, tuple(w.shape), w.dtype), pack_bytes + meta["int4"]),
-        "requant int4 (SR)": (lambda: q4.requantize_(moved, packed["int4"], seed=1, step=0, check_finite=False),
-                              lambda: R.requant_sr(moved, refp["int4"], "int4", g, 1, 0),
-                              pack_bytes + n // 2 + 2 * meta["int4"]),
-        "requant fp4 (SR)": (lambda: q4.requantize_(moved_fp4, packed["fp4"], seed=1, step=0, check_finite=False),
-                             lambda: R.requant_sr(moved_fp4, refp["fp4"], "fp4", g, 1, 0),
-                             pack_bytes + n // 2 + 2 * meta["fp4"]),
+        "fake weight int4": (
+            lambda: q4.fake_quantize_weight(w, group_size=g),
+            lambda: R.fake_weight_int4(w, g),
+            fake_bytes,
+        ),
+        "fake act int4 (top-2)": (
+            lambda: q4.fake_quantize_activation(w, group_size=g),
+            lambda: R.fake_act_int4(w, g),
+            fake_bytes,
+        ),
+        "fake fp4 (top-2)": (
+            lambda: q4.fake_quantize_activation(w, fmt="fp4", group_size=g),
+            lambda: R.fake_fp4(w, g),
+            fake_bytes,
+        ),
+        "pack int4": (
+            lambda: q4.pack_weight(w, group_size=g, out=packed["int4"]),
+            lambda: R.pack(w, "int4", g),
+            pack_bytes + meta["int4"],
+        ),
+        "unpack int4": (
+            lambda: q4.unpack_weight(packed["int4"], dtype=w.dtype),
+            lambda: R.unpack(refp["int4"], "int4", g, tuple(w.shape), w.dtype),
+            pack_bytes + meta["int4"],
+        ),
+        "requant int4 (SR)": (
+            lambda: q4.requantize_(moved, packed["int4"], seed=1, step=0, check_finite=False),
+            lambda: R.requant_sr(moved, refp["int4"], "int4", g, 1, 0),
+            pack_bytes + n // 2 + 2 * meta["int4"],
+        ),
+        "requant fp4 (SR)": (
+            lambda: q4.requantize_(moved_fp4, packed["fp4"], seed=1, step=0, check_finite=False),
+            lambda: R.requant_sr(moved_fp4, refp["fp4"], "fp4", g, 1, 0),
+            pack_bytes + n // 2 + 2 * meta["fp4"],
+        ),
     }
 
 
@@ -76,16 +98,36 @@ def bench_quantisers(args: argparse.Namespace, env: dict[str, Any]) -> list[dict
     w = torch.randn(args.rows, args.cols, device=args.device).to(dtype)
     rows, table = [], []
     for op, (ours, ref, nbytes) in quantiser_cases(w, args.group_size).items():
-        times = C.time_interleaved({"ours": ours, "reference": ref}, args.device, warmup=1, rounds=args.rounds,
-                                   max_seconds={"reference": 5.0})
+        times = C.time_interleaved(
+            {"ours": ours, "reference": ref}, args.device, warmup=1, rounds=args.rounds, max_seconds={"reference": 5.0}
+        )
         s_ours, s_ref = C.summarize(times["ours"]), C.summarize(times["reference"])
         gbps = nbytes / (s_ours["median_ms"] / 1e3) / 1e9
         ratio = s_ref["median_ms"] / s_ours["median_ms"]
-        table.append([op, f"{s_ours['median_ms']:.2f}", f"{s_ours['iqr_ms']:.2f}", f"{gbps:.2f}",
-                      f"{s_ref['median_ms']:.2f}", f"{ratio:.1f}x"])
-        rows.append({"bench": "quant4_op", "env": env, "op": op, "numel": w.numel(), "dtype": args.dtype,
-                     "group_size": args.group_size, "ours": s_ours, "reference": s_ref, "gbps": gbps,
-                     "speedup_vs_reference": ratio})
+        table.append(
+            [
+                op,
+                f"{s_ours['median_ms']:.2f}",
+                f"{s_ours['iqr_ms']:.2f}",
+                f"{gbps:.2f}",
+                f"{s_ref['median_ms']:.2f}",
+                f"{ratio:.1f}x",
+            ]
+        )
+        rows.append(
+            {
+                "bench": "quant4_op",
+                "env": env,
+                "op": op,
+                "numel": w.numel(),
+                "dtype": args.dtype,
+                "group_size": args.group_size,
+                "ours": s_ours,
+                "reference": s_ref,
+                "gbps": gbps,
+                "speedup_vs_reference": ratio,
+            }
+        )
     print(f"\nQuantisers, {args.rows}x{args.cols} {args.dtype}, group {args.group_size}, device {args.device}")
     C.print_table(["op", "ours ms", "IQR", "GB/s", "reference ms", "speed-up"], table)
     return rows
@@ -133,12 +175,12 @@ def weight_memory(model: nn.Module, opt: torch.optim.Optimizer, fused: bool) -> 
         else:
             rest += _bytes(w)
         state += sum(_bytes(v) for v in opt.state[w].values() if isinstance(v, torch.Tensor) and v.numel() > 1)
-    return {"at_rest": rest / numel, "working_copy": work / numel, "optimizer_state": state / numel,
-            "weights": numel}
+    return {"at_rest": rest / numel, "working_copy": work / numel, "optimizer_state": state / numel, "weights": numel}
 
 
-def _training_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                   losses: list[float]) -> Callable[[], None]:
+def _training_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, losses: list[float]
+) -> Callable[[], None]:
     """One timed training step of ``model`` (its loss appended to ``losses``)."""
 
     def step() -> None:
@@ -158,8 +200,7 @@ def bench_training(args: argparse.Namespace, env: dict[str, Any]) -> list[dict[s
     y = torch.randint(0, 16, (args.tokens,), generator=gen).to(args.device)
     rows, table = [], []
     dense = f"dense {args.dtype}"
-    modes = (dense, "fake int4", "packed int4 unfused", "packed int4 fused", "packed fp4 unfused",
-             "packed fp4 fused")
+    modes = (dense, "fake int4", "packed int4 unfused", "packed int4 fused", "packed fp4 unfused", "packed fp4 fused")
     for mode in modes:
         torch.manual_seed(0)
         model = Stack(args.hidden, args.ffn, args.blocks, 16).to(device=args.device, dtype=dtype)
@@ -175,17 +216,52 @@ def bench_training(args: argparse.Namespace, env: dict[str, Any]) -> list[dict[s
         times = C.time_interleaved({mode: step}, args.device, warmup=2, rounds=args.train_rounds)[mode]
         s = C.summarize(times)
         mem = weight_memory(model, opt, fused)
-        table.append([mode, f"{s['median_ms']:.1f}", f"{s['iqr_ms']:.1f}", f"{mem['at_rest']:.3f}",
-                      f"{mem['working_copy']:.2f}", f"{mem['optimizer_state']:.2f}", f"{losses[0]:.3f}",
-                      f"{losses[-1]:.3f}"])
-        rows.append({"bench": "quant4_train_step", "env": env, "mode": mode, "dtype": args.dtype,
-                     "hidden": args.hidden, "ffn": args.ffn, "blocks": args.blocks, "tokens": args.tokens,
-                     "group_size": args.group_size, "step": s, "bytes_per_weight": mem,
-                     "loss_first": losses[0], "loss_last": losses[-1]})
-    print(f"\nTraining step, {args.blocks} blocks, hidden {args.hidden}, ffn {args.ffn}, {args.tokens} tokens, "
-          f"{args.dtype}, spam_lowmem.AdamW, device {args.device} (bytes per projection weight)")
-    C.print_table(["storage", "step ms", "IQR", "B/w at rest", "B/w working (step)", "B/w optim state",
-                   "loss first", "loss last"], table)
+        table.append(
+            [
+                mode,
+                f"{s['median_ms']:.1f}",
+                f"{s['iqr_ms']:.1f}",
+                f"{mem['at_rest']:.3f}",
+                f"{mem['working_copy']:.2f}",
+                f"{mem['optimizer_state']:.2f}",
+                f"{losses[0]:.3f}",
+                f"{losses[-1]:.3f}",
+            ]
+        )
+        rows.append(
+            {
+                "bench": "quant4_train_step",
+                "env": env,
+                "mode": mode,
+                "dtype": args.dtype,
+                "hidden": args.hidden,
+                "ffn": args.ffn,
+                "blocks": args.blocks,
+                "tokens": args.tokens,
+                "group_size": args.group_size,
+                "step": s,
+                "bytes_per_weight": mem,
+                "loss_first": losses[0],
+                "loss_last": losses[-1],
+            }
+        )
+    print(
+        f"\nTraining step, {args.blocks} blocks, hidden {args.hidden}, ffn {args.ffn}, {args.tokens} tokens, "
+        f"{args.dtype}, spam_lowmem.AdamW, device {args.device} (bytes per projection weight)"
+    )
+    C.print_table(
+        [
+            "storage",
+            "step ms",
+            "IQR",
+            "B/w at rest",
+            "B/w working (step)",
+            "B/w optim state",
+            "loss first",
+            "loss last",
+        ],
+        table,
+    )
     return rows
 
 

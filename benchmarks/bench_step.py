@@ -39,11 +39,14 @@ def is_target(name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and any(t in name for t in SPARSE_TARGETS) and name.endswith("_proj")
 
 
-def sparse_groups(ps: list[torch.nn.Parameter], shapes: list[tuple[str, tuple[int, ...]]],
-                  density: float) -> list[dict[str, Any]]:
+def sparse_groups(
+    ps: list[torch.nn.Parameter], shapes: list[tuple[str, tuple[int, ...]]], density: float
+) -> list[dict[str, Any]]:
     """sl.sparse_param_groups' split, from the parameter names of the shape list."""
-    return [{"params": [p for p, (n, s) in zip(ps, shapes) if is_target(n, s)], "density": density},
-            {"params": [p for p, (n, s) in zip(ps, shapes) if not is_target(n, s)]}]
+    return [
+        {"params": [p for p, (n, s) in zip(ps, shapes) if is_target(n, s)], "density": density},
+        {"params": [p for p, (n, s) in zip(ps, shapes) if not is_target(n, s)]},
+    ]
 
 
 def sparse_bytes(shapes: list[tuple[str, tuple[int, ...]]], density: float, bits: int) -> Callable[[int], float]:
@@ -62,8 +65,10 @@ def sparse_bytes(shapes: list[tuple[str, tuple[int, ...]]], density: float, bits
     return per_elem
 
 
-def candidates(device: str, shapes: list[tuple[str, tuple[int, ...]]] | None = None,
-               ) -> dict[str, tuple[Factory, Callable[[int], float]]]:
+def candidates(
+    device: str,
+    shapes: list[tuple[str, tuple[int, ...]]] | None = None,
+) -> dict[str, tuple[Factory, Callable[[int], float]]]:
     """name -> (optimizer factory, bytes the step must move per element, given the element size).
 
     Every dense Adam-family step reads p, g, m, v and writes p, m, v: 7 element-sized
@@ -91,7 +96,8 @@ def candidates(device: str, shapes: list[tuple[str, tuple[int, ...]]] | None = N
                 tag = "" if bits == 32 else " 8-bit"
                 cands[f"SPAM sparse d={d}{tag} (ours)"] = (
                     lambda ps, d=d, bits=bits: sl.SPAM(sparse_groups(ps, shapes, d), state_bits=bits, subset_seed=0),
-                    sparse_bytes(shapes, d, bits))
+                    sparse_bytes(shapes, d, bits),
+                )
     try:
         import bitsandbytes as bnb
 
@@ -155,24 +161,56 @@ def main(argv: list[str] | None = None) -> None:
     for name, s in summary.items():
         moved = cands[name][1](elem) * numel
         gbps = moved / (s["median_ms"] / 1e3) / 1e9
-        rec = {"bench": "step", "candidate": name, "params": numel, "dtype": args.dtype, **s,
-               "gbps": gbps, "copy_gbps": copy_gbps, "pct_of_copy": 100 * gbps / copy_gbps,
-               "vs_adamw_fused": s["median_ms"] / fused if fused else None,
-               "vs_reference_spam": s["median_ms"] / ref if ref else None,
-               "vs_spam32": s["median_ms"] / spam32 if spam32 else None,
-               "vs_bnb_adamw8bit": s["median_ms"] / bnb8 if bnb8 else None, "env": env}
+        rec = {
+            "bench": "step",
+            "candidate": name,
+            "params": numel,
+            "dtype": args.dtype,
+            **s,
+            "gbps": gbps,
+            "copy_gbps": copy_gbps,
+            "pct_of_copy": 100 * gbps / copy_gbps,
+            "vs_adamw_fused": s["median_ms"] / fused if fused else None,
+            "vs_reference_spam": s["median_ms"] / ref if ref else None,
+            "vs_spam32": s["median_ms"] / spam32 if spam32 else None,
+            "vs_bnb_adamw8bit": s["median_ms"] / bnb8 if bnb8 else None,
+            "env": env,
+        }
         records.append(rec)
-        rows.append([name, f"{s['median_ms']:.2f}", f"{s['iqr_ms']:.2f}", s["runs"], f"{gbps:.1f}",
-                     f"{rec['pct_of_copy']:.0f}%",
-                     f"{rec['vs_adamw_fused']:.2f}x" if fused else "-",
-                     f"{rec['vs_reference_spam']:.2f}x" if ref else "-",
-                     f"{rec['vs_spam32']:.2f}x" if spam32 else "-",
-                     f"{rec['vs_bnb_adamw8bit']:.2f}x" if bnb8 else "-"])
-    print(f"# {numel / 1e6:.2f}M params ({args.layers} layers), {args.dtype}, device {args.device}; "
-          f"copy {copy_gbps:.1f} GB/s; {env['date']}; torch {env['torch']}; {env['cpu']}; "
-          f"core isa {env.get('core_isa')}, threads {env.get('core_threads')}")
-    C.print_table(["optimizer", "median ms", "IQR ms", "runs", "GB/s", "of copy", "vs AdamW fused",
-                   "vs ref SPAM", "vs SPAM 32", "vs bnb 8bit"], rows)
+        rows.append(
+            [
+                name,
+                f"{s['median_ms']:.2f}",
+                f"{s['iqr_ms']:.2f}",
+                s["runs"],
+                f"{gbps:.1f}",
+                f"{rec['pct_of_copy']:.0f}%",
+                f"{rec['vs_adamw_fused']:.2f}x" if fused else "-",
+                f"{rec['vs_reference_spam']:.2f}x" if ref else "-",
+                f"{rec['vs_spam32']:.2f}x" if spam32 else "-",
+                f"{rec['vs_bnb_adamw8bit']:.2f}x" if bnb8 else "-",
+            ]
+        )
+    print(
+        f"# {numel / 1e6:.2f}M params ({args.layers} layers), {args.dtype}, device {args.device}; "
+        f"copy {copy_gbps:.1f} GB/s; {env['date']}; torch {env['torch']}; {env['cpu']}; "
+        f"core isa {env.get('core_isa')}, threads {env.get('core_threads')}"
+    )
+    C.print_table(
+        [
+            "optimizer",
+            "median ms",
+            "IQR ms",
+            "runs",
+            "GB/s",
+            "of copy",
+            "vs AdamW fused",
+            "vs ref SPAM",
+            "vs SPAM 32",
+            "vs bnb 8bit",
+        ],
+        rows,
+    )
     C.write_jsonl(args.out, records)
 
 

@@ -66,7 +66,9 @@ inline void check_launch() { SPAM_CUDA_CHECK(cudaGetLastError()); }
 
 struct SumOp {
   template <typename T>
-  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return a + b;
+  }
 };
 
 // fmaxf ignores a NaN operand, which makes the max order-independent; callers that must

@@ -32,8 +32,7 @@ using DenseArgs = MultiTensorArgs<kDenseDepth, typename Op::Extra>;
 
 template <typename T, typename Op>
 __global__ void __launch_bounds__(kBlockThreads)
-    dense_step_kernel(const __grid_constant__ DenseArgs<Op> args, const Op op,
-                      int64_t* counters) {
+    dense_step_kernel(const __grid_constant__ DenseArgs<Op> args, const Op op, int64_t* counters) {
   const ChunkRange r = chunk_range(args);
   const auto fn = op.element(args.extra[r.slot]);
   T* __restrict__ p = static_cast<T*>(args.ptr[kDenseParam][r.slot]);

@@ -57,7 +57,7 @@ static_assert(sizeof(TensorState) == 32, "scratch layout");
 
 struct AdamExtra {
   AdamBiasCorrection adam;  // step_size, sqrt_bc2
-  int32_t tensor;         // TensorState index (unused for AdamW)
+  int32_t tensor;           // TensorState index (unused for AdamW)
 };
 
 // Stable-SPAM's update (stable_spam_element) with the scalars its phases left in `state`;
@@ -83,8 +83,8 @@ struct AdamOp {
 #if defined(__CUDACC__)
   // A uniform branch: the same `state` for the whole launch.
   __device__ __forceinline__ Element element(const Extra& e) const {
-    const StableTensorScalars s =
-        state == nullptr ? StableTensorScalars{INFINITY, 1.0f, 0.0f, 0.0f} : state[e.tensor].scalars;
+    const StableTensorScalars s = state == nullptr ? StableTensorScalars{INFINITY, 1.0f, 0.0f, 0.0f}
+                                                   : state[e.tensor].scalars;
     return Element{hyper, e.adam, s};
   }
 #endif

@@ -35,9 +35,9 @@
 namespace spam::cuda {
 
 constexpr int64_t kChunk = int64_t{1} << 16;  // elements per block: 256 per thread
-constexpr int kIlp = 4;                        // elements in flight per thread and array
-constexpr int kMaxBlocks = 320;                // table rows per launch
-constexpr size_t kArgBudget = 3584;            // bytes for one MultiTensorArgs
+constexpr int kIlp = 4;                       // elements in flight per thread and array
+constexpr int kMaxBlocks = 320;               // table rows per launch
+constexpr size_t kArgBudget = 3584;           // bytes for one MultiTensorArgs
 constexpr size_t kSharedBudget = 4096 - kArgBudget;
 
 // Tensor slots that fit the budget once the block table is paid for; uint8 slots cap it.

@@ -42,7 +42,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int64_t stride = int64_t{gridDim.x} * kWarpsPerBlock;
   const int lane = lane_id();
   int clipped = 0, nonfinite = 0;
-  for (int64_t g = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarp; g < groups; g += stride) {
+  for (int64_t g = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarp; g < groups;
+       g += stride) {
     const int64_t begin = g * group;
     // The sr target of element j after the update; m/v/flags are returned for pass 2.
     auto target = [&](int64_t j, float& mi, float& vi, ElementFlags& f) -> float {
@@ -100,12 +101,14 @@ __global__ void __launch_bounds__(kBlockThreads)
         if (fmt == q4::Format::kInt4) {
           c[k] = q4::int4_sr_code(x, grid, u);
         } else {
-          c[k] = top.is_outlier(j + k) ? float(q4::kFp4Zero) : q4::fp4_sr_level(x, step, u) + float(q4::kFp4Zero);
+          c[k] = top.is_outlier(j + k) ? float(q4::kFp4Zero)
+                                       : q4::fp4_sr_level(x, step, u) + float(q4::kFp4Zero);
           if (j + k == top.i0) outlier[0] = x;
           if (j + k == top.i1) outlier[1] = x;
         }
       }
-      if (!group_bad) codes[j / 2] = q4::pack_nibbles(static_cast<uint32_t>(c[0]), static_cast<uint32_t>(c[1]));
+      if (!group_bad)
+        codes[j / 2] = q4::pack_nibbles(static_cast<uint32_t>(c[0]), static_cast<uint32_t>(c[1]));
     }
     if (group_bad) {
       if (lane == 0) atomicAdd(reinterpret_cast<unsigned long long*>(bad_groups), 1ull);
@@ -135,7 +138,8 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 int grid_for(int64_t groups) {
   const int64_t blocks = (groups + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  return static_cast<int>(blocks < (int64_t{1} << 20) ? (blocks > 0 ? blocks : 1) : (int64_t{1} << 20));
+  return static_cast<int>(blocks < (int64_t{1} << 20) ? (blocks > 0 ? blocks : 1)
+                                                      : (int64_t{1} << 20));
 }
 
 }  // namespace
@@ -147,7 +151,8 @@ void launch_packed_step(const PackedParam& q, const TensorRef& grad, const Tenso
   SPAM_CHECK(q.group > 0 && q.group % 2 == 0 && grad.numel % q.group == 0,
              "packed weights need an even group size dividing numel");
   SPAM_CHECK(q.group <= (int64_t{1} << 30), "group size must be at most 2^30");
-  SPAM_CHECK(q.bad_groups != nullptr && counters != nullptr, "packed step needs its device counters");
+  SPAM_CHECK(q.bad_groups != nullptr && counters != nullptr,
+             "packed step needs its device counters");
   if (grad.numel == 0) return;
   dispatch_dtype(grad.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;

@@ -23,7 +23,8 @@ constexpr int kWarpsPerBlock = kThreads / kWarp;
 
 int grid_for(int64_t groups) {
   const int64_t blocks = (groups + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  return static_cast<int>(blocks < (int64_t{1} << 20) ? (blocks > 0 ? blocks : 1) : (int64_t{1} << 20));
+  return static_cast<int>(blocks < (int64_t{1} << 20) ? (blocks > 0 ? blocks : 1)
+                                                      : (int64_t{1} << 20));
 }
 
 // ----------------------------------------------------------------- fake quantisation
@@ -34,7 +35,8 @@ __global__ void __launch_bounds__(kThreads)
     fake_kernel(const T* __restrict__ in, T* __restrict__ out, int64_t numel, int64_t group) {
   const int64_t groups = (numel + group - 1) / group;
   const int64_t stride = int64_t{gridDim.x} * kWarpsPerBlock;
-  for (int64_t g = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarp; g < groups; g += stride) {
+  for (int64_t g = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarp; g < groups;
+       g += stride) {
     const WarpGroup w = warp_group(g, numel, group);
     auto value = [&](int j) { return Storage<T>::load(in, w.begin + j); };
     if constexpr (K == Fake::kWeightInt4) {
@@ -50,7 +52,8 @@ __global__ void __launch_bounds__(kThreads)
       const float s = K == Fake::kActInt4 ? act_scale(t.rest_max()) : fp4_step(t.rest_max());
       for (int j = lane_id(); j < w.n; j += kWarp) {
         const float v = Storage<T>::load(in, w.begin + j);
-        const float r = t.is_outlier(j) ? v : (K == Fake::kActInt4 ? int4_act_fake(v, s) : fp4_fake(v, s));
+        const float r =
+            t.is_outlier(j) ? v : (K == Fake::kActInt4 ? int4_act_fake(v, s) : fp4_fake(v, s));
         Storage<T>::store(out, w.begin + j, r);
       }
     }
@@ -65,7 +68,8 @@ __global__ void __launch_bounds__(kThreads)
                 uint64_t key, int64_t* bad_groups) {
   const int64_t groups = numel / group;
   const int64_t stride = int64_t{gridDim.x} * kWarpsPerBlock;
-  for (int64_t g = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarp; g < groups; g += stride) {
+  for (int64_t g = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarp; g < groups;
+       g += stride) {
     const WarpGroup w = warp_group(g, numel, group);
     uint8_t* codes = p.codes + w.begin / 2;
     // RTN: the input; SR: the target built from the old packed value (read before any lane
@@ -89,7 +93,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int k = 0; k < 2; ++k) {
           const float v = value(j + k);
-          c[k] = kSr ? int4_sr_code(v, grid, sr_uniform(key, w.begin + j + k)) : int4_weight_code(v, grid);
+          c[k] = kSr ? int4_sr_code(v, grid, sr_uniform(key, w.begin + j + k))
+                     : int4_weight_code(v, grid);
         }
         codes[j / 2] = pack_nibbles(static_cast<uint32_t>(c[0]), static_cast<uint32_t>(c[1]));
       }
@@ -112,7 +117,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int k = 0; k < 2; ++k) {
           const float v = value(j + k);
-          const float level = kSr ? fp4_sr_level(v, step, sr_uniform(key, w.begin + j + k)) : fp4_level(v, step);
+          const float level =
+              kSr ? fp4_sr_level(v, step, sr_uniform(key, w.begin + j + k)) : fp4_level(v, step);
           c[k] = t.is_outlier(j + k) ? float(kFp4Zero) : level + float(kFp4Zero);
           if (j + k == t.i0) outlier[0] = v;
           if (j + k == t.i1) outlier[1] = v;
@@ -140,14 +146,16 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     unpack_kernel(Packed p, T* __restrict__ out, Format fmt, int64_t numel, int64_t group) {
   const int64_t bytes = numel / 2;
-  for (int64_t b = int64_t{blockIdx.x} * kThreads + threadIdx.x; b < bytes; b += int64_t{gridDim.x} * kThreads) {
+  for (int64_t b = int64_t{blockIdx.x} * kThreads + threadIdx.x; b < bytes;
+       b += int64_t{gridDim.x} * kThreads) {
     const int64_t i = 2 * b;
     const int64_t g = i / group;
     const int64_t j = i - g * group;
     const float scale = p.scale[g];
     const float zero = fmt == Format::kInt4 ? float(p.zero[g]) : float(kFp4Zero);
     const uint32_t byte = p.codes[b];
-    float v[2] = {int4_dequant(float(byte & 0xfu), zero, scale), int4_dequant(float(byte >> 4), zero, scale)};
+    float v[2] = {int4_dequant(float(byte & 0xfu), zero, scale),
+                  int4_dequant(float(byte >> 4), zero, scale)};
     if (fmt == Format::kFp4) {
       const int o0 = p.outlier_idx[2 * g], o1 = p.outlier_idx[2 * g + 1];
 #pragma unroll
@@ -166,7 +174,8 @@ void check_group(int64_t group) {
 }
 
 template <Fake K>
-void launch_fake(const TensorRef& in, const TensorRef& out, int64_t group, int device, uintptr_t stream) {
+void launch_fake(const TensorRef& in, const TensorRef& out, int64_t group, int device,
+                 uintptr_t stream) {
   SPAM_CHECK(group > 0, "group size must be positive");
   if (in.numel == 0) return;
   // a group longer than the tensor is the tensor (one tail group): same result, and the
@@ -187,7 +196,8 @@ template <bool kSr>
 void launch_pack_impl(const TensorRef& w, const Packed& p, Format fmt, int64_t group, uint64_t key,
                       int64_t* bad, int device, uintptr_t stream) {
   check_group(group);
-  SPAM_CHECK(group % 2 == 0 && w.numel % group == 0, "packed storage needs an even group dividing numel");
+  SPAM_CHECK(group % 2 == 0 && w.numel % group == 0,
+             "packed storage needs an even group dividing numel");
   if (w.numel == 0) return;
   DeviceGuard guard(device);
   dispatch_dtype(w.dtype, [&](auto tag) {
@@ -208,7 +218,8 @@ void launch_fake_act_int4(const TensorRef& in, const TensorRef& out, int64_t gro
                           uintptr_t stream) {
   launch_fake<Fake::kActInt4>(in, out, group, device, stream);
 }
-void launch_fake_fp4(const TensorRef& in, const TensorRef& out, int64_t group, int device, uintptr_t stream) {
+void launch_fake_fp4(const TensorRef& in, const TensorRef& out, int64_t group, int device,
+                     uintptr_t stream) {
   launch_fake<Fake::kFp4>(in, out, group, device, stream);
 }
 
@@ -217,15 +228,16 @@ void launch_pack(const TensorRef& w, const Packed& p, Format fmt, int64_t group,
   launch_pack_impl<false>(w, p, fmt, group, 0, bad, device, stream);
 }
 
-void launch_requant_sr(const TensorRef& w, const Packed& p, Format fmt, int64_t group, uint64_t seed,
-                       uint64_t step, int64_t* bad, int device, uintptr_t stream) {
+void launch_requant_sr(const TensorRef& w, const Packed& p, Format fmt, int64_t group,
+                       uint64_t seed, uint64_t step, int64_t* bad, int device, uintptr_t stream) {
   launch_pack_impl<true>(w, p, fmt, group, sr_key(seed, step), bad, device, stream);
 }
 
 void launch_unpack(const Packed& p, const TensorRef& out, Format fmt, int64_t group, int device,
                    uintptr_t stream) {
   check_group(group);
-  SPAM_CHECK(group % 2 == 0 && out.numel % group == 0, "packed storage needs an even group dividing numel");
+  SPAM_CHECK(group % 2 == 0 && out.numel % group == 0,
+             "packed storage needs an even group dividing numel");
   if (out.numel == 0) return;
   DeviceGuard guard(device);
   const int64_t blocks = (out.numel / 2 + kThreads - 1) / kThreads;

@@ -62,11 +62,22 @@ __device__ __forceinline__ Top3 merge(const Top3& a, const Top3& b) {
   Entry e[4] = {{a.v0, int(a.i0)}, {a.v1, int(a.i1)}, {b.v0, int(b.i0)}, {b.v1, int(b.i1)}};
   // 4-element sorting network under before(): (0,1)(2,3)(0,2)(1,3)(1,2)
   auto cmpswap = [&](int x, int y) {
-    if (before(e[y], e[x])) { const Entry t = e[x]; e[x] = e[y]; e[y] = t; }
+    if (before(e[y], e[x])) {
+      const Entry t = e[x];
+      e[x] = e[y];
+      e[y] = t;
+    }
   };
-  cmpswap(0, 1); cmpswap(2, 3); cmpswap(0, 2); cmpswap(1, 3); cmpswap(1, 2);
+  cmpswap(0, 1);
+  cmpswap(2, 3);
+  cmpswap(0, 2);
+  cmpswap(1, 3);
+  cmpswap(1, 2);
   Top3 r;
-  r.v0 = e[0].v; r.i0 = e[0].i; r.v1 = e[1].v; r.i1 = e[1].i;
+  r.v0 = e[0].v;
+  r.i0 = e[0].i;
+  r.v1 = e[1].v;
+  r.i1 = e[1].i;
   r.v2 = maxf(e[2].v, maxf(a.v2, b.v2));
   return r;
 }
@@ -111,7 +122,9 @@ __device__ __forceinline__ Top3 lane_top3(const WarpGroup& w, unsigned* bad, V&&
   return t;
 }
 
-__device__ __forceinline__ unsigned warp_or(unsigned b) { return __any_sync(kFull, b != 0u) ? 1u : 0u; }
+__device__ __forceinline__ unsigned warp_or(unsigned b) {
+  return __any_sync(kFull, b != 0u) ? 1u : 0u;
+}
 
 }  // namespace warp
 }  // namespace spam::q4

@@ -25,9 +25,8 @@ void cuda_spam_step(const std::vector<SpamTensor>& tensors, const SpamHyper& hyp
     if (t.q8.active()) cuda::check_maps(maps);
   cuda::DeviceGuard guard(ctx.device);
   cuda::launch_step(
-      tensors, cuda::SpamOp{hyper},
-      [&](int i) { return cuda::SpamExtra{tensors[i].update_scale}; }, maps, counters,
-      cuda::to_stream(ctx.stream));
+      tensors, cuda::SpamOp{hyper}, [&](int i) { return cuda::SpamExtra{tensors[i].update_scale}; },
+      maps, counters, cuda::to_stream(ctx.stream));
 }
 
 }  // namespace spam

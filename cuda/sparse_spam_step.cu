@@ -63,7 +63,8 @@ struct SparseShared {
   int64_t* counters;
 };
 static_assert(sizeof(SparseArgs) + sizeof(SparseShared) + sizeof(MapValues) + 2 * sizeof(void*) <=
-                  4096, "kernel arguments exceed 4 KB");
+                  4096,
+              "kernel arguments exceed 4 KB");
 
 // The subset rule of a tensor, or false when it cannot be this tensor's (drawn for another
 // element count, or out-of-range fields): then the tensor is left untouched.
@@ -198,8 +199,8 @@ __global__ void __launch_bounds__(kBlockThreads)
     int s = 0;
     while (s + 1 < args.n_slots && b >= args.slot[s + 1].first_block) ++s;
     const SparseSlot& t = args.slot[s];
-    sparse_block<T, kQ8>(t, b - t.first_block, shared.hyper, m_map, v_map,
-                         stage[kQ8 ? warp : 0], clipped, nonfinite);
+    sparse_block<T, kQ8>(t, b - t.first_block, shared.hyper, m_map, v_map, stage[kQ8 ? warp : 0],
+                         clipped, nonfinite);
   }
   block_add_counts(shared.counters, clipped, nonfinite);  // every thread: it has barriers
 }
@@ -248,9 +249,8 @@ void launch_sparse_group(const std::vector<CudaSparseSpamTensor>& tensors,
 
 namespace spam {
 
-void cuda_sparse_spam_step(const std::vector<CudaSparseSpamTensor>& tensors,
-                           const SpamHyper& hyper, const QuantMaps& maps, int64_t* counters,
-                           const CudaContext& ctx) {
+void cuda_sparse_spam_step(const std::vector<CudaSparseSpamTensor>& tensors, const SpamHyper& hyper,
+                           const QuantMaps& maps, int64_t* counters, const CudaContext& ctx) {
   if (tensors.empty()) return;
   SPAM_CHECK(counters != nullptr, "counters must be a device buffer");
   for (const CudaSparseSpamTensor& t : tensors) {

@@ -240,9 +240,9 @@ int64_t cuda_stable_spam_scratch_bytes(const std::vector<int64_t>& numels) {
          plan.total_chunks * int64_t{sizeof(cuda::ChunkPartial)};
 }
 
-void cuda_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
-                           const AdamHyper& hyper, const QuantMaps& maps, int64_t* counters,
-                           void* scratch, int64_t scratch_bytes, const CudaContext& ctx) {
+void cuda_stable_spam_step(const std::vector<StableSpamTensor>& tensors, const AdamHyper& hyper,
+                           const QuantMaps& maps, int64_t* counters, void* scratch,
+                           int64_t scratch_bytes, const CudaContext& ctx) {
   using namespace spam::cuda;
   if (tensors.empty()) return;
   const int n = static_cast<int>(tensors.size());
@@ -273,11 +273,11 @@ void cuda_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
   for_each_dtype(groups, [&](auto tag, const std::vector<int>& order) {  // phase 1
     launch_reduce<typename decltype(tag)::type, false>(tensors, order, plan, ptrs, stream);
   });
-  launch_per_tensor(adaclip_kernel, tensors, plan, ptrs, stream);  // phase 2
+  launch_per_tensor(adaclip_kernel, tensors, plan, ptrs, stream);        // phase 2
   for_each_dtype(groups, [&](auto tag, const std::vector<int>& order) {  // phase 3
     launch_reduce<typename decltype(tag)::type, true>(tensors, order, plan, ptrs, stream);
   });
-  launch_per_tensor(adagn_kernel, tensors, plan, ptrs, stream);  // phase 4
+  launch_per_tensor(adagn_kernel, tensors, plan, ptrs, stream);     // phase 4
   launch_adam_update(items, hyper, state, maps, counters, stream);  // phase 5
 }
 

@@ -82,7 +82,8 @@ void fill_q8_ptrs(Args& a, int slot, const TensorRef& param, const TensorRef& gr
 template <typename Tensor, typename = void>
 struct HasPacked : std::false_type {};
 template <typename Tensor>
-struct HasPacked<Tensor, std::void_t<decltype(std::declval<const Tensor&>().q4)>> : std::true_type {};
+struct HasPacked<Tensor, std::void_t<decltype(std::declval<const Tensor&>().q4)>> : std::true_type {
+};
 
 template <typename Tensor>
 bool is_packed(const Tensor& t) {
@@ -132,7 +133,8 @@ __device__ __forceinline__ float warp_sticky_max(float x) {
 }
 
 // Stages both maps' values in shared memory. Every thread of the block must call it (barrier).
-__device__ __forceinline__ void stage_map_values(const MapValues& maps, float (&values)[2][kQuantCodes]) {
+__device__ __forceinline__ void stage_map_values(const MapValues& maps,
+                                                 float (&values)[2][kQuantCodes]) {
   values[0][threadIdx.x] = maps.m[threadIdx.x];
   values[1][threadIdx.x] = maps.v[threadIdx.x];
   __syncthreads();
@@ -229,8 +231,9 @@ void launch_quant8_step(const Tensors& tensors, const std::vector<int>& order, c
                         ExtraOf&& extra_of, const QuantMaps& maps, int64_t* counters,
                         cudaStream_t stream) {
   using Args = MultiTensorArgs<kQ8Depth, typename Op::Extra>;
-  static_assert(sizeof(Args) + sizeof(Op) + sizeof(counters) + sizeof(MapValues) +
-                    2 * sizeof(void*) <= 4096, "kernel arguments exceed 4 KB");
+  static_assert(
+      sizeof(Args) + sizeof(Op) + sizeof(counters) + sizeof(MapValues) + 2 * sizeof(void*) <= 4096,
+      "kernel arguments exceed 4 KB");
   const MapValues values{maps.m.values, maps.v.values};
   multi_tensor_apply<Args>(
       order, [&](int i) { return tensors[i].param.numel; },

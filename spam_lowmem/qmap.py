@@ -92,8 +92,8 @@ def _buckets(midpoints: torch.Tensor) -> torch.Tensor:
     count = lambda x, right: torch.searchsorted(midpoints, x.contiguous(), right=right)  # noqa: E731
     tables = []
     for negative, base, inside_lo, inside_hi in (
-        (False, count(lo, True), count(lo, True), count(hi, False)),     # x in [lo, hi)
-        (True, count(-hi, True), count(-hi, True), count(-lo, True)),    # x in (-hi, -lo]
+        (False, count(lo, True), count(lo, True), count(hi, False)),  # x in [lo, hi)
+        (True, count(-hi, True), count(-hi, True), count(-lo, True)),  # x in (-hi, -lo]
     ):
         inside = inside_hi - inside_lo
         if int(inside.max()) > 1:
@@ -175,7 +175,7 @@ def _simd_tables(signed: bool, values: torch.Tensor, midpoints: torch.Tensor) ->
         if n > 256:
             raise AssertionError("too many SIMD buckets for the signed map")
         negative_or = 256
-        base[256:256 + n] = torch.searchsorted(midpoints, -hi, right=True)
+        base[256 : 256 + n] = torch.searchsorted(midpoints, -hi, right=True)
     else:  # the unsigned map: every x < 0 has code 0 (bucket 511, base 0)
         if n > 511:
             raise AssertionError("too many SIMD buckets for the unsigned map")
@@ -187,8 +187,7 @@ def _simd_tables(signed: bool, values: torch.Tensor, midpoints: torch.Tensor) ->
     header[64] = negative_or
     # the 256th midpoint is a NaN: no x, not even +inf (a NaN-absmax block divides by 1), reaches it
     padded = torch.cat([midpoints, torch.tensor([float("nan")])])
-    tables = torch.cat([header.view(torch.uint8), base.to(torch.uint8), _byte_planes(padded),
-                        _byte_planes(values)])
+    tables = torch.cat([header.view(torch.uint8), base.to(torch.uint8), _byte_planes(padded), _byte_planes(values)])
     assert tables.numel() == SIMD_BYTES and header.numel() * 2 == SIMD_BASE
     assert SIMD_MIDS == SIMD_BASE + 512 and SIMD_VALUES == SIMD_MIDS + 1024
     return tables
@@ -225,6 +224,5 @@ def quant_map(signed: bool, device: torch.device | str = "cpu") -> QuantMap:
         zero_code = int(torch.searchsorted(midpoints, torch.zeros(1), right=True))
         padded = torch.cat([midpoints, torch.tensor([float("inf")])])
         simd = _simd_tables(signed, values, midpoints)
-        _CACHE[key] = QuantMap(values.to(device), padded.to(device), buckets.to(device),
-                               simd.to(device), zero_code)
+        _CACHE[key] = QuantMap(values.to(device), padded.to(device), buckets.to(device), simd.to(device), zero_code)
     return _CACHE[key]

@@ -47,9 +47,17 @@ from torch.utils.dlpack import to_dlpack
 from . import _backend
 
 __all__ = [
-    "Format", "FORMATS", "PackedWeight", "check_format", "check_group_size",
-    "fake_quantize_weight", "fake_quantize_activation", "pack_weight", "unpack_weight",
-    "requantize_", "packed_bytes_per_weight",
+    "Format",
+    "FORMATS",
+    "PackedWeight",
+    "check_format",
+    "check_group_size",
+    "fake_quantize_weight",
+    "fake_quantize_activation",
+    "pack_weight",
+    "unpack_weight",
+    "requantize_",
+    "packed_bytes_per_weight",
 ]
 
 Format = Literal["int4", "fp4"]
@@ -67,16 +75,19 @@ def check_format(fmt: object) -> None:
         raise ValueError(f"spam_lowmem: unsupported 4-bit format {fmt!r}; expected one of {FORMATS}")
 
 
-def check_group_size(group_size: object, numel: int | None = None, *, what: str = "weight",
-                     packed: bool = False, fmt: str = "int4") -> None:
+def check_group_size(
+    group_size: object, numel: int | None = None, *, what: str = "weight", packed: bool = False, fmt: str = "int4"
+) -> None:
     """Validate a group size; ``numel`` (weights) must be a multiple of it."""
     if isinstance(group_size, bool) or not isinstance(group_size, int):
         raise TypeError(f"spam_lowmem: group_size must be an int, got {type(group_size).__name__}")
     if group_size <= 0:
         raise ValueError(f"spam_lowmem: group_size must be positive, got {group_size}")
     if numel is not None and numel % group_size != 0:
-        raise ValueError(f"spam_lowmem: group_size {group_size} does not divide the {numel} elements "
-                         f"of the {what}; choose a divisor of numel")
+        raise ValueError(
+            f"spam_lowmem: group_size {group_size} does not divide the {numel} elements "
+            f"of the {what}; choose a divisor of numel"
+        )
     if packed and group_size % 2 != 0:
         raise ValueError(f"spam_lowmem: packed storage needs an even group_size, got {group_size}")
     if packed and fmt == "fp4" and group_size > FP4_MAX_GROUP:
@@ -87,8 +98,7 @@ def _check_tensor(t: torch.Tensor, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"spam_lowmem: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"spam_lowmem: {name} dtype {t.dtype} is not supported; use float32, "
-                        "bfloat16 or float16")
+        raise TypeError(f"spam_lowmem: {name} dtype {t.dtype} is not supported; use float32, bfloat16 or float16")
     _backend.check_device(t.device, name)
 
 
@@ -149,8 +159,9 @@ class PackedWeight:
     group_size: int
 
     @classmethod
-    def empty(cls, shape: tuple[int, ...], *, fmt: Format, group_size: int,
-              device: torch.device | str = "cpu") -> PackedWeight:
+    def empty(
+        cls, shape: tuple[int, ...], *, fmt: Format, group_size: int, device: torch.device | str = "cpu"
+    ) -> PackedWeight:
         """Uninitialised buffers for a weight of ``shape``."""
         check_format(fmt)
         numel = 1
@@ -165,7 +176,9 @@ class PackedWeight:
             zero=torch.empty(groups, dtype=torch.uint8, device=device) if int4 else None,
             outlier_idx=None if int4 else torch.empty(groups, 2, dtype=torch.int16, device=device),
             outlier_val=None if int4 else torch.empty(groups, 2, dtype=torch.float32, device=device),
-            shape=tuple(int(s) for s in shape), fmt=fmt, group_size=group_size,
+            shape=tuple(int(s) for s in shape),
+            fmt=fmt,
+            group_size=group_size,
         )
 
     @property
@@ -181,15 +194,22 @@ class PackedWeight:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def _capsules(self) -> list[object | None]:
-        return [None if t is None else to_dlpack(t)
-                for t in (self.codes, self.scale, self.zero, self.outlier_idx, self.outlier_val)]
+        return [
+            None if t is None else to_dlpack(t)
+            for t in (self.codes, self.scale, self.zero, self.outlier_idx, self.outlier_val)
+        ]
 
     def _ref(self, module: ModuleType, *, seed: int, step: int) -> object:
         """This weight as ``module``'s PackedWeightRef (checked there) for one fused optimizer
         update whose stochastic rounding uses the counter (``seed``, ``step``)."""
-        return module.PackedWeightRef(*self._capsules(), numel=self.numel, fmt=_FMT_CODE[self.fmt],
-                                      group=self.group_size, seed=int(seed) & (2**64 - 1),
-                                      step=int(step) & (2**64 - 1))
+        return module.PackedWeightRef(
+            *self._capsules(),
+            numel=self.numel,
+            fmt=_FMT_CODE[self.fmt],
+            group=self.group_size,
+            seed=int(seed) & (2**64 - 1),
+            step=int(step) & (2**64 - 1),
+        )
 
 
 def packed_bytes_per_weight(fmt: Format, group_size: int = 256) -> float:
@@ -207,12 +227,14 @@ def _bad_counter(device: torch.device) -> torch.Tensor:
 def _raise_nonfinite(bad: torch.Tensor, what: str) -> None:
     n = int(bad.item())  # one host sync on CUDA, by design: the caller asked for the check
     if n:
-        raise ValueError(f"spam_lowmem: {what}: {n} group(s) contain NaN or Inf; the packed "
-                         "data of those groups was left unchanged")
+        raise ValueError(
+            f"spam_lowmem: {what}: {n} group(s) contain NaN or Inf; the packed data of those groups was left unchanged"
+        )
 
 
-def pack_weight(w: torch.Tensor, *, fmt: Format = "int4", group_size: int = 256,
-                out: PackedWeight | None = None) -> PackedWeight:
+def pack_weight(
+    w: torch.Tensor, *, fmt: Format = "int4", group_size: int = 256, out: PackedWeight | None = None
+) -> PackedWeight:
     """Round-to-nearest packing with the format's own grid, so ``unpack_weight(pack_weight(w))``
     equals :func:`fake_quantize_weight` bit for bit. Raises ValueError on non-finite weights."""
     check_format(fmt)
@@ -225,14 +247,15 @@ def pack_weight(w: torch.Tensor, *, fmt: Format = "int4", group_size: int = 256,
         raise ValueError("spam_lowmem: 'out' has a different format, group size or size")
     bad = _bad_counter(src.device)
     _backend.module_for(src.device).q4_pack(
-        to_dlpack(src), *out._capsules(), to_dlpack(bad), fmt=_FMT_CODE[fmt], group=group_size,
-        **_stream(src.device))
+        to_dlpack(src), *out._capsules(), to_dlpack(bad), fmt=_FMT_CODE[fmt], group=group_size, **_stream(src.device)
+    )
     _raise_nonfinite(bad, "pack_weight")
     return out
 
 
-def unpack_weight(packed: PackedWeight, *, dtype: torch.dtype = torch.float32,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+def unpack_weight(
+    packed: PackedWeight, *, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Dequantise ``packed`` into a new tensor of ``packed.shape`` (or into ``out``)."""
     if out is None:
         out = torch.empty(packed.shape, dtype=dtype, device=packed.codes.device)
@@ -240,13 +263,18 @@ def unpack_weight(packed: PackedWeight, *, dtype: torch.dtype = torch.float32,
     if not out.is_contiguous() or out.numel() != packed.numel:
         raise ValueError("spam_lowmem: 'out' must be contiguous with the packed weight's numel")
     _backend.module_for(out.device).q4_unpack(
-        *packed._capsules(), to_dlpack(out.detach()), fmt=_FMT_CODE[packed.fmt],
-        group=packed.group_size, **_stream(out.device))
+        *packed._capsules(),
+        to_dlpack(out.detach()),
+        fmt=_FMT_CODE[packed.fmt],
+        group=packed.group_size,
+        **_stream(out.device),
+    )
     return out
 
 
-def requantize_(w: torch.Tensor, packed: PackedWeight, *, seed: int, step: int,
-                check_finite: bool = True) -> torch.Tensor:
+def requantize_(
+    w: torch.Tensor, packed: PackedWeight, *, seed: int, step: int, check_finite: bool = True
+) -> torch.Tensor:
     """Re-quantise the updated weight ``w`` into ``packed`` in place, with stochastic rounding
     (unbiased: E[dequant] = w for every element inside the group's window, which the grid
     choice guarantees; see ``cpp/spam/quant4.h``). Uniforms are a pure function of
@@ -261,9 +289,15 @@ def requantize_(w: torch.Tensor, packed: PackedWeight, *, seed: int, step: int,
     src = w.detach().contiguous()
     bad = _bad_counter(src.device)
     _backend.module_for(src.device).q4_requant_sr(
-        to_dlpack(src), *packed._capsules(), to_dlpack(bad), fmt=_FMT_CODE[packed.fmt],
-        group=packed.group_size, seed=int(seed) & (2**64 - 1), step=int(step) & (2**64 - 1),
-        **_stream(src.device))
+        to_dlpack(src),
+        *packed._capsules(),
+        to_dlpack(bad),
+        fmt=_FMT_CODE[packed.fmt],
+        group=packed.group_size,
+        seed=int(seed) & (2**64 - 1),
+        step=int(step) & (2**64 - 1),
+        **_stream(src.device),
+    )
     if check_finite:
         _raise_nonfinite(bad, "requantize_")
     return bad

@@ -15,12 +15,12 @@ DEFAULT_TARGETS = ("attn", "mlp", "attention")
 
 def _target_linears(model: nn.Module, targets: Iterable[str]) -> list[nn.Linear]:
     targets = tuple(targets)
-    return [m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and any(t in name for t in targets)]
+    return [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and any(t in name for t in targets)]
 
 
-def sparse_param_groups(model: nn.Module, density: float, targets: Iterable[str] = DEFAULT_TARGETS,
-                        **group_kwargs: Any) -> list[dict[str, Any]]:
+def sparse_param_groups(
+    model: nn.Module, density: float, targets: Iterable[str] = DEFAULT_TARGETS, **group_kwargs: Any
+) -> list[dict[str, Any]]:
     """Parameter groups the way the SPAM authors build them.
 
     The ``weight`` of every ``nn.Linear`` whose module name contains one of ``targets``

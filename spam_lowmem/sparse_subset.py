@@ -30,8 +30,16 @@ import torch
 
 from .qmap import BLOCK_SIZE
 
-__all__ = ["subset_hash", "exact_rule", "bernoulli_rule", "subset_mask", "block_starts",
-           "subset_size", "draw_seed", "MAX_NUMEL"]
+__all__ = [
+    "subset_hash",
+    "exact_rule",
+    "bernoulli_rule",
+    "subset_mask",
+    "block_starts",
+    "subset_size",
+    "draw_seed",
+    "MAX_NUMEL",
+]
 
 M32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B1

@@ -27,8 +27,15 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["adam_ratio_bound", "adam_direction_bound", "split_scale_stream", "lognormal_stream",
-           "rare_rows_stream", "denormal_stream", "STREAMS"]
+__all__ = [
+    "adam_ratio_bound",
+    "adam_direction_bound",
+    "split_scale_stream",
+    "lognormal_stream",
+    "rare_rows_stream",
+    "denormal_stream",
+    "STREAMS",
+]
 
 
 def adam_ratio_bound(beta1: float, beta2: float, t: int) -> float:
@@ -49,8 +56,9 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def split_scale_stream(shape: tuple[int, ...], steps: int, *, ratio: float = 1e-4,
-                       seed: int = 0) -> Iterator[torch.Tensor]:
+def split_scale_stream(
+    shape: tuple[int, ...], steps: int, *, ratio: float = 1e-4, seed: int = 0
+) -> Iterator[torch.Tensor]:
     """A random half of the entries gets gradients ``ratio`` times smaller than the other half
     (mixed within every 256-entry block): v spans ratio**2 inside a block."""
     gen = _generator(seed)
@@ -59,8 +67,9 @@ def split_scale_stream(shape: tuple[int, ...], steps: int, *, ratio: float = 1e-
         yield torch.randn(shape, generator=gen) * scale
 
 
-def lognormal_stream(shape: tuple[int, ...], steps: int, *, sigma: float = 1.5,
-                     seed: int = 0) -> Iterator[torch.Tensor]:
+def lognormal_stream(
+    shape: tuple[int, ...], steps: int, *, sigma: float = 1.5, seed: int = 0
+) -> Iterator[torch.Tensor]:
     """Per-entry gradient scales exp(sigma * z), z ~ N(0, 1) fixed per entry, times N(0, 1) noise."""
     gen = _generator(seed)
     scale = torch.exp(sigma * torch.randn(shape, generator=gen))
@@ -68,8 +77,9 @@ def lognormal_stream(shape: tuple[int, ...], steps: int, *, sigma: float = 1.5,
         yield torch.randn(shape, generator=gen) * scale
 
 
-def rare_rows_stream(shape: tuple[int, ...], steps: int, *, active: float = 0.05,
-                     seed: int = 0) -> Iterator[torch.Tensor]:
+def rare_rows_stream(
+    shape: tuple[int, ...], steps: int, *, active: float = 0.05, seed: int = 0
+) -> Iterator[torch.Tensor]:
     """Embedding-like: each row gets a gradient with probability ``active`` per step, else exact
     zeros (a rare token), so most entries coast on m and v alone most of the time."""
     gen = _generator(seed)
@@ -89,5 +99,9 @@ def denormal_stream(shape: tuple[int, ...], steps: int, *, seed: int = 0) -> Ite
         yield torch.randn(shape, generator=gen) * scale
 
 
-STREAMS = {"split_scale": split_scale_stream, "lognormal": lognormal_stream,
-           "rare_rows": rare_rows_stream, "denormal": denormal_stream}
+STREAMS = {
+    "split_scale": split_scale_stream,
+    "lognormal": lognormal_stream,
+    "rare_rows": rare_rows_stream,
+    "denormal": denormal_stream,
+}

@@ -11,8 +11,14 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-__all__ = ["TOLERANCES", "assert_close", "gradient_stream", "available_devices", "near_midpoint_blocks",
-           "straddling_blocks"]
+__all__ = [
+    "TOLERANCES",
+    "assert_close",
+    "gradient_stream",
+    "available_devices",
+    "near_midpoint_blocks",
+    "straddling_blocks",
+]
 
 #: (rtol, atol) for comparing a kernel against the reference after a trajectory. fp32 agrees
 #: to a few ulp; 16-bit storage may round an element the other way now and then, and the

@@ -47,13 +47,23 @@ def optimizer_states() -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     makers = {
         "spam": lambda ps: sl.SPAM(ps, lr=1e-2, warmup_steps=2, reset_interval=3, clip_delay=0, state_bits=8),
-        "sparse": lambda ps: sl.SPAM([{"params": [p for p in ps if p.dim() == 2], "density": 0.3},
-                                      {"params": [p for p in ps if p.dim() == 1]}],
-                                     lr=1e-2, warmup_steps=2, reset_interval=3, clip_delay=0, state_bits=8,
-                                     subset_seed=5),
-        "sparse32": lambda ps: sl.SPAM([{"params": [p for p in ps if p.dim() == 2], "density": 0.25},
-                                        {"params": [p for p in ps if p.dim() == 1]}],
-                                       lr=1e-2, warmup_steps=2, reset_interval=3, clip_delay=0, subset_seed=9),
+        "sparse": lambda ps: sl.SPAM(
+            [{"params": [p for p in ps if p.dim() == 2], "density": 0.3}, {"params": [p for p in ps if p.dim() == 1]}],
+            lr=1e-2,
+            warmup_steps=2,
+            reset_interval=3,
+            clip_delay=0,
+            state_bits=8,
+            subset_seed=5,
+        ),
+        "sparse32": lambda ps: sl.SPAM(
+            [{"params": [p for p in ps if p.dim() == 2], "density": 0.25}, {"params": [p for p in ps if p.dim() == 1]}],
+            lr=1e-2,
+            warmup_steps=2,
+            reset_interval=3,
+            clip_delay=0,
+            subset_seed=9,
+        ),
         "adamw": lambda ps: sl.AdamW(ps, lr=1e-2, weight_decay=0.1, state_bits=8),
     }
     for name, make in makers.items():

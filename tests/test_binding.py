@@ -11,24 +11,30 @@ from torch.utils.dlpack import to_dlpack
 from spam_lowmem import _C
 from spam_lowmem.qmap import quant_map
 
-KW: dict[str, Any] = dict(beta1=0.9, beta2=0.999, eps=1e-6, clip_threshold=0.0,
-                          weight_decay_scale=0.0, reset=0, skip_nonfinite=True)
+KW: dict[str, Any] = dict(
+    beta1=0.9, beta2=0.999, eps=1e-6, clip_threshold=0.0, weight_decay_scale=0.0, reset=0, skip_nonfinite=True
+)
 
 
 def maps() -> list[list[object]]:
-    return [[to_dlpack(t) for t in (q.values, q.midpoints, q.buckets)]
-            for q in (quant_map(True), quant_map(False))]
+    return [[to_dlpack(t) for t in (q.values, q.midpoints, q.buckets)] for q in (quant_map(True), quant_map(False))]
 
 
-def spam(columns: list[torch.Tensor], scales: list[float], counters: torch.Tensor,
-         **kw: Any) -> None:
+def spam(columns: list[torch.Tensor], scales: list[float], counters: torch.Tensor, **kw: Any) -> None:
     """One SPAM step of one tensor through _C: p, g, m, v, absmax_m, absmax_v in `columns`."""
     batch = _C.StepBatch(*[[to_dlpack(t)] for t in columns], to_dlpack(counters), *maps())
     _C.step(batch, _C.SpamHyper(**{**KW, **kw}), scales)
 
 
-def call(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
-         counters: torch.Tensor | None = None, scales: list[float] | None = None, **kw: Any) -> None:
+def call(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    counters: torch.Tensor | None = None,
+    scales: list[float] | None = None,
+    **kw: Any,
+) -> None:
     counters = torch.zeros(2, dtype=torch.int64) if counters is None else counters
     empty = torch.empty(0)
     spam([p, g, m, v, empty, empty], [0.1] if scales is None else scales, counters, **kw)
@@ -83,8 +89,9 @@ def test_hyper_complements_are_computed_in_cpp_from_the_double() -> None:
     h = _C.SpamHyper(**{**KW, "beta1": 0.9, "beta2": 0.999})
     assert h.one_minus_beta1 == torch.tensor(1.0 - 0.9, dtype=torch.float32).item()
     assert h.one_minus_beta2 == torch.tensor(1.0 - 0.999, dtype=torch.float32).item()
-    a = _C.AdamHyper(beta1=0.72, beta2=0.999, eps=1e-8, weight_keep=1.0, skip_nonfinite=True,
-                     reset=_C.MomentReset.AFTER_UPDATE)
+    a = _C.AdamHyper(
+        beta1=0.72, beta2=0.999, eps=1e-8, weight_keep=1.0, skip_nonfinite=True, reset=_C.MomentReset.AFTER_UPDATE
+    )
     assert a.one_minus_beta1 == torch.tensor(1.0 - 0.72, dtype=torch.float32).item()
     assert a.reset == _C.MomentReset.AFTER_UPDATE == 2
     s = _C.StatHyper(gamma1=0.7 * 0.8, gamma2=0.9, gamma3=0.999)
@@ -105,8 +112,7 @@ def test_typed_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="bias_correction2"):
         _C.StableStats([to_dlpack(torch.zeros(3))], [0.1], [], [0.1])
     with pytest.raises(ValueError, match="grad_stats"):  # two statistics for one tensor
-        stats = _C.StableStats([to_dlpack(torch.zeros(3)), to_dlpack(torch.zeros(3))], [0.1] * 2,
-                               [0.1] * 2, [0.1] * 2)
+        stats = _C.StableStats([to_dlpack(torch.zeros(3)), to_dlpack(torch.zeros(3))], [0.1] * 2, [0.1] * 2, [0.1] * 2)
         _C.step(batch, adam, stat, stats, [1e-3], [0.1])
     with pytest.raises(ValueError, match="scratch"):  # the CPU core takes none
         stats = _C.StableStats([to_dlpack(torch.zeros(3))], [0.1], [0.1], [0.1])
@@ -114,9 +120,18 @@ def test_typed_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="sqrt_bc2s"):
         _C.step(batch, adam, [1e-3], [])
     with pytest.raises(ValueError, match="group_size"):
-        _C.PackedWeightRef(to_dlpack(torch.zeros(4, dtype=torch.uint8)), to_dlpack(torch.zeros(1)),
-                           to_dlpack(torch.zeros(1, dtype=torch.uint8)), None, None, numel=8,
-                           fmt=0, group=3, seed=0, step=0)
+        _C.PackedWeightRef(
+            to_dlpack(torch.zeros(4, dtype=torch.uint8)),
+            to_dlpack(torch.zeros(1)),
+            to_dlpack(torch.zeros(1, dtype=torch.uint8)),
+            None,
+            None,
+            numel=8,
+            fmt=0,
+            group=3,
+            seed=0,
+            step=0,
+        )
     assert not p.any() and not m.any() and not v.any()
 
 
@@ -126,15 +141,27 @@ def test_packed_descriptors_are_checked_against_the_batch() -> None:
     bad = torch.zeros(1, dtype=torch.int64)
 
     def batch(ref: object) -> None:
-        _C.StepBatch(*[[to_dlpack(t)] for t in (p, g, m, v, empty, empty)],
-                     to_dlpack(torch.zeros(2, dtype=torch.int64)), *maps(), packed=[ref],
-                     packed_bad=to_dlpack(bad))
+        _C.StepBatch(
+            *[[to_dlpack(t)] for t in (p, g, m, v, empty, empty)],
+            to_dlpack(torch.zeros(2, dtype=torch.int64)),
+            *maps(),
+            packed=[ref],
+            packed_bad=to_dlpack(bad),
+        )
 
     def ref(numel: int) -> object:
-        return _C.PackedWeightRef(to_dlpack(torch.zeros(numel // 2, dtype=torch.uint8)),
-                                  to_dlpack(torch.zeros(numel // 32)),
-                                  to_dlpack(torch.zeros(numel // 32, dtype=torch.uint8)), None, None,
-                                  numel=numel, fmt=0, group=32, seed=1, step=0)
+        return _C.PackedWeightRef(
+            to_dlpack(torch.zeros(numel // 2, dtype=torch.uint8)),
+            to_dlpack(torch.zeros(numel // 32)),
+            to_dlpack(torch.zeros(numel // 32, dtype=torch.uint8)),
+            None,
+            None,
+            numel=numel,
+            fmt=0,
+            group=32,
+            seed=1,
+            step=0,
+        )
 
     batch(ref(64))
     with pytest.raises(ValueError, match=r"packed\[0\]: the packed weight has 128 elements"):

@@ -45,10 +45,40 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def micro_args(corpus: Path, cache: Path, out: Path, optimizer: str = "adamw", steps: int = 3) -> list[str]:
-    return ["train", "--optimizer", optimizer, "--model", "micro", "--steps", str(steps), "--batch-size", "4",
-            "--seq-len", "32", "--vocab-size", "384", "--warmup", "2", "--eval-every", "2", "--eval-batches", "2",
-            "--device", "cpu", "--data", str(corpus), "--cache-dir", str(cache), "--out", str(out),
-            "--no-progress", "--seed", "7", "--threads", "1"]
+    return [
+        "train",
+        "--optimizer",
+        optimizer,
+        "--model",
+        "micro",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--vocab-size",
+        "384",
+        "--warmup",
+        "2",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "2",
+        "--device",
+        "cpu",
+        "--data",
+        str(corpus),
+        "--cache-dir",
+        str(cache),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--seed",
+        "7",
+        "--threads",
+        "1",
+    ]
 
 
 def records(out: Path, kind: str) -> list[dict]:
@@ -144,8 +174,13 @@ def test_density_flag_reaches_spam(corpus: Path, cache: Path, tmp_path: Path) ->
 
 def test_module_entry_point_reports_errors(tmp_path: Path) -> None:
     # run from tmp_path: from the repository root `-m` would import the source tree, not the install
-    proc = subprocess.run([sys.executable, "-m", "spam_lowmem.cli", "train", "--optimizer", "sgd", "--out",
-                           str(tmp_path / "x")], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "spam_lowmem.cli", "train", "--optimizer", "sgd", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "invalid choice: 'sgd'" in proc.stderr
     assert not (tmp_path / "x").exists()
 
@@ -153,9 +188,36 @@ def test_module_entry_point_reports_errors(tmp_path: Path) -> None:
 def test_compare_writes_table_plots_and_jsonl(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     second = "spam-sparse" if supports_density() else "spam"  # the GaLore-matched density once supported
-    argv = ["compare", "--optimizers", f"adamw,{second}", "--model", "micro", "--steps", "3", "--batch-size", "4",
-            "--seq-len", "32", "--vocab-size", "384", "--eval-every", "2", "--eval-batches", "2", "--device", "cpu",
-            "--data", str(corpus), "--out", str(out), "--no-progress", "--lr-for", f"{second}=0.002", "--threads", "1"]
+    argv = [
+        "compare",
+        "--optimizers",
+        f"adamw,{second}",
+        "--model",
+        "micro",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--vocab-size",
+        "384",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "2",
+        "--device",
+        "cpu",
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--lr-for",
+        f"{second}=0.002",
+        "--threads",
+        "1",
+    ]
     assert main(argv) == 0
     for name in ("results.md", "results.csv", "results.jsonl", "loss_curves.png", "memory.png"):
         assert (out / name).stat().st_size > 0, name
@@ -172,18 +234,25 @@ def test_compare_writes_table_plots_and_jsonl(corpus: Path, tmp_path: Path) -> N
     assert main(argv[:1] + ["--optimizers", "adamw,nadam", "--out", str(out)]) == 2
 
 
-def test_optimizer_keywords_pass_through(corpus: Path, cache: Path, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_optimizer_keywords_pass_through(
+    corpus: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """--density / --state-bits / --budget reach SPAM as keywords, only when given (a stand-in
     SPAM that accepts them is patched in, so this runs before the real options exist)."""
     seen: list[dict] = []
 
     class KeywordSPAM(spam_lowmem.SPAM):
-        def __init__(self, params, lr: float = 1e-3, *, density: float | None = None,
-                     state_bits: int | None = None, **kwargs) -> None:
+        def __init__(
+            self, params, lr: float = 1e-3, *, density: float | None = None, state_bits: int | None = None, **kwargs
+        ) -> None:
             params = list(params)
-            seen.append({"density": density, "state_bits": state_bits,
-                         "group_densities": [g.get("density") for g in params if isinstance(g, dict)]})
+            seen.append(
+                {
+                    "density": density,
+                    "state_bits": state_bits,
+                    "group_densities": [g.get("density") for g in params if isinstance(g, dict)],
+                }
+            )
             if state_bits == 4:
                 raise ValueError("state_bits must be 8 or 32")
             super().__init__(params, lr=lr, **kwargs)
@@ -192,12 +261,17 @@ def test_optimizer_keywords_pass_through(corpus: Path, cache: Path, tmp_path: Pa
     args = micro_args(corpus, cache, tmp_path / "a", "spam", steps=1)
     assert main(args) == 0
     assert seen[-1] == {"density": None, "state_bits": None, "group_densities": []}
-    assert main(micro_args(corpus, cache, tmp_path / "b", "spam", steps=1)
-                + ["--density", "0.25", "--state-bits", "8"]) == 0
+    assert (
+        main(micro_args(corpus, cache, tmp_path / "b", "spam", steps=1) + ["--density", "0.25", "--state-bits", "8"])
+        == 0
+    )
     assert seen[-1] == {"density": 0.25, "state_bits": 8, "group_densities": [None, 1.0]}
     monkeypatch.setattr(spam_lowmem, "plan", lambda model, budget: {"state_bits": 4}, raising=False)
-    _fails(capsys, micro_args(corpus, cache, tmp_path / "c", "spam", steps=1) + ["--budget", "1GiB"],
-           "SPAM rejected its settings (state_bits=4): state_bits must be 8 or 32")
+    _fails(
+        capsys,
+        micro_args(corpus, cache, tmp_path / "c", "spam", steps=1) + ["--budget", "1GiB"],
+        "SPAM rejected its settings (state_bits=4): state_bits must be 8 or 32",
+    )
     assert not (tmp_path / "c").exists()
     monkeypatch.setattr(spam_lowmem, "plan", lambda model, budget: {"state_bits": 8}, raising=False)
     assert main(micro_args(corpus, cache, tmp_path / "d", "spam", steps=1) + ["--budget", "1GiB"]) == 0
@@ -206,11 +280,18 @@ def test_optimizer_keywords_pass_through(corpus: Path, cache: Path, tmp_path: Pa
 
 # ---- 4-bit training (docs/algorithms.md §5): --weight-bits 4, compare --four-bit
 
+
 @pytest.mark.parametrize("fmt,storage", [("int4", "fake"), ("fp4", "fake"), ("int4", "packed")])
 def test_train_4bit_smoke(fmt: str, storage: str, corpus: Path, cache: Path, tmp_path: Path) -> None:
     out = tmp_path / "w4"
-    argv = micro_args(corpus, cache, out, "stable-spam") + ["--weight-bits", "4", "--quant-format", fmt,
-                                                             "--weight-storage", storage]
+    argv = micro_args(corpus, cache, out, "stable-spam") + [
+        "--weight-bits",
+        "4",
+        "--quant-format",
+        fmt,
+        "--weight-storage",
+        storage,
+    ]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finished"] and 0 < summary["final_eval_loss"] < 7
@@ -218,15 +299,25 @@ def test_train_4bit_smoke(fmt: str, storage: str, corpus: Path, cache: Path, tmp
     n = quant.pop("projection_weights")
     nbytes = quant.pop("projection_weight_bytes")
     fused = quant.pop("fused_step", None)
-    assert quant == {"weight_bits": 4, "act_bits": 4, "format": fmt, "storage": storage,
-                     "group_size": 256, "layers": 14}
+    assert quant == {
+        "weight_bits": 4,
+        "act_bits": 4,
+        "format": fmt,
+        "storage": storage,
+        "group_size": 256,
+        "layers": 14,
+    }
     if storage == "packed":  # nibbles + per-group metadata, stepped by the fused kernel
         assert nbytes == n // 2 + (n // 256) * (5 if fmt == "int4" else 16) and fused is True
     else:  # the fp32 master weight
         assert nbytes == 4 * n and fused is None
     config = json.loads((out / "config.json").read_text())
-    assert (config["weight_bits"], config["quant_format"], config["weight_storage"],
-            config["quant_group_size"]) == (4, fmt, storage, 256)
+    assert (config["weight_bits"], config["quant_format"], config["weight_storage"], config["quant_group_size"]) == (
+        4,
+        fmt,
+        storage,
+        256,
+    )
     state = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
     key = "model.layers.0.self_attn.q_proj.weight"
     assert (key + "_codes" in state) == (storage == "packed")
@@ -253,15 +344,19 @@ def test_train_16bit_config_and_group_fallback(corpus: Path, cache: Path, tmp_pa
 
 
 @pytest.mark.parametrize("storage", ["fake", "packed"])
-def test_resume_4bit_is_bit_exact(storage: str, corpus: Path, cache: Path, tmp_path: Path,
-                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_4bit_is_bit_exact(
+    storage: str, corpus: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     extra = ["--weight-bits", "4", "--weight-storage", storage]
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert main(micro_args(corpus, cache, whole, "spam", steps=6) + extra) == 0
     assert main(micro_args(corpus, cache, split, "spam", steps=6) + extra + ["--stop-after", "3"]) == 0
     _fails(capsys, micro_args(corpus, cache, split, "spam", steps=6) + ["--resume"], "weight_bits: 4 -> 16")
-    _fails(capsys, micro_args(corpus, cache, split, "spam", steps=6) + extra + ["--quant-format", "fp4", "--resume"],
-           "quant_format: 'int4' -> 'fp4'")
+    _fails(
+        capsys,
+        micro_args(corpus, cache, split, "spam", steps=6) + extra + ["--quant-format", "fp4", "--resume"],
+        "quant_format: 'int4' -> 'fp4'",
+    )
     assert main(micro_args(corpus, cache, split, "spam", steps=6) + extra + ["--resume"]) == 0
     for kind in ("train", "eval"):
         assert [r["loss"] for r in records(split, kind)] == [r["loss"] for r in records(whole, kind)]
@@ -277,20 +372,51 @@ def test_4bit_bad_input(corpus: Path, cache: Path, tmp_path: Path, capsys: pytes
     _fails(capsys, base + ["--weight-bits", "4", "--quant-format", "nf4"], "invalid choice: 'nf4'")
     _fails(capsys, base + ["--weight-bits", "4", "--weight-storage", "disk"], "invalid choice: 'disk'")
     _fails(capsys, base + ["--quant-format", "fp4"], "only apply to 4-bit training")
-    _fails(capsys, base + ["--weight-bits", "4", "--quant-group-size", "1"],
-           "argument --quant-group-size: must be an integer >= 2, got 1")
+    _fails(
+        capsys,
+        base + ["--weight-bits", "4", "--quant-group-size", "1"],
+        "argument --quant-group-size: must be an integer >= 2, got 1",
+    )
     assert not out.exists()
-    _fails(capsys, ["compare", "--model", "micro", "--out", str(out), "--quant-format", "fp4"],
-           "only apply to 4-bit training")
+    _fails(
+        capsys,
+        ["compare", "--model", "micro", "--out", str(out), "--quant-format", "fp4"],
+        "only apply to 4-bit training",
+    )
     assert not out.exists()
 
 
 def test_compare_four_bit(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "cmp4"
-    argv = ["compare", "--four-bit", "--model", "micro", "--steps", "2", "--batch-size", "4", "--seq-len", "32",
-            "--vocab-size", "384", "--eval-every", "2", "--eval-batches", "2", "--device", "cpu",
-            "--data", str(corpus), "--out", str(out), "--no-progress", "--threads", "1",
-            "--lr-for", "adamw-16bit=0.002"]
+    argv = [
+        "compare",
+        "--four-bit",
+        "--model",
+        "micro",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--vocab-size",
+        "384",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "2",
+        "--device",
+        "cpu",
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--threads",
+        "1",
+        "--lr-for",
+        "adamw-16bit=0.002",
+    ]
     assert main(argv) == 0
     for name in ("results.md", "results.csv", "results.jsonl", "loss_curves.png", "memory.png"):
         assert (out / name).stat().st_size > 0, name
@@ -306,16 +432,23 @@ def test_compare_four_bit(corpus: Path, tmp_path: Path) -> None:
 
 # ---- resume after an interruption: torn metrics, finished runs, --stop-after
 
+
 def _losses(out: Path) -> list[tuple[str, int, float]]:
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return [(r["type"], r["step"], r["loss"]) for r in map(json.loads, lines)]
 
 
-@pytest.mark.parametrize("torn", [b'{"type": "train", "step": 3, "lo',  # cut inside a record
-                                  b"\x00" * 24,  # zero fill a file system can leave at a power loss
-                                  b'{"type": "eval", "step": 4, "loss": 5.\xe2\x80'])  # cut in a UTF-8 character
-def test_resume_drops_a_torn_last_metrics_line(torn: bytes, corpus: Path, cache: Path, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "torn",
+    [
+        b'{"type": "train", "step": 3, "lo',  # cut inside a record
+        b"\x00" * 24,  # zero fill a file system can leave at a power loss
+        b'{"type": "eval", "step": 4, "loss": 5.\xe2\x80',
+    ],
+)  # cut in a UTF-8 character
+def test_resume_drops_a_torn_last_metrics_line(
+    torn: bytes, corpus: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert main(micro_args(corpus, cache, whole, steps=4)) == 0
     assert main(micro_args(corpus, cache, split, steps=4) + ["--stop-after", "2"]) == 0
@@ -332,8 +465,9 @@ def test_resume_drops_a_torn_last_metrics_line(torn: bytes, corpus: Path, cache:
     assert [r["step"] for r in records(split, "train")] == [1, 2, 3, 4]
 
 
-def test_resume_refuses_a_damaged_middle_metrics_line(corpus: Path, cache: Path, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_refuses_a_damaged_middle_metrics_line(
+    corpus: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     assert main(micro_args(corpus, cache, out, steps=4) + ["--stop-after", "2"]) == 0
     lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -341,13 +475,17 @@ def test_resume_refuses_a_damaged_middle_metrics_line(corpus: Path, cache: Path,
     lines[1] = lines[1][:20]
     (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    _fails(capsys, micro_args(corpus, cache, out, steps=4) + ["--resume"],
-           f"{out / 'metrics.jsonl'}: line 2 of 3 is damaged")
+    _fails(
+        capsys,
+        micro_args(corpus, cache, out, steps=4) + ["--resume"],
+        f"{out / 'metrics.jsonl'}: line 2 of 3 is damaged",
+    )
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # nothing written
 
 
-def test_resume_of_a_finished_run_keeps_its_summary(corpus: Path, cache: Path, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_of_a_finished_run_keeps_its_summary(
+    corpus: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     assert main(micro_args(corpus, cache, out, steps=2)) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -370,15 +508,17 @@ def test_resume_of_a_finished_run_keeps_its_summary(corpus: Path, cache: Path, t
     assert again["final_eval_loss"] == summary["final_eval_loss"] and again["steps"] == 2
 
 
-def test_stop_after_is_checked(corpus: Path, cache: Path, tmp_path: Path,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_stop_after_is_checked(corpus: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from spam_lowmem.train.config import TrainConfig
     from spam_lowmem.train.loop import train
 
     out = tmp_path / "run"
     for value, shown in (("0", "0"), ("-1", "-1"), ("1.5", "'1.5'"), ("x", "'x'")):
-        _fails(capsys, micro_args(corpus, cache, out, steps=4) + ["--stop-after", value],
-               f"argument --stop-after: must be an integer >= 1, got {shown}")
+        _fails(
+            capsys,
+            micro_args(corpus, cache, out, steps=4) + ["--stop-after", value],
+            f"argument --stop-after: must be an integer >= 1, got {shown}",
+        )
     assert not out.exists()
     with pytest.raises(UsageError, match="--stop-after must be >= 1, got 0"):  # the Python entry point too
         train(TrainConfig(model="micro", steps=4), out, stop_after=0)
@@ -386,21 +526,40 @@ def test_stop_after_is_checked(corpus: Path, cache: Path, tmp_path: Path,
     assert main(micro_args(corpus, cache, out, steps=4) + ["--stop-after", "2"]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     # STEP counts from the start of the run: the run is already there, so no update is due
-    _fails(capsys, micro_args(corpus, cache, out, steps=4) + ["--stop-after", "2", "--resume"],
-           "--stop-after 2: the run in")
+    _fails(
+        capsys,
+        micro_args(corpus, cache, out, steps=4) + ["--stop-after", "2", "--resume"],
+        "--stop-after 2: the run in",
+    )
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert main(micro_args(corpus, cache, out, steps=4) + ["--stop-after", "3", "--resume"]) == 0
     assert [r["step"] for r in records(out, "train")] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("flag,value,minimum", [
-    ("--steps", "-5", 1), ("--batch-size", "0", 1), ("--grad-accum", "0", 1), ("--grad-accum", "-2", 1),
-    ("--seq-len", "0", 2), ("--seq-len", "1", 2), ("--vocab-size", "0", 258), ("--vocab-size", "257", 258),
-    ("--warmup", "-1", 0), ("--eval-every", "-1", 0), ("--eval-batches", "-1", 0), ("--save-every", "-1", 0),
-    ("--galore-rank", "0", 1), ("--galore-gap", "0", 1), ("--threads", "0", 1), ("--seed", "-1", 0),
-])
-def test_integer_flags_are_checked_by_argparse(flag: str, value: str, minimum: int, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "flag,value,minimum",
+    [
+        ("--steps", "-5", 1),
+        ("--batch-size", "0", 1),
+        ("--grad-accum", "0", 1),
+        ("--grad-accum", "-2", 1),
+        ("--seq-len", "0", 2),
+        ("--seq-len", "1", 2),
+        ("--vocab-size", "0", 258),
+        ("--vocab-size", "257", 258),
+        ("--warmup", "-1", 0),
+        ("--eval-every", "-1", 0),
+        ("--eval-batches", "-1", 0),
+        ("--save-every", "-1", 0),
+        ("--galore-rank", "0", 1),
+        ("--galore-gap", "0", 1),
+        ("--threads", "0", 1),
+        ("--seed", "-1", 0),
+    ],
+)
+def test_integer_flags_are_checked_by_argparse(
+    flag: str, value: str, minimum: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "never"
     bound = "in [0, 4294967295]" if flag == "--seed" else f">= {minimum}"
     message = f"argument {flag}: must be an integer {bound}, got {value}"
@@ -417,17 +576,33 @@ def test_density_rank_is_checked(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip() == "0.3214285714"
 
 
-@pytest.mark.parametrize("names,message", [
-    ("", "--optimizers '' names no optimizer"), ("  ", "--optimizers '  ' names no optimizer"),
-    (",", "empty name at position 1"), ("adamw,,spam", "empty name at position 2"),
-    ("adamw,", "empty name at position 2"), ("adamw, nadam", "unknown optimizer(s) 'nadam'"),
-])
-def test_compare_optimizer_names_are_checked(names: str, message: str, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "names,message",
+    [
+        ("", "--optimizers '' names no optimizer"),
+        ("  ", "--optimizers '  ' names no optimizer"),
+        (",", "empty name at position 1"),
+        ("adamw,,spam", "empty name at position 2"),
+        ("adamw,", "empty name at position 2"),
+        ("adamw, nadam", "unknown optimizer(s) 'nadam'"),
+    ],
+)
+def test_compare_optimizer_names_are_checked(
+    names: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "never"
     # a missing --data would stop the default set too, with another message, if the names passed
-    argv = ["compare", "--model", "micro", "--out", str(out), "--data", str(tmp_path / "missing.txt"),
-            "--optimizers", names]
+    argv = [
+        "compare",
+        "--model",
+        "micro",
+        "--out",
+        str(out),
+        "--data",
+        str(tmp_path / "missing.txt"),
+        "--optimizers",
+        names,
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err, err
@@ -438,13 +613,27 @@ def test_compare_optimizer_names_are_checked(names: str, message: str, tmp_path:
 def test_compare_lr_for_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "never"
     for lr in ("0", "-1e-3", "nan"):
-        _fails(capsys, ["compare", "--optimizers", "adamw", "--lr-for", f"adamw={lr}", "--out", str(out),
-                        "--data", str(tmp_path / "missing.txt")], "the learning rate must be a positive number")
+        _fails(
+            capsys,
+            [
+                "compare",
+                "--optimizers",
+                "adamw",
+                "--lr-for",
+                f"adamw={lr}",
+                "--out",
+                str(out),
+                "--data",
+                str(tmp_path / "missing.txt"),
+            ],
+            "the learning rate must be a positive number",
+        )
     assert not out.exists()
 
 
-def test_train_budget_needs_a_unit(corpus: Path, cache: Path, tmp_path: Path,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_budget_needs_a_unit(
+    corpus: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "never"
     base = micro_args(corpus, cache, out, "spam")
     _fails(capsys, base + ["--budget", "1.5"], "cannot parse --budget '1.5': no unit")

@@ -102,8 +102,7 @@ def _columns(group):
 
 
 def _maps(device):
-    return [[q.values, q.midpoints, q.buckets, q.simd]
-            for q in (quant_map(True, device), quant_map(False, device))]
+    return [[q.values, q.midpoints, q.buckets, q.simd] for q in (quant_map(True, device), quant_map(False, device))]
 
 
 def _batch(module, cols, cnt, maps, stream=0):
@@ -130,8 +129,7 @@ def _assert_close(actual, expected, what):
     actual = actual.detach().cpu()
     assert actual.dtype == expected.dtype, what
     if expected.dtype == torch.float32:
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, equal_nan=True,
-                                   msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, equal_nan=True, msg=lambda m: f"{what}: {m}")
         return
     nan = expected.isnan()
     assert torch.equal(actual.isnan(), nan), f"{what}: NaN positions differ"
@@ -140,15 +138,18 @@ def _assert_close(actual, expected, what):
     bad = (ulps > 1) & ~near_zero & ~nan
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
-        raise AssertionError(f"{what}: {int(bad.sum())} entries more than 1 ulp apart, e.g. "
-                             f"[{i}] {float(actual[i])} vs {float(expected[i])}")
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} entries more than 1 ulp apart, e.g. "
+            f"[{i}] {float(actual[i])} vs {float(expected[i])}"
+        )
 
 
 def _code_diffs(codes, expected_codes, absmax, expected_absmax, what, rtol=1e-6):
     """Checks absmax; returns |code difference| over the elements of finite blocks."""
     absmax = absmax.detach().cpu()
-    torch.testing.assert_close(absmax, expected_absmax, rtol=rtol, atol=1e-30, equal_nan=True,
-                               msg=lambda m: f"{what} absmax: {m}")
+    torch.testing.assert_close(
+        absmax, expected_absmax, rtol=rtol, atol=1e-30, equal_nan=True, msg=lambda m: f"{what} absmax: {m}"
+    )
     finite = expected_absmax.isfinite().repeat_interleave(BLOCK_SIZE)[: expected_codes.numel()]
     diff = (codes.detach().cpu().int() - expected_codes.int()).abs()[finite]
     assert diff.numel() == 0 or int(diff.max()) <= 1, f"{what}: codes more than one apart"
@@ -193,18 +194,28 @@ def _call(module, algo, group, stats, cnt, opts, stream=0):
     batch = _batch(module, _columns(group), cnt.detach(), _maps(cnt.device), stream)
     bcs, step_sizes, sqrt_bc2s = _stable_lists(n)
     if algo == "spam":
-        hyper = module.SpamHyper(**SPAM_KW, clip_threshold=opts.get("clip", 50.0),
-                                 reset=opts.get("reset", 0), skip_nonfinite=opts.get("skip", True))
+        hyper = module.SpamHyper(
+            **SPAM_KW,
+            clip_threshold=opts.get("clip", 50.0),
+            reset=opts.get("reset", 0),
+            skip_nonfinite=opts.get("skip", True),
+        )
         module.step(batch, hyper, [1e-3 * (1.0 + 0.1 * i) for i in range(n)])
     elif algo == "stable":
-        hyper = module.AdamHyper(**ADAM_KW, reset=opts.get("reset", 0),
-                                 skip_nonfinite=opts.get("skip", True))
+        hyper = module.AdamHyper(**ADAM_KW, reset=opts.get("reset", 0), skip_nonfinite=opts.get("skip", True))
         scratch = None
         if module is _C_cuda:
             nbytes = _C_cuda.stable_spam_scratch_bytes([ts[0].numel() for ts in group])
             scratch = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
-        module.step(batch, hyper, module.StatHyper(**STAT_KW),
-                    _stats(module, [s.detach() for s in stats], bcs), step_sizes, sqrt_bc2s, scratch)
+        module.step(
+            batch,
+            hyper,
+            module.StatHyper(**STAT_KW),
+            _stats(module, [s.detach() for s in stats], bcs),
+            step_sizes,
+            sqrt_bc2s,
+            scratch,
+        )
     else:
         hyper = module.AdamHyper(**ADAM_KW, skip_nonfinite=opts.get("skip", True))
         module.step(batch, hyper, step_sizes, sqrt_bc2s)
@@ -222,8 +233,7 @@ def _run(algo, group, *, stream=None, before_launch=None, stats_init=STATS_CLIPP
     _call(_C, algo, cpu, stats_cpu, cnt_cpu, opts)
     if before_launch is not None:
         before_launch(dev)
-    _call(_C_cuda, algo, dev, stats_dev, cnt_dev, opts,
-          stream=_stream() if stream is None else stream.cuda_stream)
+    _call(_C_cuda, algo, dev, stats_dev, cnt_dev, opts, stream=_stream() if stream is None else stream.cuda_stream)
     torch.cuda.synchronize()
     _assert_group_close(dev, cpu, f"{algo} {opts}", STABLE_ABSMAX_RTOL if algo == "stable" else 1e-6)
     if algo == "stable":
@@ -343,7 +353,7 @@ def test_quantize_dequantize_match_cpu(dtype, signed):
     for n in (0, 1, 255, 256, 257, 70_000, 1_500_001):  # 1.5M: more blocks than the capped grid
         x = torch.randn(n, generator=gen) * torch.logspace(-9, 1, n)
         x = (x if signed else x.abs()).to(dtype)
-        x[BLOCK_SIZE: 2 * BLOCK_SIZE] = 0.0  # an all-zero block
+        x[BLOCK_SIZE : 2 * BLOCK_SIZE] = 0.0  # an all-zero block
         codes, absmax = F.quantize_blockwise(x, signed=signed)
         dev_codes, dev_absmax = F.quantize_blockwise(x.to(DEVICE), signed=signed)
         assert torch.equal(dev_codes.cpu(), codes) and torch.equal(dev_absmax.cpu(), absmax)
@@ -403,9 +413,16 @@ def test_8bit_state_dict_moves_from_cpu_to_cuda(name):
         for key in ("exp_avg", "exp_avg_sq"):
             if i < 2:
                 assert sd[f"{key}_codes"].is_cuda == (DEVICE == "cuda")
-                diffs.append(_code_diffs(sd[f"{key}_codes"], sc[f"{key}_codes"], sd[f"{key}_absmax"],
-                                         sc[f"{key}_absmax"], f"{name} {key}",
-                                         STABLE_ABSMAX_RTOL if name == "StableSPAM" else 1e-6))
+                diffs.append(
+                    _code_diffs(
+                        sd[f"{key}_codes"],
+                        sc[f"{key}_codes"],
+                        sd[f"{key}_absmax"],
+                        sc[f"{key}_absmax"],
+                        f"{name} {key}",
+                        STABLE_ABSMAX_RTOL if name == "StableSPAM" else 1e-6,
+                    )
+                )
             else:
                 _assert_close(sd[key], sc[key], f"{name} {key}")
     _assert_codes_close(diffs, name)
@@ -422,10 +439,15 @@ def test_scratch_bytes_and_argument_checks():
     too_small = torch.empty(small - 1, dtype=torch.uint8, device=DEVICE)
     bcs, step_sizes, sqrt_bc2s = _stable_lists(1)
     with pytest.raises(ValueError):
-        _C_cuda.step(_batch(_C_cuda, _columns(group), cnt, maps, _stream()),
-                     _C_cuda.AdamHyper(**ADAM_KW, reset=0, skip_nonfinite=True),
-                     _C_cuda.StatHyper(**STAT_KW), _stats(_C_cuda, stats, bcs), step_sizes,
-                     sqrt_bc2s, too_small)
+        _C_cuda.step(
+            _batch(_C_cuda, _columns(group), cnt, maps, _stream()),
+            _C_cuda.AdamHyper(**ADAM_KW, reset=0, skip_nonfinite=True),
+            _C_cuda.StatHyper(**STAT_KW),
+            _stats(_C_cuda, stats, bcs),
+            step_sizes,
+            sqrt_bc2s,
+            too_small,
+        )
     cpu_params = [group[0][0].cpu()]
     with pytest.raises(TypeError):  # a CPU tensor handed to the CUDA module
         _batch(_C_cuda, [cpu_params, *_columns(group)[1:]], cnt, maps)
@@ -445,10 +467,19 @@ def test_scratch_bytes_and_argument_checks():
 # same compact order and 8-bit block format, no FMA contraction, exact max reductions), so
 # parameters, compact moments, codes, absmax and counters must be identical, not just close.
 SPARSE_SHAPES = [(64, 96), (33, 129), (300, 700), (5, 3)]  # (300, 700): ~200 compact blocks
-SPARSE_KW = dict(lr=1e-2, threshold=20.0, reset_interval=10, warmup_steps=4, clip_delay=3,
-                 weight_decay=0.01, min_8bit_size=0)
-SPARSE_STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_sq_codes", "exp_avg_absmax",
-                     "exp_avg_sq_absmax", "subset", "compact_block_starts")
+SPARSE_KW = dict(
+    lr=1e-2, threshold=20.0, reset_interval=10, warmup_steps=4, clip_delay=3, weight_decay=0.01, min_8bit_size=0
+)
+SPARSE_STATE_KEYS = (
+    "exp_avg",
+    "exp_avg_sq",
+    "exp_avg_codes",
+    "exp_avg_sq_codes",
+    "exp_avg_absmax",
+    "exp_avg_sq_absmax",
+    "subset",
+    "compact_block_starts",
+)
 
 
 def _sparse_pair(shapes, dtype, bits, decay, seed=5):
@@ -476,9 +507,11 @@ def _assert_sparse_identical(cpu_params, cpu_opt, dev_params, dev_opt, what):
     assert dev_opt.spike_stats() == cpu_opt.spike_stats(), what
 
 
-@pytest.mark.parametrize(("dtype", "bits", "decay"), [
-    (torch.float32, 32, False), (torch.float32, 8, True), (torch.bfloat16, 32, True),
-    (torch.float16, 8, False)], ids=["fp32-32", "fp32-8-wd", "bf16-32-wd", "fp16-8"])
+@pytest.mark.parametrize(
+    ("dtype", "bits", "decay"),
+    [(torch.float32, 32, False), (torch.float32, 8, True), (torch.bfloat16, 32, True), (torch.float16, 8, False)],
+    ids=["fp32-32", "fp32-8-wd", "bf16-32-wd", "fp16-8"],
+)
 def test_sparse_spam_matches_cpu_over_resets(dtype, bits, decay):
     from spam_lowmem.testing import gradient_stream
 
@@ -515,9 +548,10 @@ def test_sparse_many_tensors_and_kinds_in_one_group():
 
     shapes = [(16 + i, 24 + (i % 5)) if i % 3 else (40, 40) for i in range(40)]
     gen = torch.Generator().manual_seed(4)
-    cpu_params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(torch.bfloat16 if i % 4 == 1
-                                                                         else torch.float32))
-                  for i, s in enumerate(shapes)]
+    cpu_params = [
+        torch.nn.Parameter(torch.randn(s, generator=gen).to(torch.bfloat16 if i % 4 == 1 else torch.float32))
+        for i, s in enumerate(shapes)
+    ]
     dev_params = [torch.nn.Parameter(p.detach().to(DEVICE, copy=True)) for p in cpu_params]
     kw = dict(SPARSE_KW, state_bits=8, min_8bit_size=1200, subset_seed=4)
     cpu_opt = sl.SPAM([{"params": cpu_params, "density": 0.3}], **kw)
@@ -544,8 +578,9 @@ def test_sparse_step_runs_on_the_current_stream():
             _step(cpu_opt, cpu_params, gs)
             for p, g in zip(dev_params, gs):
                 p.grad = g.to(DEVICE)
-            live = [p.data for p in dev_params] + [t for p in dev_params
-                                                   for t in dev_opt.state[p].values() if torch.is_tensor(t)]
+            live = [p.data for p in dev_params] + [
+                t for p in dev_params for t in dev_opt.state[p].values() if torch.is_tensor(t)
+            ]
             staged = [t.clone() for t in live]
             torch.cuda._sleep(50_000_000)
             for t, s in zip(live, staged):

@@ -19,16 +19,21 @@ SIZES = [(1,), (7,), (255,), (4097,), (65537,), (33, 129)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
 
-SPAM_KW: dict[str, Any] = dict(lr=1e-2, threshold=20.0, reset_interval=50, warmup_steps=10,
-                               clip_delay=5, weight_decay=0.01)
-STABLE_KW: dict[str, Any] = dict(lr=1e-2, reset_interval=50, total_steps=150, weight_decay=0.01,
-                                 gammas=(0.7, 0.9, 0.999))
+SPAM_KW: dict[str, Any] = dict(
+    lr=1e-2, threshold=20.0, reset_interval=50, warmup_steps=10, clip_delay=5, weight_decay=0.01
+)
+STABLE_KW: dict[str, Any] = dict(
+    lr=1e-2, reset_interval=50, total_steps=150, weight_decay=0.01, gammas=(0.7, 0.9, 0.999)
+)
 PAIRS = {
     "spam": (sl.SPAM, ReferenceSPAM, SPAM_KW),
     "spam-clean": (sl.SPAM, ReferenceSPAM, dict(SPAM_KW, reset_bias_correction=True)),
     "stable": (sl.StableSPAM, ReferenceStableSPAM, STABLE_KW),
-    "stable-clean": (sl.StableSPAM, ReferenceStableSPAM,
-                     dict(STABLE_KW, stale_reset_step=False, restart_stat_counts=False)),
+    "stable-clean": (
+        sl.StableSPAM,
+        ReferenceStableSPAM,
+        dict(STABLE_KW, stale_reset_step=False, restart_stat_counts=False),
+    ),
 }
 
 
@@ -61,8 +66,7 @@ def run_lockstep(name: str, dtype: torch.dtype, steps: int) -> tuple[int, int]:
         for key in ("exp_avg", "exp_avg_sq"):
             assert_close(ours.state[a][key], ref.state[b][key], msg=key)
         if "grad_stats" in ref.state[b]:
-            torch.testing.assert_close(ours.state[a]["grad_stats"], ref.state[b]["grad_stats"],
-                                       rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(ours.state[a]["grad_stats"], ref.state[b]["grad_stats"], rtol=1e-4, atol=1e-6)
     return ours.spike_stats()["clipped"], ref_clipped
 
 
@@ -111,8 +115,9 @@ def test_one_step_from_random_state(name: str, dtype: torch.dtype) -> None:
     ref.step()
     rtol, atol = TOLERANCES[dtype]
     for a, b in zip(ours_p, ref_p):
-        torch.testing.assert_close(a.detach(), b.detach(), rtol=rtol / 10 if dtype == torch.float32 else rtol,
-                                   atol=atol)
+        torch.testing.assert_close(
+            a.detach(), b.detach(), rtol=rtol / 10 if dtype == torch.float32 else rtol, atol=atol
+        )
         torch.testing.assert_close(ours.state[a]["exp_avg_sq"], ref.state[b]["exp_avg_sq"], rtol=rtol, atol=atol)
     assert ours.spike_stats()["clipped"] == ref.last_counts["clipped"] > 0
 
@@ -141,8 +146,9 @@ def test_isolated_spikes_are_clipped_where_the_reference_clips(state_bits: int, 
     exactly where the reference clips, and nowhere else."""
     n = 5000  # >= 4096, so 8-bit state; 78 full runs of 64 and a partial one
     spikes = [0, 63, 64, 1000, 4095, 4999]
-    kw: dict[str, Any] = dict(lr=1e-2, threshold=5000.0, reset_interval=1000, warmup_steps=2, clip_delay=2,
-                              state_bits=state_bits)
+    kw: dict[str, Any] = dict(
+        lr=1e-2, threshold=5000.0, reset_interval=1000, warmup_steps=2, clip_delay=2, state_bits=state_bits
+    )
     gen = torch.Generator().manual_seed(11)
     ours_p = [torch.nn.Parameter(torch.randn(n, generator=gen).to(dtype))]
     ref_p = clone_params(ours_p)

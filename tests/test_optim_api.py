@@ -14,8 +14,7 @@ import spam_lowmem as sl
 from spam_lowmem.reference import ReferenceSPAM, ReferenceStableSPAM
 
 OPTIMS = {
-    "spam": (sl.SPAM, ReferenceSPAM, dict(lr=1e-2, threshold=20.0, reset_interval=12,
-                                          warmup_steps=4, clip_delay=3)),
+    "spam": (sl.SPAM, ReferenceSPAM, dict(lr=1e-2, threshold=20.0, reset_interval=12, warmup_steps=4, clip_delay=3)),
     "stable": (sl.StableSPAM, ReferenceStableSPAM, dict(lr=1e-2, reset_interval=12, total_steps=40)),
 }
 
@@ -277,14 +276,29 @@ def test_spam_reset_and_warmup_fire_on_schedule() -> None:
 
 
 BAD_SPAM: list[dict[str, Any]] = [
-    dict(lr=-1e-3), dict(betas=(1.0, 0.999)), dict(betas=(0.9, -0.1)), dict(eps=-1.0),
-    dict(weight_decay=-0.1), dict(threshold=0.0), dict(threshold=-5.0), dict(reset_interval=-1),
-    dict(reset_interval=2.5), dict(warmup_steps=-1), dict(clip_delay=-3), dict(nonfinite="ignore"),
+    dict(lr=-1e-3),
+    dict(betas=(1.0, 0.999)),
+    dict(betas=(0.9, -0.1)),
+    dict(eps=-1.0),
+    dict(weight_decay=-0.1),
+    dict(threshold=0.0),
+    dict(threshold=-5.0),
+    dict(reset_interval=-1),
+    dict(reset_interval=2.5),
+    dict(warmup_steps=-1),
+    dict(clip_delay=-3),
+    dict(nonfinite="ignore"),
 ]
 BAD_STABLE: list[dict[str, Any]] = [
-    dict(lr=-1.0), dict(gammas=(1.5, 0.9, 0.999)), dict(gammas=(0.7, 1.0, 0.999)),
-    dict(gammas=(0.7, 0.9, -0.1)), dict(total_steps=0), dict(eta_min=1.5), dict(reset_interval=-5),
-    dict(betas=(0.9, 1.0)), dict(nonfinite="raise"),
+    dict(lr=-1.0),
+    dict(gammas=(1.5, 0.9, 0.999)),
+    dict(gammas=(0.7, 1.0, 0.999)),
+    dict(gammas=(0.7, 0.9, -0.1)),
+    dict(total_steps=0),
+    dict(eta_min=1.5),
+    dict(reset_interval=-5),
+    dict(betas=(0.9, 1.0)),
+    dict(nonfinite="raise"),
 ]
 
 

@@ -63,8 +63,9 @@ def snapshot(opt: torch.optim.Optimizer) -> dict[str, Any]:
 def assert_same(a: Any, b: Any) -> None:
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
-        assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
-                                     and torch.equal(a.nan_to_num(), b.nan_to_num()))
+        assert torch.equal(a, b) or (
+            a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+        )
     elif isinstance(a, dict):
         assert set(a) == set(b)
         for key in a:
@@ -261,8 +262,10 @@ def test_untagged_state_dict_of_the_same_kind_still_loads(name: str) -> None:
 def _set(key: str, value: Callable[[Any], Any], index: int = 2) -> Callable[[dict[str, Any]], None]:
     """Corrupt ``state[index][key]`` (the last parameter by default, so that the valid earlier
     ones show that nothing is loaded before everything was checked)."""
+
     def corrupt(sd: dict[str, Any]) -> None:
         sd["state"][index][key] = value(sd["state"][index][key])
+
     return corrupt
 
 
@@ -271,12 +274,14 @@ def _poke(value: float, at: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
         t = t.clone()
         t.view(-1)[at] = value
         return t
+
     return poke
 
 
 def _set_group(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
     def corrupt(sd: dict[str, Any]) -> None:
         sd["param_groups"][0][key] = value
+
     return corrupt
 
 
@@ -342,6 +347,7 @@ def _rule(i: int, value: int) -> Callable[[torch.Tensor], torch.Tensor]:
         rule = rule.clone()
         rule[i] = value
         return rule
+
     return change
 
 
@@ -353,8 +359,10 @@ SPARSE_CORRUPTIONS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "compact moment size": (_set("exp_avg_sq", lambda t: t[1:].clone(), 1), "selects"),
     "negative compact v": (_set("exp_avg_sq", _poke(-1.0), 1), "exp_avg_sq.*negative"),
     "nan compact m": (_set("exp_avg", _poke(math.nan), 1), "'exp_avg'.*non-finite"),
-    "generator state": (lambda sd: sd.__setitem__("subset_generator", torch.zeros(3, dtype=torch.uint8)),
-                        "subset_generator"),
+    "generator state": (
+        lambda sd: sd.__setitem__("subset_generator", torch.zeros(3, dtype=torch.uint8)),
+        "subset_generator",
+    ),
     "generator not a tensor": (lambda sd: sd.__setitem__("subset_generator", [1, 2]), "subset_generator"),
 }
 
@@ -382,8 +390,9 @@ def test_overflowed_32bit_moment_is_reported(name: str) -> None:
     params = make_params([(4, 5), (600,)])
     # SPAM would clip the 1e30 spike (clip_delay=1 makes step 1 a clipping step): clipping off here
     extra = {"spike_clipping": False} if name == "spam" else {}
-    opt = CLASSES[name]([{"params": params[:1]}, {"params": params[1:], "state_bits": 8, "min_8bit_size": 0}],
-                        **KW[name], **extra)
+    opt = CLASSES[name](
+        [{"params": params[:1]}, {"params": params[1:], "state_bits": 8, "min_8bit_size": 0}], **KW[name], **extra
+    )
     feed(params, 0)
     params[0].grad[1, 2] = 1e30  # finite; (1 - beta2) * g**2 = 1e57 overflows float32
     opt.step()
@@ -544,8 +553,10 @@ def test_named_param_groups_like_torch(name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- 8. subset seeds
-@pytest.mark.parametrize(("seed", "error"), [(2**70, ValueError), (2**64, ValueError), (-1, ValueError),
-                                             (1.5, TypeError), (True, TypeError), ("7", TypeError)])
+@pytest.mark.parametrize(
+    ("seed", "error"),
+    [(2**70, ValueError), (2**64, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError), ("7", TypeError)],
+)
 def test_bad_subset_seed_is_rejected_at_construction(seed: Any, error: type) -> None:
     with pytest.raises(error, match="subset_seed"):
         sl.SPAM([{"params": [nn.Parameter(torch.zeros(8, 8))], "density": 0.5}], subset_seed=seed)
@@ -571,8 +582,10 @@ def _rank_subsets(rank: int, world: int, port: int, out: str) -> None:
         run(opt, params, range(3))  # the first subsets, then those of the reset at call 2
         for p in params:
             dist.all_reduce(p.detach())  # a collective: both ranks really ran together
-        torch.save({"rules": [opt.state[p]["subset"] for p in params],
-                    "params": [p.detach() for p in params]}, f"{out}/rank{rank}.pt")
+        torch.save(
+            {"rules": [opt.state[p]["subset"] for p in params], "params": [p.detach() for p in params]},
+            f"{out}/rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -586,12 +599,21 @@ def test_ranks_draw_the_same_subsets_without_a_seed(tmp_path: Path) -> None:
     # child loads this file by path and runs in tmp_path, so a source checkout in the working
     # directory cannot shadow the installed package.
     port = _free_port()
-    loader = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('robustness', sys.argv[1]); "
-              "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod); "
-              "mod._rank_subsets(int(sys.argv[2]), 2, int(sys.argv[3]), sys.argv[4])")
-    ranks = [subprocess.Popen([sys.executable, "-c", loader, __file__, str(rank), str(port), str(tmp_path)],
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(2)]
+    loader = (
+        "import importlib.util, sys; spec = importlib.util.spec_from_file_location('robustness', sys.argv[1]); "
+        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod); "
+        "mod._rank_subsets(int(sys.argv[2]), 2, int(sys.argv[3]), sys.argv[4])"
+    )
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", loader, __file__, str(rank), str(port), str(tmp_path)],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
     for rank, proc in enumerate(ranks):
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, f"rank {rank} failed:\n{out}"

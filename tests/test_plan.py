@@ -39,8 +39,7 @@ class Layer(nn.Module):
 
 
 class TinyLlama(nn.Module):
-    def __init__(self, vocab: int = 100, hidden: int = 64, kv: int = 32, inter: int = 176,
-                 layers: int = 2) -> None:
+    def __init__(self, vocab: int = 100, hidden: int = 64, kv: int = 32, inter: int = 176, layers: int = 2) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab, hidden)
         self.layers = nn.ModuleList(Layer(hidden, kv, inter) for _ in range(layers))
@@ -149,48 +148,126 @@ def test_sparse_plan_groups_and_kwargs() -> None:
 
 
 # ------------------------------------------------------------------ budgets
-@pytest.mark.parametrize("text,expected", [
-    (123456, 123456), ("123456B", 123456), ("2e9B", 2_000_000_000), ("1.5GB", 1_500_000_000),
-    ("800MiB", 800 * 2**20), ("1GiB", 2**30), ("3 kB", 3000), (" 2 GiB ", 2 * 2**30),
-    ("1.5G", int(1.5 * 2**30)), (2e9, 2_000_000_000), ("512b", 512), ("1.5gb", 1_500_000_000),
-    ("1.3MiB", 1363148),  # 1363148.8: a larger unit rounds down to whole bytes (a budget is a ceiling)
-    ("1.001kB", 1001), ("4.1MB", 4_100_000),  # decimal arithmetic: in floats 1.001 * 1000 is 1000.99...
-    (".5 GiB", 2**29), ("+2GB", 2_000_000_000), (np.int64(4096), 4096), (np.float64(4096.0), 4096),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (123456, 123456),
+        ("123456B", 123456),
+        ("2e9B", 2_000_000_000),
+        ("1.5GB", 1_500_000_000),
+        ("800MiB", 800 * 2**20),
+        ("1GiB", 2**30),
+        ("3 kB", 3000),
+        (" 2 GiB ", 2 * 2**30),
+        ("1.5G", int(1.5 * 2**30)),
+        (2e9, 2_000_000_000),
+        ("512b", 512),
+        ("1.5gb", 1_500_000_000),
+        ("1.3MiB", 1363148),  # 1363148.8: a larger unit rounds down to whole bytes (a budget is a ceiling)
+        ("1.001kB", 1001),
+        ("4.1MB", 4_100_000),  # decimal arithmetic: in floats 1.001 * 1000 is 1000.99...
+        (".5 GiB", 2**29),
+        ("+2GB", 2_000_000_000),
+        (np.int64(4096), 4096),
+        (np.float64(4096.0), 4096),
+    ],
+)
 def test_parse_budget_bytes(text: object, expected: int) -> None:
     got = parse_budget(text)
     assert got == expected and type(got) is int
 
 
-@pytest.mark.parametrize("bad", ["", "lots", "1.5XB", "-3GB", "0", "galore:", "galore:x", "%", True, 1.5,
-                                 None, "25%%",
-                                 # no unit: "1.5" used to read as 1 byte, "2e9" and "123456" as bytes
-                                 "1.5", "2e9", "123456", " 7 ",
-                                 "0GB", "-1.5GiB", "nan", "nanGB", "inf GB", "-inf", "0.5B", "1.5B", "0.0001kB",
-                                 "1e999999999GB", "16777217TiB", "galore:0", "0%", "-5%", "1e400%",
-                                 0, -1, 0.0, 0.5, float("nan"), float("inf"), 2**40 + 0.5 - 0.25, [1]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "lots",
+        "1.5XB",
+        "-3GB",
+        "0",
+        "galore:",
+        "galore:x",
+        "%",
+        True,
+        1.5,
+        None,
+        "25%%",
+        # no unit: "1.5" used to read as 1 byte, "2e9" and "123456" as bytes
+        "1.5",
+        "2e9",
+        "123456",
+        " 7 ",
+        "0GB",
+        "-1.5GiB",
+        "nan",
+        "nanGB",
+        "inf GB",
+        "-inf",
+        "0.5B",
+        "1.5B",
+        "0.0001kB",
+        "1e999999999GB",
+        "16777217TiB",
+        "galore:0",
+        "0%",
+        "-5%",
+        "1e400%",
+        0,
+        -1,
+        0.0,
+        0.5,
+        float("nan"),
+        float("inf"),
+        2**40 + 0.5 - 0.25,
+        [1],
+    ],
+)
 def test_parse_budget_rejects_with_the_input_named(bad: object) -> None:
-    with pytest.raises(ValueError, match=repr(bad).replace("(", r"\(").replace("[", r"\[")
-                       .replace(".", r"\.").replace("%", "%").replace("*", r"\*")):
+    with pytest.raises(
+        ValueError,
+        match=repr(bad)
+        .replace("(", r"\(")
+        .replace("[", r"\[")
+        .replace(".", r"\.")
+        .replace("%", "%")
+        .replace("*", r"\*"),
+    ):
         parse_budget(bad, _model())
 
 
-@pytest.mark.parametrize("bad,why", [
-    ("1.5", "no unit (a bare number is ambiguous: bytes? GB?); write e.g. '1.5GB' or '1.5GiB'"),
-    ("2XB", "unknown unit 'XB'"), ("-3GB", "the size must be positive"), ("0GB", "the size must be positive"),
-    ("nan GB", "the size must be a finite number"), ("1.5B", "a fractional number of bytes"),
-    (1.5, "a fractional number of bytes"), (float("nan"), "the number of bytes must be finite and >= 1"),
-    (0, "the number of bytes must be >= 1"), ("galore:0", "the GaLore rank must be >= 1"),
-    ("0%", "the fraction must be a positive, finite percentage"),
-])
+@pytest.mark.parametrize(
+    "bad,why",
+    [
+        ("1.5", "no unit (a bare number is ambiguous: bytes? GB?); write e.g. '1.5GB' or '1.5GiB'"),
+        ("2XB", "unknown unit 'XB'"),
+        ("-3GB", "the size must be positive"),
+        ("0GB", "the size must be positive"),
+        ("nan GB", "the size must be a finite number"),
+        ("1.5B", "a fractional number of bytes"),
+        (1.5, "a fractional number of bytes"),
+        (float("nan"), "the number of bytes must be finite and >= 1"),
+        (0, "the number of bytes must be >= 1"),
+        ("galore:0", "the GaLore rank must be >= 1"),
+        ("0%", "the fraction must be a positive, finite percentage"),
+    ],
+)
 def test_bad_budgets_say_why_and_list_the_accepted_forms(bad: object, why: str) -> None:
     model = _model()
     with pytest.raises(ValueError) as err:
         sl.plan(model, budget=bad)
     message = str(err.value)
     assert message.startswith(f"cannot parse budget {bad!r}: {why}"), message
-    for form in ("an int of bytes", "'1.5GB'", "'800MiB'", "'512B'", "'25%'", "'galore:RANK'", "'adam-mini'",
-                 "KiB/MiB/GiB/TiB or K/M/G/T (powers of 1024)", "kB/MB/GB/TB (powers of 1000)"):
+    for form in (
+        "an int of bytes",
+        "'1.5GB'",
+        "'800MiB'",
+        "'512B'",
+        "'25%'",
+        "'galore:RANK'",
+        "'adam-mini'",
+        "KiB/MiB/GiB/TiB or K/M/G/T (powers of 1024)",
+        "kB/MB/GB/TB (powers of 1000)",
+    ):
         assert form in message, (form, message)
 
 

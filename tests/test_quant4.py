@@ -26,7 +26,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Element-by-element loops in numpy float32 scalars (IEEE fp32, np.round = half to even):
 # an oracle independent of the vectorised torch reference.
 def _groups(flat: list[float], g: int) -> list[list[F32]]:
-    return [[F32(v) for v in flat[i:i + g]] for i in range(0, len(flat), g)]  # last may be short
+    return [[F32(v) for v in flat[i : i + g]] for i in range(0, len(flat), g)]  # last may be short
 
 
 def brute_weight_int4(w: torch.Tensor, g: int) -> list[float]:
@@ -255,8 +255,15 @@ def test_tiny_model_trains(storage: str, fmt: str) -> None:
 
 def test_llama_quantize_and_train() -> None:
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=32,
+    )
     model = transformers.LlamaForCausalLM(cfg)
     quantize_model(model, storage="packed", group_size=256)
     kinds = {n.rsplit(".", 1)[-1]: type(m).__name__ for n, m in model.named_modules() if n}
@@ -320,8 +327,9 @@ def test_load_dense_linear_checkpoint(storage: str) -> None:
     lin = nn.Linear(32, 16)
     layer = QuantLinear(32, 16, group_size=32, storage=storage)
     layer.load_state_dict(lin.state_dict())
-    torch.testing.assert_close(layer.quantized_weight(), q4.fake_quantize_weight(lin.weight, group_size=32),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        layer.quantized_weight(), q4.fake_quantize_weight(lin.weight, group_size=32), rtol=0, atol=0
+    )
 
 
 # --------------------------------------------------------------------------- bad input
@@ -339,8 +347,12 @@ def test_bad_input() -> None:
         q4.fake_quantize_activation(w, group_size=0)
     with pytest.raises(TypeError, match="dtype"):
         q4.fake_quantize_activation(torch.ones(4, dtype=torch.int32))
-    for kwargs, match in [({"weight_bits": 8}, "weight_bits"), ({"act_bits": 8}, "act_bits"),
-                          ({"storage": "int4"}, "storage"), ({"group_size": 96}, "does not divide")]:
+    for kwargs, match in [
+        ({"weight_bits": 8}, "weight_bits"),
+        ({"act_bits": 8}, "act_bits"),
+        ({"storage": "int4"}, "storage"),
+        ({"group_size": 96}, "does not divide"),
+    ]:
         with pytest.raises(ValueError, match=match):
             QuantLinear(16, 16, **{"group_size": 16, **kwargs})  # type: ignore[arg-type]
     model = TinyLlamaMLP()
@@ -386,11 +398,14 @@ def test_nonfinite_update_keeps_packed_groups() -> None:
 def test_cuda_matches_cpu(fmt: str, dtype: torch.dtype) -> None:
     w = (torch.randn(96, 160) * torch.logspace(-2, 1, 160)).to(dtype)
     wc = w.cuda()
-    assert torch.equal(q4.fake_quantize_weight(wc, fmt=fmt, group_size=256).cpu(),
-                       q4.fake_quantize_weight(w, fmt=fmt, group_size=256))
+    assert torch.equal(
+        q4.fake_quantize_weight(wc, fmt=fmt, group_size=256).cpu(), q4.fake_quantize_weight(w, fmt=fmt, group_size=256)
+    )
     for g in (256, 100, 7):
-        assert torch.equal(q4.fake_quantize_activation(wc, fmt=fmt, group_size=g).cpu(),
-                           q4.fake_quantize_activation(w, fmt=fmt, group_size=g))
+        assert torch.equal(
+            q4.fake_quantize_activation(wc, fmt=fmt, group_size=g).cpu(),
+            q4.fake_quantize_activation(w, fmt=fmt, group_size=g),
+        )
     p, pc = q4.pack_weight(w, fmt=fmt, group_size=256), q4.pack_weight(wc, fmt=fmt, group_size=256)
     moved = q4.unpack_weight(p) + 0.05 * torch.randn(w.shape)
     q4.requantize_(moved, p, seed=5, step=9)

@@ -77,16 +77,19 @@ def _groups_brute(x: torch.Tensor, g: int, fn) -> torch.Tensor:  # type: ignore[
     flat = x.float().flatten().tolist()
     out: list[float] = []
     for i in range(0, len(flat), g):
-        out += fn(flat[i:i + g])
+        out += fn(flat[i : i + g])
     return torch.tensor(out, dtype=torch.float32).to(x.dtype).reshape(x.shape)
 
 
 # --------------------------------------------------------------------------- non-finite rule
 NONFINITE_GROUPS = [
-    [INF] * 8, [-INF] * 8, [NAN] * 8, [INF, -INF, NAN, INF, NAN, -INF, INF, INF],
-    [0.3, NAN, -0.7, 0.1, 0.25, -0.05, 0.9, 0.4],          # one NaN: the rest as if it were absent
-    [0.3, INF, -0.7, 0.1, 0.25, -0.05, 0.9, -INF],         # +-Inf neither scale nor take an outlier slot
-    [INF, 2.0, NAN, NAN, NAN, NAN, NAN, NAN],              # a single finite entry
+    [INF] * 8,
+    [-INF] * 8,
+    [NAN] * 8,
+    [INF, -INF, NAN, INF, NAN, -INF, INF, INF],
+    [0.3, NAN, -0.7, 0.1, 0.25, -0.05, 0.9, 0.4],  # one NaN: the rest as if it were absent
+    [0.3, INF, -0.7, 0.1, 0.25, -0.05, 0.9, -INF],  # +-Inf neither scale nor take an outlier slot
+    [INF, 2.0, NAN, NAN, NAN, NAN, NAN, NAN],  # a single finite entry
     [5.0, -5.0, INF, 1.0, 0.5, -0.25, NAN, 0.125],
 ]
 
@@ -95,12 +98,21 @@ NONFINITE_GROUPS = [
 def test_nonfinite_groups_follow_the_rule(group: list[float]) -> None:
     # the group under test between two ordinary groups, which must not notice it
     x = torch.tensor([0.1 * k - 0.35 for k in range(8)] + group + [0.2 * k - 0.6 for k in range(8)])
-    cases = [(q4.fake_quantize_weight(x, group_size=8), R.fake_weight_int4(x, 8),
-              _groups_brute(x, 8, brute_weight_int4_finite))]
+    cases = [
+        (
+            q4.fake_quantize_weight(x, group_size=8),
+            R.fake_weight_int4(x, 8),
+            _groups_brute(x, 8, brute_weight_int4_finite),
+        )
+    ]
     for fmt in ("int4", "fp4"):
-        cases.append((q4.fake_quantize_activation(x, fmt=fmt, group_size=8),
-                      R.fake_act_int4(x, 8) if fmt == "int4" else R.fake_fp4(x, 8),
-                      _groups_brute(x, 8, lambda v, f=fmt: brute_act_finite(v, f))))
+        cases.append(
+            (
+                q4.fake_quantize_activation(x, fmt=fmt, group_size=8),
+                R.fake_act_int4(x, 8) if fmt == "int4" else R.fake_fp4(x, 8),
+                _groups_brute(x, 8, lambda v, f=fmt: brute_act_finite(v, f)),
+            )
+        )
     for kernel, ref, brute in cases:
         assert _same(kernel, brute), (kernel, brute)
         assert _same(ref, brute), (ref, brute)
@@ -126,10 +138,10 @@ def test_nan_does_not_change_the_finite_entries() -> None:
     # and the finite entries come out as if the NaN were absent (brute force on the rest)
     keep = y.isfinite()
     for gi in range(2):
-        grp = y[32 * gi:32 * gi + 32]
-        k = keep[32 * gi:32 * gi + 32]
+        grp = y[32 * gi : 32 * gi + 32]
+        k = keep[32 * gi : 32 * gi + 32]
         alone = torch.tensor(brute_weight_int4_finite(grp[k].tolist()))
-        assert torch.equal(got_w[32 * gi:32 * gi + 32][k], alone)
+        assert torch.equal(got_w[32 * gi : 32 * gi + 32][k], alone)
 
 
 # --------------------------------------------------------------------------- overflow
@@ -161,10 +173,14 @@ def test_int4_activation_near_float_max_stays_finite() -> None:
 def test_denormals_and_tiny_groups() -> None:
     x = torch.tensor([1e-45, -1e-45, 3e-39, -2e-40, 0.0, -0.0, 1.2e-38, 7e-42] * 4)
     for fmt in ("int4", "fp4"):
-        assert _same(q4.fake_quantize_weight(x, fmt=fmt, group_size=8),
-                     R.fake_weight_int4(x, 8) if fmt == "int4" else R.fake_fp4(x, 8))
-        assert _same(q4.fake_quantize_activation(x, fmt=fmt, group_size=16),
-                     R.fake_act_int4(x, 16) if fmt == "int4" else R.fake_fp4(x, 16))
+        assert _same(
+            q4.fake_quantize_weight(x, fmt=fmt, group_size=8),
+            R.fake_weight_int4(x, 8) if fmt == "int4" else R.fake_fp4(x, 8),
+        )
+        assert _same(
+            q4.fake_quantize_activation(x, fmt=fmt, group_size=16),
+            R.fake_act_int4(x, 16) if fmt == "int4" else R.fake_fp4(x, 16),
+        )
     assert _same(q4.fake_quantize_weight(x, group_size=8), _groups_brute(x, 8, brute_weight_int4_finite))
 
 
@@ -206,11 +222,15 @@ def test_seeded_fuzz_kernels_equal_reference() -> None:
         n = int(torch.randint(0, hi, (), generator=gen)) // g * g
         dtype = (torch.float32, torch.bfloat16, torch.float16)[case % 3]
         x = _fuzz_tensor(gen, n).to(dtype)
-        checks = [("w-int4", q4.fake_quantize_weight(x, group_size=g), R.fake_weight_int4(x, g)),
-                  ("w-fp4", q4.fake_quantize_weight(x, fmt="fp4", group_size=g), R.fake_fp4(x, g))]
+        checks = [
+            ("w-int4", q4.fake_quantize_weight(x, group_size=g), R.fake_weight_int4(x, g)),
+            ("w-fp4", q4.fake_quantize_weight(x, fmt="fp4", group_size=g), R.fake_fp4(x, g)),
+        ]
         ga = g + 5  # activations: with a shorter tail group
-        checks += [("a-int4", q4.fake_quantize_activation(x, group_size=ga), R.fake_act_int4(x, ga)),
-                   ("a-fp4", q4.fake_quantize_activation(x, fmt="fp4", group_size=ga), R.fake_fp4(x, ga))]
+        checks += [
+            ("a-int4", q4.fake_quantize_activation(x, group_size=ga), R.fake_act_int4(x, ga)),
+            ("a-fp4", q4.fake_quantize_activation(x, fmt="fp4", group_size=ga), R.fake_fp4(x, ga)),
+        ]
         if g % 2 == 0 and n and bool(x.isfinite().all()):
             for fmt in ("int4", "fp4"):
                 if fmt == "fp4" and g > q4.FP4_MAX_GROUP:
@@ -271,14 +291,17 @@ def test_load_rejects_outlier_index_outside_the_group(bad: int) -> None:
         fresh(x)  # still usable
 
 
-@pytest.mark.parametrize("key, value, match", [
-    ("weight_outlier_idx", lambda t: t.to(torch.int32) + 65536, "dtype"),    # would wrap in int16
-    ("weight_outlier_idx", lambda t: t[:-1], "shape"),
-    ("weight_outlier_val", lambda t: t.double(), "dtype"),
-    ("weight_codes", lambda t: t[:-2], "shape"),
-    ("weight_scale", lambda t: t.half(), "dtype"),
-    ("weight_sr_state", lambda t: t.float(), "weight_sr_state"),
-])
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("weight_outlier_idx", lambda t: t.to(torch.int32) + 65536, "dtype"),  # would wrap in int16
+        ("weight_outlier_idx", lambda t: t[:-1], "shape"),
+        ("weight_outlier_val", lambda t: t.double(), "dtype"),
+        ("weight_codes", lambda t: t[:-2], "shape"),
+        ("weight_scale", lambda t: t.half(), "dtype"),
+        ("weight_sr_state", lambda t: t.float(), "weight_sr_state"),
+    ],
+)
 def test_load_rejects_wrong_dtype_or_size(key: str, value, match: str) -> None:  # type: ignore[no-untyped-def]
     sd = _fp4_layer().state_dict()
     sd[key] = value(sd[key])
@@ -323,8 +346,15 @@ def test_good_state_dict_still_loads_bit_for_bit() -> None:
 # --------------------------------------------------------------------------- transformers round trip
 def _tiny_llama():  # type: ignore[no-untyped-def]
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return transformers, cfg
 
 

@@ -19,8 +19,7 @@ from spam_lowmem.nn import QuantLinear, attach_packed_requant
 OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
     "adamw": (sl.AdamW, {"weight_decay": 0.1}),
     # small theta and period: the run clips spikes, resets momentum and warms up again
-    "spam": (sl.SPAM, {"threshold": 2.0, "reset_interval": 3, "warmup_steps": 2, "clip_delay": 1,
-                       "weight_decay": 0.1}),
+    "spam": (sl.SPAM, {"threshold": 2.0, "reset_interval": 3, "warmup_steps": 2, "clip_delay": 1, "weight_decay": 0.1}),
     "stable_spam": (sl.StableSPAM, {"reset_interval": 3, "total_steps": 6, "weight_decay": 0.1}),
 }
 
@@ -50,8 +49,9 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int =
     return losses
 
 
-def _run(name: str, fmt: str, dtype: torch.dtype, fused: bool, steps: int = 6,
-         device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _run(
+    name: str, fmt: str, dtype: torch.dtype, fused: bool, steps: int = 6, device: str = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     cls, kw = OPTIMIZERS[name]
     model = _model(fmt, dtype, device)
     opt = cls(model.parameters(), lr=1e-2, **kw)
@@ -99,8 +99,11 @@ def test_fused_never_materialises() -> None:
 def test_fused_training_learns(name: str) -> None:
     cls, kw = OPTIMIZERS[name]
     torch.manual_seed(0)
-    model = nn.Sequential(QuantLinear(64, 64, group_size=64, storage="packed"), nn.Tanh(),
-                          QuantLinear(64, 8, group_size=64, storage="packed"))
+    model = nn.Sequential(
+        QuantLinear(64, 64, group_size=64, storage="packed"),
+        nn.Tanh(),
+        QuantLinear(64, 8, group_size=64, storage="packed"),
+    )
     opt = cls(model.parameters(), lr=3e-3, **{k: v for k, v in kw.items() if k == "weight_decay"})
     assert attach_packed_requant(opt, model).fused
     x, y = torch.randn(128, 64), torch.randint(0, 8, (128,))
@@ -168,9 +171,19 @@ def test_bad_input() -> None:
     grad = layer.weight.grad
     m, v = torch.zeros_like(grad), torch.zeros_like(grad)
     step = F.PackedStep(layer.packed_weight(), 1, 0)
-    common = dict(exp_avg_sqs=[v], absmax_m=[torch.empty(0)], absmax_v=[torch.empty(0)],
-                  step_sizes=[1e-3], sqrt_bc2s=[0.1], counters=torch.zeros(2, dtype=torch.int64),
-                  beta1=0.9, beta2=0.999, eps=1e-8, weight_keep=1.0, skip_nonfinite=True)
+    common = dict(
+        exp_avg_sqs=[v],
+        absmax_m=[torch.empty(0)],
+        absmax_v=[torch.empty(0)],
+        step_sizes=[1e-3],
+        sqrt_bc2s=[0.1],
+        counters=torch.zeros(2, dtype=torch.int64),
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        weight_keep=1.0,
+        skip_nonfinite=True,
+    )
     with pytest.raises(ValueError, match="packed_bad"):
         F.adamw_step([torch.empty(0)], [grad], [m], packed=[step], **common)
     bad = torch.zeros(1, dtype=torch.int64)
@@ -182,11 +195,19 @@ def test_bad_input() -> None:
         other = F.PackedStep(q4.PackedWeight.empty((4, 8), fmt="int4", group_size=32), 1, 0)
         F.adamw_step([torch.empty(0)], [grad], [m], packed=[other], packed_bad=bad, **common)
     with pytest.raises(ValueError, match="dense"):  # 8-bit moments
-        F.adamw_step([torch.empty(0)], [grad], [torch.zeros(grad.numel(), dtype=torch.uint8)],
-                     packed=[step], packed_bad=bad,
-                     **{**common, "exp_avg_sqs": [torch.zeros(grad.numel(), dtype=torch.uint8)],
-                        "absmax_m": [torch.zeros(grad.numel() // 256 + 1)],
-                        "absmax_v": [torch.zeros(grad.numel() // 256 + 1)]})
+        F.adamw_step(
+            [torch.empty(0)],
+            [grad],
+            [torch.zeros(grad.numel(), dtype=torch.uint8)],
+            packed=[step],
+            packed_bad=bad,
+            **{
+                **common,
+                "exp_avg_sqs": [torch.zeros(grad.numel(), dtype=torch.uint8)],
+                "absmax_m": [torch.zeros(grad.numel() // 256 + 1)],
+                "absmax_v": [torch.zeros(grad.numel() // 256 + 1)],
+            },
+        )
 
 
 def test_nonfinite_update_keeps_packed_groups_fused() -> None:
@@ -214,6 +235,15 @@ def test_cuda_fused_matches_cpu(name: str, fmt: str) -> None:
             assert torch.equal(gpu[0][key].cpu(), value), key
     # AdamW/SPAM have no reductions: same bits; Stable-SPAM's norms differ by summation order
     if name != "stable_spam":
-        _assert_same(cpu, ({k: v.cpu() for k, v in gpu[0].items()},
-                           {"state": {i: {k: v.cpu() if isinstance(v, torch.Tensor) else v
-                                          for k, v in s.items()} for i, s in gpu[1]["state"].items()}}))
+        _assert_same(
+            cpu,
+            (
+                {k: v.cpu() for k, v in gpu[0].items()},
+                {
+                    "state": {
+                        i: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                        for i, s in gpu[1]["state"].items()
+                    }
+                },
+            ),
+        )

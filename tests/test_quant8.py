@@ -94,8 +94,18 @@ def test_ties_go_to_the_larger_code_and_every_bucket_edge(signed: bool) -> None:
     # powers of two 2^-40 .. 1 and their neighbours: the binade edges of the SIMD buckets
     powers = torch.tensor([2.0**-k for k in range(41)])
     powers = torch.cat([powers, torch.nextafter(powers, torch.tensor(2.0)), torch.nextafter(powers, torch.tensor(0.0))])
-    probes = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
-                        edge_vals, -edge_vals, powers, -powers, torch.tensor([0.0, -0.0, 1.0, -1.0])])
+    probes = torch.cat(
+        [
+            mids,
+            torch.nextafter(mids, torch.tensor(2.0)),
+            torch.nextafter(mids, torch.tensor(-2.0)),
+            edge_vals,
+            -edge_vals,
+            powers,
+            -powers,
+            torch.tensor([0.0, -0.0, 1.0, -1.0]),
+        ]
+    )
     probes = probes[(probes >= (-1.0 if signed else 0.0)) & (probes <= 1.0)]
     # put each probe in its own block next to a 1.0 so that absmax = 1 and x/absmax = x
     blocks = torch.zeros(probes.numel(), BLOCK_SIZE)
@@ -114,8 +124,8 @@ def _simd_codes(q: QuantMap, x: torch.Tensor) -> torch.Tensor:
     t = q.simd
     shifts, deltas = t[:64].view(torch.int16).long(), t[64:128].view(torch.int16).long()
     negative_or = int(t[128:130].view(torch.int16))
-    base = t[SIMD_BASE:SIMD_BASE + 512].long()
-    planes = t[SIMD_MIDS:SIMD_MIDS + 1024].view(4, 256).t().contiguous()
+    base = t[SIMD_BASE : SIMD_BASE + 512].long()
+    planes = t[SIMD_MIDS : SIMD_MIDS + 1024].view(4, 256).t().contiguous()
     mids = planes.view(torch.float32).flatten()
     bits = x.view(torch.int32).long() & 0xFFFFFFFF
     top16 = (bits & 0x7FFFFFFF) >> 16
@@ -136,10 +146,20 @@ def test_simd_tables_give_the_nearest_code(signed: bool) -> None:
     gen = torch.Generator().manual_seed(1)
     powers = torch.tensor([2.0**-k for k in range(150)])
     bits = torch.randint(0, 2**31, (100_000,), generator=gen, dtype=torch.int64).to(torch.int32)
-    probes = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
-                        q.values, powers, torch.nextafter(powers, torch.tensor(2.0)),
-                        torch.nextafter(powers, torch.tensor(0.0)), torch.rand(100_000, generator=gen),
-                        torch.rand(100_000, generator=gen) ** 12, bits.view(torch.float32).abs()])
+    probes = torch.cat(
+        [
+            mids,
+            torch.nextafter(mids, torch.tensor(2.0)),
+            torch.nextafter(mids, torch.tensor(-2.0)),
+            q.values,
+            powers,
+            torch.nextafter(powers, torch.tensor(2.0)),
+            torch.nextafter(powers, torch.tensor(0.0)),
+            torch.rand(100_000, generator=gen),
+            torch.rand(100_000, generator=gen) ** 12,
+            bits.view(torch.float32).abs(),
+        ]
+    )
     # |x| > 1 too: a block whose absmax is NaN is divided by 1 (quant_divisor)
     probes = torch.cat([probes[probes <= 1.0], torch.tensor([2.5, 1e30, float("inf")])])
     probes = torch.cat([probes, -probes, torch.tensor([0.0, -0.0])])
@@ -149,7 +169,7 @@ def test_simd_tables_give_the_nearest_code(signed: bool) -> None:
     got = _simd_codes(q, torch.cat([nan, -nan]))
     assert got.tolist() == [255, 0]
     # the dequantisation planes hold the map itself
-    value_planes = q.simd[SIMD_VALUES:SIMD_VALUES + 1024].view(4, 256).t().contiguous()
+    value_planes = q.simd[SIMD_VALUES : SIMD_VALUES + 1024].view(4, 256).t().contiguous()
     assert torch.equal(value_planes.view(torch.float32).flatten(), q.values)
 
 
@@ -169,6 +189,7 @@ def test_codes_near_midpoints_for_any_absmax_are_those_of_the_quotient(signed: b
 def test_simd_edge_margins_are_checked() -> None:
     """The assertion the multiply-then-verify quantiser relies on fires on bad buckets."""
     from spam_lowmem.qmap import _check_edge_margins
+
     mids = quant_map(False).midpoints[199:202]
     b = mids.view(torch.int32).to(torch.int64)
     lower, m = int(b[0]), int(b[1])
@@ -204,8 +225,7 @@ def test_quantize_rejects_bad_input() -> None:
 
 
 PAIRS = {
-    "spam": (sl.SPAM, ReferenceSPAM, dict(lr=1e-2, threshold=20.0, reset_interval=40,
-                                          warmup_steps=6, clip_delay=4)),
+    "spam": (sl.SPAM, ReferenceSPAM, dict(lr=1e-2, threshold=20.0, reset_interval=40, warmup_steps=6, clip_delay=4)),
     "stable": (sl.StableSPAM, ReferenceStableSPAM, dict(lr=1e-2, reset_interval=40, total_steps=100)),
 }
 SHAPES = [(4096,), (5000,), (65, 257), (300,)]  # 300 < min_8bit_size: a dense fallback
@@ -282,8 +302,15 @@ def test_state_bytes_are_exact() -> None:
     assert report["total_bytes"] == expected
     assert report["fallbacks"] == [2]
     assert [e["state_bits"] for e in report["params"]] == [8, 8, 32]
-    assert sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
-               if isinstance(v, torch.Tensor)) == expected
+    assert (
+        sum(
+            v.numel() * v.element_size()
+            for st in opt.state.values()
+            for v in st.values()
+            if isinstance(v, torch.Tensor)
+        )
+        == expected
+    )
 
 
 @pytest.mark.parametrize("cls", [sl.SPAM, sl.StableSPAM, sl.AdamW], ids=["spam", "stable", "adamw"])

@@ -39,13 +39,15 @@ def optimizers(weight_decay: float) -> dict[str, Factory]:
         "adamw": lambda ps, bits: sl.AdamW(ps, **kw, state_bits=bits),
         "spam": lambda ps, bits: sl.SPAM(ps, **kw, reset_interval=0, state_bits=bits),
         "stable_spam": lambda ps, bits: sl.StableSPAM(ps, **kw, reset_interval=0, state_bits=bits),
-        "sparse_spam": lambda ps, bits: sl.SPAM([{"params": ps, "density": 0.5}], **kw, reset_interval=0,
-                                                state_bits=bits, subset_seed=3),
+        "sparse_spam": lambda ps, bits: sl.SPAM(
+            [{"params": ps, "density": 0.5}], **kw, reset_interval=0, state_bits=bits, subset_seed=3
+        ),
     }
 
 
-def worst_moves(factory: Callable[..., torch.optim.Optimizer], bits: int, stream: str,
-                weight_decay: float) -> tuple[float, float]:
+def worst_moves(
+    factory: Callable[..., torch.optim.Optimizer], bits: int, stream: str, weight_decay: float
+) -> tuple[float, float]:
     """(max over steps of move / flat bound, max over steps of move / K_t bound), weight decay's
     share of the move taken off first."""
     p = torch.nn.Parameter(torch.full(SHAPE, 0.5))
@@ -87,10 +89,12 @@ def test_8bit_split_scale_small_half_stays_near_adamw() -> None:
     gen = torch.Generator().manual_seed(0)
     small = torch.rand(shape, generator=gen) < 0.5  # the stream's first draw: its mask
     results = {}
-    for name, make in (("torch", lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=0.0)),
-                       ("adamw8", lambda ps: sl.AdamW(ps, lr=LR, weight_decay=0.0, state_bits=8)),
-                       ("spam8", lambda ps: sl.SPAM(ps, lr=LR, reset_interval=0, state_bits=8)),
-                       ("stable8", lambda ps: sl.StableSPAM(ps, lr=LR, reset_interval=0, state_bits=8))):
+    for name, make in (
+        ("torch", lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=0.0)),
+        ("adamw8", lambda ps: sl.AdamW(ps, lr=LR, weight_decay=0.0, state_bits=8)),
+        ("spam8", lambda ps: sl.SPAM(ps, lr=LR, reset_interval=0, state_bits=8)),
+        ("stable8", lambda ps: sl.StableSPAM(ps, lr=LR, reset_interval=0, state_bits=8)),
+    ):
         p = torch.nn.Parameter(torch.zeros(shape))
         opt = make([p])
         for g in STREAMS["split_scale"](shape, 60, seed=0):
@@ -126,8 +130,15 @@ def test_tiny_llama_rare_token_rows_do_not_jump() -> None:
     step. Tokens are drawn from a Zipf-like law so that most rows are rare."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
     model = transformers.LlamaForCausalLM(cfg)
     embed = model.get_input_embeddings().weight
     lr = 1e-3

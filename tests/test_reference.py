@@ -123,8 +123,7 @@ def textbook_stable(p0, grads, lr, betas, gammas, eps, wd, dT, total_T, eta, sta
         b1 = beta1 * sc
         m = [b1 * a + (1 - b1) * x for a, x in zip(m, g)]
         v = [beta2 * a + (1 - beta2) * x * x for a, x in zip(v, g)]
-        p = [x - lr / (1 - b1**k) * a / (math.sqrt(b) / math.sqrt(1 - beta2**k) + eps)
-             for x, a, b in zip(p, m, v)]
+        p = [x - lr / (1 - b1**k) * a / (math.sqrt(b) / math.sqrt(1 - beta2**k) + eps) for x, a, b in zip(p, m, v)]
         if reset and stale:
             m, v = [0.0] * len(p), [0.0] * len(p)
     return p, m, v, clips
@@ -145,11 +144,20 @@ def _run(opt_cls, p0, grads, **kw):
 def test_spam_matches_textbook(wd, reset_bias):
     p0 = torch.randn(5, generator=torch.Generator().manual_seed(0))
     grads = _grads(60, 5, seed=1, spike_every=4)
-    kw = dict(lr=1e-2, betas=(0.8, 0.9), eps=1e-6, weight_decay=wd, threshold=3.0,
-              reset_interval=25, warmup_steps=7, clip_delay=3)
+    kw = dict(
+        lr=1e-2,
+        betas=(0.8, 0.9),
+        eps=1e-6,
+        weight_decay=wd,
+        threshold=3.0,
+        reset_interval=25,
+        warmup_steps=7,
+        clip_delay=3,
+    )
     p, state, counts = _run(ReferenceSPAM, p0, grads, reset_bias_correction=reset_bias, **kw)
-    ep, em, ev, eclips = textbook_spam(p0.tolist(), [g.tolist() for g in grads], 1e-2, 0.8, 0.9,
-                                       1e-6, wd, 3.0, 25, 7, 3, reset_t=reset_bias)
+    ep, em, ev, eclips = textbook_spam(
+        p0.tolist(), [g.tolist() for g in grads], 1e-2, 0.8, 0.9, 1e-6, wd, 3.0, 25, 7, 3, reset_t=reset_bias
+    )
     assert counts == eclips
     assert 0 < sum(counts) < 60 * 5
     torch.testing.assert_close(p, torch.tensor(ep), rtol=1e-5, atol=1e-6)
@@ -165,12 +173,20 @@ def test_spam_matches_textbook(wd, reset_bias):
 def test_stable_spam_matches_textbook(stale, restart, gammas):
     p0 = torch.randn(5, generator=torch.Generator().manual_seed(2))
     grads = _grads(60, 5, seed=3, spike_every=5)
-    kw = dict(lr=1e-2, betas=(0.9, 0.999), gammas=gammas, eps=1e-8, weight_decay=0.01,
-              reset_interval=20, total_steps=60, eta_min=0.5)
-    p, state, counts = _run(ReferenceStableSPAM, p0, grads, stale_reset_step=stale,
-                            restart_stat_counts=restart, **kw)
-    ep, em, ev, eclips = textbook_stable(p0.tolist(), [g.tolist() for g in grads], 1e-2, (0.9, 0.999),
-                                         gammas, 1e-8, 0.01, 20, 60, 0.5, stale, restart)
+    kw = dict(
+        lr=1e-2,
+        betas=(0.9, 0.999),
+        gammas=gammas,
+        eps=1e-8,
+        weight_decay=0.01,
+        reset_interval=20,
+        total_steps=60,
+        eta_min=0.5,
+    )
+    p, state, counts = _run(ReferenceStableSPAM, p0, grads, stale_reset_step=stale, restart_stat_counts=restart, **kw)
+    ep, em, ev, eclips = textbook_stable(
+        p0.tolist(), [g.tolist() for g in grads], 1e-2, (0.9, 0.999), gammas, 1e-8, 0.01, 20, 60, 0.5, stale, restart
+    )
     assert counts == eclips
     assert sum(counts) > 0
     torch.testing.assert_close(p, torch.tensor(ep), rtol=1e-5, atol=1e-6)
@@ -223,14 +239,12 @@ def test_spam_weight_decay_after_update_vs_adamw_before():
     lr, wd = 1e-2, 0.5
     p0, grads = torch.randn(64), _grads(20, 64, seed=6)
     kw = dict(lr=lr, betas=(0.9, 0.999), eps=0.0)
-    p, _, _ = _run(ReferenceSPAM, p0, grads, spike_clipping=False, reset_interval=0,
-                   weight_decay=wd, **kw)
+    p, _, _ = _run(ReferenceSPAM, p0, grads, spike_clipping=False, reset_interval=0, weight_decay=wd, **kw)
     # SPAM: p <- (p - u) - lr*wd*(p - u): torch Adam, then the decay on the stepped p.
     after = _adam_run(p0, grads, kw, post=lambda q: q.data.sub_(q.data * (lr * wd)))
     torch.testing.assert_close(p, after, rtol=1e-6, atol=1e-6)
     # torch AdamW decays first: one step differs by exactly lr*wd*u, u the Adam update.
-    p1, _, _ = _run(ReferenceSPAM, p0, grads[:1], spike_clipping=False, reset_interval=0,
-                    weight_decay=wd, **kw)
+    p1, _, _ = _run(ReferenceSPAM, p0, grads[:1], spike_clipping=False, reset_interval=0, weight_decay=wd, **kw)
     adamw = torch.nn.Parameter(p0.clone())
     opt = torch.optim.AdamW([adamw], weight_decay=wd, foreach=False, **kw)
     adamw.grad = grads[0].clone()
@@ -247,13 +261,25 @@ def test_stable_spam_with_constant_max_and_norm_is_adamw(total_steps):
     decoupled weight decay first, eps after the bias correction and beta1 decayed by sc."""
     base = torch.linspace(0.2, 1.5, 16)
     gen = torch.Generator().manual_seed(7)
-    grads = [base[torch.randperm(16, generator=gen)] * torch.where(torch.rand(16, generator=gen) < 0.5, -1.0, 1.0)
-             for _ in range(30)]
+    grads = [
+        base[torch.randperm(16, generator=gen)] * torch.where(torch.rand(16, generator=gen) < 0.5, -1.0, 1.0)
+        for _ in range(30)
+    ]
     R = float(base.double().norm())
     lr, wd, eps, (beta1, beta2), (gm1, gm2, gm3) = 1e-2, 0.1, 1e-8, (0.9, 0.999), (0.7, 0.9, 0.999)
     p0 = torch.randn(16, generator=gen)
-    p, _, _ = _run(ReferenceStableSPAM, p0, grads, lr=lr, betas=(beta1, beta2), gammas=(gm1, gm2, gm3),
-                   eps=eps, weight_decay=wd, reset_interval=0, total_steps=total_steps)
+    p, _, _ = _run(
+        ReferenceStableSPAM,
+        p0,
+        grads,
+        lr=lr,
+        betas=(beta1, beta2),
+        gammas=(gm1, gm2, gm3),
+        eps=eps,
+        weight_decay=wd,
+        reset_interval=0,
+        total_steps=total_steps,
+    )
 
     q = torch.nn.Parameter(p0.clone())
     opt = torch.optim.AdamW([q], lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd, foreach=False)
@@ -273,8 +299,9 @@ def test_stable_spam_with_constant_max_and_norm_is_adamw(total_steps):
 @pytest.mark.parametrize("reset_bias_correction", [False, True])
 def test_spam_reset_zeroes_moments(reset_bias_correction):
     p = torch.nn.Parameter(torch.randn(32))
-    opt = ReferenceSPAM([p], betas=(0.9, 0.99), reset_interval=4, clip_delay=1,
-                        reset_bias_correction=reset_bias_correction)
+    opt = ReferenceSPAM(
+        [p], betas=(0.9, 0.99), reset_interval=4, clip_delay=1, reset_bias_correction=reset_bias_correction
+    )
     for n, g in enumerate(_grads(12, 32, seed=8), start=1):
         p.grad = g
         opt.step()
@@ -292,8 +319,7 @@ def test_spam_warmup_factor():
     """s = 0.01 on reset calls, the cosine of §2.3 in between, 1 after warmup_steps."""
     lr, b1, b2, eps, dT, N = 1e-2, 0.9, 0.999, 1e-6, 10, 4
     p = torch.nn.Parameter(torch.zeros(8))
-    opt = ReferenceSPAM([p], lr=lr, betas=(b1, b2), eps=eps, reset_interval=dT, warmup_steps=N,
-                        spike_clipping=False)
+    opt = ReferenceSPAM([p], lr=lr, betas=(b1, b2), eps=eps, reset_interval=dT, warmup_steps=N, spike_clipping=False)
     for n, g in enumerate(_grads(30, 8, seed=9), start=1):
         p.data.zero_()
         p.grad = g
@@ -481,10 +507,16 @@ def test_bf16_storage(cls):
 @pytest.mark.parametrize(
     "cls,g0,g1",
     [
-        (ReferenceSPAM, dict(lr=1e-2, threshold=2.0, reset_interval=5, clip_delay=2),
-         dict(lr=3e-3, betas=(0.8, 0.95), threshold=10.0, reset_interval=7, warmup_steps=3)),
-        (ReferenceStableSPAM, dict(lr=1e-2, reset_interval=5, total_steps=20),
-         dict(lr=3e-3, betas=(0.8, 0.95), gammas=(0.85, 0.99, 0.9), reset_interval=0, weight_decay=0.1)),
+        (
+            ReferenceSPAM,
+            dict(lr=1e-2, threshold=2.0, reset_interval=5, clip_delay=2),
+            dict(lr=3e-3, betas=(0.8, 0.95), threshold=10.0, reset_interval=7, warmup_steps=3),
+        ),
+        (
+            ReferenceStableSPAM,
+            dict(lr=1e-2, reset_interval=5, total_steps=20),
+            dict(lr=3e-3, betas=(0.8, 0.95), gammas=(0.85, 0.99, 0.9), reset_interval=0, weight_decay=0.1),
+        ),
     ],
 )
 def test_param_groups_are_independent(cls, g0, g1):
@@ -507,15 +539,26 @@ def test_param_groups_are_independent(cls, g0, g1):
 
 @pytest.mark.parametrize(
     "cls,kw",
-    [(ReferenceSPAM, dict(lr=-1.0)), (ReferenceSPAM, dict(betas=(1.0, 0.9))),
-     (ReferenceSPAM, dict(betas=(0.9, -0.1))), (ReferenceSPAM, dict(eps=-1e-8)),
-     (ReferenceSPAM, dict(weight_decay=-0.1)), (ReferenceSPAM, dict(threshold=0.0)),
-     (ReferenceSPAM, dict(reset_interval=-1)), (ReferenceSPAM, dict(warmup_steps=-1)),
-     (ReferenceSPAM, dict(clip_delay=-2)), (ReferenceSPAM, dict(nonfinite="ignore")),
-     (ReferenceStableSPAM, dict(lr=-1.0)), (ReferenceStableSPAM, dict(gammas=(1.0, 0.9, 0.9))),
-     (ReferenceStableSPAM, dict(gammas=(0.7, 0.9, 1.5))), (ReferenceStableSPAM, dict(total_steps=0)),
-     (ReferenceStableSPAM, dict(eta_min=1.5)), (ReferenceStableSPAM, dict(nonfinite="zero")),
-     (ReferenceStableSPAM, dict(reset_interval=-5)), (ReferenceStableSPAM, dict(eps=-1.0))],
+    [
+        (ReferenceSPAM, dict(lr=-1.0)),
+        (ReferenceSPAM, dict(betas=(1.0, 0.9))),
+        (ReferenceSPAM, dict(betas=(0.9, -0.1))),
+        (ReferenceSPAM, dict(eps=-1e-8)),
+        (ReferenceSPAM, dict(weight_decay=-0.1)),
+        (ReferenceSPAM, dict(threshold=0.0)),
+        (ReferenceSPAM, dict(reset_interval=-1)),
+        (ReferenceSPAM, dict(warmup_steps=-1)),
+        (ReferenceSPAM, dict(clip_delay=-2)),
+        (ReferenceSPAM, dict(nonfinite="ignore")),
+        (ReferenceStableSPAM, dict(lr=-1.0)),
+        (ReferenceStableSPAM, dict(gammas=(1.0, 0.9, 0.9))),
+        (ReferenceStableSPAM, dict(gammas=(0.7, 0.9, 1.5))),
+        (ReferenceStableSPAM, dict(total_steps=0)),
+        (ReferenceStableSPAM, dict(eta_min=1.5)),
+        (ReferenceStableSPAM, dict(nonfinite="zero")),
+        (ReferenceStableSPAM, dict(reset_interval=-5)),
+        (ReferenceStableSPAM, dict(eps=-1.0)),
+    ],
 )
 def test_invalid_hyperparameters(cls, kw):
     with pytest.raises(ValueError):

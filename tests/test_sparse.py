@@ -18,8 +18,9 @@ from spam_lowmem.reference import ReferenceSPAM
 from spam_lowmem.testing import assert_close, gradient_stream
 
 SHAPES = [(64, 96), (33, 129), (300, 17)]
-KW: dict[str, Any] = dict(lr=1e-2, threshold=20.0, reset_interval=40, warmup_steps=10, clip_delay=5,
-                          weight_decay=0.01, min_8bit_size=0)
+KW: dict[str, Any] = dict(
+    lr=1e-2, threshold=20.0, reset_interval=40, warmup_steps=10, clip_delay=5, weight_decay=0.01, min_8bit_size=0
+)
 
 
 def make_params(dtype: torch.dtype, shapes: list[tuple[int, int]] = SHAPES) -> list[nn.Parameter]:
@@ -39,8 +40,13 @@ def feed(params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
 # --------------------------------------------------------------------------- the subset
 def test_python_and_cpp_hash_agree_bit_for_bit() -> None:
     gen = torch.Generator().manual_seed(0)
-    idx = torch.cat([torch.arange(70_000), torch.randint(0, 2**32 - 1, (70_000,), generator=gen),
-                     torch.tensor([2**32 - 1, 2**31, 2**31 - 1])])
+    idx = torch.cat(
+        [
+            torch.arange(70_000),
+            torch.randint(0, 2**32 - 1, (70_000,), generator=gen),
+            torch.tensor([2**32 - 1, 2**31, 2**31 - 1]),
+        ]
+    )
     for seed in (0, 1, 0x9E3779B1, 2**32 - 1, 123456789):
         out = torch.empty_like(idx)
         _C.subset_hash(seed, idx, out)
@@ -110,8 +116,16 @@ def test_subset_changes_exactly_on_reset_calls() -> None:
 
 def test_unselected_entries_frozen_bit_for_bit() -> None:
     p = nn.Parameter(torch.randn(96, 80).bfloat16())
-    opt = sl.SPAM([{"params": [p], "density": 0.2}], lr=1e-2, reset_interval=10, warmup_steps=2, weight_decay=0.1,
-                  state_bits=8, min_8bit_size=0, subset_seed=2)
+    opt = sl.SPAM(
+        [{"params": [p], "density": 0.2}],
+        lr=1e-2,
+        reset_interval=10,
+        warmup_steps=2,
+        weight_decay=0.1,
+        state_bits=8,
+        min_8bit_size=0,
+        subset_seed=2,
+    )
     for period in range(2):
         p.grad = torch.randn_like(p)
         opt.step()
@@ -128,9 +142,11 @@ def test_unselected_entries_frozen_bit_for_bit() -> None:
 
 
 # --------------------------------------------------------------------------- kernel vs reference
-@pytest.mark.parametrize(("dtype", "bits", "decay"), [
-    (torch.float32, 32, False), (torch.float32, 8, True), (torch.bfloat16, 32, True),
-    (torch.bfloat16, 8, False)], ids=["fp32-32-wdnoop", "fp32-8-wdclean", "bf16-32-wdclean", "bf16-8-wdnoop"])
+@pytest.mark.parametrize(
+    ("dtype", "bits", "decay"),
+    [(torch.float32, 32, False), (torch.float32, 8, True), (torch.bfloat16, 32, True), (torch.bfloat16, 8, False)],
+    ids=["fp32-32-wdnoop", "fp32-8-wdclean", "bf16-32-wdclean", "bf16-8-wdnoop"],
+)
 def test_kernel_matches_reference_over_resets(dtype: torch.dtype, bits: int, decay: bool) -> None:
     steps = 110  # resets at calls 40 and 80
     ours_p = make_params(dtype)
@@ -187,8 +203,9 @@ def test_dense_and_sparse_groups_together_and_density_one_is_dense() -> None:
 def test_memory_report_matches_formula_and_tensors(bits: int) -> None:
     params = make_params(torch.bfloat16, [(512, 384), (256, 100)])
     bias = nn.Parameter(torch.randn(100).bfloat16())
-    opt = sl.SPAM([{"params": params, "density": 0.25}, {"params": [bias]}], state_bits=bits,
-                  min_8bit_size=0, subset_seed=9)
+    opt = sl.SPAM(
+        [{"params": params, "density": 0.25}, {"params": [bias]}], state_bits=bits, min_8bit_size=0, subset_seed=9
+    )
     feed(params + [bias], [torch.randn_like(p) for p in params + [bias]])
     opt.step()
     report = opt.memory_report()
@@ -200,8 +217,9 @@ def test_memory_report_matches_formula_and_tensors(bits: int) -> None:
         assert entry["absmax"] == (8 * blocks if bits == 8 else 0)
         assert entry["indices"] == 8 * blocks + 4 * 8
         assert entry["ratio_to_adamw32"] == entry["total"] / (8 * p.numel())
-    measured = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
-                   if isinstance(v, torch.Tensor))
+    measured = sum(
+        v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)
+    )
     assert report["total_bytes"] == measured
     if bits == 8:  # 8-bit values at d = 0.25: about 0.5 + 0.016 + 0.008 bytes per element
         big = report["params"][0]

@@ -23,8 +23,7 @@ KW = dict(lr=1e-3, gammas=(0.7, 0.9, 0.999), reset_interval=0)
 @pytest.mark.parametrize("state_bits", [32, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", ["entry 3e19", "entry 1e30", "all 1e-25"])
-def test_gradients_outside_fp32_square_range_match_reference(dtype: torch.dtype, state_bits: int,
-                                                              case: str) -> None:
+def test_gradients_outside_fp32_square_range_match_reference(dtype: torch.dtype, state_bits: int, case: str) -> None:
     gen = torch.Generator().manual_seed(0)
     init = (torch.randn(64, 128, generator=gen) * 0.1).to(dtype)
     p = torch.nn.Parameter(init.clone())

@@ -56,9 +56,11 @@ inline void check_device(const nb::ndarray<>& a, int device_type, const std::str
   // conversion passes here, so no kernel is ever handed one.
   if (a.size() != 0 && a.data() == nullptr)
     throw nb::type_error((name + ": tensor has no data pointer (a wrapper tensor subclass such "
-                          "as DTensor? pass its local tensor)").c_str());
+                                 "as DTensor? pass its local tensor)")
+                             .c_str());
   if (!is_c_contiguous(a))
-    throw nb::type_error((name + ": tensor must be C-contiguous (the core writes in place)").c_str());
+    throw nb::type_error(
+        (name + ": tensor must be C-contiguous (the core writes in place)").c_str());
 }
 
 inline TensorRef float_ref(const nb::ndarray<>& a, int device_type, const std::string& name) {
@@ -67,7 +69,8 @@ inline TensorRef float_ref(const nb::ndarray<>& a, int device_type, const std::s
 }
 
 template <typename T>
-T* typed_buffer(const nb::ndarray<>& a, int device_type, int64_t min_numel, const std::string& name) {
+T* typed_buffer(const nb::ndarray<>& a, int device_type, int64_t min_numel,
+                const std::string& name) {
   check_device(a, device_type, name);
   if (a.dtype() != nb::dtype<T>())
     throw nb::type_error((name + ": wrong dtype for this buffer").c_str());
@@ -86,8 +89,9 @@ inline void check_same(const TensorRef& p, const TensorRef& other, const std::st
 
 inline void check_lengths(size_t n, size_t m, const char* what, const char* of = "params") {
   if (n != m)
-    throw nb::value_error((std::string("spam_lowmem: list '") + what +
-                           "' has a different length from '" + of + "'").c_str());
+    throw nb::value_error(
+        (std::string("spam_lowmem: list '") + what + "' has a different length from '" + of + "'")
+            .c_str());
 }
 
 using ArrayList = std::vector<nb::ndarray<>>;
@@ -123,8 +127,9 @@ class SameDevice {
 // 8-bit moments of tensor i: `count` uint8 codes for m and for v (the parameter's numel, or
 // the compact count of a sparse tensor) and one float32 absmax per 256 of them.
 inline Quant8Moments convert_q8_moments(const nb::ndarray<>& m_codes, const nb::ndarray<>& v_codes,
-                                        const nb::ndarray<>& m_absmax, const nb::ndarray<>& v_absmax,
-                                        int64_t count, int device_type, SameDevice& dev, size_t i) {
+                                        const nb::ndarray<>& m_absmax,
+                                        const nb::ndarray<>& v_absmax, int64_t count,
+                                        int device_type, SameDevice& dev, size_t i) {
   const int64_t blocks = num_blocks(count);
   auto codes = [&](const nb::ndarray<>& a, const char* what) {
     uint8_t* ptr = typed_buffer<uint8_t>(a, device_type, count, describe(what, i));
@@ -137,7 +142,8 @@ inline Quant8Moments convert_q8_moments(const nb::ndarray<>& m_codes, const nb::
     float* ptr = typed_buffer<float>(a, device_type, blocks, describe(what, i));
     if (static_cast<int64_t>(a.size()) != blocks)
       throw nb::value_error((describe(what, i) + ": need one float32 absmax per 256 moment "
-                             "entries").c_str());
+                                                 "entries")
+                                .c_str());
     dev.check(a, describe(what, i));
     return ptr;
   };
@@ -156,8 +162,8 @@ struct StepBuffers {
 
 // Tensor i of a list (`what`[i] in messages), as a float TensorRef on `device_type`, checked to
 // share the call's device.
-inline TensorRef device_float_ref(const nb::ndarray<>& a, const char* what, size_t i, int device_type,
-                                  SameDevice& dev) {
+inline TensorRef device_float_ref(const nb::ndarray<>& a, const char* what, size_t i,
+                                  int device_type, SameDevice& dev) {
   const std::string name = describe(what, i);
   TensorRef ref = float_ref(a, device_type, name);
   dev.check(a, name);
@@ -173,8 +179,11 @@ inline StepBuffers convert_step_buffers(const ArrayList& params, const ArrayList
                                         int device_type, SameDevice& dev,
                                         const std::vector<char>* packed = nullptr) {
   const size_t n = params.size();
-  check_columns(n, {{grads, "grads"}, {exp_avgs, "exp_avgs"}, {exp_avg_sqs, "exp_avg_sqs"},
-                    {absmax_m, "absmax_m"}, {absmax_v, "absmax_v"}});
+  check_columns(n, {{grads, "grads"},
+                    {exp_avgs, "exp_avgs"},
+                    {exp_avg_sqs, "exp_avg_sqs"},
+                    {absmax_m, "absmax_m"},
+                    {absmax_v, "absmax_v"}});
   StepBuffers b;
   auto convert = [&](const nb::ndarray<>& a, const char* what, size_t i) {
     return device_float_ref(a, what, i, device_type, dev);
@@ -185,16 +194,20 @@ inline StepBuffers convert_step_buffers(const ArrayList& params, const ArrayList
     if (is_packed) {
       if (params[i].size() != 0)
         throw nb::value_error((describe("params", i) + ": a packed weight's entry must be an "
-                               "empty array naming the working dtype").c_str());
-      b.p.push_back(TensorRef{nullptr, b.g[i].numel, float_dtype(params[i], describe("params", i))});
+                                                       "empty array naming the working dtype")
+                                  .c_str());
+      b.p.push_back(
+          TensorRef{nullptr, b.g[i].numel, float_dtype(params[i], describe("params", i))});
     } else {
       b.p.push_back(convert(params[i], "params", i));
     }
     check_same(b.p[i], b.g[i], describe("grads", i));
     Quant8Moments q;
     if (is_packed && exp_avgs[i].dtype() == nb::dtype<uint8_t>())
-      throw nb::value_error((describe("exp_avgs", i) + ": a packed 4-bit weight needs dense "
-                             "(32-bit) moments; 8-bit moments are not supported with it").c_str());
+      throw nb::value_error((describe("exp_avgs", i) +
+                             ": a packed 4-bit weight needs dense "
+                             "(32-bit) moments; 8-bit moments are not supported with it")
+                                .c_str());
     if (exp_avgs[i].dtype() == nb::dtype<uint8_t>()) {
       q = convert_q8_moments(exp_avgs[i], exp_avg_sqs[i], absmax_m[i], absmax_v[i], b.p[i].numel,
                              device_type, dev, i);
@@ -216,7 +229,8 @@ inline StepBuffers convert_step_buffers(const ArrayList& params, const ArrayList
 // simd u8[kQuantSimdBytes]] (quant8.h).
 inline QuantMap convert_map(const ArrayList& parts, int device_type, const char* name) {
   if (parts.size() != 4)
-    throw nb::value_error((std::string(name) + ": expected [values, midpoints, buckets, simd]").c_str());
+    throw nb::value_error(
+        (std::string(name) + ": expected [values, midpoints, buckets, simd]").c_str());
   const std::string n(name);
   return QuantMap{typed_buffer<float>(parts[0], device_type, kQuantCodes, n + ".values"),
                   typed_buffer<float>(parts[1], device_type, kQuantCodes, n + ".midpoints"),

@@ -35,19 +35,28 @@ struct CpuBackend {
     for (int64_t c = 0; c * kQuantBlock < b.compact; ++c)
       if (b.block_starts[c] < 0 || b.block_starts[c] >= b.param.numel)
         throw nb::value_error((describe("block_starts", i) + ": index out of range").c_str());
-    return SparseSpamTensor{b.param, b.grad, b.exp_avg, b.exp_avg_sq, b.compact, b.block_starts,
-                            read_subset(subset, b.param.numel, i), 0.0f, b.q8};
+    return SparseSpamTensor{b.param,
+                            b.grad,
+                            b.exp_avg,
+                            b.exp_avg_sq,
+                            b.compact,
+                            b.block_starts,
+                            read_subset(subset, b.param.numel, i),
+                            0.0f,
+                            b.q8};
   }
 
   static SubsetRule read_subset(const nb::ndarray<>& a, int64_t numel, size_t i) {
     const int64_t* s = typed_buffer<int64_t>(a, kDeviceType, 4, describe("subsets", i));
     if (s[0] < 0 || s[0] > 0xFFFFFFFFll || s[1] < 0 || s[1] > 0xFFFFFFFFll || s[2] < -1)
       throw nb::value_error((describe("subsets", i) + ": seed/t_hash must lie in [0, 2^32), "
-                             "t_index >= -1").c_str());
+                                                      "t_index >= -1")
+                                .c_str());
     if (s[3] != numel)
       throw nb::value_error((describe("subsets", i) + ": subset was drawn for " +
                              std::to_string(s[3]) + " elements, the parameter has " +
-                             std::to_string(numel)).c_str());
+                             std::to_string(numel))
+                                .c_str());
     return SubsetRule{static_cast<uint32_t>(s[0]), static_cast<uint32_t>(s[1]), s[2]};
   }
 

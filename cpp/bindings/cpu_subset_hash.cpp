@@ -21,5 +21,6 @@ void subset_hash(int64_t seed, const nb::ndarray<>& indices, const nb::ndarray<>
 
 void bind_cpu_subset_hash(nb::module_& m) {
   m.def("subset_hash", &subset_hash, "seed"_a, "indices"_a, "out"_a,
-        "h(seed, i) of the sparse-momentum subset (sparse_subset.h) for int64 indices into int64 out.");
+        "h(seed, i) of the sparse-momentum subset (sparse_subset.h) for int64 indices into int64 "
+        "out.");
 }

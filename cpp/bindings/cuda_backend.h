@@ -33,8 +33,8 @@ struct CudaBackend {
                                     SameDevice& dev) {
     const int64_t* rule = typed_buffer<int64_t>(subset, kDeviceType, 4, describe("subsets", i));
     dev.check(subset, describe("subsets", i));
-    return CudaSparseSpamTensor{b.param, b.grad,         b.exp_avg, b.exp_avg_sq, b.compact,
-                                b.block_starts, rule, 0.0f,      b.q8};
+    return CudaSparseSpamTensor{b.param,        b.grad, b.exp_avg, b.exp_avg_sq, b.compact,
+                                b.block_starts, rule,   0.0f,      b.q8};
   }
 
   // Stable-SPAM's device scratch (cuda_api.h), held for the call so its memory stays the
@@ -46,8 +46,9 @@ struct CudaBackend {
   };
   static Scratch scratch(const nb::object& s, const StepBuffers& b, SameDevice dev) {
     if (s.is_none())
-      throw nb::value_error("scratch: the CUDA Stable-SPAM step needs a uint8 buffer of "
-                            "stable_spam_scratch_bytes(numels) bytes");
+      throw nb::value_error(
+          "scratch: the CUDA Stable-SPAM step needs a uint8 buffer of "
+          "stable_spam_scratch_bytes(numels) bytes");
     Scratch out{nb::cast<nb::ndarray<>>(s)};
     std::vector<int64_t> numels;
     numels.reserve(b.p.size());
@@ -75,7 +76,8 @@ struct CudaBackend {
   // The 4-bit quantisers (cuda_quant4_api.h), which take the device and stream apart.
   using FakeLauncher = void (*)(const TensorRef&, const TensorRef&, int64_t, int, uintptr_t);
   template <FakeLauncher Launch>
-  static void q4_fake(const TensorRef& in, const TensorRef& out, int64_t group, const Context& ctx) {
+  static void q4_fake(const TensorRef& in, const TensorRef& out, int64_t group,
+                      const Context& ctx) {
     Launch(in, out, group, ctx.device, ctx.stream);
   }
   static constexpr auto q4_fake_weight_int4 = &q4_fake<q4::launch_fake_weight_int4>;
@@ -101,13 +103,14 @@ struct CudaBackend {
 
   static void bind_extras(nb::module_& m) {
     using namespace nb::literals;
-    m.def("stable_spam_scratch_bytes",
-          [](const std::vector<int64_t>& numels) {
-            for (const int64_t n : numels)
-              if (n < 0) throw nb::value_error("spam_lowmem: numels must be >= 0");
-            return cuda_stable_spam_scratch_bytes(numels);
-          },
-          "numels"_a, "Bytes of device scratch a Stable-SPAM step needs for tensors of these sizes.");
+    m.def(
+        "stable_spam_scratch_bytes",
+        [](const std::vector<int64_t>& numels) {
+          for (const int64_t n : numels)
+            if (n < 0) throw nb::value_error("spam_lowmem: numels must be >= 0");
+          return cuda_stable_spam_scratch_bytes(numels);
+        },
+        "numels"_a, "Bytes of device scratch a Stable-SPAM step needs for tensors of these sizes.");
   }
 };
 

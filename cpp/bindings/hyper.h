@@ -43,41 +43,50 @@ inline void bind_hypers(nb::module_& m) {
              "step with the old m, v, then store zeros (Stable-SPAM as implemented)");
 
   nb::class_<SpamHyper>(m, "SpamHyper", "Per-call constants of a SPAM step (dense or sparse).")
-      .def("__init__",
-           [](SpamHyper* h, double beta1, double beta2, double eps, double clip_threshold,
-              double weight_decay_scale, int reset, bool skip_nonfinite) {
-             new (h) SpamHyper{f32(beta1), complement(beta1), f32(beta2), complement(beta2),
-                               f32(eps), f32(clip_threshold), f32(weight_decay_scale),
-                               to_reset(reset), NonFinite{skip_nonfinite}};
-           },
-           nb::kw_only(), "beta1"_a, "beta2"_a, "eps"_a, "clip_threshold"_a,
-           "weight_decay_scale"_a, "reset"_a, "skip_nonfinite"_a)
+      .def(
+          "__init__",
+          [](SpamHyper* h, double beta1, double beta2, double eps, double clip_threshold,
+             double weight_decay_scale, int reset, bool skip_nonfinite) {
+            new (h) SpamHyper{f32(beta1),
+                              complement(beta1),
+                              f32(beta2),
+                              complement(beta2),
+                              f32(eps),
+                              f32(clip_threshold),
+                              f32(weight_decay_scale),
+                              to_reset(reset),
+                              NonFinite{skip_nonfinite}};
+          },
+          nb::kw_only(), "beta1"_a, "beta2"_a, "eps"_a, "clip_threshold"_a, "weight_decay_scale"_a,
+          "reset"_a, "skip_nonfinite"_a)
       .def_ro("one_minus_beta1", &SpamHyper::one_minus_beta1)
       .def_ro("one_minus_beta2", &SpamHyper::one_minus_beta2)
       .def_ro("reset", &SpamHyper::reset);
 
   nb::class_<AdamHyper>(m, "AdamHyper",
-                              "Per-call constants of an AdamW or Stable-SPAM element update.")
-      .def("__init__",
-           [](AdamHyper* h, double beta1, double beta2, double eps, double weight_keep,
-              bool skip_nonfinite, int reset) {
-             new (h) AdamHyper{f32(beta1), complement(beta1), f32(beta2), complement(beta2),
-                                     f32(eps), f32(weight_keep), to_reset(reset),
-                                     NonFinite{skip_nonfinite}};
-           },
-           nb::kw_only(), "beta1"_a, "beta2"_a, "eps"_a, "weight_keep"_a, "skip_nonfinite"_a,
-           "reset"_a = 0)
+                        "Per-call constants of an AdamW or Stable-SPAM element update.")
+      .def(
+          "__init__",
+          [](AdamHyper* h, double beta1, double beta2, double eps, double weight_keep,
+             bool skip_nonfinite, int reset) {
+            new (h) AdamHyper{
+                f32(beta1), complement(beta1), f32(beta2),      complement(beta2),
+                f32(eps),   f32(weight_keep),  to_reset(reset), NonFinite{skip_nonfinite}};
+          },
+          nb::kw_only(), "beta1"_a, "beta2"_a, "eps"_a, "weight_keep"_a, "skip_nonfinite"_a,
+          "reset"_a = 0)
       .def_ro("one_minus_beta1", &AdamHyper::one_minus_beta1)
       .def_ro("one_minus_beta2", &AdamHyper::one_minus_beta2)
       .def_ro("reset", &AdamHyper::reset);
 
   nb::class_<StatHyper>(m, "StatHyper", "Stable-SPAM's gradient-statistic EMA constants.")
-      .def("__init__",
-           [](StatHyper* h, double gamma1, double gamma2, double gamma3) {
-             new (h) StatHyper{f32(gamma1), complement(gamma1), f32(gamma2), complement(gamma2),
-                               f32(gamma3), complement(gamma3)};
-           },
-           nb::kw_only(), "gamma1"_a, "gamma2"_a, "gamma3"_a)
+      .def(
+          "__init__",
+          [](StatHyper* h, double gamma1, double gamma2, double gamma3) {
+            new (h) StatHyper{f32(gamma1),        complement(gamma1), f32(gamma2),
+                              complement(gamma2), f32(gamma3),        complement(gamma3)};
+          },
+          nb::kw_only(), "gamma1"_a, "gamma2"_a, "gamma3"_a)
       .def_ro("one_minus_gamma1", &StatHyper::one_minus_gamma1);
 }
 

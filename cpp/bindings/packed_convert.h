@@ -47,16 +47,16 @@ void bind_packed_ref(nb::module_& m) {
   nb::class_<PackedWeightRef>(m, "PackedWeightRef",
                               "A packed 4-bit weight and the stochastic-rounding counter of one "
                               "fused update (checked on construction).")
-      .def("__init__",
-           [](PackedWeightRef* self, nb::ndarray<> codes, nb::ndarray<> scale, nb::ndarray<> zero,
-              nb::ndarray<> outlier_idx, nb::ndarray<> outlier_val, int64_t numel, int fmt,
-              int64_t group, uint64_t seed, uint64_t step) {
-             new (self) PackedWeightRef(make_packed_ref(codes, scale, zero, outlier_idx,
-                                                        outlier_val, numel, fmt, group, seed,
-                                                        step, DeviceType));
-           },
-           "codes"_a, "scale"_a, "zero"_a.none(), "outlier_idx"_a.none(), "outlier_val"_a.none(),
-           nb::kw_only(), "numel"_a, "fmt"_a, "group"_a, "seed"_a, "step"_a)
+      .def(
+          "__init__",
+          [](PackedWeightRef* self, nb::ndarray<> codes, nb::ndarray<> scale, nb::ndarray<> zero,
+             nb::ndarray<> outlier_idx, nb::ndarray<> outlier_val, int64_t numel, int fmt,
+             int64_t group, uint64_t seed, uint64_t step) {
+            new (self) PackedWeightRef(make_packed_ref(codes, scale, zero, outlier_idx, outlier_val,
+                                                       numel, fmt, group, seed, step, DeviceType));
+          },
+          "codes"_a, "scale"_a, "zero"_a.none(), "outlier_idx"_a.none(), "outlier_val"_a.none(),
+          nb::kw_only(), "numel"_a, "fmt"_a, "group"_a, "seed"_a, "step"_a)
       .def_ro("numel", &PackedWeightRef::numel);
 }
 
@@ -77,7 +77,8 @@ inline std::vector<const PackedWeightRef*> packed_refs(const nb::object& packed,
     // try_cast, not inst_ptr: it also refuses an instance whose __init__ never ran.
     const PackedWeightRef* ref = nullptr;
     if (!nb::try_cast<const PackedWeightRef*>(item, ref) || ref == nullptr)
-      throw nb::type_error((describe("packed", i) + ": expected None or a PackedWeightRef").c_str());
+      throw nb::type_error(
+          (describe("packed", i) + ": expected None or a PackedWeightRef").c_str());
     refs[i] = ref;
     any = true;
   }
@@ -87,10 +88,9 @@ inline std::vector<const PackedWeightRef*> packed_refs(const nb::object& packed,
 
 // The PackedParam of every tensor (inactive for dense ones), matched to the gradient's numel
 // and the call's device. `refs` as packed_refs returned; call after convert_step_buffers.
-inline std::vector<PackedParam> convert_packed_params(const std::vector<const PackedWeightRef*>& refs,
-                                                      const nb::object& packed_bad,
-                                                      const StepBuffers& b, int device_type,
-                                                      SameDevice& dev) {
+inline std::vector<PackedParam> convert_packed_params(
+    const std::vector<const PackedWeightRef*>& refs, const nb::object& packed_bad,
+    const StepBuffers& b, int device_type, SameDevice& dev) {
   std::vector<PackedParam> out(b.g.size());
   if (refs.empty()) return out;
   if (packed_bad.is_none())
@@ -103,7 +103,8 @@ inline std::vector<PackedParam> convert_packed_params(const std::vector<const Pa
     const std::string name = describe("packed", i);
     if (refs[i]->numel != b.g[i].numel)
       throw nb::value_error((name + ": the packed weight has " + std::to_string(refs[i]->numel) +
-                             " elements, its gradient " + std::to_string(b.g[i].numel)).c_str());
+                             " elements, its gradient " + std::to_string(b.g[i].numel))
+                                .c_str());
     for (const nb::ndarray<>& a : refs[i]->arrays) dev.check(a, name);
     out[i] = refs[i]->param;
     out[i].bad_groups = bad;

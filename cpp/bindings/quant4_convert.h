@@ -26,7 +26,8 @@ inline void check_group_size(int64_t numel, int64_t group, bool packed) {
 inline q4::Packed convert_packed(int64_t numel, int64_t group, q4::Format fmt,
                                  const nb::ndarray<>& codes, const nb::ndarray<>& scale,
                                  const nb::ndarray<>& zero, const nb::ndarray<>& outlier_idx,
-                                 const nb::ndarray<>& outlier_val, int device_type, SameDevice& dev) {
+                                 const nb::ndarray<>& outlier_val, int device_type,
+                                 SameDevice& dev) {
   check_group_size(numel, group, true);
   const int64_t groups = numel / group;
   q4::Packed p;
@@ -58,9 +59,10 @@ struct DenseAndPacked {
   q4::Packed packed;
 };
 
-inline DenseAndPacked convert_dense_and_packed(const nb::ndarray<>& dense, const char* name, int fmt,
-                                               int64_t group, const nb::ndarray<>& codes,
-                                               const nb::ndarray<>& scale, const nb::ndarray<>& zero,
+inline DenseAndPacked convert_dense_and_packed(const nb::ndarray<>& dense, const char* name,
+                                               int fmt, int64_t group, const nb::ndarray<>& codes,
+                                               const nb::ndarray<>& scale,
+                                               const nb::ndarray<>& zero,
                                                const nb::ndarray<>& outlier_idx,
                                                const nb::ndarray<>& outlier_val, int device_type,
                                                SameDevice& dev) {
@@ -68,12 +70,14 @@ inline DenseAndPacked convert_dense_and_packed(const nb::ndarray<>& dense, const
   dev.check(dense, name);
   const q4::Format f = to_format(fmt);
   return {d, f,
-          convert_packed(d.numel, group, f, codes, scale, zero, outlier_idx, outlier_val, device_type, dev)};
+          convert_packed(d.numel, group, f, codes, scale, zero, outlier_idx, outlier_val,
+                         device_type, dev)};
 }
 
 // Input and output of a fake quantiser: same numel and dtype (they may be the same array).
-inline std::pair<TensorRef, TensorRef> convert_in_out(const nb::ndarray<>& in, const nb::ndarray<>& out,
-                                                      int device_type, SameDevice& dev) {
+inline std::pair<TensorRef, TensorRef> convert_in_out(const nb::ndarray<>& in,
+                                                      const nb::ndarray<>& out, int device_type,
+                                                      SameDevice& dev) {
   TensorRef a = float_ref(in, device_type, "input");
   dev.check(in, "input");
   TensorRef b = float_ref(out, device_type, "out");

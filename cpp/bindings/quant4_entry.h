@@ -63,8 +63,9 @@ void q4_unpack(const nb::ndarray<>& codes, const nb::ndarray<>& scale, const nb:
                const nb::ndarray<>& outlier_idx, const nb::ndarray<>& outlier_val,
                const nb::ndarray<>& out, int fmt, int64_t group, uintptr_t stream) {
   SameDevice dev;
-  const auto [o, f, p] = convert_dense_and_packed(out, "out", fmt, group, codes, scale, zero,
-                                                  outlier_idx, outlier_val, Backend::kDeviceType, dev);
+  const auto [o, f, p] =
+      convert_dense_and_packed(out, "out", fmt, group, codes, scale, zero, outlier_idx, outlier_val,
+                               Backend::kDeviceType, dev);
   const auto ctx = Backend::context(dev.device(), stream);
   nb::gil_scoped_release release;
   Backend::call(Backend::q4_unpack, ctx, p, o, f, group);
@@ -90,20 +91,23 @@ void bind_quant4(nb::module_& m) {
         "INT4 asymmetric min-max fake quantisation per group (docs/algorithms.md §5.2).");
   m.def("q4_fake_act_int4", &q4_fake<Backend, Backend::q4_fake_act_int4>, "input"_a, "out"_a,
         "group"_a, nb::kw_only(), "stream"_a = 0,
-        "INT4 symmetric fake quantisation per group, top-2 |x| kept exact (docs/algorithms.md §5.2).");
-  m.def("q4_fake_fp4", &q4_fake<Backend, Backend::q4_fake_fp4>, "input"_a, "out"_a, "group"_a,
-        nb::kw_only(), "stream"_a = 0,
-        "9-level 'FP4' fake quantisation per group, top-2 |x| kept exact (docs/algorithms.md §5.3).");
-  m.def("q4_pack", &q4_pack<Backend>, "w"_a, "codes"_a, "scale"_a, "zero"_a.none(),
-        "outlier_idx"_a.none(), "outlier_val"_a.none(), "bad"_a, nb::kw_only(), "fmt"_a, "group"_a,
-        "stream"_a = 0,
-        "Round-to-nearest packing; adds the number of non-finite groups (left unwritten) to bad[0].");
+        "INT4 symmetric fake quantisation per group, top-2 |x| kept exact (docs/algorithms.md "
+        "§5.2).");
+  m.def(
+      "q4_fake_fp4", &q4_fake<Backend, Backend::q4_fake_fp4>, "input"_a, "out"_a, "group"_a,
+      nb::kw_only(), "stream"_a = 0,
+      "9-level 'FP4' fake quantisation per group, top-2 |x| kept exact (docs/algorithms.md §5.3).");
+  m.def(
+      "q4_pack", &q4_pack<Backend>, "w"_a, "codes"_a, "scale"_a, "zero"_a.none(),
+      "outlier_idx"_a.none(), "outlier_val"_a.none(), "bad"_a, nb::kw_only(), "fmt"_a, "group"_a,
+      "stream"_a = 0,
+      "Round-to-nearest packing; adds the number of non-finite groups (left unwritten) to bad[0].");
   m.def("q4_unpack", &q4_unpack<Backend>, "codes"_a, "scale"_a, "zero"_a.none(),
         "outlier_idx"_a.none(), "outlier_val"_a.none(), "out"_a, nb::kw_only(), "fmt"_a, "group"_a,
         "stream"_a = 0, "Dequantise packed 4-bit codes into out.");
   m.def("q4_requant_sr", &q4_requant_sr<Backend>, "w"_a, "codes"_a, "scale"_a, "zero"_a.none(),
-        "outlier_idx"_a.none(), "outlier_val"_a.none(), "bad"_a, nb::kw_only(), "fmt"_a,
-        "group"_a, "seed"_a, "step"_a, "stream"_a = 0,
+        "outlier_idx"_a.none(), "outlier_val"_a.none(), "bad"_a, nb::kw_only(), "fmt"_a, "group"_a,
+        "seed"_a, "step"_a, "stream"_a = 0,
         "Stochastic-rounding re-quantisation of w into the packed buffers; non-finite groups "
         "keep their old data and are added to bad[0].");
 }

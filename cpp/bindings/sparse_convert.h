@@ -31,9 +31,13 @@ inline std::vector<SparseBuffers> convert_sparse_buffers(
     const ArrayList& block_starts, const ArrayList& subsets, int device_type, SameDevice& dev,
     bool& any_q8) {
   const size_t n = params.size();
-  check_columns(n, {{grads, "grads"}, {exp_avgs, "exp_avgs"}, {exp_avg_sqs, "exp_avg_sqs"},
-                    {absmax_m, "absmax_m"}, {absmax_v, "absmax_v"},
-                    {block_starts, "block_starts"}, {subsets, "subsets"}});
+  check_columns(n, {{grads, "grads"},
+                    {exp_avgs, "exp_avgs"},
+                    {exp_avg_sqs, "exp_avg_sqs"},
+                    {absmax_m, "absmax_m"},
+                    {absmax_v, "absmax_v"},
+                    {block_starts, "block_starts"},
+                    {subsets, "subsets"}});
   auto full = [&](const nb::ndarray<>& a, const char* what, size_t i) {
     return device_float_ref(a, what, i, device_type, dev);
   };
@@ -47,26 +51,32 @@ inline std::vector<SparseBuffers> convert_sparse_buffers(
     check_same(t.param, t.grad, describe("grads", i));
     if (t.param.numel > std::numeric_limits<uint32_t>::max())
       throw nb::value_error((describe("params", i) + ": sparse momentum supports parameters "
-                             "of fewer than 2^32 elements").c_str());
+                                                     "of fewer than 2^32 elements")
+                                .c_str());
     const int64_t k = static_cast<int64_t>(exp_avgs[i].size());
     if (k > t.param.numel)
-      throw nb::value_error((describe("exp_avgs", i) + ": more compact values than elements").c_str());
+      throw nb::value_error(
+          (describe("exp_avgs", i) + ": more compact values than elements").c_str());
     const int64_t blocks = num_blocks(k);
     t.compact = k;
-    t.block_starts = typed_buffer<int64_t>(block_starts[i], device_type, blocks, describe("block_starts", i));
+    t.block_starts =
+        typed_buffer<int64_t>(block_starts[i], device_type, blocks, describe("block_starts", i));
     dev.check(block_starts[i], describe("block_starts", i));
     if (static_cast<int64_t>(block_starts[i].size()) != blocks)
       throw nb::value_error((describe("block_starts", i) + ": need one entry per 256 compact "
-                             "values").c_str());
+                                                           "values")
+                                .c_str());
     if (exp_avgs[i].dtype() == nb::dtype<uint8_t>()) {
-      t.q8 = convert_q8_moments(exp_avgs[i], exp_avg_sqs[i], absmax_m[i], absmax_v[i], k, device_type, dev, i);
+      t.q8 = convert_q8_moments(exp_avgs[i], exp_avg_sqs[i], absmax_m[i], absmax_v[i], k,
+                                device_type, dev, i);
       any_q8 = true;
     } else {
       t.exp_avg = full(exp_avgs[i], "exp_avgs", i);
       t.exp_avg_sq = full(exp_avg_sqs[i], "exp_avg_sqs", i);
       if (t.exp_avg.dtype != t.param.dtype || t.exp_avg_sq.dtype != t.param.dtype)
         throw nb::type_error((describe("exp_avgs", i) + ": compact moments must have the "
-                              "parameter's dtype").c_str());
+                                                        "parameter's dtype")
+                                 .c_str());
       if (t.exp_avg_sq.numel != k)
         throw nb::value_error((describe("exp_avg_sqs", i) + ": m and v differ in length").c_str());
     }
@@ -91,30 +101,31 @@ void bind_sparse_batch(nb::module_& m) {
   using Batch = SparseBatch<Backend>;
   nb::class_<Batch>(m, "SparseBatch",
                     "The tensors of one sparse-momentum step call, checked on construction.")
-      .def("__init__",
-           [](Batch* self, ArrayList params, ArrayList grads, ArrayList exp_avgs,
-              ArrayList exp_avg_sqs, ArrayList absmax_m, ArrayList absmax_v,
-              ArrayList block_starts, ArrayList subsets, nb::ndarray<> counters, ArrayList m_map,
-              ArrayList v_map, uintptr_t stream) {
-             SameDevice dev;
-             bool any_q8 = false;
-             const std::vector<SparseBuffers> buffers = convert_sparse_buffers(
-                 params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v, block_starts, subsets,
-                 Backend::kDeviceType, dev, any_q8);
-             std::vector<typename Backend::SparseTensor> tensors;
-             tensors.reserve(buffers.size());
-             for (size_t i = 0; i < buffers.size(); ++i)
-               tensors.push_back(Backend::sparse_tensor(buffers[i], subsets[i], i, dev));
-             CallTarget<Backend> target = convert_target<Backend>(
-                 std::move(counters), std::move(m_map), std::move(v_map), any_q8, stream, dev);
-             new (self) Batch{std::move(params),   std::move(grads),        std::move(exp_avgs),
-                              std::move(exp_avg_sqs), std::move(absmax_m),  std::move(absmax_v),
-                              std::move(block_starts), std::move(subsets),  std::move(tensors),
-                              std::move(target)};
-           },
-           "params"_a, "grads"_a, "exp_avgs"_a, "exp_avg_sqs"_a, "absmax_m"_a, "absmax_v"_a,
-           "block_starts"_a, "subsets"_a, "counters"_a, "m_map"_a, "v_map"_a, nb::kw_only(),
-           "stream"_a = 0)
+      .def(
+          "__init__",
+          [](Batch* self, ArrayList params, ArrayList grads, ArrayList exp_avgs,
+             ArrayList exp_avg_sqs, ArrayList absmax_m, ArrayList absmax_v, ArrayList block_starts,
+             ArrayList subsets, nb::ndarray<> counters, ArrayList m_map, ArrayList v_map,
+             uintptr_t stream) {
+            SameDevice dev;
+            bool any_q8 = false;
+            const std::vector<SparseBuffers> buffers =
+                convert_sparse_buffers(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v,
+                                       block_starts, subsets, Backend::kDeviceType, dev, any_q8);
+            std::vector<typename Backend::SparseTensor> tensors;
+            tensors.reserve(buffers.size());
+            for (size_t i = 0; i < buffers.size(); ++i)
+              tensors.push_back(Backend::sparse_tensor(buffers[i], subsets[i], i, dev));
+            CallTarget<Backend> target = convert_target<Backend>(
+                std::move(counters), std::move(m_map), std::move(v_map), any_q8, stream, dev);
+            new (self) Batch{std::move(params),       std::move(grads),    std::move(exp_avgs),
+                             std::move(exp_avg_sqs),  std::move(absmax_m), std::move(absmax_v),
+                             std::move(block_starts), std::move(subsets),  std::move(tensors),
+                             std::move(target)};
+          },
+          "params"_a, "grads"_a, "exp_avgs"_a, "exp_avg_sqs"_a, "absmax_m"_a, "absmax_v"_a,
+          "block_starts"_a, "subsets"_a, "counters"_a, "m_map"_a, "v_map"_a, nb::kw_only(),
+          "stream"_a = 0)
       .def("__len__", &Batch::size);
 }
 

@@ -64,29 +64,31 @@ void bind_step_batch(nb::module_& m) {
   using namespace nb::literals;
   using Batch = StepBatch<Backend>;
   nb::class_<Batch>(m, "StepBatch", "The tensors of one step call, checked on construction.")
-      .def("__init__",
-           [](Batch* self, ArrayList params, ArrayList grads, ArrayList exp_avgs,
-              ArrayList exp_avg_sqs, ArrayList absmax_m, ArrayList absmax_v,
-              nb::ndarray<> counters, ArrayList m_map, ArrayList v_map, nb::object packed,
-              nb::object packed_bad, uintptr_t stream) {
-             constexpr int kDev = Backend::kDeviceType;
-             SameDevice dev;
-             const std::vector<const PackedWeightRef*> refs = packed_refs(packed, params.size());
-             std::vector<char> mask(refs.size());
-             for (size_t i = 0; i < refs.size(); ++i) mask[i] = refs[i] != nullptr;
-             StepBuffers b = convert_step_buffers(params, grads, exp_avgs, exp_avg_sqs, absmax_m,
-                                                  absmax_v, kDev, dev, mask.empty() ? nullptr : &mask);
-             CallTarget<Backend> target = convert_target<Backend>(
-                 std::move(counters), std::move(m_map), std::move(v_map), b.any_q8, stream, dev);
-             std::vector<PackedParam> q4 = convert_packed_params(refs, packed_bad, b, kDev, dev);
-             new (self) Batch{std::move(params),      std::move(grads),    std::move(exp_avgs),
-                              std::move(exp_avg_sqs), std::move(absmax_m), std::move(absmax_v),
-                              std::move(packed),      std::move(packed_bad), std::move(b),
-                              std::move(q4),          std::move(target)};
-           },
-           "params"_a, "grads"_a, "exp_avgs"_a, "exp_avg_sqs"_a, "absmax_m"_a, "absmax_v"_a,
-           "counters"_a, "m_map"_a, "v_map"_a, nb::kw_only(), "packed"_a = nb::none(),
-           "packed_bad"_a = nb::none(), "stream"_a = 0)
+      .def(
+          "__init__",
+          [](Batch* self, ArrayList params, ArrayList grads, ArrayList exp_avgs,
+             ArrayList exp_avg_sqs, ArrayList absmax_m, ArrayList absmax_v, nb::ndarray<> counters,
+             ArrayList m_map, ArrayList v_map, nb::object packed, nb::object packed_bad,
+             uintptr_t stream) {
+            constexpr int kDev = Backend::kDeviceType;
+            SameDevice dev;
+            const std::vector<const PackedWeightRef*> refs = packed_refs(packed, params.size());
+            std::vector<char> mask(refs.size());
+            for (size_t i = 0; i < refs.size(); ++i) mask[i] = refs[i] != nullptr;
+            StepBuffers b =
+                convert_step_buffers(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v, kDev,
+                                     dev, mask.empty() ? nullptr : &mask);
+            CallTarget<Backend> target = convert_target<Backend>(
+                std::move(counters), std::move(m_map), std::move(v_map), b.any_q8, stream, dev);
+            std::vector<PackedParam> q4 = convert_packed_params(refs, packed_bad, b, kDev, dev);
+            new (self) Batch{std::move(params),      std::move(grads),      std::move(exp_avgs),
+                             std::move(exp_avg_sqs), std::move(absmax_m),   std::move(absmax_v),
+                             std::move(packed),      std::move(packed_bad), std::move(b),
+                             std::move(q4),          std::move(target)};
+          },
+          "params"_a, "grads"_a, "exp_avgs"_a, "exp_avg_sqs"_a, "absmax_m"_a, "absmax_v"_a,
+          "counters"_a, "m_map"_a, "v_map"_a, nb::kw_only(), "packed"_a = nb::none(),
+          "packed_bad"_a = nb::none(), "stream"_a = 0)
       .def("__len__", &Batch::size);
 }
 

@@ -5,10 +5,10 @@
 // is done with the sparse subset rule and the Stable-SPAM scratch, and the kernels.
 //
 // One entry, `step`, serves every algorithm; the argument types choose it:
-//   step(StepBatch, SpamHyper, update_scales)                          SPAM (docs/algorithms.md §2.4)
-//   step(SparseBatch, SpamHyper, update_scales)                        sparse-momentum SPAM (§3)
-//   step(StepBatch, AdamHyper, step_sizes, sqrt_bc2s)                  AdamW (torch conventions)
-//   step(StepBatch, AdamHyper, StatHyper, StableStats, step_sizes,
+//   step(StepBatch, SpamHyper, update_scales)                          SPAM (docs/algorithms.md
+//   §2.4) step(SparseBatch, SpamHyper, update_scales)                        sparse-momentum SPAM
+//   (§3) step(StepBatch, AdamHyper, step_sizes, sqrt_bc2s)                  AdamW (torch
+//   conventions) step(StepBatch, AdamHyper, StatHyper, StableStats, step_sizes,
 //        sqrt_bc2s, scratch)                                           Stable-SPAM (§4.4)
 // The batches are checked when built (step_batch.h, sparse_convert.h); an entry checks its
 // per-tensor lists against the batch and enqueues (CUDA) or runs (CPU) the kernel with the GIL
@@ -45,8 +45,8 @@ void spam_step(const StepBatch<Backend>& b, const SpamHyper& h, const Scalars& u
   std::vector<SpamTensor> tensors;
   tensors.reserve(b.size());
   for (size_t i = 0; i < b.size(); ++i)
-    tensors.push_back({b.b.p[i], b.b.g[i], b.b.m[i], b.b.v[i], f32(update_scales[i]), b.b.q8[i],
-                       b.q4[i]});
+    tensors.push_back(
+        {b.b.p[i], b.b.g[i], b.b.m[i], b.b.v[i], f32(update_scales[i]), b.b.q8[i], b.q4[i]});
   launch(Backend::spam_step, b.target, tensors, h);
 }
 
@@ -62,7 +62,7 @@ void sparse_spam_step(const SparseBatch<Backend>& b, const SpamHyper& h,
 // Adam's per-tensor bias corrections: step_sizes[i] = lr / (1 - beta1^k_i),
 // sqrt_bc2s[i] = sqrt(1 - beta2^k_i).
 inline std::vector<AdamBiasCorrection> adam_scalars(size_t n, const Scalars& step_sizes,
-                                                  const Scalars& sqrt_bc2s) {
+                                                    const Scalars& sqrt_bc2s) {
   check_lengths(n, step_sizes.size(), "step_sizes");
   check_lengths(n, sqrt_bc2s.size(), "sqrt_bc2s");
   std::vector<AdamBiasCorrection> out;
@@ -84,8 +84,8 @@ void adamw_step(const StepBatch<Backend>& b, const AdamHyper& h, const Scalars& 
 
 template <class Backend>
 void stable_spam_step(const StepBatch<Backend>& b, const AdamHyper& h, const StatHyper& sh,
-                      const StableStats& stats, const Scalars& step_sizes,
-                      const Scalars& sqrt_bc2s, const nb::object& scratch) {
+                      const StableStats& stats, const Scalars& step_sizes, const Scalars& sqrt_bc2s,
+                      const nb::object& scratch) {
   check_lengths(b.size(), stats.size(), "grad_stats");
   check_stats_device(stats, b.target.dev);
   const std::vector<AdamBiasCorrection> adam = adam_scalars(b.size(), step_sizes, sqrt_bc2s);

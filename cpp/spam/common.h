@@ -21,9 +21,12 @@ enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 inline const char* dtype_name(DType d) {
   switch (d) {
-    case DType::kFloat32: return "float32";
-    case DType::kBFloat16: return "bfloat16";
-    case DType::kFloat16: return "float16";
+    case DType::kFloat32:
+      return "float32";
+    case DType::kBFloat16:
+      return "bfloat16";
+    case DType::kFloat16:
+      return "float16";
   }
   return "unknown";
 }
@@ -41,8 +44,8 @@ struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-#define SPAM_CHECK(cond, msg)                                  \
-  do {                                                         \
+#define SPAM_CHECK(cond, msg)                                               \
+  do {                                                                      \
     if (!(cond)) throw ::spam::Error(std::string("spam_lowmem: ") + (msg)); \
   } while (0)
 

@@ -42,7 +42,8 @@ inline ChunkPlan make_chunks(const std::vector<int64_t>& numels,
     const int64_t a = aligns ? (*aligns)[t] : 1;
     const int64_t len = (kCpuChunk + a - 1) / a * a;
     for (int64_t b = 0; b < numels[t]; b += len)
-      chunks.push_back(Chunk{static_cast<int32_t>(t), b, b + len < numels[t] ? b + len : numels[t]});
+      chunks.push_back(
+          Chunk{static_cast<int32_t>(t), b, b + len < numels[t] ? b + len : numels[t]});
   }
   return ChunkPlan{std::move(chunks), total >= kCpuParallelMin};
 }

@@ -15,10 +15,14 @@ enum class Isa { kBaseline, kAvx2, kAvx512, kAvx512Vbmi };
 
 const char* isa_name(Isa i) {
   switch (i) {
-    case Isa::kAvx512Vbmi: return "avx512vbmi";
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "baseline";
+    case Isa::kAvx512Vbmi:
+      return "avx512vbmi";
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "baseline";
   }
 }
 
@@ -27,7 +31,8 @@ Isa detect_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-    if (__builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("bmi2")) return Isa::kAvx512Vbmi;
+    if (__builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("bmi2"))
+      return Isa::kAvx512Vbmi;
     return Isa::kAvx512;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return Isa::kAvx2;
@@ -43,7 +48,8 @@ Isa chosen_isa() {
   const char* cap = std::getenv("SPAM_LOWMEM_CPU_ISA");
   if (cap == nullptr) return best;
   for (Isa i : {Isa::kBaseline, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Vbmi})
-    if (std::strcmp(cap, isa_name(i)) == 0 && static_cast<int>(i) <= static_cast<int>(best)) return i;
+    if (std::strcmp(cap, isa_name(i)) == 0 && static_cast<int>(i) <= static_cast<int>(best))
+      return i;
   return best;
 }
 
@@ -56,12 +62,12 @@ Isa isa() {
 
 // Forwards a call to the kernel build chosen for this CPU.
 #if defined(SPAM_HAVE_X86_ISAS)
-#define SPAM_DISPATCH(fn, ...)                                              \
-  do {                                                                      \
-    if (isa() == Isa::kAvx512Vbmi) return isa_avx512vbmi::fn(__VA_ARGS__);  \
-    if (isa() == Isa::kAvx512) return isa_avx512::fn(__VA_ARGS__);          \
-    if (isa() == Isa::kAvx2) return isa_avx2::fn(__VA_ARGS__);              \
-    return isa_baseline::fn(__VA_ARGS__);                                   \
+#define SPAM_DISPATCH(fn, ...)                                             \
+  do {                                                                     \
+    if (isa() == Isa::kAvx512Vbmi) return isa_avx512vbmi::fn(__VA_ARGS__); \
+    if (isa() == Isa::kAvx512) return isa_avx512::fn(__VA_ARGS__);         \
+    if (isa() == Isa::kAvx2) return isa_avx2::fn(__VA_ARGS__);             \
+    return isa_baseline::fn(__VA_ARGS__);                                  \
   } while (0)
 #else
 #define SPAM_DISPATCH(fn, ...) return isa_baseline::fn(__VA_ARGS__)
@@ -82,8 +88,8 @@ void cpu_stable_spam_step(const std::vector<StableSpamTensor>& t, const AdamHype
   SPAM_DISPATCH(cpu_stable_spam_step, t, h, q, c);
 }
 
-void cpu_adamw_step(const std::vector<AdamTensor>& t, const AdamHyper& h,
-                    const QuantMaps& q, int64_t* c) {
+void cpu_adamw_step(const std::vector<AdamTensor>& t, const AdamHyper& h, const QuantMaps& q,
+                    int64_t* c) {
   SPAM_DISPATCH(cpu_adamw_step, t, h, q, c);
 }
 

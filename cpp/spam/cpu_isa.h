@@ -15,19 +15,18 @@
 
 namespace spam {
 
-#define SPAM_DECLARE_CPU_KERNELS(ns)                                                           \
-  namespace ns {                                                                               \
-  void cpu_spam_step(const std::vector<SpamTensor>&, const SpamHyper&, const QuantMaps&,       \
-                     int64_t*);                                                                \
-  void cpu_sparse_spam_step(const std::vector<SparseSpamTensor>&, const SpamHyper&,            \
-                            const QuantMaps&, int64_t*);                                       \
-  void cpu_stable_spam_step(const std::vector<StableSpamTensor>&, const AdamHyper&,      \
-                            const QuantMaps&, int64_t*);                                       \
-  void cpu_adamw_step(const std::vector<AdamTensor>&, const AdamHyper&,                  \
-                      const QuantMaps&, int64_t*);                                             \
-  void cpu_quantize_blockwise(const TensorRef&, uint8_t*, float*, const QuantMap&);            \
-  void cpu_dequantize_blockwise(const uint8_t*, const float*, const TensorRef&,                \
-                                const QuantMap&);                                              \
+#define SPAM_DECLARE_CPU_KERNELS(ns)                                                              \
+  namespace ns {                                                                                  \
+  void cpu_spam_step(const std::vector<SpamTensor>&, const SpamHyper&, const QuantMaps&,          \
+                     int64_t*);                                                                   \
+  void cpu_sparse_spam_step(const std::vector<SparseSpamTensor>&, const SpamHyper&,               \
+                            const QuantMaps&, int64_t*);                                          \
+  void cpu_stable_spam_step(const std::vector<StableSpamTensor>&, const AdamHyper&,               \
+                            const QuantMaps&, int64_t*);                                          \
+  void cpu_adamw_step(const std::vector<AdamTensor>&, const AdamHyper&, const QuantMaps&,         \
+                      int64_t*);                                                                  \
+  void cpu_quantize_blockwise(const TensorRef&, uint8_t*, float*, const QuantMap&);               \
+  void cpu_dequantize_blockwise(const uint8_t*, const float*, const TensorRef&, const QuantMap&); \
   }
 
 SPAM_DECLARE_CPU_KERNELS(isa_baseline)

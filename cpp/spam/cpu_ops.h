@@ -27,8 +27,8 @@ struct SparseSpamTensor {
   const int64_t* block_starts;    // [ceil(K/256)]: parameter index of the first selected entry
                                   // of each compact block of 256
   SubsetRule subset;
-  float update_scale;             // lr * s * sqrt(bc2) / bc1
-  Quant8Moments q8;               // over the compact array (K codes, ceil(K/256) absmax)
+  float update_scale;  // lr * s * sqrt(bc2) / bc1
+  Quant8Moments q8;    // over the compact array (K codes, ceil(K/256) absmax)
 };
 
 // One sparse SPAM step over all tensors of a group: OpenMP over compact blocks; each block
@@ -40,8 +40,8 @@ void cpu_sparse_spam_step(const std::vector<SparseSpamTensor>& tensors, const Sp
 
 // One Stable-SPAM step (docs/algorithms.md §4.4) over all tensors of a group: per-tensor
 // max|g| and ||g|| reductions, AdaClip, AdaGN, then the Adam update, all here.
-void cpu_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
-                          const AdamHyper& hyper, const QuantMaps& maps, int64_t* counters);
+void cpu_stable_spam_step(const std::vector<StableSpamTensor>& tensors, const AdamHyper& hyper,
+                          const QuantMaps& maps, int64_t* counters);
 
 // Plain AdamW with torch.optim.AdamW's conventions (decay first, eps after bias correction):
 // the Stable-SPAM element with clipping and normalisation off.

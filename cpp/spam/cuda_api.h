@@ -45,9 +45,9 @@ int64_t cuda_stable_spam_scratch_bytes(const std::vector<int64_t>& numels);
 // cpu_stable_spam_step. grad_stats pointers are device float[3]; `scratch` is a device
 // buffer of at least cuda_stable_spam_scratch_bytes(numels) bytes, 16-byte aligned, that
 // must not be used by anything else until the step's kernels have run (stream order).
-void cuda_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
-                           const AdamHyper& hyper, const QuantMaps& maps, int64_t* counters,
-                           void* scratch, int64_t scratch_bytes, const CudaContext& ctx);
+void cuda_stable_spam_step(const std::vector<StableSpamTensor>& tensors, const AdamHyper& hyper,
+                           const QuantMaps& maps, int64_t* counters, void* scratch,
+                           int64_t scratch_bytes, const CudaContext& ctx);
 
 // Plain AdamW (torch.optim.AdamW conventions); same semantics as cpu_adamw_step: the
 // Stable-SPAM update with clipping and normalisation off, no reductions, no scratch.

@@ -28,7 +28,7 @@ void launch_pack(const TensorRef& w, const Packed& p, Format fmt, int64_t group,
                  int device, uintptr_t stream);
 void launch_unpack(const Packed& p, const TensorRef& out, Format fmt, int64_t group, int device,
                    uintptr_t stream);
-void launch_requant_sr(const TensorRef& w, const Packed& p, Format fmt, int64_t group, uint64_t seed,
-                       uint64_t step, int64_t* bad, int device, uintptr_t stream);
+void launch_requant_sr(const TensorRef& w, const Packed& p, Format fmt, int64_t group,
+                       uint64_t seed, uint64_t step, int64_t* bad, int device, uintptr_t stream);
 
 }  // namespace spam::q4

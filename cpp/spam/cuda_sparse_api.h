@@ -30,8 +30,7 @@ struct CudaSparseSpamTensor {
 // block starts cannot be checked on the host without a sync; the kernel instead never reads or
 // writes outside the buffers whatever they hold, and leaves a tensor whose subset was drawn for
 // another element count untouched (the Python layer checks both when it installs or loads them).
-void cuda_sparse_spam_step(const std::vector<CudaSparseSpamTensor>& tensors,
-                           const SpamHyper& hyper, const QuantMaps& maps, int64_t* counters,
-                           const CudaContext& ctx);
+void cuda_sparse_spam_step(const std::vector<CudaSparseSpamTensor>& tensors, const SpamHyper& hyper,
+                           const QuantMaps& maps, int64_t* counters, const CudaContext& ctx);
 
 }  // namespace spam

@@ -8,14 +8,20 @@
 namespace spam {
 
 // Calls f(type_tag) with the storage type of dtype and returns what f returns.
-template <typename T> struct TypeTag { using type = T; };
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
 
 template <typename F>
 decltype(auto) dispatch_dtype(DType dtype, F&& f) {
   switch (dtype) {
-    case DType::kFloat32: return f(TypeTag<float>{});
-    case DType::kBFloat16: return f(TypeTag<bf16_t>{});
-    case DType::kFloat16: return f(TypeTag<f16_t>{});
+    case DType::kFloat32:
+      return f(TypeTag<float>{});
+    case DType::kBFloat16:
+      return f(TypeTag<bf16_t>{});
+    case DType::kFloat16:
+      return f(TypeTag<f16_t>{});
   }
   throw Error("spam_lowmem: unsupported dtype");
 }

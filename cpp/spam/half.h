@@ -17,8 +17,12 @@
 
 namespace spam {
 
-struct bf16_t { uint16_t bits; };
-struct f16_t { uint16_t bits; };
+struct bf16_t {
+  uint16_t bits;
+};
+struct f16_t {
+  uint16_t bits;
+};
 
 SPAM_HD uint32_t float_bits(float f) {
 #if defined(__CUDA_ARCH__)
@@ -40,7 +44,8 @@ SPAM_HD float to_float(bf16_t h) { return bits_float(static_cast<uint32_t>(h.bit
 
 SPAM_HD bf16_t to_bf16(float f) {
   uint32_t u = float_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{static_cast<uint16_t>((u >> 16) | 0x40u)};  // quiet NaN
+  if ((u & 0x7fffffffu) > 0x7f800000u)
+    return bf16_t{static_cast<uint16_t>((u >> 16) | 0x40u)};  // quiet NaN
   const uint32_t rounding_bias = 0x7fffu + ((u >> 16) & 1u);  // ties to even
   return bf16_t{static_cast<uint16_t>((u + rounding_bias) >> 16)};
 }
@@ -80,16 +85,20 @@ SPAM_HD f16_t to_f16(float f) {
 }
 
 // Typed load/store used by every kernel: storage type T, arithmetic in fp32.
-template <typename T> struct Storage;
-template <> struct Storage<float> {
+template <typename T>
+struct Storage;
+template <>
+struct Storage<float> {
   SPAM_HD static float load(const float* p, int64_t i) { return p[i]; }
   SPAM_HD static void store(float* p, int64_t i, float v) { p[i] = v; }
 };
-template <> struct Storage<bf16_t> {
+template <>
+struct Storage<bf16_t> {
   SPAM_HD static float load(const bf16_t* p, int64_t i) { return to_float(p[i]); }
   SPAM_HD static void store(bf16_t* p, int64_t i, float v) { p[i] = to_bf16(v); }
 };
-template <> struct Storage<f16_t> {
+template <>
+struct Storage<f16_t> {
   SPAM_HD static float load(const f16_t* p, int64_t i) { return to_float(p[i]); }
   SPAM_HD static void store(f16_t* p, int64_t i, float v) { p[i] = to_f16(v); }
 };

@@ -21,14 +21,17 @@ namespace spam {
 enum class MomentReset : int {
   kNone = 0,
   kBeforeUpdate = 1,  // m, v read as zero, then updated with g   (SPAM; Stable-SPAM clean mode)
-  kAfterUpdate = 2,   // update uses the old m, v; zeros are stored (Stable-SPAM as implemented, §4.5a)
+  kAfterUpdate = 2,   // update uses the old m, v; zeros are stored (Stable-SPAM as implemented,
+                      // §4.5a)
 };
 
 // Policy for a gradient entry that is NaN or +-Inf.
 //   skip: the entry is treated as absent this step: p, m, v keep their values (a reset still
 //         zeroes m and v), it is left out of every reduction, and it is counted.
 //   propagate: arithmetic as written (the authors' code); NaN reaches m, v and p.
-struct NonFinite { bool skip; };
+struct NonFinite {
+  bool skip;
+};
 
 SPAM_HD bool is_finite(float x) {
 #if defined(__CUDA_ARCH__)
@@ -44,7 +47,8 @@ struct SpamHyper {
   float beta1, one_minus_beta1;
   float beta2, one_minus_beta2;
   float eps;                 // added to sqrt(v) before bias correction (HF-AdamW style, §2.1)
-  float clip_threshold;      // theta; 0 means "no spike clipping this call" (off, or inside the holdoff)
+  float clip_threshold;      // theta; 0 means "no spike clipping this call" (off, or inside the
+                             // holdoff)
   float weight_decay_scale;  // lr * wd, applied after the update: p <- p - lr*wd*p (§2.4 step 8)
   MomentReset reset;         // kBeforeUpdate on reset calls (n % dT == 0)
   NonFinite nonfinite;
@@ -100,7 +104,9 @@ SPAM_HD ElementFlags spam_element(float& p, float g, float& m, float& v, const S
 //   [0] M   EMA of max|g|           (AdaClip, gamma3)
 //   [1] mu  EMA of ||g||            (AdaGN, gamma1 * sc)
 //   [2] nu  EMA of ||g||^2          (AdaGN, gamma2)
-struct GradStatsIndex { enum : int { kMaxEma = 0, kNormEma = 1, kNormSqEma = 2, kCount = 3 }; };
+struct GradStatsIndex {
+  enum : int { kMaxEma = 0, kNormEma = 1, kNormSqEma = 2, kCount = 3 };
+};
 
 // Per-tensor inputs of the statistics update; the bias corrections use the statistics'
 // step count k (which the as-implemented code resets together with the moments, §4.5b).
@@ -160,8 +166,8 @@ SPAM_HD void stable_adagn(float* stats, float grad_norm, const StableStatHyper& 
 struct AdamHyper {
   float beta1, one_minus_beta1;
   float beta2, one_minus_beta2;
-  float eps;                // added after bias correction (torch convention)
-  float weight_keep;        // 1 - lr*wd, applied first (§4.4 step 1)
+  float eps;          // added after bias correction (torch convention)
+  float weight_keep;  // 1 - lr*wd, applied first (§4.4 step 1)
   MomentReset reset;
   NonFinite nonfinite;
 };
@@ -169,12 +175,12 @@ struct AdamHyper {
 // Per-tensor Adam bias corrections (the Adam count k differs per tensor only if a tensor
 // skipped calls without a gradient).
 struct AdamBiasCorrection {
-  float step_size;       // lr / (1 - beta1'^k)
-  float sqrt_bc2;        // sqrt(1 - beta2^k)
+  float step_size;  // lr / (1 - beta1'^k)
+  float sqrt_bc2;   // sqrt(1 - beta2^k)
 };
 
-SPAM_HD ElementFlags stable_spam_element(float& p, float g, float& m, float& v,
-                                         const AdamHyper& h, const AdamBiasCorrection& t,
+SPAM_HD ElementFlags stable_spam_element(float& p, float g, float& m, float& v, const AdamHyper& h,
+                                         const AdamBiasCorrection& t,
                                          const StableTensorScalars& s) {
   const bool zero_before = h.reset == MomentReset::kBeforeUpdate;
   const bool zero_after = h.reset == MomentReset::kAfterUpdate;
@@ -182,7 +188,7 @@ SPAM_HD ElementFlags stable_spam_element(float& p, float g, float& m, float& v,
   const float v_prev = zero_before ? 0.0f : v;
   const bool finite = is_finite(g);
   const bool drop = static_cast<bool>(!finite & h.nonfinite.skip);  // bitwise &: no branch
-  const bool spike = fabsf(g) > s.clip_threshold;                 // AdaClip (§4.4 step 3)
+  const bool spike = fabsf(g) > s.clip_threshold;                   // AdaClip (§4.4 step 3)
   // Both sides of each select are computed unconditionally so the loop vectorises.
   const float g_clipped = g * s.clip_scale;
   const float gc = spike ? g_clipped : g;

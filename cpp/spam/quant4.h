@@ -88,7 +88,9 @@ SPAM_HD float select(bool c, float a, float b) {
 }
 
 // Clamp in which NaN falls through unchanged (fminf/fmaxf would replace it by a bound).
-SPAM_HD float clampf(float v, float lo, float hi) { return select(v < lo, lo, select(v > hi, hi, v)); }
+SPAM_HD float clampf(float v, float lo, float hi) {
+  return select(v < lo, lo, select(v > hi, hi, v));
+}
 SPAM_HD float maxf(float a, float b) { return a > b ? a : b; }
 SPAM_HD float minf(float a, float b) { return a < b ? a : b; }
 SPAM_HD float absf(float x) { return bits_float(float_bits(x) & 0x7fffffffu); }
@@ -110,7 +112,9 @@ SPAM_HD Int4Grid int4_weight_grid(float lo, float hi) {
   return Int4Grid{scale, zero};
 }
 
-SPAM_HD float int4_weight_code(float w, Int4Grid g) { return clampf(rne(w / g.scale) + g.zero, 0.f, 15.f); }
+SPAM_HD float int4_weight_code(float w, Int4Grid g) {
+  return clampf(rne(w / g.scale) + g.zero, 0.f, 15.f);
+}
 
 // Saturating (sat() in the header comment, "Edge rules").
 SPAM_HD float int4_dequant(float code, float zero, float scale) {
@@ -152,9 +156,15 @@ struct Top3 {
 
   SPAM_HD void push(float a, int64_t i) {
     if (a > v0) {
-      v2 = v1; v1 = v0; i1 = i0; v0 = a; i0 = i;
+      v2 = v1;
+      v1 = v0;
+      i1 = i0;
+      v0 = a;
+      i0 = i;
     } else if (a > v1) {
-      v2 = v1; v1 = a; i1 = i;
+      v2 = v1;
+      v1 = a;
+      i1 = i;
     } else if (a > v2) {
       v2 = a;
     }
@@ -207,7 +217,9 @@ SPAM_HD float sr_target(float w, float old) {
   return old + (w - Storage<T>::load(&t, 0));
 }
 template <>
-SPAM_HD float sr_target<float>(float w, float) { return w; }
+SPAM_HD float sr_target<float>(float w, float) {
+  return w;
+}
 
 // ------------------------------------------------------------------ counter-based RNG
 // splitmix64 finaliser: a bijective 64-bit mixer. The uniform for element i of a requant
@@ -290,7 +302,8 @@ SPAM_HD Int4Grid int4_requant_grid(float old_scale, float old_zero, float lo, fl
   }
   zlo = clampf(zlo, 0.f, 15.f);
   zhi = clampf(zhi, 0.f, 15.f);
-  const float z = (same && old_zero >= zlo && old_zero <= zhi) ? old_zero : floor_f((zlo + zhi) * 0.5f);
+  const float z =
+      (same && old_zero >= zlo && old_zero <= zhi) ? old_zero : floor_f((zlo + zhi) * 0.5f);
   return Int4Grid{s, z};
 }
 

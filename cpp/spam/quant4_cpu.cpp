@@ -7,7 +7,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu_chunks.h"  // kCpuParallelMin, dispatch_dtype
+#include "cpu_chunks.h"        // kCpuParallelMin, dispatch_dtype
 #include "quant4_group_cpu.h"  // group statistics, packing, requant_group_sr
 #include "quant4_ops.h"
 
@@ -74,9 +74,9 @@ void check_outlier_idx(const Packed& p, int64_t groups, int64_t group) {
   for (int64_t i = 0; i < 2 * groups && bad < 0; ++i)
     if (p.outlier_idx[i] < 0 || p.outlier_idx[i] >= group) bad = i;
   if (bad >= 0)
-    throw Error("spam_lowmem: fp4 outlier_idx[" + std::to_string(bad / 2) + ", " + std::to_string(bad % 2) +
-                "] = " + std::to_string(p.outlier_idx[bad]) + " is outside the group [0, " +
-                std::to_string(group) + ")");
+    throw Error("spam_lowmem: fp4 outlier_idx[" + std::to_string(bad / 2) + ", " +
+                std::to_string(bad % 2) + "] = " + std::to_string(p.outlier_idx[bad]) +
+                " is outside the group [0, " + std::to_string(group) + ")");
 }
 
 }  // namespace
@@ -87,14 +87,16 @@ namespace {
 template <typename Rule>
 void fake_quantise(const TensorRef& in, const TensorRef& out, int64_t group, const Rule& rule) {
   check_group(group);
-  if (group > in.numel) group = in.numel > 0 ? in.numel : 1;  // a group longer than the tensor is the tensor
+  if (group > in.numel)
+    group = in.numel > 0 ? in.numel : 1;  // a group longer than the tensor is the tensor
   dispatch_dtype(in.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* dst = static_cast<T*>(out.data);
-    for_each_group<T>(in, group, [&](int64_t g, const float* x, int64_t n, float* /*tmp*/) -> int64_t {
-      rule(dst, g * group, x, n);
-      return 0;
-    });
+    for_each_group<T>(in, group,
+                      [&](int64_t g, const float* x, int64_t n, float* /*tmp*/) -> int64_t {
+                        rule(dst, g * group, x, n);
+                        return 0;
+                      });
   });
 }
 
@@ -118,45 +120,49 @@ void cpu_fake_weight_int4(const TensorRef& in, const TensorRef& out, int64_t gro
     const MinMax mm = min_max(x, n);
     const Int4Grid grid = int4_weight_grid(mm.lo, mm.hi);
     for (int64_t j = 0; j < n; ++j)
-      Storage<std::remove_pointer_t<decltype(dst)>>::store(dst, begin + j, int4_weight_fake(x[j], grid));
+      Storage<std::remove_pointer_t<decltype(dst)>>::store(dst, begin + j,
+                                                           int4_weight_fake(x[j], grid));
   });
 }
 
 void cpu_fake_act_int4(const TensorRef& in, const TensorRef& out, int64_t group) {
-  fake_with_outliers(in, out, group, [](float rest_max) { return act_scale(rest_max); },
-                     [](float v, float scale) { return int4_act_fake(v, scale); });
+  fake_with_outliers(
+      in, out, group, [](float rest_max) { return act_scale(rest_max); },
+      [](float v, float scale) { return int4_act_fake(v, scale); });
 }
 
 void cpu_fake_fp4(const TensorRef& in, const TensorRef& out, int64_t group) {
-  fake_with_outliers(in, out, group, [](float rest_max) { return fp4_step(rest_max); },
-                     [](float v, float step) { return fp4_fake(v, step); });
+  fake_with_outliers(
+      in, out, group, [](float rest_max) { return fp4_step(rest_max); },
+      [](float v, float step) { return fp4_fake(v, step); });
 }
 
 int64_t cpu_pack(const TensorRef& w, const Packed& p, Format fmt, int64_t group) {
   check_packed(w, p, fmt, group);
   return dispatch_dtype(w.dtype, [&](auto tag) -> int64_t {
     using T = typename decltype(tag)::type;
-    return for_each_group<T>(w, group, [&](int64_t g, const float* x, int64_t n, float* tmp) -> int64_t {
-      if (fmt == Format::kInt4) {
-        const MinMax mm = min_max(x, n);
-        if (!mm.finite) return 1;
-        const Int4Grid grid = int4_weight_grid(mm.lo, mm.hi);
-        for (int64_t j = 0; j < n; ++j) tmp[j] = int4_weight_code(x[j], grid);
-        pack_codes(p.codes, g * group, n, tmp);
-        p.scale[g] = grid.scale;
-        p.zero[g] = static_cast<uint8_t>(grid.zero);
-      } else {
-        if (!all_finite(x, n)) return 1;
-        const Top3 t = top3(x, n);
-        const float step = fp4_step(t.rest_max());
-        for (int64_t j = 0; j < n; ++j) tmp[j] = fp4_level(x[j], step) + float(kFp4Zero);
-        tmp[t.i0] = tmp[t.i1] = float(kFp4Zero);  // outliers: stored exactly elsewhere
-        pack_codes(p.codes, g * group, n, tmp);
-        p.scale[g] = step;
-        store_outliers(p, g, x, t);
-      }
-      return 0;
-    });
+    return for_each_group<T>(
+        w, group, [&](int64_t g, const float* x, int64_t n, float* tmp) -> int64_t {
+          if (fmt == Format::kInt4) {
+            const MinMax mm = min_max(x, n);
+            if (!mm.finite) return 1;
+            const Int4Grid grid = int4_weight_grid(mm.lo, mm.hi);
+            for (int64_t j = 0; j < n; ++j) tmp[j] = int4_weight_code(x[j], grid);
+            pack_codes(p.codes, g * group, n, tmp);
+            p.scale[g] = grid.scale;
+            p.zero[g] = static_cast<uint8_t>(grid.zero);
+          } else {
+            if (!all_finite(x, n)) return 1;
+            const Top3 t = top3(x, n);
+            const float step = fp4_step(t.rest_max());
+            for (int64_t j = 0; j < n; ++j) tmp[j] = fp4_level(x[j], step) + float(kFp4Zero);
+            tmp[t.i0] = tmp[t.i1] = float(kFp4Zero);  // outliers: stored exactly elsewhere
+            pack_codes(p.codes, g * group, n, tmp);
+            p.scale[g] = step;
+            store_outliers(p, g, x, t);
+          }
+          return 0;
+        });
   });
 }
 
@@ -194,7 +200,8 @@ int64_t cpu_requant_sr(const TensorRef& w, const Packed& p, Format fmt, int64_t 
     using T = typename decltype(tag)::type;
     return for_each_group<T>(w, group, [&](int64_t g, float* x, int64_t n, float* tmp) -> int64_t {
       if (!std::is_same<T, float>::value)  // read the old group before it is overwritten
-        for (int64_t j = 0; j < n; ++j) x[j] = sr_target<T>(x[j], packed_value(p, fmt, group, g, j));
+        for (int64_t j = 0; j < n; ++j)
+          x[j] = sr_target<T>(x[j], packed_value(p, fmt, group, g, j));
       return requant_group_sr(x, n, p, fmt, g, group, key, tmp);
     });
   });

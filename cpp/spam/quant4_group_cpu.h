@@ -22,7 +22,9 @@ struct MinMax {
 };
 
 // An all-ones exponent marks Inf/NaN; OR-ing the comparison keeps the loop vectorisable.
-inline uint32_t is_nonfinite(float v) { return (float_bits(v) & 0x7f800000u) == 0x7f800000u ? 1u : 0u; }
+inline uint32_t is_nonfinite(float v) {
+  return (float_bits(v) & 0x7f800000u) == 0x7f800000u ? 1u : 0u;
+}
 
 // Eight independent accumulators: min/max of finite values do not depend on the order, and
 // without -ffast-math the compiler vectorises only reductions written this way.
@@ -64,7 +66,6 @@ inline bool all_finite(const float* x, int64_t n) {
   for (int64_t j = 0; j < n; ++j) nonfinite |= is_nonfinite(x[j]);
   return nonfinite == 0;
 }
-
 
 // Codes of one group are computed into `tmp` by plain loops the compiler can vectorise (the
 // 64-bit hash of the uniforms gets its own loop for that reason), then packed two per byte.

@@ -34,8 +34,9 @@
 // fp16 -> fp32 conversion drops it), and the code must not depend on it. Values reach the
 // code through quantize_value (x / divisor), which takes an infinite x in a block whose absmax
 // is inf as +-1, not inf / inf: an infinite moment keeps its sign (its finite neighbours read
-// back as NaN, 0 * inf, on the signed map, and as +inf on the unsigned one). So normalised values are NaN only in a block whose absmax is NaN; the
-// SIMD runs leave blocks with a NaN or inf absmax to the scalar code (isa/quant8_runs.h).
+// back as NaN, 0 * inf, on the signed map, and as +inf on the unsigned one). So normalised values
+// are NaN only in a block whose absmax is NaN; the SIMD runs leave blocks with a NaN or inf absmax
+// to the scalar code (isa/quant8_runs.h).
 //
 //   |x| bits:  s eeeeeeee mmmmmmmm mmmmmmmmmmmmmmm
 //                \______ bucket ______/ \_ low 15 _/
@@ -55,8 +56,8 @@ SPAM_HD constexpr int64_t num_blocks(int64_t n) { return (n + kQuantBlock - 1) /
 constexpr int kQuantCodes = 256;
 // Buckets cover |x| in [2^-24, 1]; everything below 2^-24 shares bucket 0 (all maps have no
 // midpoint below 1e-7), everything above 1 (only NaN after normalisation) the last one.
-constexpr uint32_t kQuantBucketBase = (127u - 24u) << 8;           // bits(2^-24) >> 15
-constexpr int kQuantBuckets = 24 * 256 + 1;                          // up to bits(1.0) >> 15
+constexpr uint32_t kQuantBucketBase = (127u - 24u) << 8;  // bits(2^-24) >> 15
+constexpr int kQuantBuckets = 24 * 256 + 1;               // up to bits(1.0) >> 15
 
 // Tables for CPUs with AVX-512 VBMI (isa/quant8_vbmi.h), built by qmap.py, kQuantSimdBytes
 // bytes. VBMI looks up 64 bytes at once in a 128-byte table held in two registers, so these
@@ -91,11 +92,11 @@ constexpr int kQuantSimdValuePlanes = 1728;
 constexpr int kQuantSimdBytes = 2752;
 
 struct QuantMap {
-  const float* values;      // [256]
-  const float* midpoints;   // [256], last = +inf
-  const int32_t* buckets;   // [2 * kQuantBuckets]: x >= 0 first, then x < 0 (int32: AVX2/512
-                            // gathers read 32-bit lanes, so a byte table would not vectorise)
-  const uint8_t* simd;      // [kQuantSimdBytes], layout above (read by the VBMI build only)
+  const float* values;     // [256]
+  const float* midpoints;  // [256], last = +inf
+  const int32_t* buckets;  // [2 * kQuantBuckets]: x >= 0 first, then x < 0 (int32: AVX2/512
+                           // gathers read 32-bit lanes, so a byte table would not vectorise)
+  const uint8_t* simd;     // [kQuantSimdBytes], layout above (read by the VBMI build only)
 };
 
 SPAM_HD int quant_bucket(float x) {
@@ -109,9 +110,11 @@ SPAM_HD int quant_bucket(float x) {
 SPAM_HD uint8_t quantize_code(float x, const QuantMap& q) {
   const uint32_t bits = float_bits(x);
   const uint32_t negative = bits >> 31;
-  const uint32_t entry = static_cast<uint32_t>(q.buckets[negative * kQuantBuckets + quant_bucket(x)]);
+  const uint32_t entry =
+      static_cast<uint32_t>(q.buckets[negative * kQuantBuckets + quant_bucket(x)]);
   const uint32_t low = (bits ^ (0u - negative)) & 0x7fffu;  // mirrored for x < 0, as the table
-  const uint8_t code = static_cast<uint8_t>((entry & 0xffffu) - static_cast<uint32_t>((entry >> 16) > low));
+  const uint8_t code =
+      static_cast<uint8_t>((entry & 0xffffu) - static_cast<uint32_t>((entry >> 16) > low));
   return x != x ? uint8_t{255} : code;  // NaN of either sign: see the tie rule above
 }
 

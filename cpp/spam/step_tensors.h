@@ -12,7 +12,9 @@
 namespace spam {
 
 // Spike telemetry, accumulated into a caller-owned int64 buffer [clipped, nonfinite].
-struct Counters { enum : int { kClipped = 0, kNonFinite = 1, kCount = 2 }; };
+struct Counters {
+  enum : int { kClipped = 0, kNonFinite = 1, kCount = 2 };
+};
 
 // 8-bit blockwise moments of one tensor (quant8.h): codes [numel] and one absmax per
 // 256-element block. All null when the tensor keeps dense moments (exp_avg/exp_avg_sq).
@@ -51,7 +53,7 @@ struct SpamTensor {
   TensorRef param, grad, exp_avg, exp_avg_sq;  // same numel and dtype (moments unused if q8)
   float update_scale;                          // lr * s * sqrt(bc2) / bc1, per tensor
   Quant8Moments q8;
-  PackedParam q4;                              // active: param has no data (see PackedParam)
+  PackedParam q4;  // active: param has no data (see PackedParam)
 };
 
 // One tensor of a Stable-SPAM step (cpu_stable_spam_step, cuda_stable_spam_step).

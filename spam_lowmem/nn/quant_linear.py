@@ -76,15 +76,15 @@ class QuantConfig:
         if self.weight_bits != 4:
             raise ValueError(f"spam_lowmem: weight_bits={self.weight_bits} is not supported (only 4)")
         if self.act_bits not in _ACT_BITS:
-            raise ValueError(f"spam_lowmem: act_bits={self.act_bits} is not supported; use 4, or 16 "
-                             "to leave activations unquantised")
+            raise ValueError(
+                f"spam_lowmem: act_bits={self.act_bits} is not supported; use 4, or 16 to leave activations unquantised"
+            )
         if not isinstance(self.storage, str) or self.storage not in STORAGES:
             raise ValueError(f"spam_lowmem: storage={self.storage!r} is not one of {STORAGES}")
         q4.check_group_size(self.group_size, None, packed=self.storage == "packed", fmt=self.fmt)
 
     def check_weight(self, numel: int, name: str = "weight") -> None:
-        q4.check_group_size(self.group_size, numel, what=name, packed=self.storage == "packed",
-                            fmt=self.fmt)
+        q4.check_group_size(self.group_size, numel, what=name, packed=self.storage == "packed", fmt=self.fmt)
 
 
 def _quant_act(x: Tensor, cfg: QuantConfig) -> Tensor:
@@ -147,10 +147,22 @@ class QuantLinear(nn.Module):
         device, dtype: of the weight (for packed storage: of the transient working copy).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, fmt: str = "int4",
-                 weight_bits: int = 4, act_bits: int = 4, group_size: int = 256, storage: str = "fake",
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 _weight: nn.Parameter | None = None, _bias: nn.Parameter | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        fmt: str = "int4",
+        weight_bits: int = 4,
+        act_bits: int = 4,
+        group_size: int = 256,
+        storage: str = "fake",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        _weight: nn.Parameter | None = None,
+        _bias: nn.Parameter | None = None,
+    ) -> None:
         super().__init__()
         self.config = QuantConfig(fmt, weight_bits, act_bits, group_size, storage)
         self.in_features, self.out_features = int(in_features), int(out_features)
@@ -174,8 +186,14 @@ class QuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, **config: Any) -> QuantLinear:
         """Wrap ``linear``, reusing its Parameter objects (an optimizer built on the original
         model keeps working). Packed storage packs the weight round-to-nearest."""
-        return cls(linear.in_features, linear.out_features, linear.bias is not None, **config,
-                   _weight=linear.weight, _bias=linear.bias)
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            **config,
+            _weight=linear.weight,
+            _bias=linear.bias,
+        )
 
     # ------------------------------------------------------------------ packed storage
     @property
@@ -197,9 +215,15 @@ class QuantLinear(nn.Module):
         """View of the packed buffers (shared storage, not a copy)."""
         b = self._buffers
         return q4.PackedWeight(
-            codes=b["weight_codes"], scale=b["weight_scale"], zero=b.get("weight_zero"),  # type: ignore[arg-type]
-            outlier_idx=b.get("weight_outlier_idx"), outlier_val=b.get("weight_outlier_val"),
-            shape=(self.out_features, self.in_features), fmt=self.config.fmt, group_size=self.config.group_size)
+            codes=b["weight_codes"],
+            scale=b["weight_scale"],
+            zero=b.get("weight_zero"),  # type: ignore[arg-type]
+            outlier_idx=b.get("weight_outlier_idx"),
+            outlier_val=b.get("weight_outlier_val"),
+            shape=(self.out_features, self.in_features),
+            fmt=self.config.fmt,
+            group_size=self.config.group_size,
+        )
 
     @property
     def is_materialized(self) -> bool:
@@ -224,8 +248,9 @@ class QuantLinear(nn.Module):
                 seed, step = self.next_sr_counter()
                 q4.requantize_(self.weight.detach(), self.packed_weight(), seed=seed, step=step)
         finally:  # also after a NaN/Inf error: the good groups are written, the copy is dropped
-            self.weight.data = _placeholder((self.out_features, self.in_features), self.weight.device,
-                                            self.weight.dtype)
+            self.weight.data = _placeholder(
+                (self.out_features, self.in_features), self.weight.device, self.weight.dtype
+            )
             self._materialized = False
 
     def next_sr_counter(self) -> tuple[int, int]:
@@ -242,29 +267,42 @@ class QuantLinear(nn.Module):
         dtype = dtype or self.weight.dtype
         if self.storage == "packed":
             return q4.unpack_weight(self.packed_weight(), dtype=dtype)
-        wq = q4.fake_quantize_weight(self.weight.detach(), fmt=self.config.fmt,  # type: ignore[arg-type]
-                                     group_size=self.config.group_size)
+        wq = q4.fake_quantize_weight(
+            self.weight.detach(),
+            fmt=self.config.fmt,  # type: ignore[arg-type]
+            group_size=self.config.group_size,
+        )
         return wq.to(dtype)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"spam_lowmem: QuantLinear expects inputs with last dim {self.in_features}, "
-                             f"got shape {tuple(x.shape)}")
-        if (self.storage == "packed" and not self.requant_attached and not self._warned_unattached
-                and torch.is_grad_enabled() and self.weight.requires_grad):
+            raise ValueError(
+                f"spam_lowmem: QuantLinear expects inputs with last dim {self.in_features}, got shape {tuple(x.shape)}"
+            )
+        if (
+            self.storage == "packed"
+            and not self.requant_attached
+            and not self._warned_unattached
+            and torch.is_grad_enabled()
+            and self.weight.requires_grad
+        ):
             self._warned_unattached = True
-            warnings.warn("spam_lowmem: packed QuantLinear is computing weight gradients but no "
-                          "optimizer re-quantises it; call spam_lowmem.nn.attach_packed_requant("
-                          "optimizer, model) or the step will fail on the placeholder weight",
-                          stacklevel=2)
+            warnings.warn(
+                "spam_lowmem: packed QuantLinear is computing weight gradients but no "
+                "optimizer re-quantises it; call spam_lowmem.nn.attach_packed_requant("
+                "optimizer, model) or the step will fail on the placeholder weight",
+                stacklevel=2,
+            )
         return _QuantLinearFn.apply(x, self.weight, self.bias, self)
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, fmt={c.fmt}, weight_bits={c.weight_bits}, "
-                f"act_bits={c.act_bits}, group_size={c.group_size}, storage={c.storage}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, fmt={c.fmt}, weight_bits={c.weight_bits}, "
+            f"act_bits={c.act_bits}, group_size={c.group_size}, storage={c.storage}"
+        )
 
     # ------------------------------------------------------------------ module behaviour
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
@@ -309,8 +347,7 @@ class QuantLinear(nn.Module):
         if self.storage == "packed":
             # the codes are the weight; the placeholder (or a working copy) is never saved. The
             # 0-element marker in its place makes a dense loader fail loudly (module docstring).
-            destination[prefix + "weight"] = torch.empty(0, dtype=self.weight.dtype,
-                                                         device=self.weight_codes.device)
+            destination[prefix + "weight"] = torch.empty(0, dtype=self.weight.dtype, device=self.weight_codes.device)
             destination[prefix + "weight_sr_state"] = torch.tensor([self._sr_seed, self._sr_step], dtype=torch.int64)
 
     def _packed_specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -330,40 +367,49 @@ class QuantLinear(nn.Module):
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"spam_lowmem: {key} must be a tensor, got {type(t).__name__}")
             if t.dtype != dtype:
-                raise ValueError(f"spam_lowmem: {key} has dtype {t.dtype}, this {self.config.fmt} "
-                                 f"layer stores {dtype}")
+                raise ValueError(f"spam_lowmem: {key} has dtype {t.dtype}, this {self.config.fmt} layer stores {dtype}")
             if tuple(t.shape) != shape:
-                raise ValueError(f"spam_lowmem: {key} has shape {tuple(t.shape)}, this layer "
-                                 f"({self.out_features}x{self.in_features}, group_size {group}, "
-                                 f"{self.config.fmt}) needs {shape}")
+                raise ValueError(
+                    f"spam_lowmem: {key} has shape {tuple(t.shape)}, this layer "
+                    f"({self.out_features}x{self.in_features}, group_size {group}, "
+                    f"{self.config.fmt}) needs {shape}"
+                )
             if name == "outlier_idx" and t.numel():
                 lo, hi = int(t.min()), int(t.max())
                 if lo < 0 or hi >= group:
                     bad = lo if lo < 0 else hi
-                    raise ValueError(f"spam_lowmem: {key} holds position {bad}, outside the group "
-                                     f"[0, {group}); the checkpoint is corrupt or from another "
-                                     "group_size")
+                    raise ValueError(
+                        f"spam_lowmem: {key} holds position {bad}, outside the group "
+                        f"[0, {group}); the checkpoint is corrupt or from another "
+                        "group_size"
+                    )
             if name == "zero" and t.numel() and int(t.max()) > 15:
-                raise ValueError(f"spam_lowmem: {key} holds zero point {int(t.max())}, outside "
-                                 "the int4 range [0, 15]")
+                raise ValueError(f"spam_lowmem: {key} holds zero point {int(t.max())}, outside the int4 range [0, 15]")
         sr = state_dict.get(prefix + "weight_sr_state")
-        if sr is not None and (not isinstance(sr, torch.Tensor) or sr.dtype != torch.int64
-                               or tuple(sr.shape) != (2,)):
-            raise ValueError(f"spam_lowmem: {prefix}weight_sr_state must be an int64 tensor of "
-                             "shape (2,) (seed, step)")
+        if sr is not None and (not isinstance(sr, torch.Tensor) or sr.dtype != torch.int64 or tuple(sr.shape) != (2,)):
+            raise ValueError(f"spam_lowmem: {prefix}weight_sr_state must be an int64 tensor of shape (2,) (seed, step)")
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any,
-                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
-                              error_msgs: list[str]) -> None:
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
         if self.storage != "packed":
-            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                                 missing_keys, unexpected_keys, error_msgs)
+            return super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
         self._check_loaded_packed(state_dict, prefix)
         params = self._parameters
         self._parameters = {k: v for k, v in params.items() if k != "weight"}
         try:
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                          unexpected_keys, error_msgs)
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
         finally:
             self._parameters = params
         for key in (prefix + "weight", prefix + "weight_sr_state"):
@@ -377,12 +423,18 @@ class QuantLinear(nn.Module):
             dense = None  # the marker of a packed checkpoint (see _save_to_state_dict)
         if dense is not None:  # a full-precision checkpoint (e.g. from nn.Linear): pack it
             if tuple(dense.shape) != (self.out_features, self.in_features):
-                error_msgs.append(f"size mismatch for {prefix}weight: copying a param with shape "
-                                  f"{tuple(dense.shape)}, the module has {(self.out_features, self.in_features)}")
+                error_msgs.append(
+                    f"size mismatch for {prefix}weight: copying a param with shape "
+                    f"{tuple(dense.shape)}, the module has {(self.out_features, self.in_features)}"
+                )
                 return
             with torch.no_grad():
-                q4.pack_weight(dense.to(self.weight_codes.device), fmt=self.config.fmt,  # type: ignore[arg-type]
-                               group_size=self.config.group_size, out=self.packed_weight())
+                q4.pack_weight(
+                    dense.to(self.weight_codes.device),
+                    fmt=self.config.fmt,  # type: ignore[arg-type]
+                    group_size=self.config.group_size,
+                    out=self.packed_weight(),
+                )
             for name in self.packed_weight().tensors():  # the dense weight stands in for them
                 if prefix + "weight_" + name in missing_keys and prefix + "weight_" + name not in state_dict:
                     missing_keys.remove(prefix + "weight_" + name)

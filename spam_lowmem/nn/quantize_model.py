@@ -26,8 +26,14 @@ from ..optim import packed as packed_policy
 from ..optim.base import SpikeAwareOptimizer
 from .quant_linear import QuantConfig, QuantLinear
 
-__all__ = ["DEFAULT_TARGETS", "quantize_model", "attach_packed_requant", "PackedRequantHandle",
-           "load_quantized", "CONFIG_KEY"]
+__all__ = [
+    "DEFAULT_TARGETS",
+    "quantize_model",
+    "attach_packed_requant",
+    "PackedRequantHandle",
+    "load_quantized",
+    "CONFIG_KEY",
+]
 
 DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -36,9 +42,16 @@ def _matches(name: str, targets: tuple[str, ...]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def quantize_model(model: nn.Module, targets: str | Iterable[str] = DEFAULT_TARGETS, *,
-                   weight_bits: int = 4, act_bits: int = 4, fmt: str = "int4", group_size: int = 256,
-                   storage: str = "fake") -> nn.Module:
+def quantize_model(
+    model: nn.Module,
+    targets: str | Iterable[str] = DEFAULT_TARGETS,
+    *,
+    weight_bits: int = 4,
+    act_bits: int = 4,
+    fmt: str = "int4",
+    group_size: int = 256,
+    storage: str = "fake",
+) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` whose module name ends with a target (matched on
     whole name components: ``"q_proj"`` matches ``layers.0.self_attn.q_proj``) by a
     :class:`QuantLinear` reusing its Parameters, and return ``model``.
@@ -59,19 +72,23 @@ def quantize_model(model: nn.Module, targets: str | Iterable[str] = DEFAULT_TARG
     matched = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
     if not matched:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        raise ValueError(f"spam_lowmem: no module name ends with any of {targets}; the model's "
-                         f"nn.Linear modules are {linears[:8]}{' ...' if len(linears) > 8 else ''}")
+        raise ValueError(
+            f"spam_lowmem: no module name ends with any of {targets}; the model's "
+            f"nn.Linear modules are {linears[:8]}{' ...' if len(linears) > 8 else ''}"
+        )
     for name, module in matched:
         if isinstance(module, QuantLinear):
             raise ValueError(f"spam_lowmem: '{name}' is already a QuantLinear")
         if not isinstance(module, nn.Linear):
-            raise TypeError(f"spam_lowmem: '{name}' matches the targets but is a "
-                            f"{type(module).__name__}, not nn.Linear")
+            raise TypeError(
+                f"spam_lowmem: '{name}' matches the targets but is a {type(module).__name__}, not nn.Linear"
+            )
         config.check_weight(module.weight.numel(), f"weight of '{name}' {tuple(module.weight.shape)}")
         if not bool(torch.isfinite(module.weight.detach()).all()):
             raise ValueError(f"spam_lowmem: the weight of '{name}' contains NaN or Inf")
-    kwargs: dict[str, Any] = dict(fmt=fmt, weight_bits=weight_bits, act_bits=act_bits,
-                                  group_size=group_size, storage=storage)
+    kwargs: dict[str, Any] = dict(
+        fmt=fmt, weight_bits=weight_bits, act_bits=act_bits, group_size=group_size, storage=storage
+    )
     for name, module in matched:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -84,8 +101,9 @@ class PackedRequantHandle:
     """Returned by :func:`attach_packed_requant`; ``remove()`` detaches it. ``fused`` says which
     path was chosen."""
 
-    def __init__(self, hooks: list[Any], modules: list[QuantLinear], fused: bool,
-                 optimizer: torch.optim.Optimizer) -> None:
+    def __init__(
+        self, hooks: list[Any], modules: list[QuantLinear], fused: bool, optimizer: torch.optim.Optimizer
+    ) -> None:
         self._hooks, self.modules, self.fused, self._optimizer = hooks, modules, fused, optimizer
 
     def remove(self) -> None:
@@ -105,8 +123,9 @@ def _fused_supported(optimizer: torch.optim.Optimizer, modules: list[QuantLinear
     return all(packed_policy.unsupported_reason(m.weight, groups[id(m.weight)]) is None for m in modules)
 
 
-def attach_packed_requant(optimizer: torch.optim.Optimizer, model: nn.Module, *,
-                          fused: bool | None = None) -> PackedRequantHandle:
+def attach_packed_requant(
+    optimizer: torch.optim.Optimizer, model: nn.Module, *, fused: bool | None = None
+) -> PackedRequantHandle:
     """Keep the packed QuantLinear layers of ``model`` in step with ``optimizer``.
 
     Fused path (``fused=True``; the default for spam_lowmem.SPAM / StableSPAM / AdamW when
@@ -129,18 +148,25 @@ def attach_packed_requant(optimizer: torch.optim.Optimizer, model: nn.Module, *,
     (:meth:`QuantLinear.next_sr_counter`) and give the same codes bit for bit.
     """
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    modules = [m for m in model.modules()
-               if isinstance(m, QuantLinear) and m.storage == "packed" and id(m.weight) in in_optimizer]
+    modules = [
+        m
+        for m in model.modules()
+        if isinstance(m, QuantLinear) and m.storage == "packed" and id(m.weight) in in_optimizer
+    ]
     if not modules:
-        raise ValueError("spam_lowmem: the optimizer holds no weight of a packed QuantLinear in this "
-                         "model (quantize_model(..., storage='packed') first, then build the optimizer "
-                         "or keep the original Parameters)")
+        raise ValueError(
+            "spam_lowmem: the optimizer holds no weight of a packed QuantLinear in this "
+            "model (quantize_model(..., storage='packed') first, then build the optimizer "
+            "or keep the original Parameters)"
+        )
     if fused is None:
         fused = _fused_supported(optimizer, modules)
     if fused:
         if not isinstance(optimizer, SpikeAwareOptimizer):
-            raise TypeError(f"spam_lowmem: fused packed steps need a spam_lowmem optimizer (SPAM, "
-                            f"StableSPAM, AdamW), got {type(optimizer).__name__}; use fused=False")
+            raise TypeError(
+                f"spam_lowmem: fused packed steps need a spam_lowmem optimizer (SPAM, "
+                f"StableSPAM, AdamW), got {type(optimizer).__name__}; use fused=False"
+            )
         attached: list[QuantLinear] = []
         try:
             for m in modules:
@@ -207,9 +233,11 @@ def _passes_of(config: Any) -> list[dict[str, Any]]:
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """The state dict stored under ``path``: a save_pretrained directory (safetensors, single or
     sharded, or pytorch_model.bin) or one .safetensors / torch file."""
+
     def load_one(f: Path) -> dict[str, torch.Tensor]:
         if f.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             return load_file(str(f))
         return torch.load(f, map_location="cpu", weights_only=True)
 
@@ -246,12 +274,16 @@ def _load_exact(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Non
     loaded = {current[k].data_ptr() for k in state_dict if k in current and current[k].numel()}
     untied = [k for k in missing if current[k].data_ptr() not in loaded]
     if untied or unexpected:
-        raise RuntimeError(f"spam_lowmem: the checkpoint does not match the quantised model: missing "
-                           f"{untied[:8]}, unexpected {list(unexpected)[:8]}")
+        raise RuntimeError(
+            f"spam_lowmem: the checkpoint does not match the quantised model: missing "
+            f"{untied[:8]}, unexpected {list(unexpected)[:8]}"
+        )
 
 
-def load_quantized(model_or_path: nn.Module | str | os.PathLike[str],
-                   checkpoint: str | os.PathLike[str] | Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+def load_quantized(
+    model_or_path: nn.Module | str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str] | Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:
     """Reload a model quantised by :func:`quantize_model` (any storage) and saved with
     transformers' ``save_pretrained`` or ``torch.save(model.state_dict())``.
 
@@ -274,15 +306,17 @@ def load_quantized(model_or_path: nn.Module | str | os.PathLike[str],
         if checkpoint is not None:
             raise TypeError("spam_lowmem: load_quantized(path) takes no checkpoint; the weights are in path")
         path = Path(model_or_path)
-        from transformers import AutoConfig, AutoModelForCausalLM
         import transformers
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(str(path))
         passes = _passes_of(config)
         if not passes:
-            raise ValueError(f"spam_lowmem: {path} has no '{CONFIG_KEY}' record in its config.json: it "
-                             "was not saved from a spam_lowmem.quantize_model model; load it with "
-                             "from_pretrained")
+            raise ValueError(
+                f"spam_lowmem: {path} has no '{CONFIG_KEY}' record in its config.json: it "
+                "was not saved from a spam_lowmem.quantize_model model; load it with "
+                "from_pretrained"
+            )
         arch = (getattr(config, "architectures", None) or [None])[0]
         cls = getattr(transformers, arch, None) if arch else None
         model = cls(config) if cls is not None else AutoModelForCausalLM.from_config(config)
@@ -308,8 +342,10 @@ def load_quantized(model_or_path: nn.Module | str | os.PathLike[str],
             passes = _passes_of(getattr(model, "config", None))
     if not any(isinstance(m, QuantLinear) for m in model.modules()):
         if not passes:
-            raise ValueError(f"spam_lowmem: no '{CONFIG_KEY}' record (checkpoint config.json or "
-                             "model.config) says how the model was quantised")
+            raise ValueError(
+                f"spam_lowmem: no '{CONFIG_KEY}' record (checkpoint config.json or "
+                "model.config) says how the model was quantised"
+            )
         for p in passes:
             quantize_model(model, tuple(p["targets"]), **{k: p[k] for k in _RECORD_FIELDS if k != "targets"})
     _load_exact(model, state_dict)

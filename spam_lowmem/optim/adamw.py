@@ -44,15 +44,25 @@ class AdamW(SpikeAwareOptimizer):
     def _group_scalars(self, group: dict[str, Any], call: int) -> None:
         """AdamW has no schedule of its own (LR schedulers act on ``lr``)."""
 
-    def _tensor_scalars(self, states: list[dict[str, Any]], group: dict[str, Any],
-                        call: None) -> tuple[list[dict[str, int]], dict[str, list[float]]]:
+    def _tensor_scalars(
+        self, states: list[dict[str, Any]], group: dict[str, Any], call: None
+    ) -> tuple[list[dict[str, int]], dict[str, list[float]]]:
         beta1, beta2 = group["betas"]
         lr = group["lr"]
         steps = [state["step"] + 1 for state in states]
-        return [{"step": step} for step in steps], {"step_sizes": [lr / (1.0 - beta1**step) for step in steps],
-                                                    "sqrt_bc2s": [math.sqrt(1.0 - beta2**step) for step in steps]}
+        return [{"step": step} for step in steps], {
+            "step_sizes": [lr / (1.0 - beta1**step) for step in steps],
+            "sqrt_bc2s": [math.sqrt(1.0 - beta2**step) for step in steps],
+        }
 
     def _core_step(self, batch: DeviceBatch, group: dict[str, Any], call: None, core_kw: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
-        F.adamw_step(batch.params, batch.grads, **core_kw, beta1=beta1, beta2=beta2, eps=group["eps"],
-                     weight_keep=1.0 - group["lr"] * group["weight_decay"])
+        F.adamw_step(
+            batch.params,
+            batch.grads,
+            **core_kw,
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_keep=1.0 - group["lr"] * group["weight_decay"],
+        )

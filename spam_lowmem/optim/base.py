@@ -59,8 +59,7 @@ PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 #: param-group key recording which optimizer kind wrote the group (checked on load)
 KIND_KEY = "optimizer_kind"
 #: group keys that are bookkeeping, not hyper-parameters
-_BOOKKEEPING_KEYS = frozenset({"params", "param_names", "calls", "layout_version", KIND_KEY,
-                               "differentiable"})
+_BOOKKEEPING_KEYS = frozenset({"params", "param_names", "calls", "layout_version", KIND_KEY, "differentiable"})
 
 
 @dataclass
@@ -91,10 +90,12 @@ def check_plain_tensor(what: str, t: torch.Tensor) -> None:
     stepping one can crash the process instead of raising."""
     if type(t) not in PLAIN_TENSOR_TYPES:
         kind = f"{type(t).__module__}.{type(t).__qualname__}"
-        raise TypeError(f"spam_lowmem: {what} is a {kind}, a torch.Tensor subclass; only "
-                        "plain torch.Tensor / torch.nn.Parameter are supported. Distributed tensors "
-                        "(DTensor from FSDP2 fully_shard or tensor parallelism) are not supported yet; "
-                        "DDP, whose parameters are plain tensors, is")
+        raise TypeError(
+            f"spam_lowmem: {what} is a {kind}, a torch.Tensor subclass; only "
+            "plain torch.Tensor / torch.nn.Parameter are supported. Distributed tensors "
+            "(DTensor from FSDP2 fully_shard or tensor parallelism) are not supported yet; "
+            "DDP, whose parameters are plain tensors, is"
+        )
 
 
 def _split_named(params: Any) -> tuple[list[torch.Tensor], list[str] | None]:
@@ -104,19 +105,24 @@ def _split_named(params: Any) -> tuple[list[torch.Tensor], list[str] | None]:
     if isinstance(params, torch.Tensor):
         return [params], None
     if isinstance(params, set):
-        raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
-                        "ordering of tensors in sets will change between runs; use a list instead")
+        raise TypeError(
+            "optimizer parameters need to be organized in ordered collections, but the "
+            "ordering of tensors in sets will change between runs; use a list instead"
+        )
     items = list(params)
     named = [isinstance(item, tuple) for item in items]
     if not any(named):
         return items, None
     if not all(named):
-        raise ValueError("all optimizer params should be with/without names; some param names are "
-                         "missing (pass either tensors or (name, tensor) tuples in one group)")
+        raise ValueError(
+            "all optimizer params should be with/without names; some param names are "
+            "missing (pass either tensors or (name, tensor) tuples in one group)"
+        )
     for item in items:
         if len(item) != 2 or not isinstance(item[0], str):
-            raise TypeError(f"a named parameter must be a (str, Tensor) tuple, got a tuple of "
-                            f"{[torch.typename(x) for x in item]}")
+            raise TypeError(
+                f"a named parameter must be a (str, Tensor) tuple, got a tuple of {[torch.typename(x) for x in item]}"
+            )
     return [item[1] for item in items], [item[0] for item in items]
 
 
@@ -206,10 +212,12 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         step rewrites; a copy cannot keep them correctly, so copying an optimizer with any
         attached raises RuntimeError (detach them first, and attach the copy's own)."""
         if self._packed:
-            raise RuntimeError(f"spam_lowmem: cannot copy or pickle a {type(self).__name__} with "
-                               f"{len(self._packed)} packed 4-bit weight(s) attached (attach_packed): "
-                               "the attachment points at live layers. Save state_dict() instead, or "
-                               "detach_packed() them before copying and attach the copy's own")
+            raise RuntimeError(
+                f"spam_lowmem: cannot copy or pickle a {type(self).__name__} with "
+                f"{len(self._packed)} packed 4-bit weight(s) attached (attach_packed): "
+                "the attachment points at live layers. Save state_dict() instead, or "
+                "detach_packed() them before copying and attach the copy's own"
+            )
         return {**super().__getstate__(), **self._extra_getstate()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -247,8 +255,10 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         packed_policy.check_supported(p, group)
         w = source.packed_weight()
         if tuple(w.shape) != tuple(p.shape) or w.codes.device != p.device:
-            raise ValueError(f"spam_lowmem: packed weight {tuple(w.shape)} on {w.codes.device} does "
-                             f"not match the parameter {tuple(p.shape)} on {p.device}")
+            raise ValueError(
+                f"spam_lowmem: packed weight {tuple(w.shape)} on {w.codes.device} does "
+                f"not match the parameter {tuple(p.shape)} on {p.device}"
+            )
         self._packed[id(p)] = (p, source)
 
     def detach_packed(self, p: torch.Tensor) -> None:
@@ -266,8 +276,10 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         source = entry[1]
         packed_policy.check_supported(p, group)
         if source.is_materialized:
-            raise RuntimeError("spam_lowmem: a packed weight attached for fused steps is materialised "
-                               "(a dense working copy exists); call release() on its layer first")
+            raise RuntimeError(
+                "spam_lowmem: a packed weight attached for fused steps is materialised "
+                "(a dense working copy exists); call release() on its layer first"
+            )
         seed, step = source.next_sr_counter()
         return PackedStep(source.packed_weight(), seed, step)
 
@@ -298,8 +310,10 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         if n:
             key = (group_index, device)
             self._requant_bad[key] = self._requant_bad.get(key, torch.zeros(1, dtype=torch.int64)) + n
-            raise ValueError(f"spam_lowmem: {n} packed weight group(s) got NaN or Inf from the update; "
-                             "their packed data was left unchanged (their moments were updated)")
+            raise ValueError(
+                f"spam_lowmem: {n} packed weight group(s) got NaN or Inf from the update; "
+                "their packed data was left unchanged (their moments were updated)"
+            )
 
     # ------------------------------------------------------------------ construction
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -326,15 +340,19 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _check_param(p: torch.Tensor) -> None:
         if not isinstance(p, torch.Tensor):
-            raise TypeError(f"spam_lowmem optimizers can only optimize Tensors, but one of the params "
-                            f"is {torch.typename(p)}")
+            raise TypeError(
+                f"spam_lowmem optimizers can only optimize Tensors, but one of the params is {torch.typename(p)}"
+            )
         check_plain_tensor("a parameter", p)
         if p.is_complex():
-            raise ValueError("spam_lowmem optimizers do not support complex parameters "
-                             "(view them as real with torch.view_as_real first)")
+            raise ValueError(
+                "spam_lowmem optimizers do not support complex parameters "
+                "(view them as real with torch.view_as_real first)"
+            )
         if p.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"spam_lowmem: parameter dtype {p.dtype} is not supported; "
-                            "use float32, bfloat16 or float16")
+            raise TypeError(
+                f"spam_lowmem: parameter dtype {p.dtype} is not supported; use float32, bfloat16 or float16"
+            )
         if p.is_sparse:
             raise ValueError("spam_lowmem: sparse parameters are not supported")
         _backend.check_device(p.device)
@@ -367,8 +385,13 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
             for device, batch in self._gather(group).items():
                 counts, scalars = self._tensor_scalars(batch.states, group, call)
                 packed_kw = self._packed_args(group_index, device, batch)
-                core_kw = {**batch.moment_args(device), **scalars, "counters": self._counters(group_index, device),
-                           "skip_nonfinite": group["nonfinite"] == "skip", **packed_kw}
+                core_kw = {
+                    **batch.moment_args(device),
+                    **scalars,
+                    "counters": self._counters(group_index, device),
+                    "skip_nonfinite": group["nonfinite"] == "skip",
+                    **packed_kw,
+                }
                 with self._committing(batch, counts):
                     self._core_step(batch, group, call, core_kw)
                 accepted.append(batch)
@@ -381,8 +404,9 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         hooks as ``call``."""
         raise NotImplementedError
 
-    def _tensor_scalars(self, states: list[dict[str, Any]], group: dict[str, Any],
-                        call: Any) -> tuple[list[dict[str, int]], dict[str, list[float]]]:
+    def _tensor_scalars(
+        self, states: list[dict[str, Any]], group: dict[str, Any], call: Any
+    ) -> tuple[list[dict[str, int]], dict[str, list[float]]]:
         """Hook: for the ``states`` of one device batch (in batch order), the counts each tensor
         will have after this call (stored only once the core accepted the call) and the
         per-tensor scalar lists, keyed by the core step's keyword. One call per batch, not per
@@ -432,11 +456,12 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
             if grad.is_sparse:
                 raise RuntimeError("spam_lowmem optimizers do not support sparse gradients")
             if grad.dtype != p.dtype or grad.shape != p.shape:
-                raise RuntimeError(f"spam_lowmem: gradient {grad.dtype}{tuple(grad.shape)} does not "
-                                   f"match its parameter {p.dtype}{tuple(p.shape)}")
+                raise RuntimeError(
+                    f"spam_lowmem: gradient {grad.dtype}{tuple(grad.shape)} does not "
+                    f"match its parameter {p.dtype}{tuple(p.shape)}"
+                )
             if grad.device != p.device:
-                raise RuntimeError(f"spam_lowmem: gradient on {grad.device} but its parameter is on "
-                                   f"{p.device}")
+                raise RuntimeError(f"spam_lowmem: gradient on {grad.device} but its parameter is on {p.device}")
 
     def _gather(self, group: dict[str, Any]) -> dict[torch.device, DeviceBatch]:
         """Collect the parameters with gradients, per device, initialising state lazily (the
@@ -509,8 +534,7 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         update) or is NaN, whatever ``nonfinite`` says, so it also follows an overflow. Both
         snapshots are computed here, when the stats are read, never inside ``step()``.
         """
-        keys = ("clipped", "nonfinite", "requant_nonfinite_groups", "nonfinite_state_blocks",
-                "nonfinite_state_entries")
+        keys = ("clipped", "nonfinite", "requant_nonfinite_groups", "nonfinite_state_blocks", "nonfinite_state_entries")
         groups: list[dict[str, int]] = [dict.fromkeys(keys, 0) for _ in self.param_groups]
         for (index, _device), counters in self._telemetry.items():
             clipped, nonfinite = counters.tolist()
@@ -556,11 +580,15 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
             raise ValueError("loaded state dict has a different number of parameter groups")
         for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(saved["params"]) != len(group["params"]):
-                raise ValueError("loaded state dict contains a parameter group that doesn't match "
-                                 f"the size of optimizer's group (group {index}: {len(saved['params'])} "
-                                 f"saved, {len(group['params'])} here)")
-        merged_groups = [self._check_loaded_group(index, group, saved)
-                         for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups))]
+                raise ValueError(
+                    "loaded state dict contains a parameter group that doesn't match "
+                    f"the size of optimizer's group (group {index}: {len(saved['params'])} "
+                    f"saved, {len(group['params'])} here)"
+                )
+        merged_groups = [
+            self._check_loaded_group(index, group, saved)
+            for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups))
+        ]
         where: dict[Any, tuple[torch.Tensor, dict[str, Any], str]] = {}
         for saved, merged in zip(saved_groups, merged_groups):
             names = saved.get("param_names") or merged.get("param_names") or []
@@ -596,23 +624,29 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         here = f"loaded state dict, param group {index}"
         version = saved.get("layout_version")
         if version != self.LAYOUT_VERSION:
-            raise ValueError(f"{here} has layout version {version!r}; this "
-                             f"{type(self).__name__} reads version {self.LAYOUT_VERSION}")
+            raise ValueError(
+                f"{here} has layout version {version!r}; this {type(self).__name__} reads version {self.LAYOUT_VERSION}"
+            )
         kind = saved.get(KIND_KEY)
         if kind is not None and kind != self.KIND:
-            raise ValueError(f"{here} was saved by a {kind} optimizer; this is a {self.KIND}: one "
-                             "optimizer kind's state cannot be loaded into another (expected "
-                             f"{KIND_KEY}={self.KIND!r})")
+            raise ValueError(
+                f"{here} was saved by a {kind} optimizer; this is a {self.KIND}: one "
+                "optimizer kind's state cannot be loaded into another (expected "
+                f"{KIND_KEY}={self.KIND!r})"
+            )
         if kind is None:  # saved before the kind was recorded: tell the kinds apart by their keys
             foreign = set().union(*(keys for name, keys in _kinds().items() if name != self.KIND))
             present = sorted((foreign - self.HYPERPARAMETERS) & set(saved))
             if present:
-                raise ValueError(f"{here} has hyper-parameters {present} that a {self.KIND} does not "
-                                 "have: it was saved by another optimizer kind")
+                raise ValueError(
+                    f"{here} has hyper-parameters {present} that a {self.KIND} does not "
+                    "have: it was saved by another optimizer kind"
+                )
         missing = sorted(self.HYPERPARAMETERS - set(saved))
         if missing:
-            raise ValueError(f"{here} lacks the {self.KIND} hyper-parameters {missing}: it was not "
-                             f"saved by a {self.KIND}")
+            raise ValueError(
+                f"{here} lacks the {self.KIND} hyper-parameters {missing}: it was not saved by a {self.KIND}"
+            )
         merged = {**saved, "params": group["params"]}
         try:
             check_count("calls", merged.get("calls", 0))
@@ -621,32 +655,33 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{here}: {err}") from err
         return merged
 
-    def _check_loaded_state(self, p: torch.Tensor, saved: dict[str, Any], group: dict[str, Any],
-                            where: str) -> None:
+    def _check_loaded_state(self, p: torch.Tensor, saved: dict[str, Any], group: dict[str, Any], where: str) -> None:
         """Keys, shapes, dtypes and values of one parameter's saved state (``group`` is its group
         as it will be after loading; ``where`` names the parameter in errors)."""
         shape = tuple(p.shape)
         keys = moments.QUANT_KEYS if moments.is_quantized(saved) else moments.DENSE_KEYS
         missing = [k for k in (*self._required_state_keys, *keys) if k not in saved]
         if missing:
-            raise ValueError(f"loaded state for {where} lacks {missing}: "
-                             f"it was not saved by {type(self).__name__}")
+            raise ValueError(f"loaded state for {where} lacks {missing}: it was not saved by {type(self).__name__}")
         self._check_loaded_tensors(saved, (*keys, *self._fp32_state_keys), where)
         if moments.is_quantized(saved):
             blocks = (p.numel() + 255) // 256
             for key in ("exp_avg_codes", "exp_avg_sq_codes"):
                 if saved[key].dtype != torch.uint8 or saved[key].numel() != p.numel():
-                    raise ValueError(f"loaded '{key}' does not hold one uint8 code per element of "
-                                     f"{where} (got {saved[key].dtype}, {saved[key].numel()} entries)")
+                    raise ValueError(
+                        f"loaded '{key}' does not hold one uint8 code per element of "
+                        f"{where} (got {saved[key].dtype}, {saved[key].numel()} entries)"
+                    )
             for key in moments.FP32_KEYS:
                 if saved[key].numel() != blocks:
-                    raise ValueError(f"loaded '{key}' has {saved[key].numel()} blocks; {where} has "
-                                     f"{blocks}")
+                    raise ValueError(f"loaded '{key}' has {saved[key].numel()} blocks; {where} has {blocks}")
         else:
             for key in moments.DENSE_KEYS:
                 if tuple(saved[key].shape) != shape:
-                    raise ValueError(f"loaded '{key}' has shape {tuple(saved[key].shape)} but the "
-                                     f"parameter has shape {shape} ({where})")
+                    raise ValueError(
+                        f"loaded '{key}' has shape {tuple(saved[key].shape)} but the "
+                        f"parameter has shape {shape} ({where})"
+                    )
         self._check_loaded_values(saved, where)
 
     @staticmethod
@@ -657,8 +692,7 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"loaded '{key}' of {where} is a {type(value).__name__}, not a tensor")
             if not key.endswith("_codes") and not value.is_floating_point():
-                raise ValueError(f"loaded '{key}' of {where} has dtype {value.dtype}; expected a "
-                                 "floating-point tensor")
+                raise ValueError(f"loaded '{key}' of {where} has dtype {value.dtype}; expected a floating-point tensor")
 
     def _check_loaded_values(self, saved: dict[str, Any], where: str) -> None:
         """Counts are ints >= 0; moments, absmax and ``_fp32_state_keys`` are finite, and those
@@ -675,8 +709,10 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
             if key in saved:
                 reason = _bad_values(saved[key], non_negative=non_negative)
                 if reason is not None:
-                    raise ValueError(f"loaded '{key}' of {where} has {reason}; the saved state is "
-                                     "corrupt or diverged (repair or drop it before loading)")
+                    raise ValueError(
+                        f"loaded '{key}' of {where} has {reason}; the saved state is "
+                        "corrupt or diverged (repair or drop it before loading)"
+                    )
 
     # ------------------------------------------------------------------ memory
     def memory_report(self) -> dict[str, Any]:
@@ -698,19 +734,28 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
                 kinds = moments.state_bytes(state)
                 quant = moments.is_quantized(state)
                 moment = state.get("exp_avg_codes", state.get("exp_avg"))
-                entry = {"index": index, "shape": tuple(p.shape), "numel": p.numel(),
-                         "initialised": bool(state),
-                         "state_bits": 8 if quant else (32 if state else None),
-                         "fallback": bool(state) and not quant and group.get("state_bits", 32) == 8,
-                         "density": group.get("density", 1.0),
-                         "moment_numel": moment.numel() if isinstance(moment, torch.Tensor) else 0,
-                         **kinds, "total": sum(kinds.values()),
-                         "ratio_to_adamw32": sum(kinds.values()) / (8 * p.numel()) if p.numel() else 0.0}
+                entry = {
+                    "index": index,
+                    "shape": tuple(p.shape),
+                    "numel": p.numel(),
+                    "initialised": bool(state),
+                    "state_bits": 8 if quant else (32 if state else None),
+                    "fallback": bool(state) and not quant and group.get("state_bits", 32) == 8,
+                    "density": group.get("density", 1.0),
+                    "moment_numel": moment.numel() if isinstance(moment, torch.Tensor) else 0,
+                    **kinds,
+                    "total": sum(kinds.values()),
+                    "ratio_to_adamw32": sum(kinds.values()) / (8 * p.numel()) if p.numel() else 0.0,
+                }
                 entries.append(entry)
                 total += entry["total"]
                 numel += p.numel()
                 index += 1
-        return {"params": entries, "total_bytes": total, "numel": numel,
-                "bytes_per_param": total / numel if numel else 0.0,
-                "ratio_to_adamw32": total / (8 * numel) if numel else 0.0,
-                "fallbacks": [e["index"] for e in entries if e["fallback"]]}
+        return {
+            "params": entries,
+            "total_bytes": total,
+            "numel": numel,
+            "bytes_per_param": total / numel if numel else 0.0,
+            "ratio_to_adamw32": total / (8 * numel) if numel else 0.0,
+            "fallbacks": [e["index"] for e in entries if e["fallback"]],
+        }

@@ -103,8 +103,11 @@ def dequantized_moments(p: torch.Tensor, state: dict[str, Any]) -> tuple[torch.T
 
     out = []
     for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-        out.append(dequantize_blockwise(state[f"{key}_codes"], state[f"{key}_absmax"], signed=signed,
-                                        dtype=torch.float32).view(p.shape))
+        out.append(
+            dequantize_blockwise(
+                state[f"{key}_codes"], state[f"{key}_absmax"], signed=signed, dtype=torch.float32
+            ).view(p.shape)
+        )
     return out[0], out[1]
 
 

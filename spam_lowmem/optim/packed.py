@@ -43,8 +43,7 @@ def unsupported_reason(p: torch.Tensor, group: dict[str, Any]) -> str | None:
     if group.get("density", 1.0) < 1.0:
         return "sparse momentum (density < 1)"
     if moments.wants_8bit(p, group):
-        return (f"8-bit moments (state_bits=8 and {p.numel()} >= min_8bit_size="
-                f"{group.get('min_8bit_size', 4096)})")
+        return f"8-bit moments (state_bits=8 and {p.numel()} >= min_8bit_size={group.get('min_8bit_size', 4096)})"
     return None
 
 
@@ -55,4 +54,5 @@ def check_supported(p: torch.Tensor, group: dict[str, Any]) -> None:
         raise NotImplementedError(
             f"spam_lowmem: the fused packed 4-bit step does not support {reason} yet; put the "
             "packed weights in a dense group with state_bits=32, or use "
-            "attach_packed_requant(optimizer, model, fused=False) (materialise, step, requantise)")
+            "attach_packed_requant(optimizer, model, fused=False) (materialise, step, requantise)"
+        )

@@ -129,8 +129,10 @@ class SPAM(SpikeAwareOptimizer):
         if group.get("density", 1.0) < 1.0:
             for p in group["params"]:
                 if p.device.type not in ("cpu", "cuda"):
-                    raise NotImplementedError(f"spam_lowmem: sparse momentum (density < 1) has no kernel "
-                                              f"for device '{p.device}'; use density=1.0 there")
+                    raise NotImplementedError(
+                        f"spam_lowmem: sparse momentum (density < 1) has no kernel "
+                        f"for device '{p.device}'; use density=1.0 there"
+                    )
 
     # ------------------------------------------------------------------ sparse momentum
     @staticmethod
@@ -150,8 +152,7 @@ class SPAM(SpikeAwareOptimizer):
     def _extra_getstate(self) -> dict[str, Any]:
         # a torch.Generator is not picklable; its state tensor is
         gen = self._subset_gen
-        return {"_subset_seed": self._subset_seed,
-                "subset_generator": None if gen is None else gen.get_state()}
+        return {"_subset_seed": self._subset_seed, "subset_generator": None if gen is None else gen.get_state()}
 
     def _extra_setstate(self, extra: dict[str, Any]) -> None:
         if "_subset_seed" in extra:
@@ -168,7 +169,8 @@ class SPAM(SpikeAwareOptimizer):
         if not isinstance(gen_state, torch.Tensor):
             raise ValueError(
                 f"loaded 'subset_generator' is a {type(gen_state).__name__}, not the uint8 state "
-                "tensor of a torch.Generator")
+                "tensor of a torch.Generator"
+            )
         gen = torch.Generator()
         try:
             gen.set_state(gen_state.to(dtype=torch.uint8, device="cpu"))
@@ -176,8 +178,7 @@ class SPAM(SpikeAwareOptimizer):
             raise ValueError(f"loaded 'subset_generator' is not a valid generator state: {err}") from err
         return gen
 
-    def _set_subset(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
-                    rule: torch.Tensor) -> None:
+    def _set_subset(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], rule: torch.Tensor) -> None:
         """Install a subset rule: block starts and zero compact moments (full-size temporaries)."""
         mask = subsets.subset_mask(rule, p.device)
         state["subset"] = rule.to(p.device)
@@ -215,20 +216,22 @@ class SPAM(SpikeAwareOptimizer):
         if gen is not None:
             self._subset_gen = gen
 
-    def _check_loaded_state(self, p: torch.Tensor, saved: dict[str, Any], group: dict[str, Any],
-                            where: str) -> None:
+    def _check_loaded_state(self, p: torch.Tensor, saved: dict[str, Any], group: dict[str, Any], where: str) -> None:
         # Sparse momentum is structural: the state must match both the group here and the saved
         # group (whose hyper-parameters replace these on load), so loading never switches it.
         keys = moments.QUANT_KEYS if moments.is_quantized(saved) else moments.DENSE_KEYS
         for g, which in ((self._group_of(p), "here"), (group, "in the state dict")):
             if not self._is_sparse(g) and "subset" in saved:
-                raise ValueError(f"loaded state for {where} has sparse momentum but its group {which} "
-                                 "is dense (density=1)")
+                raise ValueError(
+                    f"loaded state for {where} has sparse momentum but its group {which} is dense (density=1)"
+                )
             missing = [k for k in ("step", *moments.INDEX_KEYS, *keys) if k not in saved]
             if self._is_sparse(g) and missing:
-                raise ValueError(f"loaded state for {where} in a sparse group (density="
-                                 f"{g['density']} {which}) lacks {missing}: it was not saved by a "
-                                 "sparse-momentum SPAM")
+                raise ValueError(
+                    f"loaded state for {where} in a sparse group (density="
+                    f"{g['density']} {which}) lacks {missing}: it was not saved by a "
+                    "sparse-momentum SPAM"
+                )
         if "subset" not in saved:
             super()._check_loaded_state(p, saved, group, where)
             return
@@ -240,62 +243,80 @@ class SPAM(SpikeAwareOptimizer):
         if numel != p.numel():
             raise ValueError(f"loaded subset was drawn for {numel} elements; {where} has {p.numel()}")
         if not (0 <= seed <= subsets.M32 and 0 <= t_hash <= subsets.M32 and -1 <= t_index < max(numel, 1)):
-            raise ValueError(f"loaded subset {[seed, t_hash, t_index, numel]} for {where} is out of range "
-                             "(seed and t_hash in [0, 2**32), t_index in [-1, numel))")
+            raise ValueError(
+                f"loaded subset {[seed, t_hash, t_index, numel]} for {where} is out of range "
+                "(seed and t_hash in [0, 2**32), t_index in [-1, numel))"
+            )
         if moments.is_quantized(saved):
             for key in ("exp_avg_codes", "exp_avg_sq_codes"):
                 if saved[key].dtype != torch.uint8:
-                    raise ValueError(f"loaded '{key}' of {where} has dtype {saved[key].dtype}; "
-                                     "expected uint8 codes")
+                    raise ValueError(f"loaded '{key}' of {where} has dtype {saved[key].dtype}; expected uint8 codes")
         mask = subsets.subset_mask(rule.cpu())  # load-time full-size temporary
         k = int(mask.sum())
         for key in keys:
             want = (k + 255) // 256 if key in moments.FP32_KEYS else k
             if saved[key].dim() != 1 or saved[key].numel() != want:
-                raise ValueError(f"loaded '{key}' has {saved[key].numel()} entries; the subset of "
-                                 f"{where} selects {k} (so {want} are needed)")
+                raise ValueError(
+                    f"loaded '{key}' has {saved[key].numel()} entries; the subset of "
+                    f"{where} selects {k} (so {want} are needed)"
+                )
         starts = saved["compact_block_starts"]
-        if (not isinstance(starts, torch.Tensor) or starts.dtype != torch.int64
-                or not torch.equal(starts.cpu(), subsets.block_starts(mask))):
+        if (
+            not isinstance(starts, torch.Tensor)
+            or starts.dtype != torch.int64
+            or not torch.equal(starts.cpu(), subsets.block_starts(mask))
+        ):
             raise ValueError(f"loaded 'compact_block_starts' for {where} do not match its subset")
         self._check_loaded_values(saved, where)
 
     # ------------------------------------------------------------------ step hooks
     def _group_scalars(self, group: dict[str, Any], call: int) -> _SPAMCall:
         interval = group["reset_interval"]
-        return _SPAMCall(reset=is_reset_call(call, interval),
-                         warmup=spam_warmup_factor(call, interval, group["warmup_steps"]),
-                         clip=group["spike_clipping"] and spam_clip_active(call, interval, group["clip_delay"]))
+        return _SPAMCall(
+            reset=is_reset_call(call, interval),
+            warmup=spam_warmup_factor(call, interval, group["warmup_steps"]),
+            clip=group["spike_clipping"] and spam_clip_active(call, interval, group["clip_delay"]),
+        )
 
-    def _tensor_scalars(self, states: list[dict[str, Any]], group: dict[str, Any],
-                        call: _SPAMCall) -> tuple[list[dict[str, int]], dict[str, list[float]]]:
+    def _tensor_scalars(
+        self, states: list[dict[str, Any]], group: dict[str, Any], call: _SPAMCall
+    ) -> tuple[list[dict[str, int]], dict[str, list[float]]]:
         """Step counts after this call and the update scales (§2.4 step 7)."""
         beta1, beta2 = group["betas"]
         lr, warmup = group["lr"], call.warmup
         restart = call.reset and group["reset_bias_correction"]
         steps = [1 if restart else state["step"] + 1 for state in states]
-        return ([{"step": step} for step in steps],
-                {"update_scales": [spam_update_scale(lr, beta1, beta2, step, warmup) for step in steps]})
+        return (
+            [{"step": step} for step in steps],
+            {"update_scales": [spam_update_scale(lr, beta1, beta2, step, warmup) for step in steps]},
+        )
 
-    def _core_step(self, batch: DeviceBatch, group: dict[str, Any], call: _SPAMCall,
-                   core_kw: dict[str, Any]) -> None:
+    def _core_step(self, batch: DeviceBatch, group: dict[str, Any], call: _SPAMCall, core_kw: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
         decay = group["lr"] * group["weight_decay"]
-        common = {**core_kw, "beta1": beta1, "beta2": beta2, "eps": group["eps"],
-                  "clip_threshold": float(group["threshold"]) if call.clip else 0.0,
-                  "reset": F.MomentReset.BEFORE_UPDATE if call.reset else F.MomentReset.NONE}
+        common = {
+            **core_kw,
+            "beta1": beta1,
+            "beta2": beta2,
+            "eps": group["eps"],
+            "clip_threshold": float(group["threshold"]) if call.clip else 0.0,
+            "reset": F.MomentReset.BEFORE_UPDATE if call.reset else F.MomentReset.NONE,
+        }
         if not self._is_sparse(group):
             F.spam_step(batch.params, batch.grads, **common, weight_decay_scale=decay)
             return
         # a sparse group never holds packed weights (attach_packed rejects them), so no packed keywords
-        F.sparse_spam_step(batch.params, batch.grads, **common,
-                           block_starts=[st["compact_block_starts"] for st in batch.states],
-                           subsets=[st["subset"] for st in batch.states],
-                           weight_decay_scale=decay if group["sparse_weight_decay"] else 0.0)
+        F.sparse_spam_step(
+            batch.params,
+            batch.grads,
+            **common,
+            block_starts=[st["compact_block_starts"] for st in batch.states],
+            subsets=[st["subset"] for st in batch.states],
+            weight_decay_scale=decay if group["sparse_weight_decay"] else 0.0,
+        )
 
     @contextmanager
-    def _group_transaction(self, group: dict[str, Any], call: _SPAMCall,
-                           accepted: list[DeviceBatch]) -> Iterator[None]:
+    def _group_transaction(self, group: dict[str, Any], call: _SPAMCall, accepted: list[DeviceBatch]) -> Iterator[None]:
         """A sparse group's reset call replaces subsets and moments before the core runs: keep
         what it replaces, so that a step the core rejects leaves every state (and the
         generator) as it was; batches the core already accepted keep their new subsets."""
@@ -317,8 +338,9 @@ class SPAM(SpikeAwareOptimizer):
         gen = None if self._subset_gen is None else self._subset_gen.get_state()
         return states, gen
 
-    def _restore_subsets(self, group: dict[str, Any], undo: tuple[dict[int, dict[str, Any]], torch.Tensor | None],
-                         done: set[int]) -> None:
+    def _restore_subsets(
+        self, group: dict[str, Any], undo: tuple[dict[int, dict[str, Any]], torch.Tensor | None], done: set[int]
+    ) -> None:
         states, gen = undo
         for p in group["params"]:
             if id(p) in states and id(p) not in done:

@@ -87,12 +87,13 @@ class StableSPAM(SpikeAwareOptimizer):
     SETTINGS = StableSPAMSettings
     __init__ = settings_constructor(StableSPAMSettings)
 
-    def _check_loaded_state(self, p: torch.Tensor, saved: dict[str, Any], group: dict[str, Any],
-                            where: str) -> None:
+    def _check_loaded_state(self, p: torch.Tensor, saved: dict[str, Any], group: dict[str, Any], where: str) -> None:
         stats = saved.get("grad_stats")
         if isinstance(stats, torch.Tensor) and tuple(stats.shape) != (3,):
-            raise ValueError(f"loaded 'grad_stats' of {where} has shape {tuple(stats.shape)}; expected "
-                             "(3,): [max|g| EMA, ||g|| EMA, ||g||^2 EMA]")
+            raise ValueError(
+                f"loaded 'grad_stats' of {where} has shape {tuple(stats.shape)}; expected "
+                "(3,): [max|g| EMA, ||g|| EMA, ||g||^2 EMA]"
+            )
         # the base checks that the three statistics are finite and >= 0 (each is an EMA of a
         # non-negative quantity; a negative ||g||^2 EMA would take a square root of it)
         super()._check_loaded_state(p, saved, group, where)
@@ -112,11 +113,11 @@ class StableSPAM(SpikeAwareOptimizer):
             mode = F.MomentReset.AFTER_UPDATE
         else:
             mode = F.MomentReset.BEFORE_UPDATE
-        return _StableCall(reset=reset, mode=mode, beta1=beta1 * sc,
-                           gamma1=(beta1 if gamma1 == -1 else gamma1) * sc)
+        return _StableCall(reset=reset, mode=mode, beta1=beta1 * sc, gamma1=(beta1 if gamma1 == -1 else gamma1) * sc)
 
-    def _tensor_scalars(self, states: list[dict[str, Any]], group: dict[str, Any],
-                        call: _StableCall) -> tuple[list[dict[str, int]], dict[str, list[float]]]:
+    def _tensor_scalars(
+        self, states: list[dict[str, Any]], group: dict[str, Any], call: _StableCall
+    ) -> tuple[list[dict[str, int]], dict[str, list[float]]]:
         _, beta2 = group["betas"]
         _, gamma2, gamma3 = group["gammas"]
         lr, beta1, gamma1 = group["lr"], call.beta1, call.gamma1
@@ -135,11 +136,20 @@ class StableSPAM(SpikeAwareOptimizer):
             sqrt_bc2s.append(math.sqrt(1.0 - beta2**k))
         return counts, {"stat_bias_corrections": stat_bcs, "step_sizes": step_sizes, "sqrt_bc2s": sqrt_bc2s}
 
-    def _core_step(self, batch: DeviceBatch, group: dict[str, Any], call: _StableCall,
-                   core_kw: dict[str, Any]) -> None:
+    def _core_step(self, batch: DeviceBatch, group: dict[str, Any], call: _StableCall, core_kw: dict[str, Any]) -> None:
         _, beta2 = group["betas"]
         _, gamma2, gamma3 = group["gammas"]
         F.stable_spam_step(
-            batch.params, batch.grads, **core_kw, grad_stats=[s["grad_stats"] for s in batch.states],
-            gamma1=call.gamma1, gamma2=gamma2, gamma3=gamma3, beta1=call.beta1, beta2=beta2,
-            eps=group["eps"], weight_keep=1.0 - group["lr"] * group["weight_decay"], reset=call.mode)
+            batch.params,
+            batch.grads,
+            **core_kw,
+            grad_stats=[s["grad_stats"] for s in batch.states],
+            gamma1=call.gamma1,
+            gamma2=gamma2,
+            gamma3=gamma3,
+            beta1=call.beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_keep=1.0 - group["lr"] * group["weight_decay"],
+            reset=call.mode,
+        )

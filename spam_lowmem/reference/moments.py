@@ -35,15 +35,15 @@ def init_moments(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Non
         return
     blocks = num_blocks(p.numel())
     for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-        state[f"{key}_codes"] = torch.full((p.numel(),), quant_map(signed).zero_code,
-                                           dtype=torch.uint8, device=p.device)
+        state[f"{key}_codes"] = torch.full(
+            (p.numel(),), quant_map(signed).zero_code, dtype=torch.uint8, device=p.device
+        )
         state[f"{key}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
 
 
 def init_compact_moments(p: Tensor, state: dict[str, Any], group: dict[str, Any], compact: int) -> None:
     """Zero moments for ``compact`` selected entries of ``p`` (sparse momentum, 1-D arrays)."""
-    for key in ("exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes",
-                "exp_avg_sq_absmax"):
+    for key in ("exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax"):
         state.pop(key, None)
     if not _uses_8bit(p, group):
         state["exp_avg"] = torch.zeros(compact, dtype=p.dtype, device=p.device)
@@ -51,8 +51,7 @@ def init_compact_moments(p: Tensor, state: dict[str, Any], group: dict[str, Any]
         return
     blocks = num_blocks(compact)
     for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-        state[f"{key}_codes"] = torch.full((compact,), quant_map(signed).zero_code,
-                                           dtype=torch.uint8, device=p.device)
+        state[f"{key}_codes"] = torch.full((compact,), quant_map(signed).zero_code, dtype=torch.uint8, device=p.device)
         state[f"{key}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
 
 

@@ -89,8 +89,7 @@ def _int4_weight_grid(rows: Tensor) -> tuple[Tensor, Tensor]:
     fifteen = _c(15.0, rows)
     span = hi - lo
     # max - min of finite values can overflow (1e38 - -1e38... up to 2*FLT_MAX): split the division
-    scale = torch.where(span.isfinite(), span.clamp(min=WEIGHT_SCALE_MIN) / fifteen,
-                        hi / fifteen - lo / fifteen)
+    scale = torch.where(span.isfinite(), span.clamp(min=WEIGHT_SCALE_MIN) / fifteen, hi / fifteen - lo / fifteen)
     zero = (-torch.round(lo / scale)).clamp(0, 15)
     return scale, zero
 
@@ -174,17 +173,21 @@ def pack(w: Tensor, fmt: str, group_size: int) -> dict[str, Tensor]:
     if fmt == "int4":
         scale, zero = _int4_weight_grid(rows)
         codes = _int4_weight_codes(rows, scale, zero)
-        return {"codes": pack_nibbles(codes), "scale": scale.reshape(-1),
-                "zero": zero.reshape(-1).to(torch.uint8)}
+        return {"codes": pack_nibbles(codes), "scale": scale.reshape(-1), "zero": zero.reshape(-1).to(torch.uint8)}
     idx, rest = top2(rows)
     step = _fp4_step(rest)
     codes = (torch.round(rows / step).clamp(-4, 4) + FP4_ZERO).scatter(1, idx, float(FP4_ZERO))
-    return {"codes": pack_nibbles(codes), "scale": step.reshape(-1),
-            "outlier_idx": idx.to(torch.int16), "outlier_val": rows.gather(1, idx)}
+    return {
+        "codes": pack_nibbles(codes),
+        "scale": step.reshape(-1),
+        "outlier_idx": idx.to(torch.int16),
+        "outlier_val": rows.gather(1, idx),
+    }
 
 
-def unpack(p: dict[str, Tensor], fmt: str, group_size: int, shape: tuple[int, ...],
-           dtype: torch.dtype = torch.float32) -> Tensor:
+def unpack(
+    p: dict[str, Tensor], fmt: str, group_size: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> Tensor:
     """Dequantise: ``(code - zero) * scale`` (zero = 4 for fp4), then fp4 outliers exact."""
     codes = unpack_nibbles(p["codes"]).float().reshape(-1, group_size)
     scale = p["scale"].reshape(-1, 1)
@@ -279,8 +282,7 @@ def _fp4_requant_step(old: Tensor, rest: Tensor) -> Tensor:
     return torch.where(shrink, s * 0.5, s)
 
 
-def requant_sr(w: Tensor, p: dict[str, Tensor], fmt: str, group_size: int, seed: int,
-               step: int) -> dict[str, Tensor]:
+def requant_sr(w: Tensor, p: dict[str, Tensor], fmt: str, group_size: int, seed: int, step: int) -> dict[str, Tensor]:
     """Stochastic-rounding re-quantisation of the working copy ``w`` given the old packed
     ``p``; returns new buffers. Groups with a non-finite value keep their old data (the
     caller raises)."""
@@ -297,8 +299,7 @@ def requant_sr(w: Tensor, p: dict[str, Tensor], fmt: str, group_size: int, seed:
     out: dict[str, Tensor] = {}
     if fmt == "int4":
         old_scale, old_zero = p["scale"].reshape(-1, 1), p["zero"].float().reshape(-1, 1)
-        scale, zero = _int4_requant_grid(old_scale, old_zero, safe.amin(1, keepdim=True),
-                                         safe.amax(1, keepdim=True))
+        scale, zero = _int4_requant_grid(old_scale, old_zero, safe.amin(1, keepdim=True), safe.amax(1, keepdim=True))
         codes = _sr_round(safe / scale + zero, u).clamp(0, 15)
         out["zero"] = torch.where(bad, old_zero, zero).reshape(-1).to(torch.uint8)
     else:

@@ -37,6 +37,7 @@ from spam_lowmem.schedules import (
 
 __all__ = ["ReferenceSPAM"]
 
+
 def f32(x: float, like: Tensor) -> Tensor:
     """``x`` rounded to fp32, as a 0-dim tensor on ``like``'s device.
 
@@ -51,9 +52,21 @@ def as_f32(x: float) -> float:
     return float(torch.tensor(x, dtype=torch.float32).item())
 
 
-def _spam_elements(g: Tensor, pf: Tensor, m_old: Tensor, v_old: Tensor, *, reset: bool, theta: float,
-                   beta1: float, beta2: float, eps: float, scale: float, decay: float,
-                   skip: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _spam_elements(
+    g: Tensor,
+    pf: Tensor,
+    m_old: Tensor,
+    v_old: Tensor,
+    *,
+    reset: bool,
+    theta: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    scale: float,
+    decay: float,
+    skip: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """math.h ``spam_element`` on fp32 tensors: (p_new, m_new, v_new, spike, finite)."""
     m_prev = torch.zeros_like(g) if reset else m_old
     v_prev = torch.zeros_like(g) if reset else v_old
@@ -144,8 +157,19 @@ class ReferenceSPAM(ReferenceOptimizer):
             decay = lr * wd
         # Element math, math.h spam_element, fp32, same operation order.
         p_new, m_new, v_new, spike, finite = _spam_elements(
-            g, pf, m_old, v_old, reset=reset, theta=theta, beta1=beta1, beta2=beta2, eps=eps,
-            scale=scale, decay=decay, skip=group["nonfinite"] == "skip")
+            g,
+            pf,
+            m_old,
+            v_old,
+            reset=reset,
+            theta=theta,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            scale=scale,
+            decay=decay,
+            skip=group["nonfinite"] == "skip",
+        )
         if sparse:
             full = p.detach().clone()
             full[mask] = p_new.to(p.dtype)  # unselected entries keep their exact values
@@ -159,8 +183,7 @@ class ReferenceSPAM(ReferenceOptimizer):
         """A new subset: exactly floor(d*numel) entries (first) or Bernoulli(d) (at resets)."""
         seed = subsets.draw_seed(self.subset_generator)
         d = float(group["density"])
-        rule = (subsets.exact_rule(seed, p.numel(), d, p.device) if exact
-                else subsets.bernoulli_rule(seed, p.numel(), d))
+        rule = subsets.exact_rule(seed, p.numel(), d, p.device) if exact else subsets.bernoulli_rule(seed, p.numel(), d)
         state["subset"] = rule
         state["mask"] = subsets.subset_mask(rule, p.device).view(p.shape)  # full-size bool
         init_compact_moments(p, state, group, int(state["mask"].sum()))

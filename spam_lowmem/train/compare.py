@@ -67,8 +67,10 @@ def _select(spec_text: str | None, default: tuple[str, ...] = DEFAULT_SET) -> li
     if spec_text is None:
         return list(default)
     if not spec_text.strip():
-        raise UsageError(f"--optimizers {spec_text!r} names no optimizer; {choose}, or leave out --optimizers "
-                         f"for the default set {','.join(default)}")
+        raise UsageError(
+            f"--optimizers {spec_text!r} names no optimizer; {choose}, or leave out --optimizers "
+            f"for the default set {','.join(default)}"
+        )
     names = [n.strip() for n in spec_text.split(",")]
     if "" in names:
         raise UsageError(f"--optimizers {spec_text!r}: empty name at position {names.index('') + 1}; {choose}")
@@ -78,21 +80,70 @@ def _select(spec_text: str | None, default: tuple[str, ...] = DEFAULT_SET) -> li
     return list(dict.fromkeys(names))
 
 
-def _child_argv(cfg: TrainConfig, out: Path, cache: Path, extra: list[str], progress: bool,
-                threads: int) -> list[str]:
-    argv = [sys.executable, "-m", "spam_lowmem.cli", "train", "--optimizer", cfg.optimizer, "--model", cfg.model,
-            "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size), "--grad-accum", str(cfg.grad_accum),
-            "--seq-len", str(cfg.seq_len), "--lr", repr(cfg.lr), "--warmup", str(cfg.warmup),
-            "--min-lr-ratio", repr(cfg.min_lr_ratio), "--grad-clip", repr(cfg.grad_clip), "--device", cfg.device,
-            "--dtype", cfg.dtype, "--vocab-size", str(cfg.vocab_size), "--seed", str(cfg.seed),
-            "--eval-every", str(cfg.eval_every), "--eval-batches", str(cfg.eval_batches), "--save-every", "0",
-            "--galore-gap", str(cfg.galore_gap), "--galore-scale", repr(cfg.galore_scale),
-            "--out", str(out), "--cache-dir", str(cache), "--overwrite", *extra]
+def _child_argv(cfg: TrainConfig, out: Path, cache: Path, extra: list[str], progress: bool, threads: int) -> list[str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "spam_lowmem.cli",
+        "train",
+        "--optimizer",
+        cfg.optimizer,
+        "--model",
+        cfg.model,
+        "--steps",
+        str(cfg.steps),
+        "--batch-size",
+        str(cfg.batch_size),
+        "--grad-accum",
+        str(cfg.grad_accum),
+        "--seq-len",
+        str(cfg.seq_len),
+        "--lr",
+        repr(cfg.lr),
+        "--warmup",
+        str(cfg.warmup),
+        "--min-lr-ratio",
+        repr(cfg.min_lr_ratio),
+        "--grad-clip",
+        repr(cfg.grad_clip),
+        "--device",
+        cfg.device,
+        "--dtype",
+        cfg.dtype,
+        "--vocab-size",
+        str(cfg.vocab_size),
+        "--seed",
+        str(cfg.seed),
+        "--eval-every",
+        str(cfg.eval_every),
+        "--eval-batches",
+        str(cfg.eval_batches),
+        "--save-every",
+        "0",
+        "--galore-gap",
+        str(cfg.galore_gap),
+        "--galore-scale",
+        repr(cfg.galore_scale),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        "--overwrite",
+        *extra,
+    ]
     if cfg.galore_rank is not None:
         argv += ["--galore-rank", str(cfg.galore_rank)]
     if cfg.weight_bits == 4:
-        argv += ["--weight-bits", "4", "--quant-format", str(cfg.quant_format), "--weight-storage",
-                 str(cfg.weight_storage), "--quant-group-size", str(cfg.quant_group_size)]
+        argv += [
+            "--weight-bits",
+            "4",
+            "--quant-format",
+            str(cfg.quant_format),
+            "--weight-storage",
+            str(cfg.weight_storage),
+            "--quant-group-size",
+            str(cfg.quant_group_size),
+        ]
     if cfg.data:
         argv += ["--data", *cfg.data]
     if not progress:
@@ -123,11 +174,13 @@ def run_compare(args: argparse.Namespace, make_config: Callable[[argparse.Namesp
     rank = base.galore_rank or spec.galore_rank
     notes: list[str] = []
     if four_bit:
-        notes.append(f"4-bit: every run except `adamw 16-bit` trains with W4A4 ({base.quant_format}, "
-                     f"{base.weight_storage} weight storage, group {base.quant_group_size} or the largest power of "
-                     "two below it dividing every weight) on the 7 projection linears per layer; lm_head, "
-                     "embeddings and norms unquantised; gradients unquantised (docs/algorithms.md §5). "
-                     "`adamw 16-bit` is the unquantised baseline at the same data, seed and steps")
+        notes.append(
+            f"4-bit: every run except `adamw 16-bit` trains with W4A4 ({base.quant_format}, "
+            f"{base.weight_storage} weight storage, group {base.quant_group_size} or the largest power of "
+            "two below it dividing every weight) on the 7 projection linears per layer; lm_head, "
+            "embeddings and norms unquantised; gradients unquantised (docs/algorithms.md §5). "
+            "`adamw 16-bit` is the unquantised baseline at the same data, seed and steps"
+        )
     if SPARSE in names and not supports_density():
         notes.append(f"skipped {SPARSE}: spam_lowmem.SPAM in this build does not accept density= yet")
         print(f"note: {notes[-1]}", file=sys.stderr)
@@ -141,15 +194,17 @@ def run_compare(args: argparse.Namespace, make_config: Callable[[argparse.Namesp
         (out / name).unlink(missing_ok=True)
     corpus.save_cache()
     what = ", ".join(names) + (f" with W4A4 {base.quant_format}, and adamw 16-bit" if four_bit else "")
-    print(f"compare: {what} on {corpus.source}; {base.model} model, {base.steps} steps x "
-          f"{base.batch_size * base.grad_accum} x {base.seq_len} tokens; held-out {corpus.split}; "
-          f"unigram baseline {unigram:.4f} nats/token", file=sys.stderr)
+    print(
+        f"compare: {what} on {corpus.source}; {base.model} model, {base.steps} steps x "
+        f"{base.batch_size * base.grad_accum} x {base.seq_len} tokens; held-out {corpus.split}; "
+        f"unigram baseline {unigram:.4f} nats/token",
+        file=sys.stderr,
+    )
 
     rows: list[dict[str, Any]] = []
     # PYTHONSAFEPATH: `python -m` would otherwise put the current directory first on sys.path,
     # and from a source checkout that shadows the installed package (which has the compiled core).
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore",
-           "PYTHONSAFEPATH": "1"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore", "PYTHONSAFEPATH": "1"}
     runs = [(name, name) for name in names]  # (optimizer or spam-sparse, run name)
     if four_bit:
         runs = [(name, f"{name}-w4a4") for name in names] + [("adamw", BASELINE_16)]
@@ -175,8 +230,13 @@ def run_compare(args: argparse.Namespace, make_config: Callable[[argparse.Namesp
         argv = _child_argv(cfg, run_dir, out / "cache", extra, not args.no_progress, args.threads or 1)
         sys.stderr.flush()
         proc = subprocess.run(argv, env=env, stdout=_stderr_fd())  # our stdout carries only the table
-        row: dict[str, Any] = {"name": name, "label": label, "lr": cfg.lr, "exit_code": proc.returncode,
-                               "process_seconds": time.perf_counter() - t0}
+        row: dict[str, Any] = {
+            "name": name,
+            "label": label,
+            "lr": cfg.lr,
+            "exit_code": proc.returncode,
+            "process_seconds": time.perf_counter() - t0,
+        }
         summary_path = run_dir / "summary.json"
         if summary_path.exists():
             row.update(json.loads(summary_path.read_text(encoding="utf-8")))
@@ -184,8 +244,10 @@ def run_compare(args: argparse.Namespace, make_config: Callable[[argparse.Namesp
             print(f"compare: {name} failed (exit code {proc.returncode}); see the messages above", file=sys.stderr)
         rows.append(row)
         if "final_eval_loss" in row:
-            print(f"compare: {label}: eval loss {row['final_eval_loss']:.4f}, "
-                  f"{row['process_seconds']:.0f} s", file=sys.stderr)
+            print(
+                f"compare: {label}: eval loss {row['final_eval_loss']:.4f}, {row['process_seconds']:.0f} s",
+                file=sys.stderr,
+            )
     total = time.perf_counter() - t_start
     table = write_report(out, rows, base, unigram, corpus, rank, total, notes)
     print(table)
@@ -198,8 +260,10 @@ def _mb(value: Any) -> str:
 
 
 def _table(rows: list[dict[str, Any]], unigram: float) -> str:
-    head = ("| optimizer | lr | eval loss | eval ppl | vs unigram | optimizer state MB "
-            "| weights+grads+state MB | peak memory MB | tokens/s | train s |")
+    head = (
+        "| optimizer | lr | eval loss | eval ppl | vs unigram | optimizer state MB "
+        "| weights+grads+state MB | peak memory MB | tokens/s | train s |"
+    )
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         if "final_eval_loss" not in r:
@@ -207,10 +271,12 @@ def _table(rows: list[dict[str, Any]], unigram: float) -> str:
             continue
         loss = r["final_eval_loss"]
         flag = " (diverged)" if r.get("diverged") else ""
-        lines.append(f"| {r['label']} | {r['lr']:g} | {loss:.4f}{flag} | {r['final_eval_ppl']:.2f} | "
-                     f"{loss - unigram:+.3f} | {_mb(r['optimizer_state_bytes'])} | "
-                     f"{_mb(2 * r['parameter_bytes'] + r['optimizer_state_bytes'])} | {_mb(r['peak_memory_bytes'])} | "
-                     f"{r['tokens_per_second'] or 0:.0f} | {r['train_seconds']:.1f} |")
+        lines.append(
+            f"| {r['label']} | {r['lr']:g} | {loss:.4f}{flag} | {r['final_eval_ppl']:.2f} | "
+            f"{loss - unigram:+.3f} | {_mb(r['optimizer_state_bytes'])} | "
+            f"{_mb(2 * r['parameter_bytes'] + r['optimizer_state_bytes'])} | {_mb(r['peak_memory_bytes'])} | "
+            f"{r['tokens_per_second'] or 0:.0f} | {r['train_seconds']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -254,8 +320,10 @@ def _plots(out: Path, rows: list[dict[str, Any]], unigram: float) -> None:
 
     done = [r for r in rows if "final_eval_loss" in r]
     labels = [r["label"] for r in done]
-    exact = {"optimizer state": [r["optimizer_state_bytes"] / 2**20 for r in done],
-             "weights+grads+state": [(2 * r["parameter_bytes"] + r["optimizer_state_bytes"]) / 2**20 for r in done]}
+    exact = {
+        "optimizer state": [r["optimizer_state_bytes"] / 2**20 for r in done],
+        "weights+grads+state": [(2 * r["parameter_bytes"] + r["optimizer_state_bytes"]) / 2**20 for r in done],
+    }
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     for k, (name, values) in enumerate(exact.items()):
         bars = left.bar([x + (k - 0.5) * 0.4 for x in range(len(done))], values, width=0.4, label=name)
@@ -273,14 +341,34 @@ def _plots(out: Path, rows: list[dict[str, Any]], unigram: float) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, rows: list[dict[str, Any]], base: TrainConfig, unigram: float, corpus: D.Corpus,
-                 rank: int, total_seconds: float, notes: list[str] | None = None) -> str:
+def write_report(
+    out: Path,
+    rows: list[dict[str, Any]],
+    base: TrainConfig,
+    unigram: float,
+    corpus: D.Corpus,
+    rank: int,
+    total_seconds: float,
+    notes: list[str] | None = None,
+) -> str:
     """Write results.{md,csv,jsonl} and the two plots; returns the markdown table."""
     with open(out / "results.jsonl", "w", encoding="utf-8") as fh:
         for r in rows:
             fh.write(json.dumps(r) + "\n")
-    fields = ["label", "lr", "final_eval_loss", "final_eval_ppl", "optimizer_state_bytes", "parameter_bytes",
-              "peak_memory_bytes", "tokens_per_second", "train_seconds", "steps", "diverged", "exit_code"]
+    fields = [
+        "label",
+        "lr",
+        "final_eval_loss",
+        "final_eval_ppl",
+        "optimizer_state_bytes",
+        "parameter_bytes",
+        "peak_memory_bytes",
+        "tokens_per_second",
+        "train_seconds",
+        "steps",
+        "diverged",
+        "exit_code",
+    ]
     with open(out / "results.csv", "w", encoding="utf-8", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -293,13 +381,13 @@ def write_report(out: Path, rows: list[dict[str, Any]], base: TrainConfig, unigr
     text = f"""# spam-lowmem compare
 
 - Model: `{base.model}` LLaMA ({params / 1e6:.2f}M parameters, vocab {corpus.vocab_size}, untied lm_head), \
-{base.dtype}, device `{ok[0]['device'] if ok else base.device}`, seed {base.seed} (same initial weights for all).
+{base.dtype}, device `{ok[0]["device"] if ok else base.device}`, seed {base.seed} (same initial weights for all).
 - Data: {corpus.source}; byte-level BPE trained on the training split; documents packed into \
 {base.seq_len}-token sequences (no padding). Held-out: {corpus.split}.
 - Budget: {base.steps} updates x {base.batch_size * base.grad_accum} sequences x {base.seq_len} tokens \
 = {base.steps * base.batch_size * base.grad_accum * base.seq_len:,} training tokens per optimizer; \
 warmup {base.warmup}, cosine to {base.min_lr_ratio:g} x lr.
-- Eval: true mean over {ok[0]['eval_tokens'] if ok else 0:,} held-out target tokens (no (n+1) \
+- Eval: true mean over {ok[0]["eval_tokens"] if ok else 0:,} held-out target tokens (no (n+1) \
 denominator); perplexity = exp(loss). Unigram baseline (train unigram, add-one): **{unigram:.4f}**.
 - GaLore: rank {rank}, update_proj_gap {base.galore_gap}, scale {base.galore_scale:g} on the 7 projection \
 matrices per layer, AdamW elsewhere. `spam d=…`: SPAM with the density matching GaLore's state memory.
@@ -307,7 +395,7 @@ matrices per layer, AdamW elsewhere. `spam d=…`: SPAM with the density matchin
 in float32 galore-torch 1.0 keeps its projector as a slice of the full SVD factor, so the whole factor counts). \
 Weights+grads+state: parameter bytes x 2 (every parameter has a gradient) + optimizer state.
 - Peak memory: {method}.
-- Total wall time: {total_seconds:.0f} s ({ok[0]['torch_threads'] if ok else '?'} torch thread(s) per run; \
+- Total wall time: {total_seconds:.0f} s ({ok[0]["torch_threads"] if ok else "?"} torch thread(s) per run; \
 tokens/s is wall-clock throughput on this machine, sensitive to its load while each run went).
 {"".join(f"- Note: {n}." + chr(10) for n in notes or [])}
 {table}

@@ -21,8 +21,16 @@ from typing import Any
 
 from .errors import UsageError
 
-__all__ = ["TrainConfig", "RUN_FILES", "MAY_CHANGE_ON_RESUME", "QUANT_FORMATS", "WEIGHT_STORAGES",
-           "config_differences", "check_run_dir", "write_json"]
+__all__ = [
+    "TrainConfig",
+    "RUN_FILES",
+    "MAY_CHANGE_ON_RESUME",
+    "QUANT_FORMATS",
+    "WEIGHT_STORAGES",
+    "config_differences",
+    "check_run_dir",
+    "write_json",
+]
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json")
 #: logistics that do not change the training trajectory
@@ -73,13 +81,24 @@ class TrainConfig:
 
     def validate(self, max_positions: int) -> None:
         """Plain range checks; raises UsageError naming the flag."""
-        positive = {"steps": self.steps, "batch-size": self.batch_size, "grad-accum": self.grad_accum,
-                    "lr": self.lr, "vocab-size": self.vocab_size, "galore-gap": self.galore_gap}
+        positive = {
+            "steps": self.steps,
+            "batch-size": self.batch_size,
+            "grad-accum": self.grad_accum,
+            "lr": self.lr,
+            "vocab-size": self.vocab_size,
+            "galore-gap": self.galore_gap,
+        }
         for flag, value in positive.items():
             if not value > 0:
                 raise UsageError(f"--{flag} must be > 0, got {value}")
-        non_negative = {"warmup": self.warmup, "eval-every": self.eval_every, "save-every": self.save_every,
-                        "eval-batches": self.eval_batches, "grad-clip": self.grad_clip}
+        non_negative = {
+            "warmup": self.warmup,
+            "eval-every": self.eval_every,
+            "save-every": self.save_every,
+            "eval-batches": self.eval_batches,
+            "grad-clip": self.grad_clip,
+        }
         for flag, value in non_negative.items():
             if not value >= 0:
                 raise UsageError(f"--{flag} must be >= 0, got {value}")
@@ -88,8 +107,9 @@ class TrainConfig:
         if self.seq_len < 2:
             raise UsageError(f"--seq-len must be >= 2, got {self.seq_len}")
         if self.seq_len > max_positions:
-            raise UsageError(f"--seq-len {self.seq_len} exceeds the {self.model} model's maximum of "
-                             f"{max_positions} positions")
+            raise UsageError(
+                f"--seq-len {self.seq_len} exceeds the {self.model} model's maximum of {max_positions} positions"
+            )
         if self.density is not None and not 0.0 < self.density <= 1.0:
             raise UsageError(f"--density must be in (0, 1], got {self.density}")
         if self.galore_rank is not None and self.galore_rank <= 0:
@@ -98,8 +118,11 @@ class TrainConfig:
 
     def validate_quant(self) -> None:
         """The 4-bit options: checked on their own (the CLI calls this before anything else)."""
-        quant = {"quant-format": self.quant_format, "weight-storage": self.weight_storage,
-                 "quant-group-size": self.quant_group_size}
+        quant = {
+            "quant-format": self.quant_format,
+            "weight-storage": self.weight_storage,
+            "quant-group-size": self.quant_group_size,
+        }
         if self.weight_bits == 16:
             given = [f"--{k}" for k, v in quant.items() if v is not None]
             if given:
@@ -110,8 +133,9 @@ class TrainConfig:
         if self.quant_format not in QUANT_FORMATS:
             raise UsageError(f"--quant-format must be one of {', '.join(QUANT_FORMATS)}, got {self.quant_format!r}")
         if self.weight_storage not in WEIGHT_STORAGES:
-            raise UsageError(f"--weight-storage must be one of {', '.join(WEIGHT_STORAGES)}, "
-                             f"got {self.weight_storage!r}")
+            raise UsageError(
+                f"--weight-storage must be one of {', '.join(WEIGHT_STORAGES)}, got {self.weight_storage!r}"
+            )
         g = self.quant_group_size
         if isinstance(g, bool) or not isinstance(g, int) or g < 2:
             raise UsageError(f"--quant-group-size must be an integer >= 2, got {g!r}")
@@ -145,13 +169,16 @@ def check_run_dir(out: Path, config: dict[str, Any], *, resume: bool, overwrite:
             raise UsageError(f"cannot read {cfg_file}: {exc}") from exc
         diffs = config_differences(saved, config)
         if diffs:
-            raise UsageError(f"run folder {out} holds a different configuration; refusing to resume "
-                             "(saved -> given):\n  " + "\n  ".join(diffs))
+            raise UsageError(
+                f"run folder {out} holds a different configuration; refusing to resume "
+                "(saved -> given):\n  " + "\n  ".join(diffs)
+            )
         return "resume"
     if out.exists() and not _is_empty(out):
         if not overwrite:
-            raise UsageError(f"run folder {out} is not empty; pass --resume to continue that run or "
-                             "--overwrite to replace it")
+            raise UsageError(
+                f"run folder {out} is not empty; pass --resume to continue that run or --overwrite to replace it"
+            )
         return "overwrite"
     return "fresh"
 

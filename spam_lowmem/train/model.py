@@ -13,8 +13,16 @@ import torch
 
 from .errors import UsageError
 
-__all__ = ["ModelSpec", "SPECS", "MODEL_NAMES", "PROJECTIONS", "get_spec", "projection_shapes",
-           "build_model", "count_parameters"]
+__all__ = [
+    "ModelSpec",
+    "SPECS",
+    "MODEL_NAMES",
+    "PROJECTIONS",
+    "get_spec",
+    "projection_shapes",
+    "build_model",
+    "count_parameters",
+]
 
 #: the 7 projection matrices per layer (the GaLore / sparse-momentum targets, docs/algorithms.md §3, §6)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -66,8 +74,14 @@ def projection_shapes(spec: ModelSpec) -> list[tuple[int, int]]:
     return per_layer * spec.layers
 
 
-def build_model(spec: ModelSpec, vocab_size: int, *, seed: int, dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu") -> torch.nn.Module:
+def build_model(
+    spec: ModelSpec,
+    vocab_size: int,
+    *,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> torch.nn.Module:
     """A freshly initialised ``LlamaForCausalLM`` (seeded with ``seed``), cast to ``dtype``.
 
     ``dtype=torch.bfloat16`` casts the whole model, as the papers do ("pure BF16", §1.4).
@@ -75,11 +89,24 @@ def build_model(spec: ModelSpec, vocab_size: int, *, seed: int, dtype: torch.dty
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
-        hidden_act="silu", max_position_embeddings=spec.max_positions, initializer_range=0.02,
-        rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-        attention_dropout=0.0, use_cache=False, bos_token_id=None, eos_token_id=0, pad_token_id=None,
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        hidden_act="silu",
+        max_position_embeddings=spec.max_positions,
+        initializer_range=0.02,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        attention_dropout=0.0,
+        use_cache=False,
+        bos_token_id=None,
+        eos_token_id=0,
+        pad_token_id=None,
     )
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)

@@ -24,9 +24,18 @@ from ..sparse import density_for_shapes
 from .errors import UsageError
 from .model import PROJECTIONS, ModelSpec, projection_shapes
 
-__all__ = ["OPTIMIZER_NAMES", "SPAM_FAMILY", "split_projection_params", "density_for_galore_rank",
-           "density_from_shapes", "accepts_keyword", "supports_density", "build_optimizer",
-           "parse_budget", "planned_kwargs"]
+__all__ = [
+    "OPTIMIZER_NAMES",
+    "SPAM_FAMILY",
+    "split_projection_params",
+    "density_for_galore_rank",
+    "density_from_shapes",
+    "accepts_keyword",
+    "supports_density",
+    "build_optimizer",
+    "parse_budget",
+    "planned_kwargs",
+]
 
 OPTIMIZER_NAMES = ("adamw", "spam", "stable-spam", "galore", "adam-mini", "bnb-adamw8bit")
 SPAM_FAMILY = ("spam", "stable-spam")
@@ -80,19 +89,23 @@ def _import(name: str, module: str) -> Any:
     try:
         return __import__(module, fromlist=["_"])
     except ImportError as exc:
-        raise UsageError(f"--optimizer {name} needs the {_INSTALL[name]} package: "
-                         f"pip install {_INSTALL[name]}") from exc
+        raise UsageError(
+            f"--optimizer {name} needs the {_INSTALL[name]} package: pip install {_INSTALL[name]}"
+        ) from exc
 
 
-def _spam_family(name: str, model: torch.nn.Module, lr: float, total_steps: int,
-                 extra: Mapping[str, Any]) -> torch.optim.Optimizer:
+def _spam_family(
+    name: str, model: torch.nn.Module, lr: float, total_steps: int, extra: Mapping[str, Any]
+) -> torch.optim.Optimizer:
     from .. import SPAM, StableSPAM
 
     cls = SPAM if name == "spam" else StableSPAM
     for key in extra:
         if not accepts_keyword(cls, key):
-            raise UsageError(f"{cls.__name__} in this build of spam_lowmem does not accept {key}= "
-                             f"(the option is not implemented yet); drop --{key.replace('_', '-')}")
+            raise UsageError(
+                f"{cls.__name__} in this build of spam_lowmem does not accept {key}= "
+                f"(the option is not implemented yet); drop --{key.replace('_', '-')}"
+            )
     kwargs: dict[str, Any] = {"lr": lr, **extra}
     if name == "stable-spam":
         kwargs["total_steps"] = total_steps
@@ -107,9 +120,18 @@ def _spam_family(name: str, model: torch.nn.Module, lr: float, total_steps: int,
         raise UsageError(f"{cls.__name__} rejected its settings ({shown or 'defaults'}): {exc}") from exc
 
 
-def build_optimizer(name: str, model: torch.nn.Module, spec: ModelSpec, *, lr: float, total_steps: int,
-                    extra: Mapping[str, Any] | None = None, galore_rank: int | None = None,
-                    galore_gap: int = 200, galore_scale: float = 0.25) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str,
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    *,
+    lr: float,
+    total_steps: int,
+    extra: Mapping[str, Any] | None = None,
+    galore_rank: int | None = None,
+    galore_gap: int = 200,
+    galore_scale: float = 0.25,
+) -> torch.optim.Optimizer:
     """The optimizer ``name`` (one of :data:`OPTIMIZER_NAMES`) for ``model``; weight decay 0.
 
     ``extra`` holds SPAM/Stable-SPAM keywords (``state_bits``, ``density``, planner output);
@@ -119,8 +141,10 @@ def build_optimizer(name: str, model: torch.nn.Module, spec: ModelSpec, *, lr: f
     if name not in OPTIMIZER_NAMES:
         raise UsageError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
     if extra and name not in SPAM_FAMILY:
-        raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in extra)} only apply to "
-                         f"{' and '.join(SPAM_FAMILY)}, not to {name}")
+        raise UsageError(
+            f"{', '.join('--' + k.replace('_', '-') for k in extra)} only apply to "
+            f"{' and '.join(SPAM_FAMILY)}, not to {name}"
+        )
     if name in SPAM_FAMILY:
         return _spam_family(name, model, lr, total_steps, extra)
     if name == "adamw":
@@ -129,15 +153,23 @@ def build_optimizer(name: str, model: torch.nn.Module, spec: ModelSpec, *, lr: f
         galore = _import(name, "galore_torch")
         proj, rest = split_projection_params(model)
         rank = galore_rank if galore_rank is not None else spec.galore_rank
-        groups = [{"params": rest},
-                  {"params": proj, "rank": rank, "update_proj_gap": galore_gap, "scale": galore_scale,
-                   "proj_type": "std"}]
+        groups = [
+            {"params": rest},
+            {"params": proj, "rank": rank, "update_proj_gap": galore_gap, "scale": galore_scale, "proj_type": "std"},
+        ]
         opt: torch.optim.Optimizer = galore.GaLoreAdamW(groups, lr=lr, weight_decay=0.0, no_deprecation_warning=True)
         return opt
     if name == "adam-mini":
         mini = _import(name, "adam_mini")
-        opt = mini.Adam_mini(model.named_parameters(), lr=lr, weight_decay=0.0, dim=spec.hidden,
-                             n_heads=spec.heads, n_kv_heads=spec.heads, verbose=False)
+        opt = mini.Adam_mini(
+            model.named_parameters(),
+            lr=lr,
+            weight_decay=0.0,
+            dim=spec.hidden,
+            n_heads=spec.heads,
+            n_kv_heads=spec.heads,
+            verbose=False,
+        )
         return opt
     bnb = _import(name, "bitsandbytes")
     opt = bnb.optim.AdamW8bit(model.parameters(), lr=lr, weight_decay=0.0)
@@ -156,8 +188,10 @@ def parse_budget(text: str) -> int:
     try:
         return _size_bytes(text)
     except ValueError as exc:
-        raise UsageError(f"cannot parse --budget {text!r}: {exc}; use a size with its unit such as 2GiB, "
-                         f"800MB, 1.5G or 123456B (units {SIZE_UNITS})") from None
+        raise UsageError(
+            f"cannot parse --budget {text!r}: {exc}; use a size with its unit such as 2GiB, "
+            f"800MB, 1.5G or 123456B (units {SIZE_UNITS})"
+        ) from None
 
 
 def planned_kwargs(model: torch.nn.Module, budget: int, optimizer: str = "spam") -> dict[str, Any]:
@@ -170,8 +204,10 @@ def planned_kwargs(model: torch.nn.Module, budget: int, optimizer: str = "spam")
 
     plan = getattr(spam_lowmem, "plan", None)
     if plan is None:
-        raise UsageError("--budget needs the memory planner spam_lowmem.plan(), which is not available "
-                         "in this build of spam_lowmem; use --state-bits / --density instead")
+        raise UsageError(
+            "--budget needs the memory planner spam_lowmem.plan(), which is not available "
+            "in this build of spam_lowmem; use --state-bits / --density instead"
+        )
     try:
         result = plan(model, budget=budget) if optimizer == "spam" else plan(model, budget=budget, optimizer=optimizer)
     except (TypeError, ValueError) as exc:
@@ -179,6 +215,8 @@ def planned_kwargs(model: torch.nn.Module, budget: int, optimizer: str = "spam")
     if isinstance(result, spam_lowmem.Plan):
         return dict(result.optimizer_kwargs)
     if not isinstance(result, Mapping):
-        raise UsageError(f"spam_lowmem.plan() returned {type(result).__name__}, which the trainer "
-                         "cannot turn into optimizer keywords")
+        raise UsageError(
+            f"spam_lowmem.plan() returned {type(result).__name__}, which the trainer "
+            "cannot turn into optimizer keywords"
+        )
     return dict(result)

@@ -119,7 +119,8 @@ inline void element_block(T* p, const T* g, MT* m, MT* v, int n, const Fn& fn, i
     for (int r0 = 0; r0 < n; r0 += kFastPathRun) {
       const int k = std::min(kFastPathRun, n - r0);
       int full = 0;
-      for (int i = r0; i < r0 + k; ++i) full |= fn.needs_full(Storage<T>::load(g, i), Storage<MT>::load(v, i));
+      for (int i = r0; i < r0 + k; ++i)
+        full |= fn.needs_full(Storage<T>::load(g, i), Storage<MT>::load(v, i));
       if (r0 > i0 && (full != 0) != stretch_full) {  // close the stretch [i0, r0)
         if (stretch_full)
           element_run(p + i0, g + i0, m + i0, v + i0, r0 - i0, fn.full, clipped, nonfinite, maxima);
@@ -205,9 +206,10 @@ inline void block_absmax(const MomentMaxima& maxima, const float* m, const float
 // fn over the block's p and g (n <= kQuantBlock values, already in T), take the new absmax
 // in the same pass, requantise.
 template <typename T, typename Fn>
-inline void quant8_block(T* p, const T* g, int n, uint8_t* __restrict m_codes, uint8_t* __restrict v_codes,
-                         float& m_absmax, float& v_absmax, const QuantMaps& maps, const Fn& fn,
-                         int64_t& clipped, int64_t& nonfinite) {
+inline void quant8_block(T* p, const T* g, int n, uint8_t* __restrict m_codes,
+                         uint8_t* __restrict v_codes, float& m_absmax, float& v_absmax,
+                         const QuantMaps& maps, const Fn& fn, int64_t& clipped,
+                         int64_t& nonfinite) {
   float m[kQuantBlock], v[kQuantBlock];
   dequantize_run(m_codes, m, n, m_absmax, maps.m);
   dequantize_run(v_codes, v, n, v_absmax, maps.v);
@@ -221,8 +223,8 @@ inline void quant8_block(T* p, const T* g, int n, uint8_t* __restrict m_codes, u
 // [begin, end) starts on a block boundary (chunks are multiples of kQuantBlock).
 template <typename T, typename Fn>
 void run_quant8(const TensorRef& param, const TensorRef& grad, const Quant8Moments& q,
-                const QuantMaps& maps, int64_t begin, int64_t end, const Fn& fn,
-                int64_t& clipped, int64_t& nonfinite) {
+                const QuantMaps& maps, int64_t begin, int64_t end, const Fn& fn, int64_t& clipped,
+                int64_t& nonfinite) {
   T* __restrict p = static_cast<T*>(param.data);
   const T* __restrict g = static_cast<const T*>(grad.data);
   // Local copies and restrict pointers: uint8 stores may alias anything, and without these
@@ -235,9 +237,10 @@ void run_quant8(const TensorRef& param, const TensorRef& grad, const Quant8Momen
     const int n = static_cast<int>(std::min<int64_t>(kQuantBlock, end - b0));
     const int64_t block = b0 / kQuantBlock;
     const int64_t next = b0 + kQuantBlock;
-    if (next + kQuantBlock <= end) prefetch_step_block(p + next, g + next, m_codes + next, v_codes + next);
-    quant8_block(p + b0, g + b0, n, m_codes + b0, v_codes + b0, m_absmax[block], v_absmax[block], maps,
-                 fn, clipped, nonfinite);
+    if (next + kQuantBlock <= end)
+      prefetch_step_block(p + next, g + next, m_codes + next, v_codes + next);
+    quant8_block(p + b0, g + b0, n, m_codes + b0, v_codes + b0, m_absmax[block], v_absmax[block],
+                 maps, fn, clipped, nonfinite);
   }
 }
 

@@ -14,7 +14,8 @@
 namespace spam {
 namespace SPAM_CPU_ISA {
 
-void cpu_quantize_blockwise(const TensorRef& x, uint8_t* codes, float* absmax, const QuantMap& map) {
+void cpu_quantize_blockwise(const TensorRef& x, uint8_t* codes, float* absmax,
+                            const QuantMap& map) {
   const int64_t n_blocks = num_blocks(x.numel);
   dispatch_dtype(x.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;

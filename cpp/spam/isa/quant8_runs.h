@@ -44,15 +44,18 @@ inline __m256i lookup8(const V* table, __m256i idx) {
     std::memcpy(&e, table + static_cast<uint32_t>(k), 4);
     return e;
   };
-  return _mm256_setr_epi32(at(a), at(a >> 32), at(b), at(b >> 32), at(c), at(c >> 32), at(d), at(d >> 32));
+  return _mm256_setr_epi32(at(a), at(a >> 32), at(b), at(b >> 32), at(c), at(c >> 32), at(d),
+                           at(d >> 32));
 }
 
 // table[codes[k]] for 8 consecutive byte codes, as floats.
 inline __m256 lookup8_codes(const float* table, const uint8_t* codes) {
   uint64_t w;
   std::memcpy(&w, codes, 8);
-  const __m128 lo = _mm_setr_ps(table[w & 255], table[(w >> 8) & 255], table[(w >> 16) & 255], table[(w >> 24) & 255]);
-  const __m128 hi = _mm_setr_ps(table[(w >> 32) & 255], table[(w >> 40) & 255], table[(w >> 48) & 255], table[w >> 56]);
+  const __m128 lo = _mm_setr_ps(table[w & 255], table[(w >> 8) & 255], table[(w >> 16) & 255],
+                                table[(w >> 24) & 255]);
+  const __m128 hi = _mm_setr_ps(table[(w >> 32) & 255], table[(w >> 40) & 255],
+                                table[(w >> 48) & 255], table[w >> 56]);
   return _mm256_set_m128(hi, lo);
 }
 
@@ -62,10 +65,13 @@ inline __m256i quantize8_avx2(__m256 x, __m256 divisor, const int32_t* buckets) 
   const __m256i negative = _mm256_srai_epi32(bits, 31);  // all ones for x < 0
   // quant_bucket: (|bits| >> 15) - base, clamped to [0, kQuantBuckets - 1]. |bits| >> 15 < 2^17,
   // so the signed 32-bit difference is exact.
-  __m256i b = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)), 15),
-                               _mm256_set1_epi32(static_cast<int>(kQuantBucketBase)));
-  b = _mm256_min_epi32(_mm256_max_epi32(b, _mm256_setzero_si256()), _mm256_set1_epi32(kQuantBuckets - 1));
-  const __m256i entry = lookup8(buckets, _mm256_add_epi32(b, _mm256_and_si256(negative, _mm256_set1_epi32(kQuantBuckets))));
+  __m256i b =
+      _mm256_sub_epi32(_mm256_srli_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)), 15),
+                       _mm256_set1_epi32(static_cast<int>(kQuantBucketBase)));
+  b = _mm256_min_epi32(_mm256_max_epi32(b, _mm256_setzero_si256()),
+                       _mm256_set1_epi32(kQuantBuckets - 1));
+  const __m256i entry = lookup8(
+      buckets, _mm256_add_epi32(b, _mm256_and_si256(negative, _mm256_set1_epi32(kQuantBuckets))));
   const __m256i low = _mm256_and_si256(_mm256_xor_si256(bits, negative), _mm256_set1_epi32(0x7fff));
   // code = (base + 1) - (mid > low); cmpgt yields -1 for true. Both sides < 2^16: signed is exact.
   return _mm256_add_epi32(_mm256_and_si256(entry, _mm256_set1_epi32(0xffff)),
@@ -96,8 +102,10 @@ inline void quantize_run(const float* __restrict x, uint8_t* __restrict codes, i
       const __m256i b = quantize8_avx2(_mm256_loadu_ps(x + i + 8), div, map.buckets);
       const __m256i c = quantize8_avx2(_mm256_loadu_ps(x + i + 16), div, map.buckets);
       const __m256i d = quantize8_avx2(_mm256_loadu_ps(x + i + 24), div, map.buckets);
-      const __m256i packed = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i), _mm256_permutevar8x32_epi32(packed, order));
+      const __m256i packed =
+          _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i),
+                          _mm256_permutevar8x32_epi32(packed, order));
     }
 #endif
   }
@@ -105,8 +113,8 @@ inline void quantize_run(const float* __restrict x, uint8_t* __restrict codes, i
 }
 
 // out[i] = dequantize_code(codes[i], absmax) for i < n.
-inline void dequantize_run(const uint8_t* __restrict codes, float* __restrict out, int n, float absmax,
-                           const QuantMap map) {
+inline void dequantize_run(const uint8_t* __restrict codes, float* __restrict out, int n,
+                           float absmax, const QuantMap map) {
   int i = 0;
 #if defined(__AVX512VBMI__)
   i = dequantize_run_vbmi(codes, out, n, absmax, map.simd);

@@ -54,7 +54,8 @@ constexpr VbmiSelectors make_vbmi_selectors() {
     for (int l = 0; l < 4; ++l)
       for (int i = 0; i < 4; ++i) {
         s.transpose[16 * l + 4 * q + i] = static_cast<uint8_t>(16 * q + 4 * l + i);
-        s.pack_words[16 * l + 4 * q + i] = static_cast<uint8_t>(64 * (q >> 1) + 2 * (16 * (q & 1) + 4 * l + i));
+        s.pack_words[16 * l + 4 * q + i] =
+            static_cast<uint8_t>(64 * (q >> 1) + 2 * (16 * (q & 1) + 4 * l + i));
       }
   for (int j = 0; j < 32; ++j) s.high_words[j] = static_cast<uint16_t>(2 * j + 1);
   return s;
@@ -109,7 +110,8 @@ inline int dequantize_run_vbmi(const uint8_t* __restrict codes, float* __restric
   for (; i + kVbmiRun <= n; i += kVbmiRun) {
     __m512i v[4];
     values.lookup(_mm512_permutexvar_epi8(transpose, _mm512_loadu_si512(codes + i)), v);
-    for (int q = 0; q < 4; ++q) _mm512_storeu_ps(out + i + 16 * q, _mm512_mul_ps(_mm512_castsi512_ps(v[q]), scale));
+    for (int q = 0; q < 4; ++q)
+      _mm512_storeu_ps(out + i + 16 * q, _mm512_mul_ps(_mm512_castsi512_ps(v[q]), scale));
   }
   return i;
 }
@@ -144,11 +146,12 @@ struct VbmiQuantizer {
       const __m512i top = _mm512_permutex2var_epi16(_mm512_castps_si512(xn[2 * h]), high_words,
                                                     _mm512_castps_si512(xn[2 * h + 1]));
       const __m512i magnitude = _mm512_and_si512(top, _mm512_set1_epi16(0x7fff));
-      const __m512i e = _mm512_min_epi16(_mm512_max_epi16(_mm512_srli_epi16(magnitude, 7),
-                                                          _mm512_set1_epi16(kQuantSimdBinadeLow)),
-                                         _mm512_set1_epi16(127));
-      bucket[h] = _mm512_add_epi16(_mm512_srlv_epi16(magnitude, _mm512_permutexvar_epi16(e, shifts)),
-                                   _mm512_permutexvar_epi16(e, deltas));
+      const __m512i e = _mm512_min_epi16(
+          _mm512_max_epi16(_mm512_srli_epi16(magnitude, 7), _mm512_set1_epi16(kQuantSimdBinadeLow)),
+          _mm512_set1_epi16(127));
+      bucket[h] =
+          _mm512_add_epi16(_mm512_srlv_epi16(magnitude, _mm512_permutexvar_epi16(e, shifts)),
+                           _mm512_permutexvar_epi16(e, deltas));
       negative[h] = _mm512_movepi16_mask(top);
       high[h] = kSigned ? negative[h] : _mm512_test_epi16_mask(bucket[h], _mm512_set1_epi16(256));
     }
@@ -157,22 +160,25 @@ struct VbmiQuantizer {
     const __m512i low = _mm512_permutex2var_epi8(bucket[0], pack_words, bucket[1]);
     const __mmask64 bit7 = _mm512_movepi8_mask(low);
     const __mmask64 bit8 = vbmi_transpose_masks(high[0], high[0] >> 16, high[1], high[1] >> 16);
-    const __m512i lower = _mm512_mask_blend_epi8(bit7, _mm512_permutex2var_epi8(base_table[0], low, base_table[1]),
-                                                 _mm512_permutex2var_epi8(base_table[2], low, base_table[3]));
-    const __m512i upper = _mm512_mask_blend_epi8(bit7, _mm512_permutex2var_epi8(base_table[4], low, base_table[5]),
-                                                 _mm512_permutex2var_epi8(base_table[6], low, base_table[7]));
+    const __m512i lower =
+        _mm512_mask_blend_epi8(bit7, _mm512_permutex2var_epi8(base_table[0], low, base_table[1]),
+                               _mm512_permutex2var_epi8(base_table[2], low, base_table[3]));
+    const __m512i upper =
+        _mm512_mask_blend_epi8(bit7, _mm512_permutex2var_epi8(base_table[4], low, base_table[5]),
+                               _mm512_permutex2var_epi8(base_table[6], low, base_table[7]));
     const __m512i base = _mm512_mask_blend_epi8(bit8, lower, upper);
     // code = base + (midpoints[base] <= x); a NaN x compares false.
     midpoints.lookup(base, mid);
-    const __mmask64 reached = vbmi_transpose_masks(
-        _mm512_cmp_ps_mask(_mm512_castsi512_ps(mid[0]), xn[0], _CMP_LE_OQ),
-        _mm512_cmp_ps_mask(_mm512_castsi512_ps(mid[1]), xn[1], _CMP_LE_OQ),
-        _mm512_cmp_ps_mask(_mm512_castsi512_ps(mid[2]), xn[2], _CMP_LE_OQ),
-        _mm512_cmp_ps_mask(_mm512_castsi512_ps(mid[3]), xn[3], _CMP_LE_OQ));
+    const __mmask64 reached =
+        vbmi_transpose_masks(_mm512_cmp_ps_mask(_mm512_castsi512_ps(mid[0]), xn[0], _CMP_LE_OQ),
+                             _mm512_cmp_ps_mask(_mm512_castsi512_ps(mid[1]), xn[1], _CMP_LE_OQ),
+                             _mm512_cmp_ps_mask(_mm512_castsi512_ps(mid[2]), xn[2], _CMP_LE_OQ),
+                             _mm512_cmp_ps_mask(_mm512_castsi512_ps(mid[3]), xn[3], _CMP_LE_OQ));
     __m512i code = _mm512_mask_sub_epi8(base, reached, base, _mm512_set1_epi8(-1));
     if (!kSigned)  // x < 0 (only -0.0 or a NaN in practice): code 0, below every midpoint
       code = _mm512_maskz_mov_epi8(
-          ~vbmi_transpose_masks(negative[0], negative[0] >> 16, negative[1], negative[1] >> 16), code);
+          ~vbmi_transpose_masks(negative[0], negative[0] >> 16, negative[1], negative[1] >> 16),
+          code);
     return code;
   }
 };

@@ -11,10 +11,12 @@ namespace SPAM_CPU_ISA {
 namespace {
 
 inline auto spam_fn(const SpamHyper h, const float scale) {
-  return with_fast_path(
-      [h, scale](float& p, float g, float& m, float& v) { return spam_element(p, g, m, v, h, scale); },
-      [h, scale](float& p, float g, float& m, float& v) { return spam_element<false>(p, g, m, v, h, scale); },
-      [h](float g, float v) { return spam_spikes(g, v, h); });
+  return with_fast_path([h, scale](float& p, float g, float& m,
+                                   float& v) { return spam_element(p, g, m, v, h, scale); },
+                        [h, scale](float& p, float g, float& m, float& v) {
+                          return spam_element<false>(p, g, m, v, h, scale);
+                        },
+                        [h](float g, float v) { return spam_spikes(g, v, h); });
 }
 
 }  // namespace

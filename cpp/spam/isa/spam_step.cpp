@@ -11,7 +11,8 @@ namespace SPAM_CPU_ISA {
 
 void cpu_spam_step(const std::vector<SpamTensor>& tensors, const SpamHyper& hyper,
                    const QuantMaps& maps, int64_t* counters) {
-  run_group(tensors, maps, [&](int i) { return spam_fn(hyper, tensors[i].update_scale); }, counters);
+  run_group(
+      tensors, maps, [&](int i) { return spam_fn(hyper, tensors[i].update_scale); }, counters);
 }
 
 }  // namespace SPAM_CPU_ISA

@@ -60,7 +60,8 @@ bool collect_indices_avx512(const SubsetRule& r, int64_t start, int64_t numel, i
   const __m512i th = _mm512_set1_epi32(static_cast<int>(r.t_hash));
   int found = 0;
   for (int64_t i = start; found < n && i < numel; i += 16) {
-    const __m512i k = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(i))), lane);
+    const __m512i k =
+        _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(i))), lane);
     __m512i h = _mm512_add_epi32(_mm512_mullo_epi32(k, golden), seed);
     h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
     h = _mm512_mullo_epi32(h, c1);
@@ -88,14 +89,15 @@ bool collect_indices_avx512(const SubsetRule& r, int64_t start, int64_t numel, i
 
 // Parameter indices of the n selected entries starting at `start` (which must be selected).
 // Returns false when the parameter ends first or `start` is not selected (inconsistent state).
-bool collect_indices(const SubsetRule& r, int64_t start, int64_t numel, int n, int64_t expected_span,
-                     int64_t* __restrict idx) {
+bool collect_indices(const SubsetRule& r, int64_t start, int64_t numel, int n,
+                     int64_t expected_span, int64_t* __restrict idx) {
   alignas(64) uint8_t sel[kWalkMax];
   int found = 0;
   int64_t i = start;
   while (found < n && i < numel) {
     const int64_t want = (static_cast<int64_t>(n - found) * expected_span + 255) / 256;
-    int64_t w = std::min<int64_t>(kWalkMax, std::max<int64_t>(kWalkMin, (want + 63) & ~int64_t{63}));
+    int64_t w =
+        std::min<int64_t>(kWalkMax, std::max<int64_t>(kWalkMin, (want + 63) & ~int64_t{63}));
     w = std::min<int64_t>(w, numel - i);
     const int64_t tie = std::max<int64_t>(-1, std::min<int64_t>(r.t_index - i, kWalkMax));
     select_window(r.seed, r.t_hash, static_cast<int32_t>(tie), static_cast<uint32_t>(i),
@@ -171,11 +173,11 @@ bool sparse_block(const SparseSpamTensor& t, int64_t c, const SpamHyper& h, cons
 
   const auto fn = spam_fn(h, t.update_scale);
   if (t.q8.active()) {
-    quant8_block(pv, gv, n, t.q8.m_codes + j0, t.q8.v_codes + j0, t.q8.m_absmax[c], t.q8.v_absmax[c],
-                 maps, fn, clipped, nonfinite);
+    quant8_block(pv, gv, n, t.q8.m_codes + j0, t.q8.v_codes + j0, t.q8.m_absmax[c],
+                 t.q8.v_absmax[c], maps, fn, clipped, nonfinite);
   } else {  // compact moments in the parameter dtype, updated in place
-    element_block(pv, gv, static_cast<T*>(t.exp_avg.data) + j0, static_cast<T*>(t.exp_avg_sq.data) + j0,
-                  n, fn, clipped, nonfinite);
+    element_block(pv, gv, static_cast<T*>(t.exp_avg.data) + j0,
+                  static_cast<T*>(t.exp_avg_sq.data) + j0, n, fn, clipped, nonfinite);
   }
   if constexpr (kUseWindows<T>) {
 #if defined(__AVX2__)
@@ -212,7 +214,8 @@ void cpu_sparse_spam_step(const std::vector<SparseSpamTensor>& tensors, const Sp
   const int64_t n_runs = static_cast<int64_t>(runs.size());
   int64_t clipped = 0, nonfinite = 0;
   std::atomic<int> bad_tensor{-1};
-#pragma omp parallel for schedule(dynamic, 4) reduction(+ : clipped, nonfinite) if (walked >= kCpuParallelMin)
+#pragma omp parallel for schedule(dynamic, 4) \
+    reduction(+ : clipped, nonfinite) if (walked >= kCpuParallelMin)
   for (int64_t r = 0; r < n_runs; ++r) {
     const BlockRun& run = runs[r];
     const SparseSpamTensor& t = tensors[run.tensor];

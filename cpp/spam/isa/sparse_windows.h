@@ -111,14 +111,16 @@ inline bool gather_windows(const SubsetRule& r, int64_t start, int64_t numel, in
                            const float* __restrict p, const float* __restrict g,
                            float* __restrict pv, float* __restrict gv, BlockWindows& w) {
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i lane_golden = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int>(kSubsetGolden)));
+  const __m512i lane_golden =
+      _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int>(kSubsetGolden)));
   const __m512i c1 = _mm512_set1_epi32(static_cast<int>(0x85EBCA6Bu));
   const __m512i c2 = _mm512_set1_epi32(static_cast<int>(0xC2B2AE35u));
   const __m512i th = _mm512_set1_epi32(static_cast<int>(r.t_hash));
   const __m512i step = _mm512_set1_epi32(static_cast<int>(16u * kSubsetGolden));
   // x = i * golden + seed (mod 2^32) for the 16 lanes, advanced by 16 * golden per window.
   __m512i x = _mm512_add_epi32(
-      _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(start) * kSubsetGolden + r.seed)), lane_golden);
+      _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(start) * kSubsetGolden + r.seed)),
+      lane_golden);
   int found = 0;
   w.count = 0;
   for (int64_t i = start; found < n && i < numel; i += 16, x = _mm512_add_epi32(x, step)) {
@@ -160,7 +162,8 @@ inline bool gather_windows(const SubsetRule& r, int64_t start, int64_t numel, in
                            const float* __restrict p, const float* __restrict g,
                            float* __restrict pv, float* __restrict gv, BlockWindows& w) {
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i lane_golden = _mm256_mullo_epi32(lanes, _mm256_set1_epi32(static_cast<int>(kSubsetGolden)));
+  const __m256i lane_golden =
+      _mm256_mullo_epi32(lanes, _mm256_set1_epi32(static_cast<int>(kSubsetGolden)));
   const __m256i c1 = _mm256_set1_epi32(static_cast<int>(0x85EBCA6Bu));
   const __m256i c2 = _mm256_set1_epi32(static_cast<int>(0xC2B2AE35u));
   const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
@@ -186,7 +189,8 @@ inline bool gather_windows(const SubsetRule& r, int64_t start, int64_t numel, in
     // which almost never happens, instead of masking every window before t_index.
     if (__builtin_expect(!_mm256_testz_si256(tied, tied), 0) && r.t_index >= i) {
       const int64_t tie = r.t_index - i < 8 ? r.t_index - i : 8;
-      const __m256i lane_ok = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(tie) + 1), lanes);
+      const __m256i lane_ok =
+          _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(tie) + 1), lanes);
       sel = _mm256_or_si256(sel, _mm256_and_si256(tied, lane_ok));
     }
     unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(sel)));
@@ -207,8 +211,10 @@ inline bool gather_windows(const SubsetRule& r, int64_t start, int64_t numel, in
 // One whole window: the next popcount(mask) packed values go to the mask's lanes of p.
 inline void expand_window(unsigned mask, const float* __restrict packed, float* __restrict p) {
   const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  const __m256 e = _mm256_permutevar8x32_ps(_mm256_loadu_ps(packed), lane_order(kLaneTables.expand[mask]));
-  const __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(mask)), bits), bits);
+  const __m256 e =
+      _mm256_permutevar8x32_ps(_mm256_loadu_ps(packed), lane_order(kLaneTables.expand[mask]));
+  const __m256i m =
+      _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(mask)), bits), bits);
   _mm256_storeu_ps(p, _mm256_blendv_ps(_mm256_loadu_ps(p), e, _mm256_castsi256_ps(m)));
 }
 #endif  // __AVX512F__

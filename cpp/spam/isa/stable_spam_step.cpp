@@ -1,4 +1,5 @@
-// isa/stable_spam_step.cpp — CPU Stable-SPAM step (docs/algorithms.md §4.4), all tensors of a group:
+// isa/stable_spam_step.cpp — CPU Stable-SPAM step (docs/algorithms.md §4.4), all tensors of a
+// group:
 //   pass 1  per-chunk max|g| and sum g^2 (finite entries), combined per tensor in chunk order
 //           so the result does not depend on the thread count;
 //   scalar  AdaClip: M <- g3 M + (1-g3) max|g|, threshold M_hat (math.h);
@@ -115,8 +116,8 @@ void reduce_tensors(const std::vector<StableSpamTensor>& tensors, const ChunkPla
 
 }  // namespace
 
-void cpu_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
-                          const AdamHyper& hyper, const QuantMaps& maps, int64_t* counters) {
+void cpu_stable_spam_step(const std::vector<StableSpamTensor>& tensors, const AdamHyper& hyper,
+                          const QuantMaps& maps, int64_t* counters) {
   const size_t n = tensors.size();
   std::vector<int64_t> numels;
   numels.reserve(n);
@@ -145,25 +146,31 @@ void cpu_stable_spam_step(const std::vector<StableSpamTensor>& tensors,
     stable_adagn(tensors[i].grad_stats, static_cast<float>(std::sqrt(stats[i].sum_sq)),
                  tensors[i].stat, scalars[i]);
 
-  run_group(tensors, maps, [&](int i) {
-    const AdamHyper h = hyper;
-    const AdamBiasCorrection adam = tensors[i].adam;
-    const StableTensorScalars sc = scalars[i];
-    return [h, adam, sc](float& p, float g, float& m, float& v) {
-      return stable_spam_element(p, g, m, v, h, adam, sc);
-    };
-  }, counters);
+  run_group(
+      tensors, maps,
+      [&](int i) {
+        const AdamHyper h = hyper;
+        const AdamBiasCorrection adam = tensors[i].adam;
+        const StableTensorScalars sc = scalars[i];
+        return [h, adam, sc](float& p, float g, float& m, float& v) {
+          return stable_spam_element(p, g, m, v, h, adam, sc);
+        };
+      },
+      counters);
 }
 
 void cpu_adamw_step(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper,
                     const QuantMaps& maps, int64_t* counters) {
-  run_group(tensors, maps, [&](int i) {
-    const AdamHyper h = hyper;
-    const AdamBiasCorrection adam = tensors[i].adam;
-    return [h, adam](float& p, float g, float& m, float& v) {
-      return stable_spam_element(p, g, m, v, h, adam, kNoClip);
-    };
-  }, counters);
+  run_group(
+      tensors, maps,
+      [&](int i) {
+        const AdamHyper h = hyper;
+        const AdamBiasCorrection adam = tensors[i].adam;
+        return [h, adam](float& p, float g, float& m, float& v) {
+          return stable_spam_element(p, g, m, v, h, adam, kNoClip);
+        };
+      },
+      counters);
 }
 
 }  // namespace SPAM_CPU_ISA
