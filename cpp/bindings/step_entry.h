@@ -4,12 +4,14 @@
 // cuda_backend.h) supplies the device type, the call context (CUDA: device and stream), what
 // is done with the sparse subset rule and the Stable-SPAM scratch, and the kernels.
 //
-// One entry, `step`, serves every algorithm; the argument types choose it:
-//   step(StepBatch, SpamHyper, update_scales)                          SPAM (docs/algorithms.md
-//   §2.4) step(SparseBatch, SpamHyper, update_scales)                        sparse-momentum SPAM
-//   (§3) step(StepBatch, AdamHyper, step_sizes, sqrt_bc2s)                  AdamW (torch
-//   conventions) step(StepBatch, AdamHyper, StatHyper, StableStats, step_sizes,
-//        sqrt_bc2s, scratch)                                           Stable-SPAM (§4.4)
+// One entry, `step`, serves every algorithm; the argument types choose it (docs/algorithms.md):
+// clang-format off
+//   step(StepBatch, SpamHyper, update_scales)                      SPAM (§2.4)
+//   step(SparseBatch, SpamHyper, update_scales)                    sparse-momentum SPAM (§3)
+//   step(StepBatch, AdamHyper, step_sizes, sqrt_bc2s)              AdamW (torch conventions, §8)
+//   step(StepBatch, AdamHyper, StatHyper, StableStats, step_sizes,
+//        sqrt_bc2s, scratch)                                       Stable-SPAM (§4.4)
+// clang-format on
 // The batches are checked when built (step_batch.h, sparse_convert.h); an entry checks its
 // per-tensor lists against the batch and enqueues (CUDA) or runs (CPU) the kernel with the GIL
 // released. No arithmetic lives here.

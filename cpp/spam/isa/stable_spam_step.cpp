@@ -1,5 +1,4 @@
-// isa/stable_spam_step.cpp — CPU Stable-SPAM step (docs/algorithms.md §4.4), all tensors of a
-// group:
+// isa/stable_spam_step.cpp — CPU Stable-SPAM step (§4.4), all tensors of a group:
 //   pass 1  per-chunk max|g| and sum g^2 (finite entries), combined per tensor in chunk order
 //           so the result does not depend on the thread count;
 //   scalar  AdaClip: M <- g3 M + (1-g3) max|g|, threshold M_hat (math.h);
