@@ -15,7 +15,6 @@ namespace spam::bind {
 namespace nb = nanobind;
 
 inline float f32(double x) { return static_cast<float>(x); }
-inline float complement(double beta) { return static_cast<float>(1.0 - beta); }
 
 // An int, not the enum type, so a bad value is a ValueError naming `reset` rather than a
 // nanobind signature mismatch; MomentReset members are ints and pass as they are.
