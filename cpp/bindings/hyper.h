@@ -1,9 +1,10 @@
 // hyper.h — the per-call hyper-parameters as Python classes (SpamHyper, AdamHyper, StatHyper)
 // and the moment-reset mode as an enum, registered in each core module by bind_hypers.
 //
-// Constants arrive as Python floats (double). Every `1 - beta` is computed here from the
-// double and rounded to fp32 once, so a constant and its complement cannot disagree, and the
-// bits equal those of the former Python-side `1.0 - beta` (double) rounded in C++.
+// Constants arrive as Python floats (double). Every `1 - beta` is computed here (math.h
+// complement()) from the double and rounded to fp32 once, so a constant and its complement
+// cannot disagree, and the bits equal those of the former Python-side `1.0 - beta` (double)
+// rounded in C++. (The element algorithms build theirs in their descriptors, algorithms.h.)
 #pragma once
 
 #include <nanobind/nanobind.h>
@@ -63,7 +64,7 @@ inline void bind_hypers(nb::module_& m) {
       .def_ro("reset", &SpamHyper::reset);
 
   nb::class_<AdamHyper>(m, "AdamHyper",
-                        "Per-call constants of an AdamW or Stable-SPAM element update.")
+                        "Per-call constants of a Stable-SPAM step's element update.")
       .def(
           "__init__",
           [](AdamHyper* h, double beta1, double beta2, double eps, double weight_keep,
