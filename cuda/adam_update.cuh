@@ -1,10 +1,6 @@
-// adam_update.cuh — the fused Adam-family update (AdamOp, element_ops.cuh) over every tensor of
-// a call, shared by the CUDA AdamW step and the CUDA Stable-SPAM step (its phase 5), compiled
-// once in adam_update.cu so both steps launch the same kernels.
-//
-// Plain AdamW is this update with `state` null (AdamOp's identity scalars) and no reductions,
-// exactly as on the CPU (cpu_adamw_step); Stable-SPAM passes the TensorState array its phases
-// 2 and 4 filled.
+// adam_update.cuh — the fused Stable-SPAM update (AdamOp, element_ops.cuh) over every tensor of
+// a call: phase 5 of the CUDA Stable-SPAM step, with the TensorState array its phases 2 and 4
+// filled. (Plain AdamW is an element algorithm: algorithms.h, element_step.cu.)
 #pragma once
 
 #include <cstdint>
@@ -17,9 +13,8 @@
 
 namespace spam::cuda {
 
-// Enqueues the update of every tensor on `stream`; tensor i reads state[i] when `state` is not
-// null. `maps` is read only if some tensor has 8-bit moments. The caller has checked the maps
-// and made the device current.
+// Enqueues the update of every tensor on `stream`; tensor i reads state[i]. `maps` is read only if
+// some tensor has 8-bit moments. The caller has checked the maps and made the device current.
 void launch_adam_update(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper,
                         const TensorState* state, const QuantMaps& maps, int64_t* counters,
                         cudaStream_t stream);

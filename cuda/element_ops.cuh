@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "../cpp/spam/algorithms.h"
 #include "../cpp/spam/math.h"
 
 namespace spam::cuda {
@@ -44,7 +45,31 @@ struct SpamOp {
 #endif
 };
 
-// ---------------------------------------------------------- AdamW and Stable-SPAM update
+// --------------------------------------------------------------- element algorithms
+// Any descriptor of algorithms.h (AdamW, ...): its per-tensor scalars are the Extra, its
+// per-call Hyper the op's field, its element function the functor. Instantiated for every
+// entry of SPAM_ELEMENT_ALGORITHMS in element_step.cu and packed_step.cu.
+template <class A>
+struct ElementOp {
+  using Extra = typename A::TensorScalars;
+  typename A::Hyper hyper;
+
+  struct Element {
+    typename A::Hyper h;
+    Extra s;
+#if defined(__CUDACC__)
+    __device__ __forceinline__ ElementFlags operator()(float& p, float g, float& m,
+                                                       float& v) const {
+      return A::element(p, g, m, v, h, s);
+    }
+#endif
+  };
+#if defined(__CUDACC__)
+  __device__ __forceinline__ Element element(const Extra& e) const { return Element{hyper, e}; }
+#endif
+};
+
+// ------------------------------------------------------------------ Stable-SPAM update
 // Per-tensor state of a Stable-SPAM step in device scratch (layout in stable_spam_step.cu):
 // its phases 2 and 4 write the scalars that the update (AdamOp) reads.
 struct alignas(16) TensorState {
@@ -57,17 +82,14 @@ static_assert(sizeof(TensorState) == 32, "scratch layout");
 
 struct AdamExtra {
   AdamBiasCorrection adam;  // step_size, sqrt_bc2
-  int32_t tensor;           // TensorState index (unused for AdamW)
+  int32_t tensor;           // TensorState index
 };
 
-// Stable-SPAM's update (stable_spam_element) with the scalars its phases left in `state`;
-// plain AdamW is the same update with `state` null, which selects the identity scalars
-// {clip threshold +inf, clip scale 1, ||g|| 0 (normalisation off), target 0}, exactly as
-// cpu_adamw_step does.
+// Stable-SPAM's update (stable_spam_element) with the scalars its phases left in `state`.
 struct AdamOp {
   using Extra = AdamExtra;
   AdamHyper hyper;
-  const TensorState* state;  // null: plain AdamW
+  const TensorState* state;
 
   struct Element {
     AdamHyper h;
@@ -81,11 +103,8 @@ struct AdamOp {
 #endif
   };
 #if defined(__CUDACC__)
-  // A uniform branch: the same `state` for the whole launch.
   __device__ __forceinline__ Element element(const Extra& e) const {
-    const StableTensorScalars s = state == nullptr ? StableTensorScalars{INFINITY, 1.0f, 0.0f, 0.0f}
-                                                   : state[e.tensor].scalars;
-    return Element{hyper, e.adam, s};
+    return Element{hyper, e.adam, state[e.tensor].scalars};
   }
 #endif
 };

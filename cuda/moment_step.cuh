@@ -5,9 +5,10 @@
 //   8-bit moments, storage dtype T   step8.cuh        multi-tensor launches per dtype
 //   packed 4-bit weight              packed_step.cuh  one launch per tensor
 //
-// Every shell runs op.element(extra_of(i)) on tensor i, so SPAM, AdamW and Stable-SPAM's update
-// differ only in the op they pass. The caller has checked the maps (check_maps) and made the
-// device current; everything is enqueued on `stream`, nothing waits for it.
+// Every shell runs op.element(extra_of(i)) on tensor i, so SPAM, Stable-SPAM's update and the
+// element algorithms (ElementOp<A>: AdamW, ...) differ only in the op they pass. The caller has
+// checked the maps (check_maps) and made the device current; everything is enqueued on `stream`,
+// nothing waits for it.
 #pragma once
 
 #include <vector>
@@ -21,7 +22,7 @@ namespace spam::cuda {
 
 #if defined(__CUDACC__)
 
-// Tensors: a vector of SpamTensor, StableSpamTensor or AdamTensor (param, grad, exp_avg,
+// Tensors: a vector of SpamTensor, AdamTensor or ElementTensor<A> (param, grad, exp_avg,
 // exp_avg_sq, q8, q4); extra_of(i) -> Op::Extra, the per-tensor scalars of tensor i.
 template <typename Op, typename Tensors, typename ExtraOf>
 void launch_step(const Tensors& tensors, const Op& op, ExtraOf&& extra_of, const QuantMaps& maps,

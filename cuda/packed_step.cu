@@ -171,5 +171,11 @@ template void launch_packed_step<SpamOp>(const PackedParam&, const TensorRef&, c
 template void launch_packed_step<AdamOp>(const PackedParam&, const TensorRef&, const TensorRef&,
                                          const TensorRef&, const AdamOp&, const AdamExtra&,
                                          int64_t*, cudaStream_t);
+#define SPAM_INSTANTIATE(A)                                                     \
+  template void launch_packed_step<ElementOp<A>>(                               \
+      const PackedParam&, const TensorRef&, const TensorRef&, const TensorRef&, \
+      const ElementOp<A>&, const A::TensorScalars&, int64_t*, cudaStream_t);
+SPAM_ELEMENT_ALGORITHMS(SPAM_INSTANTIATE)
+#undef SPAM_INSTANTIATE
 
 }  // namespace spam::cuda

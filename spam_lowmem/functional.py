@@ -8,17 +8,18 @@ float32 per 256 elements; see :mod:`spam_lowmem.qmap`). Callers pass detached, C
 tensors; the optimizers in :mod:`spam_lowmem.optim` take care of that.
 
 Packed 4-bit weights (:class:`spam_lowmem.quant4.PackedWeight`) can be stepped in place by
-:func:`spam_step`, :func:`stable_spam_step` and :func:`adamw_step` through ``packed``: one
-entry per tensor, ``None`` for a dense parameter or a :class:`PackedStep` for a packed one,
-whose ``params[i]`` is then an empty tensor of the working dtype (the gradient and the dense
-moments have that dtype). The core unpacks each quantisation group, applies the element
-update, and re-quantises it with stochastic rounding in one fused pass; the result equals
-``unpack_weight`` -> the dense step -> ``requantize_(seed=, step=)`` bit for bit.
+:func:`spam_step`, :func:`stable_spam_step`, :func:`element_step` and :func:`adamw_step`
+through ``packed``: one entry per tensor, ``None`` for a dense parameter or a
+:class:`PackedStep` for a packed one, whose ``params[i]`` is then an empty tensor of the
+working dtype (the gradient and the dense moments have that dtype). The core unpacks each
+quantisation group, applies the element update, and re-quantises it with stochastic rounding
+in one fused pass; the result equals ``unpack_weight`` -> the dense step ->
+``requantize_(seed=, step=)`` bit for bit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import NamedTuple
 
@@ -36,6 +37,8 @@ __all__ = [
     "sparse_spam_step",
     "stable_spam_step",
     "adamw_step",
+    "element_step",
+    "element_algorithms",
     "quantize_blockwise",
     "dequantize_blockwise",
 ]
@@ -301,6 +304,48 @@ def stable_spam_step(
     )
 
 
+def element_step(
+    algorithm: str,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    absmax_m: Sequence[torch.Tensor],
+    absmax_v: Sequence[torch.Tensor],
+    counters: torch.Tensor,
+    *,
+    hyper: Mapping[str, float],
+    scalars: Mapping[str, Sequence[float]],
+    skip_nonfinite: bool,
+    packed: Sequence[PackedStep | None] | None = None,
+    packed_bad: torch.Tensor | None = None,
+) -> None:
+    """One step of an element algorithm of the core (``cpp/spam/algorithms.h``; AdamW, ...:
+    an element function with per-call and per-tensor constants, docs/design.md §6) over
+    tensors that all live on one device.
+
+    ``hyper`` holds exactly the algorithm's per-call constants and ``scalars`` exactly its
+    per-tensor lists, one value per tensor (:func:`element_algorithms` names them); a missing
+    or unknown keyword, or a list of another length, is a ``ValueError``. ``counters`` and
+    ``packed``/``packed_bad`` as :func:`spam_step`.
+    """
+    hyper_args = dict(hyper)
+    scalar_args = {name: list(values) for name, values in scalars.items()}
+
+    def args(module: ModuleType) -> tuple[object, ...]:
+        return algorithm, hyper_args, scalar_args, skip_nonfinite
+
+    _step(
+        (params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), counters, args, packed=packed, packed_bad=packed_bad
+    )
+
+
+def element_algorithms() -> dict[str, dict[str, list[str]]]:
+    """The core's element algorithms: ``{name: {"hyper": [...], "scalars": [...]}}``, the
+    keywords :func:`element_step` takes for each."""
+    return _backend.cpu_module().element_algorithms()
+
+
 def adamw_step(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -322,17 +367,22 @@ def adamw_step(
 ) -> None:
     """One AdamW step with ``torch.optim.AdamW``'s conventions (decay first, eps after bias
     correction); ``step_sizes[i] = lr / (1 - beta1^k_i)``, ``sqrt_bc2s[i] = sqrt(1 - beta2^k_i)``.
-    ``packed``/``packed_bad``: packed 4-bit weights (module docstring)."""
-
-    def args(module: ModuleType) -> tuple[object, ...]:
-        return (
-            module.AdamHyper(beta1=beta1, beta2=beta2, eps=eps, weight_keep=weight_keep, skip_nonfinite=skip_nonfinite),
-            list(step_sizes),
-            list(sqrt_bc2s),
-        )
-
-    _step(
-        (params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), counters, args, packed=packed, packed_bad=packed_bad
+    ``packed``/``packed_bad``: packed 4-bit weights (module docstring). The element algorithm
+    ``"adamw"`` through :func:`element_step`."""
+    element_step(
+        "adamw",
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        absmax_m,
+        absmax_v,
+        counters,
+        hyper={"beta1": beta1, "beta2": beta2, "eps": eps, "weight_keep": weight_keep},
+        scalars={"step_sizes": step_sizes, "sqrt_bc2s": sqrt_bc2s},
+        skip_nonfinite=skip_nonfinite,
+        packed=packed,
+        packed_bad=packed_bad,
     )
 
 

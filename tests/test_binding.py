@@ -117,8 +117,9 @@ def test_typed_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="scratch"):  # the CPU core takes none
         stats = _C.StableStats([to_dlpack(torch.zeros(3))], [0.1], [0.1], [0.1])
         _C.step(batch, adam, stat, stats, [1e-3], [0.1], to_dlpack(torch.empty(16, dtype=torch.uint8)))
+    adamw = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_keep=1.0)
     with pytest.raises(ValueError, match="sqrt_bc2s"):
-        _C.step(batch, adam, [1e-3], [])
+        _C.step(batch, "adamw", adamw, {"step_sizes": [1e-3], "sqrt_bc2s": []}, True)
     with pytest.raises(ValueError, match="group_size"):
         _C.PackedWeightRef(
             to_dlpack(torch.zeros(4, dtype=torch.uint8)),

@@ -217,8 +217,8 @@ def _call(module, algo, group, stats, cnt, opts, stream=0):
             scratch,
         )
     else:
-        hyper = module.AdamHyper(**ADAM_KW, skip_nonfinite=opts.get("skip", True))
-        module.step(batch, hyper, step_sizes, sqrt_bc2s)
+        scalars = {"step_sizes": step_sizes, "sqrt_bc2s": sqrt_bc2s}
+        module.step(batch, "adamw", ADAM_KW, scalars, opts.get("skip", True))
 
 
 def _run(algo, group, *, stream=None, before_launch=None, stats_init=STATS_CLIPPING, **opts):

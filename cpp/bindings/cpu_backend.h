@@ -70,7 +70,8 @@ struct CpuBackend {
   // The kernels (cpu_ops.h), called through `call`: the CPU entry points take no context.
   static constexpr auto spam_step = &cpu_spam_step;
   static constexpr auto sparse_spam_step = &cpu_sparse_spam_step;
-  static constexpr auto adamw_step = &cpu_adamw_step;
+  template <class A>  // an element algorithm (algorithms.h)
+  static constexpr auto element_step = &cpu_element_step<A>;
   static void stable_spam_step(const std::vector<StableSpamTensor>& t, const AdamHyper& h,
                                const QuantMaps& maps, int64_t* counters, const Scratch& /*s*/) {
     cpu_stable_spam_step(t, h, maps, counters);

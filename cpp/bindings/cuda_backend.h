@@ -65,7 +65,8 @@ struct CudaBackend {
   // The launchers (cuda_api.h), called through `call` with the context last.
   static constexpr auto spam_step = &cuda_spam_step;
   static constexpr auto sparse_spam_step = &cuda_sparse_spam_step;
-  static constexpr auto adamw_step = &cuda_adamw_step;
+  template <class A>  // an element algorithm (algorithms.h)
+  static constexpr auto element_step = &cuda_element_step<A>;
   static void stable_spam_step(const std::vector<StableSpamTensor>& t, const AdamHyper& h,
                                const QuantMaps& maps, int64_t* counters, const Scratch& s,
                                const Context& ctx) {

@@ -1,9 +1,10 @@
 // hyper.h — the per-call hyper-parameters as Python classes (SpamHyper, AdamHyper, StatHyper)
 // and the moment-reset mode as an enum, registered in each core module by bind_hypers.
 //
-// Constants arrive as Python floats (double). Every `1 - beta` is computed here from the
-// double and rounded to fp32 once, so a constant and its complement cannot disagree, and the
-// bits equal those of the former Python-side `1.0 - beta` (double) rounded in C++.
+// Constants arrive as Python floats (double). Every `1 - beta` is computed here (math.h
+// complement()) from the double and rounded to fp32 once, so a constant and its complement
+// cannot disagree, and the bits equal those of the former Python-side `1.0 - beta` (double)
+// rounded in C++. (The element algorithms build theirs in their descriptors, algorithms.h.)
 #pragma once
 
 #include <nanobind/nanobind.h>
@@ -15,7 +16,6 @@ namespace spam::bind {
 namespace nb = nanobind;
 
 inline float f32(double x) { return static_cast<float>(x); }
-inline float complement(double beta) { return static_cast<float>(1.0 - beta); }
 
 // An int, not the enum type, so a bad value is a ValueError naming `reset` rather than a
 // nanobind signature mismatch; MomentReset members are ints and pass as they are.
@@ -64,7 +64,7 @@ inline void bind_hypers(nb::module_& m) {
       .def_ro("reset", &SpamHyper::reset);
 
   nb::class_<AdamHyper>(m, "AdamHyper",
-                        "Per-call constants of an AdamW or Stable-SPAM element update.")
+                        "Per-call constants of a Stable-SPAM step's element update.")
       .def(
           "__init__",
           [](AdamHyper* h, double beta1, double beta2, double eps, double weight_keep,

@@ -8,7 +8,8 @@
 // clang-format off
 //   step(StepBatch, SpamHyper, update_scales)                      SPAM (§2.4)
 //   step(SparseBatch, SpamHyper, update_scales)                    sparse-momentum SPAM (§3)
-//   step(StepBatch, AdamHyper, step_sizes, sqrt_bc2s)              AdamW (torch conventions, §8)
+//   step(StepBatch, algorithm, hyper, scalars, skip_nonfinite)     element algorithms: AdamW, ...
+//                                                                  (element_entry.h)
 //   step(StepBatch, AdamHyper, StatHyper, StableStats, step_sizes,
 //        sqrt_bc2s, scratch)                                       Stable-SPAM (§4.4)
 // clang-format on
@@ -25,6 +26,7 @@
 
 #include "../spam/cpu_ops.h"
 #include "convert.h"
+#include "element_entry.h"
 #include "hyper.h"
 #include "packed_convert.h"
 #include "sparse_convert.h"
@@ -71,17 +73,6 @@ inline std::vector<AdamBiasCorrection> adam_scalars(size_t n, const Scalars& ste
   out.reserve(n);
   for (size_t i = 0; i < n; ++i) out.push_back({f32(step_sizes[i]), f32(sqrt_bc2s[i])});
   return out;
-}
-
-template <class Backend>
-void adamw_step(const StepBatch<Backend>& b, const AdamHyper& h, const Scalars& step_sizes,
-                const Scalars& sqrt_bc2s) {
-  const std::vector<AdamBiasCorrection> adam = adam_scalars(b.size(), step_sizes, sqrt_bc2s);
-  std::vector<AdamTensor> tensors;
-  tensors.reserve(b.size());
-  for (size_t i = 0; i < b.size(); ++i)
-    tensors.push_back({b.b.p[i], b.b.g[i], b.b.m[i], b.b.v[i], adam[i], b.b.q8[i], b.q4[i]});
-  launch(Backend::adamw_step, b.target, tensors, h);
 }
 
 template <class Backend>
@@ -159,8 +150,7 @@ void bind_steps(nb::module_& m) {
         "lr * s * sqrt(1 - beta2^t_i) / (1 - beta1^t_i).");
   m.def("step", &sparse_spam_step<Backend>, "batch"_a, "hyper"_a, "update_scales"_a,
         "Sparse-momentum SPAM step over all tensors of one group, in place.");
-  m.def("step", &adamw_step<Backend>, "batch"_a, "hyper"_a, "step_sizes"_a, "sqrt_bc2s"_a,
-        "AdamW step with torch.optim.AdamW's conventions, in place.");
+  bind_element_steps<Backend>(m);
   m.def("step", &stable_spam_step<Backend>, "batch"_a, "hyper"_a, "stat_hyper"_a, "stats"_a,
         "step_sizes"_a, "sqrt_bc2s"_a, "scratch"_a = nb::none(),
         "Stable-SPAM step over all tensors of one group, in place. CUDA: `scratch` is a uint8 "

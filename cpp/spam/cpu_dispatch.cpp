@@ -1,6 +1,8 @@
 // cpu_dispatch.cpp — run-time choice of the CPU kernel build (see cpu_isa.h).
 #include "cpu_isa.h"
 
+#include "algorithms.h"
+
 #include <cstdlib>
 #include <cstring>
 
@@ -88,10 +90,16 @@ void cpu_stable_spam_step(const std::vector<StableSpamTensor>& t, const AdamHype
   SPAM_DISPATCH(cpu_stable_spam_step, t, h, q, c);
 }
 
-void cpu_adamw_step(const std::vector<AdamTensor>& t, const AdamHyper& h, const QuantMaps& q,
-                    int64_t* c) {
-  SPAM_DISPATCH(cpu_adamw_step, t, h, q, c);
+template <class A>
+void cpu_element_step(const std::vector<ElementTensor<A>>& t, const typename A::Hyper& h,
+                      const QuantMaps& q, int64_t* c) {
+  SPAM_DISPATCH(cpu_element_step<A>, t, h, q, c);
 }
+#define SPAM_INSTANTIATE(A)                                                                \
+  template void cpu_element_step<A>(const std::vector<ElementTensor<A>>&, const A::Hyper&, \
+                                    const QuantMaps&, int64_t*);
+SPAM_ELEMENT_ALGORITHMS(SPAM_INSTANTIATE)
+#undef SPAM_INSTANTIATE
 
 void cpu_quantize_blockwise(const TensorRef& x, uint8_t* codes, float* absmax, const QuantMap& m) {
   SPAM_DISPATCH(cpu_quantize_blockwise, x, codes, absmax, m);

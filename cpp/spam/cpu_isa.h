@@ -4,7 +4,9 @@
 // This keeps wheels portable while matching torch's own AVX-512 kernels in speed.
 //
 // A kernel translation unit is compiled with -DSPAM_CPU_ISA=<namespace> and defines
-// spam::<namespace>::cpu_spam_step / cpu_stable_spam_step with the cpu_ops.h signatures.
+// spam::<namespace>::cpu_spam_step / cpu_stable_spam_step with the cpu_ops.h signatures; the
+// element algorithms' steps (algorithms.h) are one template, cpu_element_step<A>, instantiated
+// for every entry of SPAM_ELEMENT_ALGORITHMS in isa/element_step.cpp.
 #pragma once
 
 #include "cpu_ops.h"
@@ -23,8 +25,9 @@ namespace spam {
                             const QuantMaps&, int64_t*);                                          \
   void cpu_stable_spam_step(const std::vector<StableSpamTensor>&, const AdamHyper&,               \
                             const QuantMaps&, int64_t*);                                          \
-  void cpu_adamw_step(const std::vector<AdamTensor>&, const AdamHyper&, const QuantMaps&,         \
-                      int64_t*);                                                                  \
+  template <class A>                                                                              \
+  void cpu_element_step(const std::vector<ElementTensor<A>>&, const typename A::Hyper&,           \
+                        const QuantMaps&, int64_t*);                                              \
   void cpu_quantize_blockwise(const TensorRef&, uint8_t*, float*, const QuantMap&);               \
   void cpu_dequantize_blockwise(const uint8_t*, const float*, const TensorRef&, const QuantMap&); \
   }

@@ -9,7 +9,7 @@
 #include "math.h"
 #include "quant8.h"
 #include "sparse_subset.h"
-#include "step_tensors.h"  // SpamTensor, StableSpamTensor, AdamTensor, QuantMaps, Counters
+#include "step_tensors.h"  // SpamTensor, StableSpamTensor, ElementTensor, QuantMaps, Counters
 
 namespace spam {
 
@@ -43,10 +43,12 @@ void cpu_sparse_spam_step(const std::vector<SparseSpamTensor>& tensors, const Sp
 void cpu_stable_spam_step(const std::vector<StableSpamTensor>& tensors, const AdamHyper& hyper,
                           const QuantMaps& maps, int64_t* counters);
 
-// Plain AdamW with torch.optim.AdamW's conventions (decay first, eps after bias correction):
-// the Stable-SPAM element with clipping and normalisation off.
-void cpu_adamw_step(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper,
-                    const QuantMaps& maps, int64_t* counters);
+// One step of element algorithm A (algorithms.h: AdamW, ...) over all tensors of a group: A's
+// element function on every entry, dense or 8-bit moments or packed 4-bit weights. Defined
+// for every entry of SPAM_ELEMENT_ALGORITHMS (cpu_dispatch.cpp).
+template <class A>
+void cpu_element_step(const std::vector<ElementTensor<A>>& tensors, const typename A::Hyper& hyper,
+                      const QuantMaps& maps, int64_t* counters);
 
 // Blockwise quantisation of whole tensors (functional.quantize_blockwise and friends).
 void cpu_quantize_blockwise(const TensorRef& x, uint8_t* codes, float* absmax, const QuantMap& map);

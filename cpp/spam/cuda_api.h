@@ -18,7 +18,7 @@
 #include "common.h"
 #include "math.h"
 #include "quant8.h"
-#include "step_tensors.h"  // SpamTensor, StableSpamTensor, AdamTensor, QuantMaps, Counters
+#include "step_tensors.h"  // SpamTensor, StableSpamTensor, ElementTensor, QuantMaps, Counters
 
 namespace spam {
 
@@ -49,10 +49,12 @@ void cuda_stable_spam_step(const std::vector<StableSpamTensor>& tensors, const A
                            const QuantMaps& maps, int64_t* counters, void* scratch,
                            int64_t scratch_bytes, const CudaContext& ctx);
 
-// Plain AdamW (torch.optim.AdamW conventions); same semantics as cpu_adamw_step: the
-// Stable-SPAM update with clipping and normalisation off, no reductions, no scratch.
-void cuda_adamw_step(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper,
-                     const QuantMaps& maps, int64_t* counters, const CudaContext& ctx);
+// One step of element algorithm A (algorithms.h: AdamW, ...); same semantics as
+// cpu_element_step<A>: no reductions, no scratch. Defined for every entry of
+// SPAM_ELEMENT_ALGORITHMS (cuda/element_step.cu).
+template <class A>
+void cuda_element_step(const std::vector<ElementTensor<A>>& tensors, const typename A::Hyper& hyper,
+                       const QuantMaps& maps, int64_t* counters, const CudaContext& ctx);
 
 // Blockwise 8-bit quantisation of a whole device tensor (cpu_quantize_blockwise): codes
 // [x.numel], absmax [ceil(numel / 256)]. Only map.buckets is read.

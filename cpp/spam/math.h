@@ -33,6 +33,10 @@ struct NonFinite {
   bool skip;
 };
 
+// A per-call constant's complement, 1 - beta, formed in double from the value Python gave and
+// rounded to fp32 once (docs/design.md §3 rule 4).
+inline float complement(double beta) { return static_cast<float>(1.0 - beta); }
+
 SPAM_HD bool is_finite(float x) {
 #if defined(__CUDA_ARCH__)
   return isfinite(x);
@@ -127,6 +131,10 @@ struct StableTensorScalars {
   float grad_norm;       // ||clipped g||; 0 disables the normalisation (the 2025-03-03 guard)
   float norm_target;     // c = mu_hat / (sqrt(nu_hat) + eps)
 };
+
+// The identity scalars: no clip (threshold +inf, scale 1), no normalisation (||g|| 0). With
+// them stable_spam_element is plain AdamW (AdamWAlgorithm, algorithms.h).
+SPAM_HD StableTensorScalars no_clip() { return StableTensorScalars{INFINITY, 1.0f, 0.0f, 0.0f}; }
 
 // AdaClip, first half (§4.4 step 3): fold the current max into M and derive the threshold.
 // The current max enters the EMA before the threshold is taken, so at k = 1 nothing clips.

@@ -66,7 +66,17 @@ struct StableSpamTensor {
   PackedParam q4;
 };
 
-// One tensor of an AdamW step (cpu_adamw_step, cuda_adamw_step).
+// One tensor of an element algorithm's step (algorithms.h; cpu_element_step, cuda_element_step):
+// the algorithm's per-tensor scalars.
+template <class Algorithm>
+struct ElementTensor {
+  TensorRef param, grad, exp_avg, exp_avg_sq;
+  typename Algorithm::TensorScalars scalars;
+  Quant8Moments q8;
+  PackedParam q4;
+};
+
+// One tensor of the CUDA Stable-SPAM step's fused update (its phase 5, cuda/adam_update.cuh).
 struct AdamTensor {
   TensorRef param, grad, exp_avg, exp_avg_sq;
   AdamBiasCorrection adam;

@@ -9,9 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .. import functional as F
 from ..hyperparams import AdamWSettings, settings_constructor
-from .base import DeviceBatch, SpikeAwareOptimizer
+from .base import SpikeAwareOptimizer
 
 __all__ = ["AdamW"]
 
@@ -38,6 +37,7 @@ class AdamW(SpikeAwareOptimizer):
     """
 
     KIND = "AdamW"
+    ALGORITHM = "adamw"  # the core's element algorithm (cpp/spam/algorithms.h)
     SETTINGS = AdamWSettings
     __init__ = settings_constructor(AdamWSettings)
 
@@ -55,14 +55,11 @@ class AdamW(SpikeAwareOptimizer):
             "sqrt_bc2s": [math.sqrt(1.0 - beta2**step) for step in steps],
         }
 
-    def _core_step(self, batch: DeviceBatch, group: dict[str, Any], call: None, core_kw: dict[str, Any]) -> None:
+    def _element_hyper(self, group: dict[str, Any], call: None) -> dict[str, float]:
         beta1, beta2 = group["betas"]
-        F.adamw_step(
-            batch.params,
-            batch.grads,
-            **core_kw,
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_keep=1.0 - group["lr"] * group["weight_decay"],
-        )
+        return {
+            "beta1": beta1,
+            "beta2": beta2,
+            "eps": group["eps"],
+            "weight_keep": 1.0 - group["lr"] * group["weight_decay"],
+        }

@@ -28,11 +28,14 @@ dicts), ``SETTINGS`` and ``__init__ = settings_constructor(SETTINGS)``, and writ
 hooks of the step template :meth:`SpikeAwareOptimizer._step_group`: ``_group_scalars(group,
 call)`` (the schedules of call 1, 2, ...: resets, decays), ``_tensor_scalars(states, group,
 call)`` (the counts of each tensor of a device batch after the call and the per-tensor scalar
-lists, keyed by the core keyword) and ``_core_step(batch, group, call, core_kw)`` (the one :mod:`spam_lowmem.functional`
-call). State beyond ``step`` and the moments goes in ``_init_extra_state`` and is declared
-in ``_required_state_keys`` / ``_count_state_keys`` / ``_fp32_state_keys`` for the load
-checks; state a call replaces before the core runs belongs in ``_group_transaction``, which
-must restore it when the core raises. Gathering, commit-after-success, packed weights,
+lists, keyed by the core keyword) and ``_core_step(batch, group, call, core_kw)`` (the one
+:mod:`spam_lowmem.functional` call). A kind whose step is one of the core's element
+algorithms (``cpp/spam/algorithms.h``, docs/design.md §6) names it in ``ALGORITHM`` and
+writes ``_element_hyper(group, call)`` (the call's constants by name) instead of
+``_core_step``. State beyond ``step`` and the moments goes in ``_init_extra_state`` and is
+declared in ``_required_state_keys`` / ``_count_state_keys`` / ``_fp32_state_keys`` for the
+load checks; state a call replaces before the core runs belongs in ``_group_transaction``,
+which must restore it when the core raises. Gathering, commit-after-success, packed weights,
 telemetry, copies and state-dict checks then come from this class.
 """
 
@@ -41,12 +44,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import torch
 
 from .. import _backend
-from ..functional import PackedStep
+from ..functional import PackedStep, element_algorithms, element_step
 from ..hyperparams import Settings, check_count
 from . import moments
 from . import packed as packed_policy
@@ -126,6 +130,15 @@ def _split_named(params: Any) -> tuple[list[torch.Tensor], list[str] | None]:
     return [item[1] for item in items], [item[0] for item in items]
 
 
+@cache
+def _element_scalar_names(algorithm: str) -> tuple[str, ...]:
+    """The per-tensor list keywords of a core element algorithm."""
+    algorithms = element_algorithms()
+    if algorithm not in algorithms:
+        raise ValueError(f"spam_lowmem: the core has no element algorithm {algorithm!r} (known: {sorted(algorithms)})")
+    return tuple(algorithms[algorithm]["scalars"])
+
+
 def _kinds() -> dict[str, frozenset[str]]:
     """The hyper-parameter keys of every optimizer kind defined on this base."""
     found: dict[str, frozenset[str]] = {}
@@ -168,6 +181,9 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
     #: the optimizer kind written into every param group (``KIND_KEY``); a state dict of another
     #: kind is rejected on load. Subclasses of SPAM/StableSPAM/AdamW inherit their parent's kind.
     KIND = ""
+    #: the core element algorithm (``cpp/spam/algorithms.h``; ``functional.element_algorithms()``)
+    #: a kind steps through the default :meth:`_core_step`; empty for a kind with its own call
+    ALGORITHM = ""
     #: the kind's hyper-parameters (:mod:`spam_lowmem.hyperparams`): constructor arguments,
     #: defaults and the rules a group obeys; a kind's ``__init__`` is
     #: ``settings_constructor(SETTINGS)``
@@ -416,7 +432,22 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
     def _core_step(self, batch: DeviceBatch, group: dict[str, Any], call: Any, core_kw: dict[str, Any]) -> None:
         """Hook: the one :mod:`spam_lowmem.functional` call for ``batch``: ``batch.params``,
         ``batch.grads``, ``core_kw`` (moments, the per-tensor scalar lists, counters, the NaN
-        policy and any packed weights) and the kind's group-wide keywords."""
+        policy and any packed weights) and the kind's group-wide keywords.
+
+        A kind that names a core element algorithm (``ALGORITHM``) need not write it: the
+        call is :func:`spam_lowmem.functional.element_step` with the algorithm's per-tensor
+        lists taken from ``core_kw`` and its constants from :meth:`_element_hyper`."""
+        if not self.ALGORITHM:
+            raise NotImplementedError
+        kw = dict(core_kw)
+        scalars = {name: kw.pop(name) for name in _element_scalar_names(self.ALGORITHM)}
+        element_step(
+            self.ALGORITHM, batch.params, batch.grads, **kw, hyper=self._element_hyper(group, call), scalars=scalars
+        )
+
+    def _element_hyper(self, group: dict[str, Any], call: Any) -> dict[str, float]:
+        """Hook of a kind with an ``ALGORITHM``: the call's constants of that element
+        algorithm, keyed by its hyper names (``functional.element_algorithms()``)."""
         raise NotImplementedError
 
     @contextmanager

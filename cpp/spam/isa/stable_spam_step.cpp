@@ -5,7 +5,8 @@
 //   pass 2  only for tensors that clip: sum of squares of the clipped gradient;
 //   scalar  AdaGN: mu, nu EMAs and the target norm c;
 //   pass 3  the fused element update (clip, normalise, Adam, decay; dense or 8-bit moments).
-// Plain AdamW (torch conventions) is the same element with clipping and normalisation off.
+// (Plain AdamW, the same element with clipping and normalisation off, is an element algorithm:
+// algorithms.h, isa/element_step.cpp.)
 #include <algorithm>
 #include <cmath>
 
@@ -19,8 +20,8 @@ namespace spam {
 namespace SPAM_CPU_ISA {
 namespace {
 
-// Scalars that make the Stable-SPAM element plain AdamW (no clip, no normalisation); pass 1
-// also reduces the raw gradient with them.
+// The identity scalars (no clip, no normalisation, math.h no_clip()): pass 1 reduces the raw
+// gradient with them.
 constexpr StableTensorScalars kNoClip{INFINITY, 1.0f, 0.0f, 0.0f};
 
 struct Partial {
@@ -153,20 +154,6 @@ void cpu_stable_spam_step(const std::vector<StableSpamTensor>& tensors, const Ad
         const StableTensorScalars sc = scalars[i];
         return [h, adam, sc](float& p, float g, float& m, float& v) {
           return stable_spam_element(p, g, m, v, h, adam, sc);
-        };
-      },
-      counters);
-}
-
-void cpu_adamw_step(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper,
-                    const QuantMaps& maps, int64_t* counters) {
-  run_group(
-      tensors, maps,
-      [&](int i) {
-        const AdamHyper h = hyper;
-        const AdamBiasCorrection adam = tensors[i].adam;
-        return [h, adam](float& p, float g, float& m, float& v) {
-          return stable_spam_element(p, g, m, v, h, adam, kNoClip);
         };
       },
       counters);
