@@ -40,6 +40,13 @@ def main() -> None:
     parser.add_argument("--numel", type=int, default=16)
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument(
+        "--order",
+        choices=("interleaved", "sequential"),
+        default="interleaved",
+        help="interleaved: one call of each candidate per round (load drift hits all alike); "
+        "sequential: all calls of one candidate, then the next (each runs with a warm cache)",
+    )
     parser.add_argument("--out", default=None, help="append JSON lines here")
     args = parser.parse_args()
 
@@ -54,15 +61,22 @@ def main() -> None:
         for _ in range(args.warmup):
             opts[name].step()
         runs[name] = []
-    # interleaved, call by call, so drift in machine load hits every candidate alike
-    for _ in range(args.calls):
+
+    def timed(opt: torch.optim.Optimizer) -> float:
+        t0 = time.perf_counter()
+        opt.step()
+        return (time.perf_counter() - t0) * 1e6
+
+    if args.order == "interleaved":  # call by call, so drift in machine load hits every candidate alike
+        for _ in range(args.calls):
+            for name, opt in opts.items():
+                runs[name].append(timed(opt))
+    else:
         for name, opt in opts.items():
-            t0 = time.perf_counter()
-            opt.step()
-            runs[name].append((time.perf_counter() - t0) * 1e6)
+            runs[name] = [timed(opt) for _ in range(args.calls)]
 
     env = C.environment("cpu")
-    print(f"# {args.tensors} tensors of {args.numel} elements, {args.calls} calls each; {env['date']}")
+    print(f"# {args.tensors} tensors of {args.numel} elements, {args.calls} calls each ({args.order}); {env['date']}")
     base = statistics.median(runs["torch AdamW (fused)"])
     rows = []
     print(f"{'optimizer':<24} {'best us':>8} {'median us':>10} {'vs fused':>9}")
@@ -74,6 +88,7 @@ def main() -> None:
                 "bench": "step_overhead",
                 "candidate": name,
                 "tensors": args.tensors,
+                "order": args.order,
                 "numel": args.numel,
                 "best_us": min(ts),
                 "median_us": med,
