@@ -43,91 +43,26 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
 import torch
 
 from .. import _backend
-from ..functional import PackedStep, element_algorithms, element_step
+from ..functional import element_algorithms, element_step
 from ..hyperparams import Settings, check_count
-from . import moments
+from ..qmap import num_blocks
+from . import moments, state_checks
 from . import packed as packed_policy
+from .params import DeviceBatch, check_plain_tensor, split_named
 
 __all__ = ["DeviceBatch", "SpikeAwareOptimizer"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-#: the only parameter/gradient types the core can step (tensor subclasses are rejected)
-PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 #: param-group key recording which optimizer kind wrote the group (checked on load)
 KIND_KEY = "optimizer_kind"
 #: group keys that are bookkeeping, not hyper-parameters
 _BOOKKEEPING_KEYS = frozenset({"params", "param_names", "calls", "layout_version", KIND_KEY, "differentiable"})
-
-
-@dataclass
-class DeviceBatch:
-    """The tensors of one group on one device, in the order the core receives them."""
-
-    params: list[torch.Tensor] = field(default_factory=list)  # contiguous views or copies
-    grads: list[torch.Tensor] = field(default_factory=list)
-    owners: list[torch.Tensor] = field(default_factory=list)  # the user's parameters
-    states: list[dict[str, Any]] = field(default_factory=list)
-    copy_back: list[int] = field(default_factory=list)  # indices whose params are copies
-    packed: list[PackedStep | None] = field(default_factory=list)  # fused 4-bit weights
-    fresh: list[int] = field(default_factory=list)  # indices whose state this call created
-
-    def moment_args(self, device: torch.device) -> dict[str, Any]:
-        """Moment buffers (dense or 8-bit) of this batch, as the core step calls take them."""
-        return moments.moment_args(self.states, device)
-
-    def write_back(self) -> None:
-        """Copy the updated contiguous copies into non-contiguous parameters."""
-        for i in self.copy_back:
-            self.owners[i].detach().copy_(self.params[i])
-
-
-def check_plain_tensor(what: str, t: torch.Tensor) -> None:
-    """Reject tensor subclasses: the core steps raw storage, which a subclass may not have (a
-    DTensor holds only its local shard; a ``__torch_dispatch__`` wrapper often has none), so
-    stepping one can crash the process instead of raising."""
-    if type(t) not in PLAIN_TENSOR_TYPES:
-        kind = f"{type(t).__module__}.{type(t).__qualname__}"
-        raise TypeError(
-            f"spam_lowmem: {what} is a {kind}, a torch.Tensor subclass; only "
-            "plain torch.Tensor / torch.nn.Parameter are supported. Distributed tensors "
-            "(DTensor from FSDP2 fully_shard or tensor parallelism) are not supported yet; "
-            "DDP, whose parameters are plain tensors, is"
-        )
-
-
-def _split_named(params: Any) -> tuple[list[torch.Tensor], list[str] | None]:
-    """The tensors of a group's ``params`` and their names, with torch.optim's conventions: a
-    single tensor, or an ordered iterable of tensors or of ``(name, tensor)`` tuples (all named
-    or none)."""
-    if isinstance(params, torch.Tensor):
-        return [params], None
-    if isinstance(params, set):
-        raise TypeError(
-            "optimizer parameters need to be organized in ordered collections, but the "
-            "ordering of tensors in sets will change between runs; use a list instead"
-        )
-    items = list(params)
-    named = [isinstance(item, tuple) for item in items]
-    if not any(named):
-        return items, None
-    if not all(named):
-        raise ValueError(
-            "all optimizer params should be with/without names; some param names are "
-            "missing (pass either tensors or (name, tensor) tuples in one group)"
-        )
-    for item in items:
-        if len(item) != 2 or not isinstance(item[0], str):
-            raise TypeError(
-                f"a named parameter must be a (str, Tensor) tuple, got a tuple of {[torch.typename(x) for x in item]}"
-            )
-    return [item[1] for item in items], [item[0] for item in items]
 
 
 @cache
@@ -149,18 +84,6 @@ def _kinds() -> dict[str, frozenset[str]]:
         if cls.KIND:
             found.setdefault(cls.KIND, cls.HYPERPARAMETERS)
     return found
-
-
-def _bad_values(t: torch.Tensor, *, non_negative: bool) -> str | None:
-    """Why the values of a loaded float tensor are unusable (NaN/inf, or negative where the
-    quantity cannot be), or None."""
-    values = t.detach().float()
-    if not bool(values.isfinite().all()):
-        n = int((~values.isfinite()).sum())
-        return f"{n} non-finite value(s) (NaN or inf)"
-    if non_negative and bool((values < 0).any()):
-        return f"{int((values < 0).sum())} negative value(s) (it must be >= 0)"
-    return None
 
 
 class SpikeAwareOptimizer(torch.optim.Optimizer):
@@ -212,10 +135,8 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         through ``__setstate__`` and must keep them."""
         if not hasattr(self, "_telemetry"):
             self._telemetry: dict[tuple[int, torch.device], torch.Tensor] = {}
-        if not hasattr(self, "_requant_bad"):
-            self._requant_bad: dict[tuple[int, torch.device], torch.Tensor] = {}
         if not hasattr(self, "_packed"):
-            self._packed: dict[int, tuple[torch.Tensor, packed_policy.PackedSource]] = {}
+            self._packed = packed_policy.PackedAttachments()
 
     # ------------------------------------------------------------------ copy / pickle
     def __getstate__(self) -> dict[str, Any]:
@@ -267,69 +188,15 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         updated and re-quantised in place by :meth:`step`; ``p``'s data is never read. Usually
         called by :func:`spam_lowmem.nn.attach_packed_requant`. Raises NotImplementedError for
         groups the fused step does not support (:mod:`spam_lowmem.optim.packed`)."""
-        group = self._group_of(p)
-        packed_policy.check_supported(p, group)
-        w = source.packed_weight()
-        if tuple(w.shape) != tuple(p.shape) or w.codes.device != p.device:
-            raise ValueError(
-                f"spam_lowmem: packed weight {tuple(w.shape)} on {w.codes.device} does "
-                f"not match the parameter {tuple(p.shape)} on {p.device}"
-            )
-        self._packed[id(p)] = (p, source)
+        self._packed.attach(p, self._group_of(p), source)
 
     def detach_packed(self, p: torch.Tensor) -> None:
         """Undo :meth:`attach_packed` (a no-op for a parameter that is not attached)."""
-        self._packed.pop(id(p), None)
+        self._packed.detach(p)
 
     def is_packed(self, p: torch.Tensor) -> bool:
         """Whether ``p`` is stepped through the fused packed kernels."""
-        return id(p) in self._packed
-
-    def _packed_step(self, p: torch.Tensor, group: dict[str, Any]) -> PackedStep | None:
-        entry = self._packed.get(id(p))
-        if entry is None:
-            return None
-        source = entry[1]
-        packed_policy.check_supported(p, group)
-        if source.is_materialized:
-            raise RuntimeError(
-                "spam_lowmem: a packed weight attached for fused steps is materialised "
-                "(a dense working copy exists); call release() on its layer first"
-            )
-        seed, step = source.next_sr_counter()
-        return PackedStep(source.packed_weight(), seed, step)
-
-    def _packed_bad(self, group_index: int, device: torch.device) -> torch.Tensor:
-        """Counter of packed groups left unchanged because their update was not finite. On CPU a
-        fresh one per call (checked after the step, free there); on CUDA the telemetry buffer."""
-        if device.type == "cpu":
-            return torch.zeros(1, dtype=torch.int64)
-        key = (group_index, device)
-        bad = self._requant_bad.get(key)
-        if bad is None:
-            bad = self._requant_bad[key] = torch.zeros(1, dtype=torch.int64, device=device)
-        return bad
-
-    def _packed_args(self, group_index: int, device: torch.device, batch: DeviceBatch) -> dict[str, Any]:
-        """``packed``/``packed_bad`` keywords of the core step (none if nothing is packed)."""
-        if all(item is None for item in batch.packed):
-            return {}
-        return {"packed": batch.packed, "packed_bad": self._packed_bad(group_index, device)}
-
-    def _after_packed_step(self, group_index: int, device: torch.device, kwargs: dict[str, Any]) -> None:
-        """CPU: raise if a packed group could not be re-quantised (as requantize_ does); CUDA:
-        leave the count on the device for :meth:`spike_stats` (no sync in the step)."""
-        bad = kwargs.get("packed_bad")
-        if bad is None or device.type != "cpu":
-            return
-        n = int(bad.item())
-        if n:
-            key = (group_index, device)
-            self._requant_bad[key] = self._requant_bad.get(key, torch.zeros(1, dtype=torch.int64)) + n
-            raise ValueError(
-                f"spam_lowmem: {n} packed weight group(s) got NaN or Inf from the update; "
-                "their packed data was left unchanged (their moments were updated)"
-            )
+        return self._packed.is_attached(p)
 
     # ------------------------------------------------------------------ construction
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -339,7 +206,7 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         rejected group leaves the optimizer exactly as it was."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {torch.typename(param_group)}")
-        params, names = _split_named(param_group["params"])
+        params, names = split_named(param_group["params"])
         for p in params:
             self._check_param(p)
         merged = {**self.defaults, **param_group, "params": params}
@@ -400,7 +267,7 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         with self._group_transaction(group, call, accepted):
             for device, batch in self._gather(group).items():
                 counts, scalars = self._tensor_scalars(batch.states, group, call)
-                packed_kw = self._packed_args(group_index, device, batch)
+                packed_kw = self._packed.core_kwargs(group_index, device, batch.packed)
                 core_kw = {
                     **batch.moment_args(device),
                     **scalars,
@@ -411,7 +278,7 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
                 with self._committing(batch, counts):
                     self._core_step(batch, group, call, core_kw)
                 accepted.append(batch)
-                self._after_packed_step(group_index, device, packed_kw)
+                self._packed.after_step(group_index, device, packed_kw)
                 batch.write_back()
 
     def _group_scalars(self, group: dict[str, Any], call: int) -> Any:
@@ -502,7 +369,7 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             grad = p.grad
-            packed = self._packed_step(p, group)  # checked before any state is created
+            packed = self._packed.step_for(p, group)  # checked before any state is created
             state = self.state[p]
             batch = batches.setdefault(p.device, DeviceBatch())
             if not state:
@@ -573,7 +440,7 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
             if index < len(groups):
                 groups[index]["clipped"] += int(clipped)
                 groups[index]["nonfinite"] += int(nonfinite)
-        for (index, _device), bad in self._requant_bad.items():
+        for (index, _device), bad in self._packed.bad_groups.items():
             n = int(bad.item())
             bad.zero_()
             if index < len(groups):
@@ -696,7 +563,7 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
             raise ValueError(f"loaded state for {where} lacks {missing}: it was not saved by {type(self).__name__}")
         self._check_loaded_tensors(saved, (*keys, *self._fp32_state_keys), where)
         if moments.is_quantized(saved):
-            blocks = (p.numel() + 255) // 256
+            blocks = num_blocks(p.numel())
             for key in ("exp_avg_codes", "exp_avg_sq_codes"):
                 if saved[key].dtype != torch.uint8 or saved[key].numel() != p.numel():
                     raise ValueError(
@@ -718,75 +585,15 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _check_loaded_tensors(saved: dict[str, Any], keys: Iterable[str], where: str) -> None:
         """Each key is a tensor, and a float one unless it holds 8-bit codes."""
-        for key in keys:
-            value = saved.get(key)
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(f"loaded '{key}' of {where} is a {type(value).__name__}, not a tensor")
-            if not key.endswith("_codes") and not value.is_floating_point():
-                raise ValueError(f"loaded '{key}' of {where} has dtype {value.dtype}; expected a floating-point tensor")
+        state_checks.check_tensors(saved, keys, where)
 
     def _check_loaded_values(self, saved: dict[str, Any], where: str) -> None:
-        """Counts are ints >= 0; moments, absmax and ``_fp32_state_keys`` are finite, and those
-        that cannot be negative are not (a NaN or negative value would NaN the parameter or fail
-        inside a later step). Non-finite moments can come from ``nonfinite="propagate"`` or an
-        overflow; :meth:`spike_stats` reports them before they are saved."""
-        for key in self._count_state_keys:
-            value = saved.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"loaded '{key}' of {where} is {value!r}; expected an int >= 0")
-        checks = [(key, key != "exp_avg") for key in (*moments.DENSE_KEYS, *moments.FP32_KEYS)]
-        checks += [(key, True) for key in self._fp32_state_keys]
-        for key, non_negative in checks:
-            if key in saved:
-                reason = _bad_values(saved[key], non_negative=non_negative)
-                if reason is not None:
-                    raise ValueError(
-                        f"loaded '{key}' of {where} has {reason}; the saved state is "
-                        "corrupt or diverged (repair or drop it before loading)"
-                    )
+        """Counts are ints >= 0; moments, absmax and ``_fp32_state_keys`` finite, and those that
+        cannot be negative not negative (:func:`state_checks.check_values`)."""
+        state_checks.check_values(saved, where, self._count_state_keys, self._fp32_state_keys)
 
     # ------------------------------------------------------------------ memory
     def memory_report(self) -> dict[str, Any]:
-        """Bytes of optimizer state, per parameter and in total, measured from ``self.state``.
-
-        Each entry: ``index`` (position in ``param_groups``), ``shape``, ``numel``,
-        ``state_bits`` (of its moments), ``fallback`` (8-bit asked for but kept dense because
-        it is under ``min_8bit_size``), ``density`` (of its group; < 1: sparse momentum),
-        ``moment_numel`` (values per moment: ``numel``, or the subset size when sparse), and bytes
-        of ``values``, ``indices`` (sparse subset rule + compact block starts), ``absmax``,
-        ``other``, ``total``; ``ratio_to_adamw32`` compares a total with 32-bit AdamW state
-        (8 bytes/element), per entry and overall.
-        """
-        entries, total, numel = [], 0, 0
-        index = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p, {})
-                kinds = moments.state_bytes(state)
-                quant = moments.is_quantized(state)
-                moment = state.get("exp_avg_codes", state.get("exp_avg"))
-                entry = {
-                    "index": index,
-                    "shape": tuple(p.shape),
-                    "numel": p.numel(),
-                    "initialised": bool(state),
-                    "state_bits": 8 if quant else (32 if state else None),
-                    "fallback": bool(state) and not quant and group.get("state_bits", 32) == 8,
-                    "density": group.get("density", 1.0),
-                    "moment_numel": moment.numel() if isinstance(moment, torch.Tensor) else 0,
-                    **kinds,
-                    "total": sum(kinds.values()),
-                    "ratio_to_adamw32": sum(kinds.values()) / (8 * p.numel()) if p.numel() else 0.0,
-                }
-                entries.append(entry)
-                total += entry["total"]
-                numel += p.numel()
-                index += 1
-        return {
-            "params": entries,
-            "total_bytes": total,
-            "numel": numel,
-            "bytes_per_param": total / numel if numel else 0.0,
-            "ratio_to_adamw32": total / (8 * numel) if numel else 0.0,
-            "fallbacks": [e["index"] for e in entries if e["fallback"]],
-        }
+        """Bytes of optimizer state, per parameter and in total, measured from ``self.state``
+        (:func:`spam_lowmem.optim.moments.memory_report` lists the fields)."""
+        return moments.memory_report(self.param_groups, self.state)

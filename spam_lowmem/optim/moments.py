@@ -29,6 +29,7 @@ __all__ = [
     "init_compact_moments",
     "init_moments",
     "is_quantized",
+    "memory_report",
     "moment_args",
     "state_bytes",
 ]
@@ -128,3 +129,50 @@ def state_bytes(state: dict[str, Any]) -> dict[str, int]:
         else:
             kinds["other"] += nbytes
     return kinds
+
+
+def memory_report(param_groups: list[dict[str, Any]], state: Any) -> dict[str, Any]:
+    """Bytes of optimizer state, per parameter and in total, measured from ``state`` (an
+    optimizer's ``self.state``) for its ``param_groups``.
+
+    Each entry: ``index`` (position in ``param_groups``), ``shape``, ``numel``,
+    ``state_bits`` (of its moments), ``fallback`` (8-bit asked for but kept dense because
+    it is under ``min_8bit_size``), ``density`` (of its group; < 1: sparse momentum),
+    ``moment_numel`` (values per moment: ``numel``, or the subset size when sparse), and bytes
+    of ``values``, ``indices`` (sparse subset rule + compact block starts), ``absmax``,
+    ``other``, ``total``; ``ratio_to_adamw32`` compares a total with 32-bit AdamW state
+    (8 bytes/element), per entry and overall.
+    """
+    entries, total, numel = [], 0, 0
+    index = 0
+    for group in param_groups:
+        for p in group["params"]:
+            tensor_state = state.get(p, {})
+            kinds = state_bytes(tensor_state)
+            quant = is_quantized(tensor_state)
+            moment = tensor_state.get("exp_avg_codes", tensor_state.get("exp_avg"))
+            entry = {
+                "index": index,
+                "shape": tuple(p.shape),
+                "numel": p.numel(),
+                "initialised": bool(tensor_state),
+                "state_bits": 8 if quant else (32 if tensor_state else None),
+                "fallback": bool(tensor_state) and not quant and group.get("state_bits", 32) == 8,
+                "density": group.get("density", 1.0),
+                "moment_numel": moment.numel() if isinstance(moment, torch.Tensor) else 0,
+                **kinds,
+                "total": sum(kinds.values()),
+                "ratio_to_adamw32": sum(kinds.values()) / (8 * p.numel()) if p.numel() else 0.0,
+            }
+            entries.append(entry)
+            total += entry["total"]
+            numel += p.numel()
+            index += 1
+    return {
+        "params": entries,
+        "total_bytes": total,
+        "numel": numel,
+        "bytes_per_param": total / numel if numel else 0.0,
+        "ratio_to_adamw32": total / (8 * numel) if numel else 0.0,
+        "fallbacks": [e["index"] for e in entries if e["fallback"]],
+    }

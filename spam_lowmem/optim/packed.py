@@ -21,10 +21,11 @@ from typing import Any, Protocol
 
 import torch
 
+from ..functional import PackedStep
 from ..quant4 import PackedWeight
 from . import moments
 
-__all__ = ["PackedSource", "check_supported", "unsupported_reason"]
+__all__ = ["PackedAttachments", "PackedSource", "check_supported", "unsupported_reason"]
 
 
 class PackedSource(Protocol):
@@ -56,3 +57,78 @@ def check_supported(p: torch.Tensor, group: dict[str, Any]) -> None:
             "packed weights in a dense group with state_bits=32, or use "
             "attach_packed_requant(optimizer, model, fused=False) (materialise, step, requantise)"
         )
+
+
+class PackedAttachments:
+    """The packed weights an optimizer steps through the fused kernels, and the per-group,
+    per-device counters of packed groups whose update was not finite."""
+
+    def __init__(self) -> None:
+        self.sources: dict[int, tuple[torch.Tensor, PackedSource]] = {}  # id(p) -> (p, layer)
+        self.bad_groups: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def attach(self, p: torch.Tensor, group: dict[str, Any], source: PackedSource) -> None:
+        check_supported(p, group)
+        w = source.packed_weight()
+        if tuple(w.shape) != tuple(p.shape) or w.codes.device != p.device:
+            raise ValueError(
+                f"spam_lowmem: packed weight {tuple(w.shape)} on {w.codes.device} does "
+                f"not match the parameter {tuple(p.shape)} on {p.device}"
+            )
+        self.sources[id(p)] = (p, source)
+
+    def detach(self, p: torch.Tensor) -> None:
+        self.sources.pop(id(p), None)
+
+    def is_attached(self, p: torch.Tensor) -> bool:
+        return id(p) in self.sources
+
+    def step_for(self, p: torch.Tensor, group: dict[str, Any]) -> PackedStep | None:
+        """The packed weight and stochastic-rounding counter of ``p``'s next step, or None."""
+        entry = self.sources.get(id(p))
+        if entry is None:
+            return None
+        source = entry[1]
+        check_supported(p, group)
+        if source.is_materialized:
+            raise RuntimeError(
+                "spam_lowmem: a packed weight attached for fused steps is materialised "
+                "(a dense working copy exists); call release() on its layer first"
+            )
+        seed, step = source.next_sr_counter()
+        return PackedStep(source.packed_weight(), seed, step)
+
+    def _bad_counter(self, group_index: int, device: torch.device) -> torch.Tensor:
+        """Counter of packed groups left unchanged because their update was not finite. On CPU a
+        fresh one per call (checked after the step, free there); on CUDA the telemetry buffer."""
+        if device.type == "cpu":
+            return torch.zeros(1, dtype=torch.int64)
+        key = (group_index, device)
+        bad = self.bad_groups.get(key)
+        if bad is None:
+            bad = self.bad_groups[key] = torch.zeros(1, dtype=torch.int64, device=device)
+        return bad
+
+    def core_kwargs(self, group_index: int, device: torch.device, packed: list[PackedStep | None]) -> dict[str, Any]:
+        """``packed``/``packed_bad`` keywords of the core step (none if nothing is packed)."""
+        if all(item is None for item in packed):
+            return {}
+        return {"packed": packed, "packed_bad": self._bad_counter(group_index, device)}
+
+    def after_step(self, group_index: int, device: torch.device, kwargs: dict[str, Any]) -> None:
+        """CPU: raise if a packed group could not be re-quantised (as requantize_ does); CUDA:
+        leave the count on the device for ``spike_stats()`` (no sync in the step)."""
+        bad = kwargs.get("packed_bad")
+        if bad is None or device.type != "cpu":
+            return
+        n = int(bad.item())
+        if n:
+            key = (group_index, device)
+            self.bad_groups[key] = self.bad_groups.get(key, torch.zeros(1, dtype=torch.int64)) + n
+            raise ValueError(
+                f"spam_lowmem: {n} packed weight group(s) got NaN or Inf from the update; "
+                "their packed data was left unchanged (their moments were updated)"
+            )
