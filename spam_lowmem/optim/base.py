@@ -16,9 +16,12 @@
 * ``copy.deepcopy``, ``pickle`` and ``torch.save(optimizer)`` round trips (see
   :meth:`SpikeAwareOptimizer.__getstate__`).
 
-Parameters must be plain ``torch.Tensor``/``torch.nn.Parameter``: tensor subclasses (DTensor
-from FSDP2 or tensor parallelism, ``__torch_dispatch__`` wrappers) are rejected with a
-TypeError, because the core writes the raw storage in place and a subclass may have none.
+Parameters are plain ``torch.Tensor``/``torch.nn.Parameter`` or DTensors placed ``Shard(0)`` /
+``Replicate()`` (FSDP2, :mod:`spam_lowmem.optim.sharding`): the core steps the local shard in the
+same one call per group, the state is DTensor with the parameter's mesh and placements (so that
+``torch.distributed.checkpoint`` reshards it), and the few statistics that span a tensor are
+reduced across its shards. Other tensor subclasses (``__torch_dispatch__`` wrappers) are rejected
+with a TypeError, because the core writes the raw storage in place and a subclass may have none.
 
 How to add an Adam-family optimizer: describe its arguments once as a frozen dataclass
 deriving from :class:`spam_lowmem.hyperparams.Settings` (positional fields first, ``KW_ONLY``
@@ -52,7 +55,7 @@ from .. import _backend
 from ..functional import element_algorithms, element_step
 from ..hyperparams import Settings, check_count
 from ..qmap import num_blocks
-from . import moments, state_checks
+from . import moments, sharding, state_checks
 from . import packed as packed_policy
 from .params import DeviceBatch, check_plain_tensor, split_named
 
@@ -134,7 +137,7 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         attachments). Only missing ones are set, because torch's ``load_state_dict`` also goes
         through ``__setstate__`` and must keep them."""
         if not hasattr(self, "_telemetry"):
-            self._telemetry: dict[tuple[int, torch.device], torch.Tensor] = {}
+            self._telemetry: dict[tuple[int, torch.device, Any], torch.Tensor] = {}
         if not hasattr(self, "_packed"):
             self._packed = packed_policy.PackedAttachments()
 
@@ -188,6 +191,8 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         updated and re-quantised in place by :meth:`step`; ``p``'s data is never read. Usually
         called by :func:`spam_lowmem.nn.attach_packed_requant`. Raises NotImplementedError for
         groups the fused step does not support (:mod:`spam_lowmem.optim.packed`)."""
+        if sharding.is_dtensor(p):
+            raise NotImplementedError("spam_lowmem: packed 4-bit weights cannot be DTensors (sharded)")
         self._packed.attach(p, self._group_of(p), source)
 
     def detach_packed(self, p: torch.Tensor) -> None:
@@ -241,12 +246,21 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         _backend.check_device(p.device)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        """Raise ValueError if the group's values break the kind's rules (``SETTINGS``)."""
+        """Raise ValueError if the group's values break the kind's rules (``SETTINGS``), and
+        NotImplementedError for FSDP1 flat parameters where they would give wrong results."""
         self.SETTINGS.check_group(group)
+        for p in group["params"]:
+            sharding.check_fsdp1(p, group, self.KIND)
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         state["step"] = 0
-        moments.init_moments(p, state, moments.wants_8bit(p, group))
+        # the 8-bit decision reads the global size (a DTensor's numel), so every rank agrees
+        quantized = moments.wants_8bit(p, group)
+        info = sharding.shard_info(p)
+        if info is None:
+            moments.init_moments(p, state, quantized)
+        else:
+            moments.init_sharded_moments(p, state, quantized, info)
         self._init_extra_state(p, state)
 
     def _init_extra_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
@@ -265,13 +279,13 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         call = self._group_scalars(group, group["calls"] + 1)
         accepted: list[DeviceBatch] = []
         with self._group_transaction(group, call, accepted):
-            for device, batch in self._gather(group).items():
+            for (device, shard_group), batch in self._gather(group).items():
                 counts, scalars = self._tensor_scalars(batch.states, group, call)
                 packed_kw = self._packed.core_kwargs(group_index, device, batch.packed)
                 core_kw = {
                     **batch.moment_args(device),
                     **scalars,
-                    "counters": self._counters(group_index, device),
+                    "counters": self._counters(group_index, device, shard_group),
                     "skip_nonfinite": group["nonfinite"] == "skip",
                     **packed_kw,
                 }
@@ -351,6 +365,7 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
                 continue
             check_plain_tensor("a parameter", p)  # p.data may have been swapped since construction
             check_plain_tensor("a gradient", grad)
+            sharding.check_grad_placements(p, grad)
             if grad.is_sparse:
                 raise RuntimeError("spam_lowmem optimizers do not support sparse gradients")
             if grad.dtype != p.dtype or grad.shape != p.shape:
@@ -361,17 +376,21 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
             if grad.device != p.device:
                 raise RuntimeError(f"spam_lowmem: gradient on {grad.device} but its parameter is on {p.device}")
 
-    def _gather(self, group: dict[str, Any]) -> dict[torch.device, DeviceBatch]:
-        """Collect the parameters with gradients, per device, initialising state lazily (the
-        gradients were checked by :meth:`_check_grads`)."""
-        batches: dict[torch.device, DeviceBatch] = {}
+    def _gather(self, group: dict[str, Any]) -> dict[tuple[torch.device, Any], DeviceBatch]:
+        """Collect the parameters with gradients, per device and process group over which they
+        are sharded (None: not sharded; one core call each, so that a batch's statistics and
+        counters are reduced over one group), initialising state lazily (the gradients were
+        checked by :meth:`_check_grads`). DTensors enter as their local shards."""
+        batches: dict[tuple[torch.device, Any], DeviceBatch] = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
             grad = p.grad
             packed = self._packed.step_for(p, group)  # checked before any state is created
+            info = sharding.shard_info(p)
             state = self.state[p]
-            batch = batches.setdefault(p.device, DeviceBatch())
+            key = (p.device, info.group() if info is not None and info.sharded else None)
+            batch = batches.setdefault(key, DeviceBatch())
             if not state:
                 self._init_state(p, state, group)
                 batch.fresh.append(len(batch.owners))
@@ -379,14 +398,16 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
             if packed is not None:  # the placeholder is never read: an empty array names the dtype
                 batch.params.append(torch.empty(0, dtype=p.dtype, device=p.device))
             else:
-                data = p.detach()
+                data = sharding.local_tensor(p.detach())
                 if not data.is_contiguous():
                     batch.copy_back.append(len(batch.params))
                     data = data.contiguous()
                 batch.params.append(data)
-            batch.grads.append(grad.detach().contiguous())
+            batch.grads.append(sharding.local_tensor(grad.detach()).contiguous())
             batch.owners.append(p)
             batch.states.append(state)
+            batch.views.append(sharding.local_view_of_state(state))
+            batch.shards.append(info)
         return batches
 
     @contextmanager
@@ -404,8 +425,10 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
             state.update(new)
 
     # ------------------------------------------------------------------ telemetry
-    def _counters(self, group_index: int, device: torch.device) -> torch.Tensor:
-        key = (group_index, device)
+    def _counters(self, group_index: int, device: torch.device, shard_group: Any = None) -> torch.Tensor:
+        """The clipped/non-finite counters of a group's batch on ``device`` whose tensors are
+        sharded over ``shard_group`` (None: not sharded); summed over that group when read."""
+        key = (group_index, device, shard_group)
         counters = self._telemetry.get(key)
         if counters is None:
             counters = torch.zeros(2, dtype=torch.int64, device=device)
@@ -431,11 +454,20 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         apart) that are NaN or inf now. Such an entry no longer moves (an infinite v gives a zero
         update) or is NaN, whatever ``nonfinite`` says, so it also follows an overflow. Both
         snapshots are computed here, when the stats are read, never inside ``step()``.
+
+        Under FSDP2 (parameters sharded over a process group) every figure is global: the
+        counts of sharded tensors are summed over their process group here, so **every rank
+        must call** ``spike_stats()`` at the same point (it runs collectives). Counts of
+        replicated tensors (DDP, ``Replicate()``) are this rank's, which equal every other
+        rank's.
         """
         keys = ("clipped", "nonfinite", "requant_nonfinite_groups", "nonfinite_state_blocks", "nonfinite_state_entries")
         groups: list[dict[str, int]] = [dict.fromkeys(keys, 0) for _ in self.param_groups]
-        for (index, _device), counters in self._telemetry.items():
-            clipped, nonfinite = counters.tolist()
+        for (index, _device, shard_group), counters in self._telemetry.items():
+            totals = counters.clone()
+            if shard_group is not None:
+                torch.distributed.all_reduce(totals, group=shard_group)
+            clipped, nonfinite = totals.tolist()
             counters.zero_()
             if index < len(groups):
                 groups[index]["clipped"] += int(clipped)
@@ -452,16 +484,26 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
 
     def _count_nonfinite(self, group: dict[str, Any], state_keys: tuple[str, ...]) -> int:
         """NaN/inf entries of the given state tensors of the group (8-bit absmax: blocks; dense
-        moments: entries), summed on each device first: one host sync per device."""
-        per_device: dict[torch.device, torch.Tensor] = {}
+        moments: entries), summed on each device first (one host sync per device) and, for
+        sharded tensors, over their process group."""
+        per_key: dict[tuple[torch.device, Any], torch.Tensor] = {}
         for p in group["params"]:
-            state = self.state.get(p, {})
+            state = sharding.local_view_of_state(self.state.get(p, {}))
+            info = sharding.shard_info(p)
+            shard_group = info.group() if info is not None and info.sharded else None
             for key in state_keys:
                 t = state.get(key)
                 if isinstance(t, torch.Tensor):
                     bad = (~t.isfinite()).sum()
-                    per_device[t.device] = per_device.get(t.device, 0) + bad
-        return sum(int(count) for count in per_device.values())
+                    where = (t.device, shard_group)
+                    per_key[where] = per_key.get(where, 0) + bad
+        total = 0
+        for (_device, shard_group), count in per_key.items():
+            if shard_group is not None:
+                count = count.clone()
+                torch.distributed.all_reduce(count, group=shard_group)
+            total += int(count)
+        return total
 
     # ------------------------------------------------------------------ state dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -515,6 +557,9 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
             for key, value in self.state[p].items():  # the core needs contiguous state
                 if isinstance(value, torch.Tensor):
                     self.state[p][key] = value.contiguous()
+            info = sharding.shard_info(p)
+            if info is not None:
+                moments.shard_loaded_state(p, self.state[p], info)
 
     def _check_loaded_group(self, index: int, group: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
         """Check a saved param group against this optimizer; return it with this group's params
@@ -595,5 +640,10 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ memory
     def memory_report(self) -> dict[str, Any]:
         """Bytes of optimizer state, per parameter and in total, measured from ``self.state``
-        (:func:`spam_lowmem.optim.moments.memory_report` lists the fields)."""
-        return moments.memory_report(self.param_groups, self.state)
+        (:func:`spam_lowmem.optim.moments.memory_report` lists the fields).
+
+        Under FSDP2 the byte figures are global (the local bytes of sharded parameters summed
+        over their process group; every rank must call it, it runs collectives) and
+        ``local_total_bytes`` is this rank's share; ``world_size`` is the size of the sharding
+        group (1 when nothing is sharded)."""
+        return moments.sharded_memory_report(self.param_groups, self.state)

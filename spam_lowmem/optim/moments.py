@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..qmap import num_blocks, quant_map
+from . import sharding
 
 __all__ = [
     "DENSE_KEYS",
@@ -28,9 +29,12 @@ __all__ = [
     "dequantized_moments",
     "init_compact_moments",
     "init_moments",
+    "init_sharded_moments",
     "is_quantized",
     "memory_report",
     "moment_args",
+    "shard_loaded_state",
+    "sharded_memory_report",
     "state_bytes",
 ]
 
@@ -56,6 +60,71 @@ def init_moments(p: torch.Tensor, state: dict[str, Any], quantized: bool) -> Non
         zero = quant_map(signed).zero_code
         state[f"{key}_codes"] = torch.full((p.numel(),), zero, dtype=torch.uint8, device=p.device)
         state[f"{key}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+
+
+def init_sharded_moments(p: torch.Tensor, state: dict[str, Any], quantized: bool, info: sharding.ShardInfo) -> None:
+    """Zero moments for a DTensor parameter: made for its local shard, then wrapped as DTensors
+    with its mesh and placements (global shapes: the parameter's for moments and codes,
+    ``[R, blocks_per_row]`` for 8-bit absmax), so that DCP saves and reshards them.
+
+    8-bit blocks restart at each row (docs/algorithms.md §13.2), so any dim-0 split of a 2-D
+    parameter is block-aligned. A 1-D parameter has flat blocks: sharded, every shard must
+    start on a block (ceil(numel / world) a multiple of 256), else ValueError on every rank
+    (the test reads only global facts)."""
+    local = sharding.local_tensor(p.detach())
+    made: dict[str, Any] = {}
+    init_moments(local, made, quantized)
+    for key, value in made.items():
+        if key in FP32_KEYS:
+            if value.dim() == 2:  # row blocks [R, blocks_per_row]: dim 0 splits like the parameter's
+                shape: tuple[int, ...] = (info.global_shape[0], value.shape[1])
+            elif info.sharded and p.dim() <= 1:
+                world = info.mesh.size(info.shard_dim)
+                chunk = -(-info.global_numel // world)
+                if chunk % 256 and info.global_numel > chunk:
+                    raise ValueError(
+                        f"spam_lowmem: 8-bit moments of a 1-D parameter of {info.global_numel} "
+                        f"elements sharded over {world} ranks: its shards ({chunk} elements) do "
+                        "not start on 256-element blocks, so the blocks would depend on the world "
+                        "size. Raise min_8bit_size above its size (32-bit moments for it), or use "
+                        "a world size that divides it into multiples of 256"
+                    )
+                shape = (num_blocks(info.global_numel),)
+            else:
+                shape = tuple(value.shape)
+            state[key] = sharding.distribute_like(value, info, shape)
+        else:
+            state[key] = sharding.distribute_like(value, info)
+
+
+def shard_loaded_state(p: torch.Tensor, state: dict[str, Any], info: sharding.ShardInfo) -> None:
+    """After a load into a DTensor parameter: give every moment tensor the parameter's layout.
+
+    A DTensor (what DCP loads, already resharded to this mesh) is redistributed if its
+    placements differ; a plain full-size tensor (a state saved without sharding, or a
+    ``full_state_dict``) is cut to this rank's rows and wrapped. Other entries (counts, the
+    Stable-SPAM statistics, a subset rule) are the same on every rank and stay plain."""
+    if "subset" in state:  # sparse momentum: compact local moments (SPAM.load_state_dict)
+        return
+    for key in (*DENSE_KEYS, *QUANT_KEYS):
+        value = state.get(key)
+        if not isinstance(value, torch.Tensor):
+            continue
+        if sharding.is_dtensor(value):
+            if tuple(value.placements) != info.placements or value.device_mesh != info.mesh:
+                value = value.redistribute(info.mesh, info.placements)
+            state[key] = value
+            continue
+        if key in FP32_KEYS and value.dim() == 1 and len(info.global_shape) >= 1 and value.numel() > 0:
+            per_block = 256
+            first = info.flat_offset // per_block
+            count = num_blocks(info.local_rows * info.row_numel) if info.local_rows else 0
+            local = value[first : first + count]
+        else:
+            local = value[info.row_offset : info.row_offset + info.local_rows] if value.dim() else value
+        state[key] = sharding.distribute_like(
+            local.contiguous(), info, tuple(value.shape) if key in FP32_KEYS else None
+        )
 
 
 def init_compact_moments(p: torch.Tensor, state: dict[str, Any], compact: int, quantized: bool) -> None:
@@ -176,3 +245,43 @@ def memory_report(param_groups: list[dict[str, Any]], state: Any) -> dict[str, A
         "ratio_to_adamw32": total / (8 * numel) if numel else 0.0,
         "fallbacks": [e["index"] for e in entries if e["fallback"]],
     }
+
+
+def sharded_memory_report(param_groups: list[dict[str, Any]], state: Any) -> dict[str, Any]:
+    """:func:`memory_report` with global figures for DTensor parameters: the bytes of each
+    sharded parameter's local state are summed over its process group (one all-reduce per
+    group), and ``local_total_bytes`` keeps this rank's share. Without DTensors it is
+    :func:`memory_report` plus ``local_total_bytes`` (= ``total_bytes``) and ``world_size`` 1."""
+    params = [p for group in param_groups for p in group["params"]]
+    local_state = {p: sharding.local_view_of_state(state[p]) for p in params if p in state}
+    report = memory_report(param_groups, local_state)
+    report["local_total_bytes"] = report["total_bytes"]
+    report["world_size"] = 1
+    by_group: dict[Any, list[int]] = {}
+    for index, p in enumerate(params):
+        info = sharding.shard_info(p)
+        if info is not None and info.sharded:
+            by_group.setdefault(info.group(), []).append(index)
+            report["world_size"] = max(report["world_size"], info.mesh.size(info.shard_dim))
+    if not by_group:
+        return report
+    fields = ("values", "indices", "absmax", "other", "total", "moment_numel")
+    entries = report["params"]
+    for shard_group, indices in by_group.items():
+        local = torch.tensor([[entries[i][f] for f in fields] for i in indices], dtype=torch.int64)
+        device = params[indices[0]].device
+        summed = local.to(device)
+        torch.distributed.all_reduce(summed, group=shard_group)
+        for row, i in zip(summed.cpu().tolist(), indices):
+            entries[i].update(dict(zip(fields, row)))
+            entries[i]["ratio_to_adamw32"] = (
+                entries[i]["total"] / (8 * entries[i]["numel"]) if entries[i]["numel"] else 0.0
+            )
+    total = sum(e["total"] for e in entries)
+    numel = report["numel"]
+    report.update(
+        total_bytes=total,
+        bytes_per_param=total / numel if numel else 0.0,
+        ratio_to_adamw32=total / (8 * numel) if numel else 0.0,
+    )
+    return report
