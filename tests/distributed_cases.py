@@ -179,6 +179,54 @@ def scenario_load(rank: int, out: Path, source: Path, world: int) -> None:
         torch.save(result, out / f"load_ws{world}.pt")
 
 
+ZERO_CONFIGS = ("spam32", "stable32", "sparse32", "adamw8")
+
+
+def scenario_zero(rank: int, out: Path) -> None:
+    """ZeroRedundancyOptimizer over our optimizers on replicated (DDP-style) parameters: each rank
+    steps the parameters of its partition and broadcasts them. Uninterrupted, and resumed from
+    its consolidated state dict at RESUME_AT."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    def make(net: nn.Module, config: str) -> ZeroRedundancyOptimizer:
+        cls, kwargs, density = CONFIGS[config]
+        groups = param_groups(net, density)
+        first = {"density": density} if density else {}
+        zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=getattr(sl, cls), **kwargs, **first)
+        for group in groups[1:]:
+            zero.add_param_group({**group, "density": 1.0})
+        return zero
+
+    result = {}
+    for config in ZERO_CONFIGS:
+        runs = {}
+        for resumed in (False, True):
+            net = Net()
+            opt = make(net, config)
+            run_steps(net, opt, range(RESUME_AT))
+            if resumed:
+                opt.consolidate_state_dict(to=0)
+                path = out / f"zero_{config}.pt"
+                if rank == 0:
+                    torch.save(opt.state_dict(), path)
+                torch.distributed.barrier()
+                net = Net()
+                with torch.no_grad():  # the parameters at RESUME_AT (identical on every rank)
+                    for p, q in zip(net.parameters(), runs[False]["at_resume"]):
+                        p.copy_(q)
+                opt = make(net, config)
+                opt.load_state_dict(torch.load(path, weights_only=False))
+            at_resume = [p.detach().clone() for p in net.parameters()]
+            run_steps(net, opt, range(RESUME_AT, STEPS))
+            runs[resumed] = {
+                "at_resume": at_resume,
+                "params": {n: p.detach().clone() for n, p in net.named_parameters()},
+            }
+        result[config] = {"uninterrupted": runs[False]["params"], "resumed": runs[True]["params"]}
+    if rank == 0:
+        torch.save(result, out / "zero.pt")
+
+
 def main(argv: list[str]) -> None:
     import torch.distributed as dist
 
@@ -190,6 +238,8 @@ def main(argv: list[str]) -> None:
             scenario_fsdp(rank, out)
         elif scenario == "save":
             scenario_save(rank, out)
+        elif scenario == "zero":
+            scenario_zero(rank, out)
         elif scenario == "load":
             scenario_load(rank, out, Path(argv[5]), world)
         else:

@@ -71,12 +71,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     _launch("save", 2, root / "ws2")  # checkpoints at RESUME_AT, then the uninterrupted run
     _launch("load", 1, root / "ws1", root / "ws2")  # 2 -> 1, then saved again on 1
     _launch("load", 2, root / "ws2b", root / "ws1")  # 1 -> 2
+    _launch("zero", 2, root / "zero")
     load = lambda path: torch.load(path, weights_only=False)  # noqa: E731
     return {
         "fsdp": load(root / "fsdp" / "fsdp.pt"),
         "uninterrupted": load(root / "ws2" / "save.pt"),
         "2to1": load(root / "ws1" / "load_ws1.pt"),
         "1to2": load(root / "ws2b" / "load_ws2.pt"),
+        "zero": load(root / "zero" / "zero.pt"),
     }
 
 
@@ -150,6 +152,15 @@ def test_dcp_resume_across_world_sizes(runs: dict[str, Any], config: str, resume
     exact = config in EXACT
     _compare(runs[resume][config], runs["uninterrupted"][config], exact=exact)
     _compare(runs[resume][config], oracle(config), exact=exact)
+
+
+@pytest.mark.parametrize("config", cases.ZERO_CONFIGS)
+def test_zero_redundancy_optimizer_matches_and_resumes(runs: dict[str, Any], config: str) -> None:
+    got = runs["zero"][config]
+    want = oracle(config)["params"]
+    for name in want:
+        assert torch.equal(got["uninterrupted"][name], want[name]), name
+        assert torch.equal(got["resumed"][name], want[name]), name
 
 
 # ---------------------------------------------------------------------------------- one process

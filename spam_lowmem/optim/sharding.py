@@ -38,6 +38,7 @@ __all__ = [
     "local_tensor",
     "local_view_of_state",
     "shard_info",
+    "stats_reducer",
 ]
 
 
@@ -220,3 +221,27 @@ def check_fsdp1(p: torch.Tensor, group: dict[str, Any], kind: str, name: str = "
             "(torch.distributed.fsdp.fully_shard), whose DTensor parameters are supported, or "
             "32-bit dense SPAM/AdamW under FSDP1"
         )
+
+
+def stats_reducer(process_group: Any) -> Any:
+    """The ``reduce_stats`` callback of a Stable-SPAM core step over tensors sharded on
+    ``process_group`` (docs/algorithms.md §4.4 steps 3-4 need max|g| and ||g||^2 of the whole
+    tensor): every row ``[max|g|, sum g^2]`` of the float64 ``stats`` becomes its value over all
+    shards. One all-gather per call and phase for the whole batch (not one per tensor), folded
+    in rank order, so the result does not depend on which rank finishes first, and differs from
+    an unsharded sum only by float64 rounding (the kernels sum squares in double)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(process_group)
+
+    def reduce(stats: torch.Tensor, phase: int) -> None:
+        gathered = [torch.empty_like(stats) for _ in range(world)]
+        dist.all_gather(gathered, stats.contiguous(), group=process_group)
+        max_abs, sum_sq = gathered[0][:, 0].clone(), gathered[0][:, 1].clone()
+        for part in gathered[1:]:
+            max_abs = torch.maximum(max_abs, part[:, 0])  # NaN-propagating, like torch.amax
+            sum_sq = sum_sq + part[:, 1]
+        stats[:, 0] = max_abs
+        stats[:, 1] = sum_sq
+
+    return reduce
