@@ -76,7 +76,7 @@ struct alignas(16) TensorState {
   StableTensorScalars scalars;  // written by phase 2 (clip) and phase 4 (norm)
   double sum_sq;                // unclipped sum of squares, from phase 2
   int32_t clips;                // stable_clips(): phase 3 needs the clipped sum
-  int32_t pad;
+  float max_ema;                // this call's M from phase 2; phase 4 stores it in grad_stats
 };
 static_assert(sizeof(TensorState) == 32, "scratch layout");
 

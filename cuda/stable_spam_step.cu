@@ -10,6 +10,21 @@
 //   5 update    (per chunk)   fused clip / normalise / Adam / decay (stable_spam_element),
 //                             dense or 8-bit moments (adam_update.cu, shared with AdamW)
 //
+// With a cross-shard reduction (StatsReduce, step_tensors.h; FSDP2 shards of one tensor),
+// phases 2 and 4 are each split around a host callback that enqueues the caller's collectives
+// on the same stream, so the host never waits for the device:
+//   2a export  (per tensor)   combined local max|g|, sum g^2 -> reduced[tensor][0..1]
+//      callback(1)            the caller replaces every row with the global values
+//   2b adaclip (per tensor)   stable_adaclip from the global max; clips flag; global sum kept
+//   4a export  (per tensor)   local clipped sum g^2 of a tensor that clips, else 0 -> reduced[.][1]
+//      callback(2)            called on every such step: whether a tensor clips is decided on
+//                             the device and never read by the host
+//   4b adagn   (per tensor)   ||g|| from the global clipped sum (clipping tensors) or phase 2's
+//                             global sum (the others)
+// Phase 2 keeps this call's M in TensorState and phase 4 stores [M, mu, nu] into grad_stats,
+// so a callback that throws leaves grad_stats, parameters and moments as they were (only
+// scratch and the reduction buffer were written).
+//
 // This mirrors cpp/spam/isa/stable_spam_step.cpp step by step, with the same math.h functions.
 // Non-finite gradient entries: under "skip" they are left out of every reduction; under
 // "propagate" they enter as written, and a NaN anywhere makes max|g| NaN (torch's amax, as in
@@ -57,6 +72,7 @@ using ReduceArgs = MultiTensorArgs<1, ReduceExtra>;  // ptr: 0 grad
 struct ScratchPtrs {
   TensorState* state;
   ChunkPartial* partials;
+  double* reduced;         // StatsReduce::stats, [n_tensors][2]; null without a reduction
   int32_t skip_nonfinite;  // NonFinite::skip of this call
 };
 
@@ -131,38 +147,120 @@ __device__ __forceinline__ void combine_partials(const ChunkPartial* part, int32
   sum_sq = block_reduce(sum, SumOp{}, 0.0);
 }
 
-__global__ void __launch_bounds__(kBlockThreads)
-    adaclip_kernel(const __grid_constant__ StatArgs args, const ScratchPtrs scratch) {
-  const int k = blockIdx.x;
-  float max_abs;
-  double sum_sq;
+// One tensor's max|g| and sum g^2 over its chunk partials (valid in thread 0). Under
+// "propagate" a NaN entry must make max|g| NaN, as torch's amax does. fmaxf dropped it, but it
+// always reaches the sum of squares (squares are >= 0, so infinities alone cannot make the sum
+// NaN), which makes the test exact and order-independent.
+__device__ __forceinline__ void combine_raw(const StatArgs& args, const ScratchPtrs& scratch, int k,
+                                            float& max_abs, double& sum_sq) {
   combine_partials(scratch.partials + args.chunk_base[k], args.n_chunks[k], max_abs, sum_sq);
-  if (threadIdx.x != 0) return;
-  // Under "propagate" a NaN entry must make max|g| NaN, as torch's amax does. fmaxf dropped
-  // it, but it always reaches the sum of squares (squares are >= 0, so infinities alone
-  // cannot make the sum NaN), which makes the test exact and order-independent.
   if (!scratch.skip_nonfinite && isnan(sum_sq)) max_abs = NAN;
+}
+
+// AdaClip (§4.4 step 3) of tensor k from its (local or global) max|g|, in thread 0. M goes to
+// TensorState, not yet to grad_stats (phase 4 stores it).
+__device__ __forceinline__ void adaclip_tensor(const StatArgs& args, const ScratchPtrs& scratch,
+                                               int k, float max_abs, double sum_sq) {
   TensorState& st = scratch.state[args.first_tensor + k];
+  const float* g = args.stats[k];
+  float ema[GradStatsIndex::kCount] = {g[0], g[1], g[2]};
   StableTensorScalars s{};
-  stable_adaclip(args.stats[k], max_abs, args.hyper[k], s);
+  stable_adaclip(ema, max_abs, args.hyper[k], s);
+  st.max_ema = ema[GradStatsIndex::kMaxEma];
   st.scalars = s;
   st.sum_sq = sum_sq;
   st.clips = stable_clips(s, max_abs) ? 1 : 0;
 }
 
+// AdaGN (§4.4 step 4) of tensor k from the sum of squares of its (clipped) gradient, in
+// thread 0; stores this call's [M, mu, nu] into grad_stats.
+__device__ __forceinline__ void adagn_tensor(const StatArgs& args, const ScratchPtrs& scratch,
+                                             int k, double sum_sq) {
+  TensorState& st = scratch.state[args.first_tensor + k];
+  float* g = args.stats[k];
+  float ema[GradStatsIndex::kCount] = {st.max_ema, g[1], g[2]};
+  StableTensorScalars s = st.scalars;
+  stable_adagn(ema, static_cast<float>(sqrt(sum_sq)), args.hyper[k], s);
+  st.scalars = s;
+  for (int j = 0; j < GradStatsIndex::kCount; ++j) g[j] = ema[j];
+}
+
+// Phase 2 without a reduction.
+__global__ void __launch_bounds__(kBlockThreads)
+    adaclip_kernel(const __grid_constant__ StatArgs args, const ScratchPtrs scratch) {
+  const int k = blockIdx.x;
+  float max_abs;
+  double sum_sq;
+  combine_raw(args, scratch, k, max_abs, sum_sq);
+  if (threadIdx.x != 0) return;
+  adaclip_tensor(args, scratch, k, max_abs, sum_sq);
+}
+
+// Phase 2a: the local values the caller reduces across shards (row = call-order index).
+__global__ void __launch_bounds__(kBlockThreads)
+    export_raw_kernel(const __grid_constant__ StatArgs args, const ScratchPtrs scratch) {
+  const int k = blockIdx.x;
+  float max_abs;
+  double sum_sq;
+  combine_raw(args, scratch, k, max_abs, sum_sq);
+  if (threadIdx.x != 0) return;
+  double* row = scratch.reduced + 2 * int64_t{args.first_tensor + k};
+  row[0] = static_cast<double>(max_abs);  // a float in a double: read back exactly
+  row[1] = sum_sq;
+}
+
+// Phase 2b: AdaClip from the global values, identical on every shard.
+__global__ void __launch_bounds__(kBlockThreads)
+    adaclip_reduced_kernel(const __grid_constant__ StatArgs args, const ScratchPtrs scratch) {
+  if (threadIdx.x != 0) return;
+  const int k = blockIdx.x;
+  const double* row = scratch.reduced + 2 * int64_t{args.first_tensor + k};
+  float max_abs = static_cast<float>(row[0]);
+  const double sum_sq = row[1];
+  // As for a local reduction (combine_raw); the sum carries a NaN reliably across shards
+  // whatever the collective does with a NaN under max.
+  if (!scratch.skip_nonfinite && isnan(sum_sq)) max_abs = NAN;
+  adaclip_tensor(args, scratch, k, max_abs, sum_sq);
+}
+
+// Phase 4 without a reduction.
 __global__ void __launch_bounds__(kBlockThreads)
     adagn_kernel(const __grid_constant__ StatArgs args, const ScratchPtrs scratch) {
   const int k = blockIdx.x;
-  TensorState& st = scratch.state[args.first_tensor + k];
+  const TensorState& st = scratch.state[args.first_tensor + k];
   double sum_sq = st.sum_sq;
   if (st.clips) {  // same value for the whole block, so the barriers inside are safe
     float unused;
     combine_partials(scratch.partials + args.chunk_base[k], args.n_chunks[k], unused, sum_sq);
   }
   if (threadIdx.x != 0) return;
-  StableTensorScalars s = st.scalars;
-  stable_adagn(args.stats[k], static_cast<float>(sqrt(sum_sq)), args.hyper[k], s);
-  st.scalars = s;
+  adagn_tensor(args, scratch, k, sum_sq);
+}
+
+// Phase 4a: the local clipped sum of a tensor that clips, 0 for the others (their global sum
+// from phase 2 stays in TensorState); column 0 keeps phase 2's global max.
+__global__ void __launch_bounds__(kBlockThreads)
+    export_clipped_kernel(const __grid_constant__ StatArgs args, const ScratchPtrs scratch) {
+  const int k = blockIdx.x;
+  const TensorState& st = scratch.state[args.first_tensor + k];
+  double sum_sq = 0.0;
+  if (st.clips) {  // uniform over the block
+    float unused;
+    combine_partials(scratch.partials + args.chunk_base[k], args.n_chunks[k], unused, sum_sq);
+  }
+  if (threadIdx.x != 0) return;
+  scratch.reduced[2 * int64_t{args.first_tensor + k} + 1] = st.clips ? sum_sq : 0.0;
+}
+
+// Phase 4b: AdaGN from the global sums.
+__global__ void __launch_bounds__(kBlockThreads)
+    adagn_reduced_kernel(const __grid_constant__ StatArgs args, const ScratchPtrs scratch) {
+  if (threadIdx.x != 0) return;
+  const int k = blockIdx.x;
+  const TensorState& st = scratch.state[args.first_tensor + k];
+  const double sum_sq =
+      st.clips ? scratch.reduced[2 * int64_t{args.first_tensor + k} + 1] : st.sum_sq;
+  adagn_tensor(args, scratch, k, sum_sq);
 }
 
 // Phase 5, the fused update (dense or 8-bit moments), lives in adam_update.cu, shared with
@@ -221,6 +319,16 @@ void launch_per_tensor(Kernel kernel, const std::vector<StableSpamTensor>& tenso
   }
 }
 
+// Runs the caller's reduction of `phase` between two launches. The callback enqueues work
+// (torch collectives) on the current stream and returns; it may leave another device
+// current, and the launches that follow must go to the step's device.
+void call_reduce(const StatsReduce& reduce, int phase, int device) {
+  reduce.reduce(phase);
+  int current = device;
+  SPAM_CUDA_CHECK(cudaGetDevice(&current));
+  if (current != device) SPAM_CUDA_CHECK(cudaSetDevice(device));
+}
+
 template <typename Fn>
 void for_each_dtype(const std::vector<std::vector<int>>& groups, Fn&& fn) {
   for (int d = 0; d < static_cast<int>(groups.size()); ++d) {
@@ -242,7 +350,8 @@ int64_t cuda_stable_spam_scratch_bytes(const std::vector<int64_t>& numels) {
 
 void cuda_stable_spam_step(const std::vector<StableSpamTensor>& tensors, const AdamHyper& hyper,
                            const QuantMaps& maps, int64_t* counters, void* scratch,
-                           int64_t scratch_bytes, const CudaContext& ctx) {
+                           int64_t scratch_bytes, const StatsReduce& reduce,
+                           const CudaContext& ctx) {
   using namespace spam::cuda;
   if (tensors.empty()) return;
   const int n = static_cast<int>(tensors.size());
@@ -266,18 +375,30 @@ void cuda_stable_spam_step(const std::vector<StableSpamTensor>& tensors, const A
   DeviceGuard guard(ctx.device);
   const cudaStream_t stream = to_stream(ctx.stream);
   auto* state = static_cast<TensorState*>(scratch);
-  const ScratchPtrs ptrs{state, reinterpret_cast<ChunkPartial*>(state + n),
+  const ScratchPtrs ptrs{state, reinterpret_cast<ChunkPartial*>(state + n), reduce.stats,
                          hyper.nonfinite.skip ? 1 : 0};
   const auto groups = group_by_dtype(n, [&](int i) { return tensors[i].param.dtype; });
 
   for_each_dtype(groups, [&](auto tag, const std::vector<int>& order) {  // phase 1
     launch_reduce<typename decltype(tag)::type, false>(tensors, order, plan, ptrs, stream);
   });
-  launch_per_tensor(adaclip_kernel, tensors, plan, ptrs, stream);        // phase 2
+  if (!reduce.active()) {  // phase 2
+    launch_per_tensor(adaclip_kernel, tensors, plan, ptrs, stream);
+  } else {
+    launch_per_tensor(export_raw_kernel, tensors, plan, ptrs, stream);  // 2a
+    call_reduce(reduce, 1, ctx.device);
+    launch_per_tensor(adaclip_reduced_kernel, tensors, plan, ptrs, stream);  // 2b
+  }
   for_each_dtype(groups, [&](auto tag, const std::vector<int>& order) {  // phase 3
     launch_reduce<typename decltype(tag)::type, true>(tensors, order, plan, ptrs, stream);
   });
-  launch_per_tensor(adagn_kernel, tensors, plan, ptrs, stream);     // phase 4
+  if (!reduce.active()) {  // phase 4
+    launch_per_tensor(adagn_kernel, tensors, plan, ptrs, stream);
+  } else {
+    launch_per_tensor(export_clipped_kernel, tensors, plan, ptrs, stream);  // 4a
+    call_reduce(reduce, 2, ctx.device);
+    launch_per_tensor(adagn_reduced_kernel, tensors, plan, ptrs, stream);  // 4b
+  }
   launch_adam_update(items, hyper, state, maps, counters, stream);  // phase 5
 }
 

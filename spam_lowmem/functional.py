@@ -33,6 +33,7 @@ from .quant4 import PackedWeight
 __all__ = [
     "MomentReset",
     "PackedStep",
+    "StatsReducer",
     "spam_step",
     "sparse_spam_step",
     "stable_spam_step",
@@ -47,6 +48,11 @@ __all__ = [
 # updated: SPAM, Stable-SPAM clean mode), AFTER_UPDATE (step with the old m, v, then store
 # zeros: Stable-SPAM as implemented). The core's own enum (spam::MomentReset), an IntEnum.
 MomentReset = _backend.cpu_module().MomentReset
+
+
+#: ``reduce_stats(stats, phase)`` of :func:`stable_spam_step`: reduces a float64 ``[n, 2]``
+#: tensor of per-tensor (max|g|, sum g^2) across shards, in place (max, sum).
+StatsReducer = Callable[[torch.Tensor, int], None]
 
 
 class PackedStep(NamedTuple):
@@ -263,6 +269,7 @@ def stable_spam_step(
     skip_nonfinite: bool,
     packed: Sequence[PackedStep | None] | None = None,
     packed_bad: torch.Tensor | None = None,
+    reduce_stats: StatsReducer | None = None,
 ) -> None:
     """One Stable-SPAM step (docs/algorithms.md §4.4) over tensors that all live on one device.
 
@@ -271,6 +278,51 @@ def stable_spam_step(
     ``step_sizes[i] = lr / (1 - beta1^k_i)``, ``sqrt_bc2s[i] = sqrt(1 - beta2^k_i)``;
     ``weight_keep = 1 - lr * weight_decay``. ``packed``/``packed_bad``: packed 4-bit weights
     (module docstring); their max|g| and ||g|| come from the gradient as for any tensor.
+
+    ``reduce_stats``: the cross-shard reduction of the per-tensor statistics, for tensors of
+    which this process holds only a shard (FSDP2: ``grads[i]`` is the local shard of tensor
+    ``i``, and every rank makes the same call with its own shards). The core owns the
+    arithmetic, the caller the communication. ``reduce_stats(stats, phase)`` is called with the
+    GIL held; ``stats`` is a float64 tensor of shape ``[len(grads), 2]`` on the step's device,
+    allocated for this call; row ``i`` belongs to tensor ``i``, column 0 is a max|g| and column
+    1 a sum of squares (squares of fp32 values summed in float64). The callback must replace
+    **every row, in place, in both phases, the same way**: column 0 by its max over the shards,
+    column 1 by its sum over the shards (``stats[:, 0]`` and ``stats[:, 1]`` are strided views:
+    reduce contiguous copies and copy back). The rule:
+
+    * The callback is called exactly twice per call, ``phase=1`` then ``phase=2``, whenever
+      there is at least one tensor, whether or not any tensor clips (so all ranks make the same
+      collectives without having to agree on anything first; on CUDA the clip decision stays
+      on the device). With no tensor it is not called.
+    * Phase 1 (before AdaClip, §4.4 step 3): column 0 holds the local max|g| of the raw
+      gradient (non-finite entries left out under ``skip_nonfinite``; NaN under "propagate"
+      when the shard has a NaN), column 1 its local sum of squares. What the callback leaves
+      is the tensor's max|g| and, for a tensor that does not clip, its ||g||^2: AdaClip's
+      EMA, its threshold and whether the tensor clips are computed from the global max, so
+      every rank decides the same.
+    * Phase 2 (before AdaGN, §4.4 step 4): column 1 holds the local sum of squares of the
+      *clipped* gradient for every tensor that clips, and 0.0 for every tensor that does not;
+      column 0 still holds the phase-1 global max (a max over shards leaves it unchanged; it is
+      not read again). What the callback leaves in column 1 is ||g||^2 of a clipping tensor;
+      a non-clipping tensor keeps its phase-1 global sum (kept by the core) and its row is
+      not read.
+    * The values are used as left, unchecked (a check would cost a host sync on CUDA), after
+      the same fix-up as a local reduction: under "propagate" a NaN sum makes the max NaN. A
+      non-finite value then acts exactly as a non-finite local statistic under "propagate"
+      does: a NaN max makes ``grad_stats[i][0]`` (M) NaN, so the tensor is not clipped, on this
+      call or any later one; a NaN sum makes ||g||, and so ``grad_stats[i][1:]`` (mu, nu), NaN:
+      this call's gradient is not normalised (the ``||g|| > 0`` guard is false) and every later
+      call normalises to a NaN target, so the parameter becomes NaN. Write finite values.
+    * An exception raised by the callback propagates out of this function unchanged, and the
+      parameters, moments, ``grad_stats`` and ``counters`` are as before the call (the update
+      has not run; ``grad_stats`` are written only after the last callback returned).
+    * CUDA: the local values are enqueued on the current stream before each call, and the
+      kernels that read the reduced ones are enqueued after it returns, on that stream, with no
+      host sync: the callback must enqueue its work on the current stream (``torch.distributed``
+      collectives do) or order it with that stream itself.
+
+    Without ``reduce_stats`` the step is the single-shard one, bit for bit, and allocates
+    nothing more.
     """
     corrections = list(stat_bias_corrections)
     if len(corrections) != 3 * len(grad_stats):
@@ -278,6 +330,8 @@ def stable_spam_step(
             f"spam_lowmem: 'stat_bias_corrections' needs 3 entries per tensor: "
             f"{len(corrections)} for {len(grad_stats)} grad_stats"
         )
+    if reduce_stats is not None and not callable(reduce_stats):
+        raise TypeError(f"spam_lowmem: 'reduce_stats' must be callable, got {type(reduce_stats).__name__}")
     device = counters.device
 
     def args(module: ModuleType) -> tuple[object, ...]:
@@ -288,7 +342,7 @@ def stable_spam_step(
             # sizes from the gradients: a packed weight's params entry is empty
             nbytes = module.stable_spam_scratch_bytes([g.numel() for g in grads])
             scratch = to_dlpack(torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device))
-        return (
+        core_args: tuple[object, ...] = (
             module.AdamHyper(
                 beta1=beta1, beta2=beta2, eps=eps, weight_keep=weight_keep, skip_nonfinite=skip_nonfinite, reset=reset
             ),
@@ -298,6 +352,16 @@ def stable_spam_step(
             list(sqrt_bc2s),
             scratch,
         )
+        if reduce_stats is None:
+            return core_args
+        # Python allocates the exchange buffer (through torch) and owns the communication; the
+        # core writes the local values into it, calls back, and reads the global ones.
+        exchange = torch.empty((len(grads), 2), dtype=torch.float64, device=device)
+
+        def reduce(phase: int) -> None:
+            reduce_stats(exchange, phase)
+
+        return (*core_args, to_dlpack(exchange), reduce)
 
     _step(
         (params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v), counters, args, packed=packed, packed_bad=packed_bad

@@ -73,8 +73,9 @@ struct CpuBackend {
   template <class A>  // an element algorithm (algorithms.h)
   static constexpr auto element_step = &cpu_element_step<A>;
   static void stable_spam_step(const std::vector<StableSpamTensor>& t, const AdamHyper& h,
-                               const QuantMaps& maps, int64_t* counters, const Scratch& /*s*/) {
-    cpu_stable_spam_step(t, h, maps, counters);
+                               const QuantMaps& maps, int64_t* counters, const Scratch& /*s*/,
+                               const StatsReduce& reduce) {
+    cpu_stable_spam_step(t, h, maps, counters, reduce);
   }
   static constexpr auto quantize = &cpu_quantize_blockwise;
   static constexpr auto dequantize = &cpu_dequantize_blockwise;

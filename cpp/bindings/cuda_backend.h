@@ -69,8 +69,8 @@ struct CudaBackend {
   static constexpr auto element_step = &cuda_element_step<A>;
   static void stable_spam_step(const std::vector<StableSpamTensor>& t, const AdamHyper& h,
                                const QuantMaps& maps, int64_t* counters, const Scratch& s,
-                               const Context& ctx) {
-    cuda_stable_spam_step(t, h, maps, counters, s.ptr, s.bytes, ctx);
+                               const StatsReduce& reduce, const Context& ctx) {
+    cuda_stable_spam_step(t, h, maps, counters, s.ptr, s.bytes, reduce, ctx);
   }
   static constexpr auto quantize = &cuda_quantize_blockwise;
   static constexpr auto dequantize = &cuda_dequantize_blockwise;

@@ -1,11 +1,13 @@
 // stable_stats.h — StableStats: Stable-SPAM's per-tensor gradient statistics for one call.
 // Per tensor the float32 [M, mu, nu] buffer the step updates in place (GradStatsIndex) and the
 // bias corrections (1 - gamma1^k, 1 - gamma2^k, 1 - gamma3^k) of its statistic count k, given
-// as one list per correction (no per-tensor Python object is made for them).
+// as one list per correction (no per-tensor Python object is made for them). And the optional
+// cross-shard reduction of the per-tensor max|g| and sum g^2 (StatsReduceArgs).
 #pragma once
 
 #include <nanobind/stl/vector.h>
 
+#include <string>
 #include <vector>
 
 #include "../spam/cpu_ops.h"
@@ -39,6 +41,45 @@ struct StableStats {
 // `dev` is the step batch's: the buffers must share its device.
 inline void check_stats_device(const StableStats& s, SameDevice dev) {
   for (size_t i = 0; i < s.arrays.size(); ++i) dev.check(s.arrays[i], describe("grad_stats", i));
+}
+
+// The cross-shard reduction of one call (StatsReduce, step_tensors.h) and the array it keeps
+// alive. Built with the GIL held; the callback reacquires it, since the step runs with it
+// released (step_entry.h). It captures a handle, not an object: copying or destroying the
+// std::function then touches no reference count without the GIL, and the caller's argument
+// keeps the callable alive for the whole call.
+struct StatsReduceArgs {
+  nb::ndarray<> buffer;
+  StatsReduce reduce;
+};
+
+// `buffer`: float64 [n, 2] on the call's device, C-contiguous; `callback(phase)`: a Python
+// callable. Both or neither; with no tensor in the call there is nothing to reduce and the
+// reduction stays inactive.
+template <int DeviceType>
+StatsReduceArgs convert_stats_reduce(const nb::object& buffer, const nb::object& callback, size_t n,
+                                     SameDevice dev) {
+  StatsReduceArgs out;
+  if (buffer.is_none() && callback.is_none()) return out;
+  if (buffer.is_none() || callback.is_none())
+    throw nb::value_error("reduce_buffer and reduce: pass both or neither");
+  if (!PyCallable_Check(callback.ptr())) throw nb::type_error("reduce: expected a callable");
+  out.buffer = nb::cast<nb::ndarray<>>(buffer);
+  const nb::ndarray<>& a = out.buffer;
+  double* stats = typed_buffer<double>(a, DeviceType, 0, "reduce_buffer");
+  dev.check(a, "reduce_buffer");
+  if (a.ndim() != 2 || a.shape(0) != n || a.shape(1) != 2)
+    throw nb::value_error(
+        ("reduce_buffer: expected shape [" + std::to_string(n) + ", 2] (one row per tensor)")
+            .c_str());
+  if (n == 0) return out;
+  const nb::handle fn = callback;
+  out.reduce.stats = stats;
+  out.reduce.reduce = [fn](int phase) {
+    nb::gil_scoped_acquire gil;
+    fn(phase);  // a Python exception becomes nb::python_error, which is safe without the GIL
+  };
+  return out;
 }
 
 template <int DeviceType>

@@ -11,7 +11,7 @@
 //   step(StepBatch, algorithm, hyper, scalars, skip_nonfinite)     element algorithms: AdamW, ...
 //                                                                  (element_entry.h)
 //   step(StepBatch, AdamHyper, StatHyper, StableStats, step_sizes,
-//        sqrt_bc2s, scratch)                                       Stable-SPAM (§4.4)
+//        sqrt_bc2s, scratch, reduce_buffer, reduce)                Stable-SPAM (§4.4)
 // clang-format on
 // The batches are checked when built (step_batch.h, sparse_convert.h); an entry checks its
 // per-tensor lists against the batch and enqueues (CUDA) or runs (CPU) the kernel with the GIL
@@ -78,19 +78,22 @@ inline std::vector<AdamBiasCorrection> adam_scalars(size_t n, const Scalars& ste
 template <class Backend>
 void stable_spam_step(const StepBatch<Backend>& b, const AdamHyper& h, const StatHyper& sh,
                       const StableStats& stats, const Scalars& step_sizes, const Scalars& sqrt_bc2s,
-                      const nb::object& scratch) {
+                      const nb::object& scratch, const nb::object& reduce_buffer,
+                      const nb::object& reduce) {
   check_lengths(b.size(), stats.size(), "grad_stats");
   check_stats_device(stats, b.target.dev);
   const std::vector<AdamBiasCorrection> adam = adam_scalars(b.size(), step_sizes, sqrt_bc2s);
   const typename Backend::Scratch s = Backend::scratch(scratch, b.b, b.target.dev);
+  const StatsReduceArgs r =
+      convert_stats_reduce<Backend::kDeviceType>(reduce_buffer, reduce, b.size(), b.target.dev);
   std::vector<StableSpamTensor> tensors;
   tensors.reserve(b.size());
   for (size_t i = 0; i < b.size(); ++i)
     tensors.push_back({b.b.p[i], b.b.g[i], b.b.m[i], b.b.v[i], stats.stats[i],
                        stats.hyper(i, sh, h.eps), adam[i], b.b.q8[i], b.q4[i]});
-  nb::gil_scoped_release release;
+  nb::gil_scoped_release release;  // r.reduce reacquires it for the callback
   Backend::call(Backend::stable_spam_step, b.target.ctx, tensors, h, b.target.maps,
-                b.target.counters, s);
+                b.target.counters, s, r.reduce);
 }
 
 // The arrays of one 8-bit (de)quantisation: a float tensor, its codes and block absmax, and the
@@ -152,9 +155,13 @@ void bind_steps(nb::module_& m) {
         "Sparse-momentum SPAM step over all tensors of one group, in place.");
   bind_element_steps<Backend>(m);
   m.def("step", &stable_spam_step<Backend>, "batch"_a, "hyper"_a, "stat_hyper"_a, "stats"_a,
-        "step_sizes"_a, "sqrt_bc2s"_a, "scratch"_a = nb::none(),
+        "step_sizes"_a, "sqrt_bc2s"_a, "scratch"_a = nb::none(), "reduce_buffer"_a = nb::none(),
+        "reduce"_a = nb::none(),
         "Stable-SPAM step over all tensors of one group, in place. CUDA: `scratch` is a uint8 "
-        "buffer of stable_spam_scratch_bytes(numels) bytes, free for the step (stream order).");
+        "buffer of stable_spam_scratch_bytes(numels) bytes, free for the step (stream order). "
+        "`reduce_buffer` (float64 [n, 2] on the step's device) and `reduce(phase)`: the "
+        "cross-shard reduction of the per-tensor max|g| and sum g^2 (functional."
+        "stable_spam_step's reduce_stats).");
   m.def("quantize_blockwise", &quantize_blockwise<Backend>, "x"_a, "codes"_a, "absmax"_a, "map"_a,
         nb::kw_only(), "stream"_a = 0,
         "Blockwise (256) 8-bit quantisation of x into codes and absmax (quant8.h).");

@@ -86,8 +86,8 @@ void cpu_sparse_spam_step(const std::vector<SparseSpamTensor>& t, const SpamHype
 }
 
 void cpu_stable_spam_step(const std::vector<StableSpamTensor>& t, const AdamHyper& h,
-                          const QuantMaps& q, int64_t* c) {
-  SPAM_DISPATCH(cpu_stable_spam_step, t, h, q, c);
+                          const QuantMaps& q, int64_t* c, const StatsReduce& r) {
+  SPAM_DISPATCH(cpu_stable_spam_step, t, h, q, c, r);
 }
 
 template <class A>

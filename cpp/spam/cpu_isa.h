@@ -24,7 +24,7 @@ namespace spam {
   void cpu_sparse_spam_step(const std::vector<SparseSpamTensor>&, const SpamHyper&,               \
                             const QuantMaps&, int64_t*);                                          \
   void cpu_stable_spam_step(const std::vector<StableSpamTensor>&, const AdamHyper&,               \
-                            const QuantMaps&, int64_t*);                                          \
+                            const QuantMaps&, int64_t*, const StatsReduce&);                      \
   template <class A>                                                                              \
   void cpu_element_step(const std::vector<ElementTensor<A>>&, const typename A::Hyper&,           \
                         const QuantMaps&, int64_t*);                                              \

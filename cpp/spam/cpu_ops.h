@@ -39,9 +39,11 @@ void cpu_sparse_spam_step(const std::vector<SparseSpamTensor>& tensors, const Sp
                           const QuantMaps& maps, int64_t* counters);
 
 // One Stable-SPAM step (docs/algorithms.md §4.4) over all tensors of a group: per-tensor
-// max|g| and ||g|| reductions, AdaClip, AdaGN, then the Adam update, all here.
+// max|g| and ||g|| reductions, AdaClip, AdaGN, then the Adam update, all here. With `reduce`
+// active the statistics are reduced across shards by the caller between the passes
+// (StatsReduce, step_tensors.h); grad_stats are written only after its last call returned.
 void cpu_stable_spam_step(const std::vector<StableSpamTensor>& tensors, const AdamHyper& hyper,
-                          const QuantMaps& maps, int64_t* counters);
+                          const QuantMaps& maps, int64_t* counters, const StatsReduce& reduce);
 
 // One step of element algorithm A (algorithms.h: AdamW, ...) over all tensors of a group: A's
 // element function on every entry, dense or 8-bit moments or packed 4-bit weights. Defined

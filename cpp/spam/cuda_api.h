@@ -45,9 +45,13 @@ int64_t cuda_stable_spam_scratch_bytes(const std::vector<int64_t>& numels);
 // cpu_stable_spam_step. grad_stats pointers are device float[3]; `scratch` is a device
 // buffer of at least cuda_stable_spam_scratch_bytes(numels) bytes, 16-byte aligned, that
 // must not be used by anything else until the step's kernels have run (stream order).
+// `reduce` (StatsReduce, step_tensors.h): inactive, or a device float64 [n][2] buffer and the
+// host callback that reduces it across shards, called twice (phases 1 and 2) between
+// launches on `ctx.stream`; it must enqueue its work on that stream.
 void cuda_stable_spam_step(const std::vector<StableSpamTensor>& tensors, const AdamHyper& hyper,
                            const QuantMaps& maps, int64_t* counters, void* scratch,
-                           int64_t scratch_bytes, const CudaContext& ctx);
+                           int64_t scratch_bytes, const StatsReduce& reduce,
+                           const CudaContext& ctx);
 
 // One step of element algorithm A (algorithms.h: AdamW, ...); same semantics as
 // cpu_element_step<A>: no reductions, no scratch. Defined for every entry of

@@ -4,6 +4,8 @@
 // either core includes it without the other's headers.
 #pragma once
 
+#include <functional>
+
 #include "common.h"
 #include "math.h"
 #include "quant4.h"
@@ -64,6 +66,30 @@ struct StableSpamTensor {
   AdamBiasCorrection adam;
   Quant8Moments q8;
   PackedParam q4;
+};
+
+// The cross-shard reduction of a Stable-SPAM step's per-tensor statistics (docs/algorithms.md
+// §4.4 steps 3-4 over a sharded tensor, e.g. FSDP2): the caller owns both the buffer and the
+// communication. `stats` is a float64 [n_tensors][2] buffer on the step's device (host memory
+// for the CPU core, device memory for the CUDA core): column 0 max|g|, column 1 sum g^2. The
+// core writes the local values of phase `phase` there, calls `reduce(phase)` (which replaces
+// every row with the global values: max over shards, sum over shards) and reads them back:
+//   phase 1  after the reduction of the raw gradient: the local max and sum of every tensor;
+//   phase 2  after the reduction of the clipped gradient: column 1 holds the local clipped sum
+//            of every tensor that clips and 0 for the others (column 0 still holds the phase-1
+//            global max, unread afterwards). Called on every step that has phase 1, whether or
+//            not a tensor clips, so no rank ever needs to know whether another one clips, and
+//            the CUDA core needs no host read of its device-side decision.
+// The core calls `reduce` outside any parallel region, with no other work of the step pending
+// on the host; on CUDA the local values are enqueued on the step's stream before the call, and
+// the values read back after it are read by kernels enqueued after it on that stream (the
+// callback enqueues its collectives there). An exception thrown by `reduce` propagates out of
+// the step before any parameter, moment or grad_stats is written. Inactive (null `stats`): the
+// single-shard step, unchanged.
+struct StatsReduce {
+  double* stats = nullptr;
+  std::function<void(int phase)> reduce;
+  bool active() const { return stats != nullptr; }
 };
 
 // One tensor of an element algorithm's step (algorithms.h; cpu_element_step, cuda_element_step):

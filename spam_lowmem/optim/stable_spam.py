@@ -136,6 +136,14 @@ class StableSPAM(SpikeAwareOptimizer):
             sqrt_bc2s.append(math.sqrt(1.0 - beta2**k))
         return counts, {"stat_bias_corrections": stat_bcs, "step_sizes": step_sizes, "sqrt_bc2s": sqrt_bc2s}
 
+    def _stats_reducer(self, group: dict[str, Any], batch: DeviceBatch) -> F.StatsReducer | None:
+        """Seam for a distributed layer: the cross-shard reduction of the per-tensor statistics
+        of ``batch`` (``reduce_stats`` of :func:`spam_lowmem.functional.stable_spam_step`, whose
+        docstring states the phase rules), or None when every tensor is whole (the default).
+        Called once per device batch and call, before the core step; every rank must return a
+        reducer for the same calls."""
+        return None
+
     def _core_step(self, batch: DeviceBatch, group: dict[str, Any], call: _StableCall, core_kw: dict[str, Any]) -> None:
         _, beta2 = group["betas"]
         _, gamma2, gamma3 = group["gammas"]
@@ -152,4 +160,5 @@ class StableSPAM(SpikeAwareOptimizer):
             eps=group["eps"],
             weight_keep=1.0 - group["lr"] * group["weight_decay"],
             reset=call.mode,
+            reduce_stats=self._stats_reducer(group, batch),
         )

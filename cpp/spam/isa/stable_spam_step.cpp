@@ -5,9 +5,15 @@
 //   pass 2  only for tensors that clip: sum of squares of the clipped gradient;
 //   scalar  AdaGN: mu, nu EMAs and the target norm c;
 //   pass 3  the fused element update (clip, normalise, Adam, decay; dense or 8-bit moments).
+// With a cross-shard reduction (StatsReduce, step_tensors.h) the caller's callback turns the
+// local per-tensor values into global ones after pass 1 (phase 1) and after pass 2 (phase 2,
+// on every such step), so every shard of a tensor takes the same AdaClip and AdaGN decisions.
+// The statistics EMAs are computed into a copy and stored in grad_stats only after the last
+// callback returned: a callback that throws leaves every buffer of the step as it was.
 // (Plain AdamW, the same element with clipping and normalisation off, is an element algorithm:
 // algorithms.h, isa/element_step.cpp.)
 #include <algorithm>
+#include <array>
 #include <cmath>
 
 #include "../cpu_chunks.h"
@@ -114,37 +120,89 @@ void reduce_tensors(const std::vector<StableSpamTensor>& tensors, const ChunkPla
   }
 }
 
+// This call's [M, mu, nu] of one tensor (GradStatsIndex), a copy of its grad_stats.
+using StatCopy = std::array<float, GradStatsIndex::kCount>;
+
+// Phase 1 of a cross-shard reduction (docs/algorithms.md §4.4 step 3 over all shards): hands
+// the caller every tensor's local max|g| and sum g^2 (pass 1, already combined in chunk order)
+// and takes back the global values. The max travels as a double and returns to float exactly.
+void reduce_raw_stats(const StatsReduce& r, bool skip_nonfinite, std::vector<Partial>& stats) {
+  const size_t n = stats.size();
+  for (size_t i = 0; i < n; ++i) {
+    r.stats[2 * i] = static_cast<double>(stats[i].max_abs);
+    r.stats[2 * i + 1] = stats[i].sum_sq;
+  }
+  r.reduce(1);
+  for (size_t i = 0; i < n; ++i) {
+    stats[i].max_abs = static_cast<float>(r.stats[2 * i]);
+    stats[i].sum_sq = r.stats[2 * i + 1];
+    // As for a local reduction: under "propagate" a NaN anywhere in the tensor makes max|g|
+    // NaN. The sum carries it reliably across shards whatever the collective does with a NaN
+    // under max.
+    if (!skip_nonfinite && std::isnan(stats[i].sum_sq)) stats[i].max_abs = NAN;
+  }
+}
+
+// Phase 2 (§4.4 step 4 over all shards): the local sums of squares of the clipped gradient
+// of the tensors that clip, 0 for the others (whose phase-1 global sums stay in `stats`), and
+// back the global ones. Called on every step with a reduction, even when no tensor clips
+// (`clipped` is then empty and never read).
+void reduce_clipped_sums(const StatsReduce& r, const std::vector<char>& clips,
+                         const std::vector<Partial>& clipped, std::vector<Partial>& stats) {
+  const size_t n = stats.size();
+  for (size_t i = 0; i < n; ++i) r.stats[2 * i + 1] = clips[i] ? clipped[i].sum_sq : 0.0;
+  r.reduce(2);
+  for (size_t i = 0; i < n; ++i)
+    if (clips[i]) stats[i].sum_sq = r.stats[2 * i + 1];
+}
+
 }  // namespace
 
 void cpu_stable_spam_step(const std::vector<StableSpamTensor>& tensors, const AdamHyper& hyper,
-                          const QuantMaps& maps, int64_t* counters) {
+                          const QuantMaps& maps, int64_t* counters, const StatsReduce& reduce) {
   const size_t n = tensors.size();
   std::vector<int64_t> numels;
   numels.reserve(n);
   for (const auto& t : tensors) numels.push_back(t.param.numel);
   const ChunkPlan plan = make_chunks(numels);
-  const std::vector<Chunk>& chunks = plan.chunks;
 
+  // Pass 1 (§4.4 step 3: max|g|; step 4: ||g|| of a tensor that will not clip). The callbacks
+  // run here, on the calling thread, between the OpenMP regions.
   std::vector<Partial> stats;
   reduce_tensors(tensors, plan, nullptr, std::vector<char>(n, 1), hyper.nonfinite.skip, stats);
+  if (reduce.active()) reduce_raw_stats(reduce, hyper.nonfinite.skip, stats);
 
+  std::vector<StatCopy> ema(n);
+  for (size_t i = 0; i < n; ++i)
+    std::copy(tensors[i].grad_stats, tensors[i].grad_stats + GradStatsIndex::kCount,
+              ema[i].begin());
+
+  // AdaClip (§4.4 step 3). With a reduction the max is global and M is equal on every shard,
+  // so every shard decides alike whether the tensor clips.
   std::vector<StableTensorScalars> scalars(n);
   std::vector<char> clips(n, 0);
   bool any_clip = false;
   for (size_t i = 0; i < n; ++i) {
-    stable_adaclip(tensors[i].grad_stats, stats[i].max_abs, tensors[i].stat, scalars[i]);
+    stable_adaclip(ema[i].data(), stats[i].max_abs, tensors[i].stat, scalars[i]);
     clips[i] = stable_clips(scalars[i], stats[i].max_abs);
     any_clip = any_clip || clips[i];
   }
+  // Pass 2: ||clipped g|| (§4.4 step 4) of the tensors that clip.
+  std::vector<Partial> clipped_stats;  // filled only if some tensor clips
   if (any_clip) {
-    std::vector<Partial> clipped_stats;
     reduce_tensors(tensors, plan, &scalars, clips, hyper.nonfinite.skip, clipped_stats);
-    for (size_t i = 0; i < n; ++i)
-      if (clips[i]) stats[i].sum_sq = clipped_stats[i].sum_sq;
+    if (!reduce.active())
+      for (size_t i = 0; i < n; ++i)
+        if (clips[i]) stats[i].sum_sq = clipped_stats[i].sum_sq;
   }
+  if (reduce.active()) reduce_clipped_sums(reduce, clips, clipped_stats, stats);
+  // AdaGN (§4.4 step 4).
   for (size_t i = 0; i < n; ++i)
-    stable_adagn(tensors[i].grad_stats, static_cast<float>(std::sqrt(stats[i].sum_sq)),
-                 tensors[i].stat, scalars[i]);
+    stable_adagn(ema[i].data(), static_cast<float>(std::sqrt(stats[i].sum_sq)), tensors[i].stat,
+                 scalars[i]);
+  // Every callback has returned: store this call's statistics ahead of the update pass, as a
+  // step without a reduction does.
+  for (size_t i = 0; i < n; ++i) std::copy(ema[i].begin(), ema[i].end(), tensors[i].grad_stats);
 
   run_group(
       tensors, maps,
