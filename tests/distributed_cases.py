@@ -179,7 +179,7 @@ def scenario_load(rank: int, out: Path, source: Path, world: int) -> None:
         torch.save(result, out / f"load_ws{world}.pt")
 
 
-ZERO_CONFIGS = ("spam32", "stable32", "sparse32", "adamw8")
+ZERO_CONFIGS = tuple(c for c in ("spam32", "stable32", "sparse32", "adamw8") if c in CONFIGS)
 
 
 def scenario_zero(rank: int, out: Path) -> None:

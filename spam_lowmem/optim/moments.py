@@ -247,11 +247,18 @@ def memory_report(param_groups: list[dict[str, Any]], state: Any) -> dict[str, A
     }
 
 
+#: state entries of a sharded parameter that differ between ranks (its shard's moments, and the
+#: compact block starts of sparse momentum); everything else (counts, Stable-SPAM statistics, a
+#: subset rule) is the same on every rank and counted once
+PER_RANK_KEYS = (*DENSE_KEYS, *QUANT_KEYS, "compact_block_starts")
+
+
 def sharded_memory_report(param_groups: list[dict[str, Any]], state: Any) -> dict[str, Any]:
     """:func:`memory_report` with global figures for DTensor parameters: the bytes of each
-    sharded parameter's local state are summed over its process group (one all-reduce per
-    group), and ``local_total_bytes`` keeps this rank's share. Without DTensors it is
-    :func:`memory_report` plus ``local_total_bytes`` (= ``total_bytes``) and ``world_size`` 1."""
+    sharded parameter's per-rank state (``PER_RANK_KEYS``) are summed over its process group
+    (one all-reduce per group), its replicated state counted once, and ``local_total_bytes``
+    keeps this rank's share. Without DTensors it is :func:`memory_report` plus
+    ``local_total_bytes`` (= ``total_bytes``) and ``world_size`` 1."""
     params = [p for group in param_groups for p in group["params"]]
     local_state = {p: sharding.local_view_of_state(state[p]) for p in params if p in state}
     report = memory_report(param_groups, local_state)
@@ -265,18 +272,22 @@ def sharded_memory_report(param_groups: list[dict[str, Any]], state: Any) -> dic
             report["world_size"] = max(report["world_size"], info.mesh.size(info.shard_dim))
     if not by_group:
         return report
-    fields = ("values", "indices", "absmax", "other", "total", "moment_numel")
+    kinds = ("values", "indices", "absmax", "other")
     entries = report["params"]
     for shard_group, indices in by_group.items():
-        local = torch.tensor([[entries[i][f] for f in fields] for i in indices], dtype=torch.int64)
-        device = params[indices[0]].device
-        summed = local.to(device)
+        rows, replicated = [], []
+        for i in indices:
+            st = local_state.get(params[i], {})
+            once = state_bytes({k: v for k, v in st.items() if k not in PER_RANK_KEYS})
+            replicated.append(once)
+            rows.append([entries[i][k] - once[k] for k in kinds] + [entries[i]["moment_numel"]])
+        summed = torch.tensor(rows, dtype=torch.int64, device=params[indices[0]].device)
         torch.distributed.all_reduce(summed, group=shard_group)
-        for row, i in zip(summed.cpu().tolist(), indices):
-            entries[i].update(dict(zip(fields, row)))
-            entries[i]["ratio_to_adamw32"] = (
-                entries[i]["total"] / (8 * entries[i]["numel"]) if entries[i]["numel"] else 0.0
-            )
+        for row, once, i in zip(summed.cpu().tolist(), replicated, indices):
+            entry = entries[i]
+            entry.update({k: row[j] + once[k] for j, k in enumerate(kinds)}, moment_numel=row[-1])
+            entry["total"] = sum(entry[k] for k in kinds)
+            entry["ratio_to_adamw32"] = entry["total"] / (8 * entry["numel"]) if entry["numel"] else 0.0
     total = sum(e["total"] for e in entries)
     numel = report["numel"]
     report.update(

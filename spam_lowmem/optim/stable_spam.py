@@ -14,6 +14,7 @@ import torch
 from .. import functional as F
 from ..hyperparams import StableSPAMSettings, settings_constructor
 from ..schedules import is_reset_call, stable_spam_decay
+from . import sharding
 from .base import DeviceBatch, SpikeAwareOptimizer
 
 __all__ = ["StableSPAM"]
@@ -137,12 +138,14 @@ class StableSPAM(SpikeAwareOptimizer):
         return counts, {"stat_bias_corrections": stat_bcs, "step_sizes": step_sizes, "sqrt_bc2s": sqrt_bc2s}
 
     def _stats_reducer(self, group: dict[str, Any], batch: DeviceBatch) -> F.StatsReducer | None:
-        """Seam for a distributed layer: the cross-shard reduction of the per-tensor statistics
-        of ``batch`` (``reduce_stats`` of :func:`spam_lowmem.functional.stable_spam_step`, whose
-        docstring states the phase rules), or None when every tensor is whole (the default).
-        Called once per device batch and call, before the core step; every rank must return a
-        reducer for the same calls."""
-        return None
+        """The cross-shard reduction of the per-tensor statistics of ``batch`` (``reduce_stats``
+        of :func:`spam_lowmem.functional.stable_spam_step`, whose docstring states the phase
+        rules): for a batch of DTensor shards, max|g| and ||g||^2 over the whole tensors
+        (:func:`spam_lowmem.optim.sharding.stats_reducer`); None when every tensor is whole.
+        A batch holds the tensors sharded over one process group (``_gather``), and every rank
+        steps the same batches, so every rank reduces in the same calls."""
+        shard_group = batch.process_group
+        return None if shard_group is None else sharding.stats_reducer(shard_group)
 
     def _core_step(self, batch: DeviceBatch, group: dict[str, Any], call: _StableCall, core_kw: dict[str, Any]) -> None:
         _, beta2 = group["betas"]
