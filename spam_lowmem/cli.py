@@ -6,6 +6,8 @@
     spam-lowmem compare --out runs/cmp
     spam-lowmem compare --four-bit --out runs/cmp4
     spam-lowmem density --model 60m --rank 128
+    spam-lowmem train --nproc 2 --fsdp --optimizer spam --out runs/fsdp      # 2 ranks, FSDP2
+    python -m torch.distributed.run --nproc-per-node 2 -m spam_lowmem.cli train --fsdp --out runs/fsdp
 
 Bad input (unknown names, unparsable budget, missing data, seq-len too long, a run folder of a
 different run) ends with a message on stderr and exit status 2, before anything is written.
@@ -14,12 +16,14 @@ different run) ends with a message on stderr and exit status 2, before anything 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .train import launch
 from .train.errors import UsageError
 
 if TYPE_CHECKING:
@@ -192,6 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
         "16: unquantised (default)",
     )
     _quant_flags(t)
+    t.add_argument(
+        "--nproc",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="run as N processes on this machine: re-launches this command through torchrun "
+        "(DDP, or FSDP2 with --fsdp); --batch-size is the global batch, split over the N ranks",
+    )
+    t.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard parameters, gradients and optimizer state over the ranks with FSDP2 "
+        "(fully_shard per transformer block and the root); needs --nproc or torchrun",
+    )
 
     c = sub.add_parser("compare", help="several optimizers, same data, seed and token budget")
     c.add_argument(
@@ -269,20 +287,48 @@ def _quant_config(args: argparse.Namespace) -> dict[str, object]:
     return {"weight_bits": bits, "quant_format": fmt, "weight_storage": storage, "quant_group_size": group}
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    under_torchrun = launch.launched_by_torchrun()
+    if args.nproc is not None:  # the ranks it starts get the arguments without --nproc
+        if under_torchrun:
+            raise UsageError("--nproc starts its own torchrun job; under torchrun leave --nproc out")
+        if args.batch_size % args.nproc:  # checked here too, before any process is started
+            raise UsageError(
+                f"--batch-size {args.batch_size} is the global batch and must divide evenly over "
+                f"--nproc {args.nproc} ranks; use a multiple of {args.nproc}"
+            )
+        return launch.relaunch(args.nproc, argv)
+    if args.fsdp and not under_torchrun:
+        raise UsageError(
+            "--fsdp shards the model over the ranks of a distributed job: add --nproc N, or start "
+            "the command under torchrun (python -m torch.distributed.run --nproc-per-node N -m "
+            "spam_lowmem.cli train --fsdp ...)"
+        )
     from .train.loop import train
 
     cfg = _train_config(args, args.optimizer)
-    summary = train(
-        cfg,
-        args.out,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        cache_dir=args.cache_dir,
-        stop_after=args.stop_after,
-        progress=not args.no_progress,
-        threads=args.threads,
-    )
+    runtime = None
+    if under_torchrun:
+        from .train.distributed import start
+
+        runtime = start(args.fsdp, args.device)
+    try:
+        summary = train(
+            cfg,
+            args.out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            cache_dir=args.cache_dir,
+            stop_after=args.stop_after,
+            progress=not args.no_progress,
+            threads=args.threads,
+            runtime=runtime,
+        )
+    finally:
+        if runtime is not None:
+            runtime.close()
+    if runtime is not None and not runtime.is_main:
+        return 1 if summary["diverged"] else 0
     if summary["finished"]:
         mb = summary["optimizer_state_bytes"] / 2**20
         print(
@@ -317,15 +363,28 @@ def _cmd_density(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``spam-lowmem`` console script; returns the exit status."""
+    code = _main(list(sys.argv[1:] if argv is None else argv))
+    launch.report_status(code)  # for the --nproc parent, when this process is one of its ranks
+    return code
+
+
+def _main(argv: list[str]) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse already printed the usage error (or the help)
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        handler = {"train": _cmd_train, "compare": _cmd_compare, "density": _cmd_density}[args.command]
+        if args.command == "train":
+            return _cmd_train(args, argv)
+        if launch.launched_by_torchrun():  # every rank would run the whole command over the same files
+            raise UsageError(f"{args.command} runs in one process; under torchrun only train is distributed")
+        handler = {"compare": _cmd_compare, "density": _cmd_density}[args.command]
         return handler(args)
     except UsageError as exc:
-        print(f"spam-lowmem {args.command}: error: {exc}", file=sys.stderr)
+        # under torchrun every rank reports (a rank may fail alone); rank 0 without a prefix
+        rank = os.environ.get("RANK", "0") if launch.launched_by_torchrun() else "0"
+        where = "" if rank == "0" else f" (rank {rank})"
+        print(f"spam-lowmem {args.command}{where}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("spam-lowmem: interrupted", file=sys.stderr)

@@ -1,12 +1,14 @@
 """The training configuration, its JSON form, and the run-folder rules.
 
 A run folder holds ``config.json`` (this configuration plus the corpus hash), ``metrics.jsonl``,
-``checkpoint.pt``, ``summary.json`` and, by default, ``cache/`` (tokenizer and tokens).
+``checkpoint.pt`` (distributed runs: the folder ``checkpoint_dcp/``, :mod:`.checkpoint_dcp`),
+``summary.json`` and, by default, ``cache/`` (tokenizer and tokens).
 
 Rules, all checked before anything is written:
 
 * a fresh run needs a missing or empty folder (a folder holding only ``cache/`` counts as empty);
-* ``--overwrite`` replaces the four run files of a non-empty folder (other files are left alone);
+* ``--overwrite`` replaces the four run files (and a ``checkpoint_dcp/``) of a non-empty folder
+  (other files are left alone);
 * ``--resume`` needs ``config.json`` and an identical configuration, except for the keys in
   :data:`MAY_CHANGE_ON_RESUME`; it continues from ``checkpoint.pt`` (or from step 0 if the run
   stopped before its first checkpoint).

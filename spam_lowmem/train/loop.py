@@ -8,6 +8,10 @@ extra near-zero update at the end).
 Resume is exact: the checkpoint holds model, optimizer and scheduler state, the RNG states and
 the data position (batches consumed; the batch order is a pure function of seed and position),
 so ``run 3 steps + --resume 3`` writes the same losses as ``run 6``, bit for bit on CPU.
+
+Under torchrun the same loop runs on every rank (:mod:`.distributed`): each rank trains on its
+slice of every batch, only rank 0 writes the run folder, and checkpoints are DCP folders
+(:mod:`.checkpoint_dcp`) that resume at any world size.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from . import checkpoint_dcp
 from . import data as D
 from .config import RUN_FILES, TrainConfig, check_run_dir, write_json
+from .distributed import FSDP_UNSUPPORTED, SINGLE, Runtime, check_batch
 from .errors import UsageError
 from .memory import PeakMemory, optimizer_state_bytes
 from .model import build_model, count_parameters, get_spec
@@ -53,23 +59,39 @@ class WarmupCosine:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Sequence[torch.Tensor], device: torch.device) -> tuple[float, int]:
+def evaluate(
+    model: torch.nn.Module,
+    batches: Sequence[torch.Tensor],
+    device: torch.device,
+    runtime: Runtime | None = None,
+) -> tuple[float, int]:
     """(mean next-token cross-entropy in nats, number of target tokens) over ``batches``.
 
     A sequence of T tokens has T-1 targets; we divide the summed per-token losses by their
     count, a true mean over tokens. The authors' harness (GaLore-derived, docs/algorithms.md §1.5)
     instead averages per-batch means and divides by ``n_batches + 1``, which biases its
     reported loss low by a factor of about n/(n+1); we deliberately do not replicate that.
+
+    Distributed (every rank calls it): a batch that divides evenly over the ranks is split as
+    in training and the sums are reduced; a shorter last batch is evaluated whole by every rank
+    (FSDP needs every rank in every forward) and counted once, on rank 0.
     """
+    rt = runtime or SINGLE
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for x in batches:
-        x = x.to(device)
+        split = x.shape[0] % rt.world_size == 0
+        x = (rt.local_rows(x) if split else x).to(device)
         n = x.shape[0] * (x.shape[1] - 1)
-        total += float(model(input_ids=x, labels=x).loss) * n
-        count += n
+        loss = float(model(input_ids=x, labels=x).loss) * n
+        if split or rt.is_main:
+            total += loss
+            count += n
     model.train(was_training)
+    if rt.distributed:
+        total, summed = rt.sum([total, count])
+        count = int(summed)
     return total / count, count
 
 
@@ -343,6 +365,77 @@ def _check_options(cfg: TrainConfig) -> int | None:
     return budget
 
 
+def _silent(message: str) -> None:
+    """The log of the ranks other than 0 (rank 0 speaks for the job)."""
+
+
+def _on_main(rt: Runtime, make: Callable[[], Any]) -> Any:
+    """``make()`` on rank 0, its result (or its UsageError, raised) on every rank."""
+    if not rt.distributed:
+        return make()
+    result: Any = None
+    if rt.is_main:
+        try:
+            result = make()
+        except UsageError as exc:  # the other ranks wait in the broadcast: send them the error
+            result = exc
+    result = rt.broadcast(result)
+    if isinstance(result, UsageError):
+        raise result
+    return result
+
+
+def _check_checkpoint_kind(rt: Runtime, out: Path, ckpt_path: Path, dcp_path: Path | None) -> None:
+    """A run continues in the checkpoint format it was started with (see checkpoint_dcp)."""
+    if not rt.distributed and dcp_path is not None:
+        raise UsageError(
+            f"the run in {out} was checkpointed by a distributed job ({dcp_path.name}/); resume it "
+            "distributed: add --nproc N (N = 1 works) or start it under torchrun"
+        )
+    if rt.distributed and dcp_path is None and ckpt_path.exists():
+        raise UsageError(
+            f"the run in {out} was checkpointed by a single process ({ckpt_path.name}); resume it "
+            "without --nproc and outside torchrun"
+        )
+
+
+def _load_dcp(
+    path: Path,
+    rt: Runtime,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    log: Callable[[str], None],
+) -> int:
+    """Restore a distributed checkpoint (every rank); returns its step."""
+    try:
+        state, rng = checkpoint_dcp.load(path, rt, model, opt)
+        sched.load_state_dict(state["scheduler"])
+        start = int(state["step"])
+    except Exception as exc:  # damaged or foreign folder: say so instead of a traceback
+        raise UsageError(f"cannot resume from {path}: {type(exc).__name__}: {exc}") from exc
+    if rng is not None:
+        _set_rng_state(rng)
+    else:  # harmless for the trajectory: training draws nothing from them (checkpoint_dcp)
+        log(
+            f"note: {path.name} was saved by {state.get('world_size')} ranks, this job has {rt.world_size}; "
+            "the per-rank RNG states are not restored"
+        )
+    return start
+
+
+def _write_run_files(out: Path, mode: str, corpus: D.Corpus, config: dict[str, Any]) -> None:
+    """The first writes of a run (rank 0): its folder, cleared for --overwrite, caches, config."""
+    out.mkdir(parents=True, exist_ok=True)
+    if mode == "overwrite":
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        checkpoint_dcp.remove(out)
+    corpus.save_cache()
+    if mode != "resume":
+        write_json(out / "config.json", config)
+
+
 def train(
     cfg: TrainConfig,
     out: Path,
@@ -354,6 +447,7 @@ def train(
     progress: bool = True,
     threads: int | None = None,
     log: Callable[[str], None] | None = None,
+    runtime: Runtime | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) one training run in ``out``; returns the summary (also ``summary.json``).
 
@@ -364,9 +458,16 @@ def train(
     Resuming a run whose ``summary.json`` says it finished (or diverged) trains nothing and
     returns that summary unchanged. A torn last line of ``metrics.jsonl`` is dropped with a
     warning; a damaged line before it is a UsageError naming the file and line.
+
+    ``runtime`` (default: one process) makes this process one rank of a distributed job
+    (:func:`.distributed.start`); every rank calls ``train`` with the same arguments, only rank
+    0 logs and writes, and the summary is returned on every rank.
     """
     wall0 = time.perf_counter()
+    rt = runtime or SINGLE
     log = log or (lambda message: print(message, file=sys.stderr))
+    if not rt.is_main:
+        log = _silent
     if threads is not None:
         if threads <= 0:
             raise UsageError(f"--threads must be > 0, got {threads}")
@@ -376,6 +477,21 @@ def train(
     spec = get_spec(cfg.model)
     cfg.validate(spec.max_positions)
     device = resolve_device(cfg.device)
+    if rt.distributed:
+        assert rt.device is not None
+        device = rt.device  # this rank's GPU, or the CPU
+        check_batch(cfg.batch_size, rt.world_size)
+        if rt.mode == "fsdp" and cfg.optimizer in FSDP_UNSUPPORTED:
+            raise UsageError(
+                f"--optimizer {cfg.optimizer} does not step FSDP2's sharded parameters; run it without "
+                "--fsdp (DDP) or choose adamw, spam or stable-spam"
+            )
+        if cfg.weight_bits == 4 and cfg.weight_storage == "packed":
+            # the codes live behind a zero-stride placeholder parameter: DDP cannot broadcast it
+            # and FSDP2 cannot shard it
+            raise UsageError(
+                "--weight-storage packed runs in one process only; distributed 4-bit runs use --weight-storage fake"
+            )
     if cfg.dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {cfg.dtype!r}; use {' or '.join(DTYPES)}")
     budget = _check_options(cfg)
@@ -395,7 +511,7 @@ def train(
             except UsageError as exc:  # nothing will be appended: report it, but it blocks nothing
                 log(f"warning: {exc}")
             else:
-                if previous.torn is not None:
+                if previous.torn is not None and rt.is_main:
                     _repair_metrics(metrics_path, previous, log)
             how = "diverged" if done.get("diverged") else "finished"
             log(
@@ -403,7 +519,14 @@ def train(
                 "is kept as it is, nothing to do"
             )
             return done
-    corpus = D.prepare_corpus(cfg.data or None, cfg.vocab_size, cache_dir or out / "cache", loaded=docs)
+    ckpt_path = out / "checkpoint.pt"
+    dcp_path = checkpoint_dcp.find(out) if mode == "resume" else None
+    if mode == "resume":
+        _check_checkpoint_kind(rt, out, ckpt_path, dcp_path)
+    # one rank tokenizes (the BPE is the slow part) and hands the corpus to the others
+    corpus = _on_main(
+        rt, lambda: D.prepare_corpus(cfg.data or None, cfg.vocab_size, cache_dir or out / "cache", loaded=docs)
+    )
     stream = D.BatchStream(D.pack(corpus.train_tokens, cfg.seq_len), cfg.batch_size, cfg.seed)
     held = D.eval_batches(D.pack(corpus.eval_tokens, cfg.seq_len), cfg.batch_size, cfg.eval_batches)
 
@@ -414,10 +537,11 @@ def train(
     memory.start()
     model = build_model(spec, corpus.vocab_size, seed=cfg.seed, dtype=DTYPES[cfg.dtype], device=device)
     quant = quantize_projections(cfg, model) if cfg.weight_bits == 4 else None
-    extra = _optimizer_kwargs(cfg, model, budget)
+    extra = _optimizer_kwargs(cfg, model, budget)  # planned on the whole model: the same at any world size
+    model = rt.wrap(model)
     opt = build_optimizer(
         cfg.optimizer,
-        model,
+        rt.unwrap(model),
         spec,
         lr=cfg.lr,
         total_steps=cfg.steps,
@@ -434,8 +558,11 @@ def train(
         quant["fused_step"] = attach_packed_requant(opt, model).fused
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
     start = 0
-    ckpt_path = out / "checkpoint.pt"
-    if mode == "resume" and ckpt_path.exists():
+    if dcp_path is not None:
+        start = _load_dcp(dcp_path, rt, model, opt, sched, log)
+        if start >= cfg.steps:
+            log(f"run in {out} already finished ({start} steps); writing its missing summary.json")
+    elif mode == "resume" and ckpt_path.exists():
         try:  # our own file (it pickles e.g. GaLore's projector objects), hence weights_only=False
             ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
             model.load_state_dict(ckpt["model"])
@@ -454,16 +581,12 @@ def train(
             f"larger value, or drop --stop-after to train to step {cfg.steps}"
         )
     previous = _read_metrics(metrics_path, start) if mode == "resume" else _Metrics([], None, 0.0, [])
+    rt.barrier()  # every rank has checked everything before rank 0 writes
 
-    # ---- from here on we write
-    out.mkdir(parents=True, exist_ok=True)
-    if mode == "overwrite":
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-    corpus.save_cache()
-    if mode != "resume":
-        write_json(out / "config.json", config)
-    if mode == "resume":
+    # ---- from here on we write (rank 0 alone, except the checkpoints)
+    if rt.is_main:
+        _write_run_files(out, mode, corpus, config)
+    if mode == "resume" and rt.is_main:
         _repair_metrics(metrics_path, previous, log)
         missing = sorted(set(range(1, start + 1)) - set(previous.train_steps))
         if missing:  # e.g. records not yet on disk at a power loss, from a run without fsync
@@ -496,13 +619,13 @@ def train(
         total=cfg.steps,
         initial=start,
         desc=cfg.optimizer,
-        disable=not progress,
+        disable=not progress or not rt.is_main,
         file=sys.stderr,
         dynamic_ncols=True,
         leave=False,
     )
     model.train()
-    with open(metrics_path, "a", encoding="utf-8") as metrics:
+    with open(metrics_path if rt.is_main else os.devnull, "a", encoding="utf-8") as metrics:
 
         def emit(record: dict[str, Any]) -> None:
             metrics.write(json.dumps(record) + "\n")
@@ -514,10 +637,12 @@ def train(
             lr_now = opt.param_groups[0]["lr"]
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
-                x = stream.batch(step * cfg.grad_accum + micro).to(device)
+                x = rt.local_rows(stream.batch(step * cfg.grad_accum + micro)).to(device)
                 loss = model(input_ids=x, labels=x).loss
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach().item()
+            if rt.distributed:  # equal slices: the mean of the ranks' losses is the global batch's
+                loss_sum = rt.sum([loss_sum])[0] / rt.world_size
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
@@ -542,7 +667,7 @@ def train(
             )
             diverged = not math.isfinite(train_loss)
             if diverged or (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                eval_loss, eval_tokens = evaluate(model, held, device)
+                eval_loss, eval_tokens = evaluate(model, held, device, rt)
                 eval_step = step
                 emit(
                     {
@@ -562,15 +687,24 @@ def train(
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stopping:
                 # the records up to this step reach the disk before the checkpoint that covers them,
                 # so a power loss can only tear records after the checkpoint (re-run on --resume)
-                os.fsync(metrics.fileno())
-                _save_checkpoint(ckpt_path, step, model, opt, sched, device, config, step * cfg.grad_accum)
+                if rt.is_main:
+                    os.fsync(metrics.fileno())
+                if rt.distributed:
+                    state = {"step": step, "batches_consumed": step * cfg.grad_accum, "config": config}
+                    state["scheduler"] = sched.state_dict()
+                    checkpoint_dcp.save(out, rt, model, opt, state, _rng_state(device))
+                else:
+                    _save_checkpoint(ckpt_path, step, model, opt, sched, device, config, step * cfg.grad_accum)
             if stopping and step < cfg.steps:
                 break
     bar.close()
 
     finished = step >= cfg.steps or diverged
     if finished and eval_step != step:
-        eval_loss, eval_tokens = evaluate(model, held, device)
+        eval_loss, eval_tokens = evaluate(model, held, device, rt)
+    state_bytes = optimizer_state_bytes(opt)  # this rank's (a DTensor counts its local shard)
+    # FSDP2: the ranks hold disjoint shards, the whole state is their sum; DDP: each holds all
+    total_state_bytes = int(rt.sum([state_bytes])[0]) if rt.mode == "fsdp" else state_bytes
     summary = {
         "optimizer": cfg.optimizer,
         "model": cfg.model,
@@ -584,7 +718,7 @@ def train(
         "final_eval_ppl": _ppl(eval_loss),
         "eval_tokens": eval_tokens,
         "unigram_eval_loss": D.unigram_cross_entropy(corpus.train_tokens, held, corpus.vocab_size),
-        "optimizer_state_bytes": optimizer_state_bytes(opt),
+        "optimizer_state_bytes": total_state_bytes,
         "peak_memory_bytes": memory.peak_bytes(),
         "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         "peak_memory_method": memory.method,
@@ -600,7 +734,9 @@ def train(
         "torch_threads": torch.get_num_threads(),
         "quantization": quant,
     }
-    if finished:
+    if rt.distributed:  # peak_memory_bytes above is rank 0's; parameter and state bytes are the whole model's
+        summary.update(world_size=rt.world_size, parallel=rt.mode, optimizer_state_bytes_per_rank=state_bytes)
+    if finished and rt.is_main:
         write_json(out / "summary.json", summary)
     else:
         log(f"[{cfg.optimizer}] stopped after {step} of {cfg.steps} steps; continue with --resume")

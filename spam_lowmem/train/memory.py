@@ -4,7 +4,8 @@
   reachable from ``optimizer.state`` (dicts, lists, and attributes of objects such as GaLore's
   projector, whose ``ortho_matrix`` counts). A view counts its whole storage, since that is what
   it keeps alive (galore-torch 1.0 in float32 keeps ``Vh[:r]`` / ``U[:, :r]`` of the full SVD).
-  Buffers an optimizer keeps outside ``state`` are not seen.
+  Buffers an optimizer keeps outside ``state`` are not seen. A DTensor (FSDP2) counts the shard
+  this process holds; the distributed loop sums those over the ranks.
 * **Peak memory** (:class:`PeakMemory`), from just before the model is built to the end of
   training, so it covers weights, gradients, optimizer state, activations and temporaries:
   - CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``;
@@ -31,6 +32,8 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     def visit(obj: Any, depth: int) -> None:
         nonlocal total
         if isinstance(obj, torch.Tensor):
+            if hasattr(obj, "to_local"):  # a DTensor (FSDP2): the shard this process holds
+                obj = obj.to_local()
             storage = obj.untyped_storage()
             key = (str(obj.device), storage.data_ptr())
             if key not in seen:
