@@ -4,13 +4,14 @@
 // same math.h / quant8.h code, --fmad=false).
 //
 // Work split: one warp owns one compact block c (<= 256 moment values) of one tensor, 8 warps
-// a thread block. The block's selected entries lie in the parameter range
-// [block_starts[c], block_starts[c+1]) (the last block: up to numel), which the Python layer
-// computes once per subset. The warp walks that range 4 x 32 indices per iteration: each lane
-// hashes its indices (sparse_subset.h), a ballot plus a popcount of the lower lanes gives
-// every selected entry its compact position, so the walk needs no scan kernel, no scratch and
-// no host sync; then the selected lanes load p, g, m, v, run spam_element and store p (in
-// place; unselected entries are never written) and the moments.
+// a thread block. A tensor may be a shard of its parameter (docs/algorithms.md §13.3): the
+// walk runs over local indices with the rule rebased by shard_rule, as on the CPU. The block's
+// selected entries lie in the parameter range [block_starts[c], block_starts[c+1]) (the last block:
+// up to numel), which the Python layer computes once per subset. The warp walks that range 4 x 32
+// indices per iteration: each lane hashes its indices (sparse_subset.h), a ballot plus a popcount
+// of the lower lanes gives every selected entry its compact position, so the walk needs no scan
+// kernel, no scratch and no host sync; then the selected lanes load p, g, m, v, run spam_element
+// and store p (in place; unselected entries are never written) and the moments.
 //
 // 8-bit values: the warp dequantises its block into shared memory first (coalesced codes),
 // updates it there during the walk, then takes the NaN-sticky absmax over the block with a
@@ -45,8 +46,9 @@ struct SparseSlot {
   float* m_absmax;  // 8-bit only
   float* v_absmax;
   const int64_t* block_starts;
-  const int64_t* subset;  // [seed, t_hash, t_index, numel]
-  int64_t numel;
+  const int64_t* subset;  // [seed, t_hash, t_index, global numel]
+  int64_t offset;         // global flat index of the tensor's element 0 (docs/algorithms.md §13.3)
+  int64_t numel;          // local
   int64_t compact;
   int64_t first_block;  // launch-wide index of this tensor's compact block 0
   float update_scale;
@@ -66,14 +68,18 @@ static_assert(sizeof(SparseArgs) + sizeof(SparseShared) + sizeof(MapValues) + 2 
                   4096,
               "kernel arguments exceed 4 KB");
 
-// The subset rule of a tensor, or false when it cannot be this tensor's (drawn for another
-// element count, or out-of-range fields): then the tensor is left untouched.
+// The subset rule of a tensor rebased to its local indices (shard_rule, as the CPU walk), or
+// false when it cannot be this tensor's (its global range [offset, offset + numel) is not
+// inside the rule's numel, numel >= 2^32, or out-of-range fields): then the tensor is left
+// untouched.
 __device__ __forceinline__ bool read_rule(const SparseSlot& t, SubsetRule& rule) {
   const int64_t seed = t.subset[0], t_hash = t.subset[1], t_index = t.subset[2];
-  if (t.subset[3] != t.numel || seed < 0 || seed > 0xFFFFFFFFll || t_hash < 0 ||
-      t_hash > 0xFFFFFFFFll || t_index < -1)
+  const int64_t numel = t.subset[3];
+  if (numel > 0xFFFFFFFFll || t.offset + t.numel > numel || seed < 0 || seed > 0xFFFFFFFFll ||
+      t_hash < 0 || t_hash > 0xFFFFFFFFll || t_index < -1)
     return false;
-  rule = SubsetRule{static_cast<uint32_t>(seed), static_cast<uint32_t>(t_hash), t_index};
+  rule = shard_rule(SubsetRule{static_cast<uint32_t>(seed), static_cast<uint32_t>(t_hash), t_index},
+                    t.offset);
   return true;
 }
 
@@ -234,6 +240,7 @@ void launch_sparse_group(const std::vector<CudaSparseSpamTensor>& tensors,
     s.v_absmax = t.q8.v_absmax;
     s.block_starts = t.block_starts;
     s.subset = t.subset;
+    s.offset = t.offset;
     s.numel = t.param.numel;
     s.compact = t.compact;
     s.first_block = args.n_blocks;
@@ -258,6 +265,7 @@ void cuda_sparse_spam_step(const std::vector<CudaSparseSpamTensor>& tensors, con
     SPAM_CHECK(t.compact == 0 || t.block_starts != nullptr,
                "sparse step: every tensor needs its device block starts");
     SPAM_CHECK(t.compact <= t.param.numel, "sparse step: more compact values than elements");
+    SPAM_CHECK(t.offset >= 0, "sparse step: offsets must be >= 0");
     if (t.q8.active()) cuda::check_maps(maps);
   }
   cuda::DeviceGuard guard(ctx.device);

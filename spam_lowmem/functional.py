@@ -121,6 +121,7 @@ def _step(
     args: _StepArgs,
     *,
     sparse: bool = False,
+    offsets: Sequence[int] | None = None,
     packed: Sequence[PackedStep | None] | None = None,
     packed_bad: torch.Tensor | None = None,
 ) -> None:
@@ -129,14 +130,15 @@ def _step(
     device, and that module's ``step`` runs the algorithm its argument types name.
 
     ``columns``: params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v (sparse: then
-    block_starts, subsets), one tensor per parameter each."""
+    block_starts, subsets, and ``offsets``), one tensor per parameter each."""
     device = counters.device
     module = _backend.module_for(device)
     arrays = [_capsules(c) for c in columns]
     maps = (_map_capsules(True, device), _map_capsules(False, device))
     stream = _backend.stream_for(device)
     if sparse:
-        batch = module.SparseBatch(*arrays, to_dlpack(counters), *maps, stream=stream)
+        shards = {} if offsets is None else {"offsets": [int(o) for o in offsets]}
+        batch = module.SparseBatch(*arrays, to_dlpack(counters), *maps, stream=stream, **shards)
     else:
         batch = module.StepBatch(
             *arrays, to_dlpack(counters), *maps, stream=stream, **_packed_kwargs(module, packed, packed_bad, columns[1])
@@ -217,6 +219,7 @@ def sparse_spam_step(
     weight_decay_scale: float,
     reset: int,
     skip_nonfinite: bool,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """One SPAM step of a sparse-momentum group (docs/algorithms.md §3), on CPU or CUDA.
 
@@ -227,6 +230,14 @@ def sparse_spam_step(
     block. Unselected entries of ``params[i]`` are not written. Other arguments as
     :func:`spam_step`. On CUDA the subsets and block starts are device tensors, read by the
     kernel (no host sync); the CPU and CUDA kernels give the same results on the same state.
+
+    ``offsets[i]`` (default all 0): ``params[i]`` is a shard of a larger parameter whose flat
+    element ``offsets[i] + j`` is its element ``j`` (the rows an FSDP2 rank steps;
+    docs/algorithms.md §13.3). The subset is then the rule of the whole parameter (its ``numel``
+    the global one) and membership is tested on global indices, while ``block_starts[i]`` and
+    the compact moments are local. ``offsets[i] >= 0`` and ``offsets[i] + params[i].numel() <=
+    numel < 2^32`` (ValueError on CPU; on CUDA, where the rule stays on the device, a tensor
+    whose range is outside its rule is left untouched).
     """
     hyper = dict(
         beta1=beta1,
@@ -242,6 +253,7 @@ def sparse_spam_step(
         counters,
         _spam_args(hyper, update_scales),
         sparse=True,
+        offsets=offsets,
     )
 
 

@@ -35,7 +35,8 @@ __all__ = [
 ]
 
 NONFINITE_POLICIES = ("skip", "propagate")
-#: ``torch.Generator.manual_seed`` takes seeds in [0, 2**64) (negative ones are wrapped; not accepted)
+#: the base seed of the sparse subsets enters their seed derivation as two 32-bit words
+#: (``sparse_subset.subset_seed``): seeds lie in [0, 2**64)
 SUBSET_SEED_LIMIT = 2**64
 
 

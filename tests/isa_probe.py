@@ -1,5 +1,6 @@
 """Run by tests/test_cpu_isa.py in a subprocess per CPU kernel build (SPAM_LOWMEM_CPU_ISA):
-8-bit quantisation of awkward values and a few 8-bit optimizer steps, saved for comparison.
+8-bit quantisation of awkward values, a few 8-bit optimizer steps and sparse steps of
+parameter shards (offsets), saved for comparison.
 
 Usage: python tests/isa_probe.py OUT.pt
 """
@@ -87,6 +88,56 @@ def optimizer_states() -> dict[str, torch.Tensor]:
     return out
 
 
+def sharded_states() -> dict[str, torch.Tensor]:
+    """Row shards of a (300, 70) parameter stepped in one sparse call with their offsets
+    (docs/algorithms.md §13.3), fp32 (the window walk) and bf16 (the index walk), 32- and 8-bit
+    compact moments, across a reset; parameters and moments as left."""
+    from spam_lowmem import sparse_subset as S
+    from spam_lowmem.optim import moments
+
+    out: dict[str, torch.Tensor] = {}
+    rows, cols = 300, 70
+    ranges = [(0, 170 * cols), (170 * cols, 130 * cols)]
+    rule = S.exact_rule(31, rows * cols, 0.3)
+    masks = [S.subset_mask(rule, offset=o, count=c) for o, c in ranges]
+    for dtype in (torch.float32, torch.bfloat16):
+        for bits in (32, 8):
+            gen = torch.Generator().manual_seed(5)
+            whole = torch.randn(rows * cols, generator=gen).to(dtype)
+            shards = [whole[o : o + c] for o, c in ranges]
+            states: list[dict] = [{} for _ in ranges]
+            for st, m in zip(states, masks):
+                moments.init_compact_moments(whole, st, int(m.sum()), bits == 8)
+            counters = torch.zeros(2, dtype=torch.int64)
+            for step in range(5):
+                g = (torch.randn(rows * cols, generator=gen) * 1e-3).to(dtype)
+                g[:: 301 + step] *= 1e4
+                F.sparse_spam_step(
+                    shards,
+                    [g[o : o + c] for o, c in ranges],
+                    **moments.moment_args(states, whole.device),
+                    block_starts=[S.block_starts(m) for m in masks],
+                    subsets=[rule, rule],
+                    update_scales=[1e-2, 1e-2],
+                    counters=counters,
+                    beta1=0.9,
+                    beta2=0.999,
+                    eps=1e-6,
+                    clip_threshold=5.0 if step > 0 else 0.0,
+                    weight_decay_scale=1e-3,
+                    reset=F.MomentReset.BEFORE_UPDATE if step == 3 else F.MomentReset.NONE,
+                    skip_nonfinite=True,
+                    offsets=[o for o, _ in ranges],
+                )
+            name = f"sharded.{dtype}.{bits}"
+            out[f"{name}.param"] = whole.clone()
+            out[f"{name}.counters"] = counters
+            for i, st in enumerate(states):
+                for key, value in st.items():
+                    out[f"{name}.shard{i}.{key}"] = value.clone()
+    return out
+
+
 def main(path: str) -> None:
     x = awkward_values()
     result: dict[str, object] = {"isa": _C.isa()}
@@ -104,6 +155,7 @@ def main(path: str) -> None:
         near_codes, _ = F.quantize_blockwise(near, signed=signed)
         result[f"near_codes.{signed}"] = near_codes
     result.update(optimizer_states())
+    result.update(sharded_states())
     torch.save(result, path)
 
 

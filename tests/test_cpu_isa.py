@@ -43,6 +43,7 @@ def test_every_cpu_build_writes_the_same_state(tmp_path: Path) -> None:
     # the probe covers NaN and negative-zero blocks, and a few 8-bit optimizer steps
     assert int(torch.isnan(reference["absmax.True"]).sum()) == 2
     assert any(k.endswith("exp_avg_sq_codes") and k.startswith("sparse") for k in reference)
+    assert any(k.startswith("sharded.") and k.endswith("exp_avg_sq_codes") for k in reference)
     assert reference["near_codes.True"].numel() == (64 + 16) * 256  # values near every decision
     for isa in runnable[1:]:
         other = results[isa]

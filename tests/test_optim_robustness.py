@@ -346,11 +346,10 @@ SPARSE_CORRUPTIONS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "compact moment size": (_set("exp_avg_sq", lambda t: t[1:].clone(), 1), "selects"),
     "negative compact v": (_set("exp_avg_sq", _poke(-1.0), 1), "exp_avg_sq.*negative"),
     "nan compact m": (_set("exp_avg", _poke(math.nan), 1), "'exp_avg'.*non-finite"),
-    "generator state": (
-        lambda sd: sd.__setitem__("subset_generator", torch.zeros(3, dtype=torch.uint8)),
-        "subset_generator",
-    ),
-    "generator not a tensor": (lambda sd: sd.__setitem__("subset_generator", [1, 2]), "subset_generator"),
+    "no subset drawn yet": (_set("subset_draws", lambda _: 0, 1), "'subset_draws'.*>= 1"),
+    "draws float": (_set("subset_draws", lambda _: 2.0, 1), "'subset_draws'"),
+    "negative base seed": (_set_group("subset_base_seed", -1), "subset_seed"),
+    "base seed None": (_set_group("subset_base_seed", None), "subset_base_seed"),
 }
 
 
@@ -363,12 +362,37 @@ def test_corrupted_sparse_state_is_rejected_and_nothing_changes(case: str) -> No
     target_params = make_params([(20, 30), (16, 16)], seed=1)
     target = sl.SPAM([{"params": target_params, "density": 0.3}], **KW["spam"], subset_seed=11)
     run(target, target_params, range(1))
-    before = snapshot(target)
-    gen_before = target._subset_gen.get_state()
+    before = snapshot(target)  # the groups' base seeds and the states' draw counts included
     with pytest.raises(ValueError, match=match):
         target.load_state_dict(bad)
     assert_same(snapshot(target), before)
-    assert torch.equal(target._subset_gen.get_state(), gen_before)
+
+
+def test_state_dict_of_generator_era_loads_and_continues_deterministically() -> None:
+    # State dicts saved when subset seeds came from a torch.Generator have a top-level
+    # "subset_generator", no 'subset_draws' and no group base seed: they load (the generator
+    # is ignored, docs/algorithms.md §3) and continue alike in every optimizer they load into.
+    params, source = _sparse_source()
+    old = copy.deepcopy(source.state_dict())
+    old["subset_generator"] = torch.zeros(5056, dtype=torch.uint8)
+    for st in old["state"].values():
+        del st["subset_draws"]
+    for group in old["param_groups"]:
+        del group["subset_base_seed"]
+    twins = []
+    for _ in range(2):
+        target_params = [nn.Parameter(p.detach().clone()) for p in params]
+        target = sl.SPAM([{"params": target_params, "density": 0.3}], **KW["spam"], subset_seed=3)
+        target.load_state_dict(old)
+        assert "subset_generator" not in target.state_dict()
+        assert target.param_groups[0]["subset_base_seed"] == 3  # this optimizer's
+        run(target, target_params, range(2, 10))  # resets at calls 4 and 8
+        twins.append((target, target_params))
+    (a, a_params), (b, b_params) = twins
+    for p, q in zip(a_params, b_params):
+        assert torch.equal(p, q)
+        assert a.state[p]["subset_draws"] == 3  # assumed 1 at call 2, then two resets
+        assert torch.equal(a.state[p]["subset"], b.state[q]["subset"])
 
 
 # ---------------------------------------------------------------------------------- 5. overflowed moments
@@ -462,13 +486,12 @@ def test_bad_gradient_in_a_later_group_steps_no_group(name: str) -> None:
     assert_same(snapshot(opt), before)
 
 
-def test_rejected_sparse_reset_call_keeps_subsets_and_generator(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rejected_sparse_reset_call_keeps_subsets_and_draw_counts(monkeypatch: pytest.MonkeyPatch) -> None:
     params, opt = _sparse_source()
     twin_params, twin = _sparse_source()
     run(opt, params, range(2, 3))
     run(twin, twin_params, range(2, 3))  # the next call (4) is a reset: new subsets are drawn
-    before = snapshot(opt)
-    gen_before = opt._subset_gen.get_state()
+    before = snapshot(opt)  # 'subset_draws' included
     real = F.sparse_spam_step
 
     def rejecting(*args: Any, **kwargs: Any) -> None:
@@ -479,7 +502,6 @@ def test_rejected_sparse_reset_call_keeps_subsets_and_generator(monkeypatch: pyt
     with pytest.raises(TypeError, match="core rejects"):
         opt.step()
     assert_same(snapshot(opt), before)
-    assert torch.equal(opt._subset_gen.get_state(), gen_before)
     monkeypatch.setattr(F, "sparse_spam_step", real)
     run(opt, params, range(3, 6))
     run(twin, twin_params, range(3, 6))

@@ -41,21 +41,28 @@ struct CpuBackend {
                             b.exp_avg_sq,
                             b.compact,
                             b.block_starts,
-                            read_subset(subset, b.param.numel, i),
+                            read_subset(subset, b.param.numel, b.offset, i),
+                            b.offset,
                             0.0f,
                             b.q8};
   }
 
-  static SubsetRule read_subset(const nb::ndarray<>& a, int64_t numel, size_t i) {
+  // The rule of the whole parameter: its numel is the global one, and the tensor (local
+  // numel elements from global index `offset`) must lie inside it (docs/algorithms.md §13.3).
+  static SubsetRule read_subset(const nb::ndarray<>& a, int64_t numel, int64_t offset, size_t i) {
     const int64_t* s = typed_buffer<int64_t>(a, kDeviceType, 4, describe("subsets", i));
     if (s[0] < 0 || s[0] > 0xFFFFFFFFll || s[1] < 0 || s[1] > 0xFFFFFFFFll || s[2] < -1)
       throw nb::value_error((describe("subsets", i) + ": seed/t_hash must lie in [0, 2^32), "
                                                       "t_index >= -1")
                                 .c_str());
-    if (s[3] != numel)
+    if (s[3] < 0 || s[3] > kMaxSparseNumel)
+      throw nb::value_error(
+          (describe("subsets", i) + ": numel " + std::to_string(s[3]) + " must lie in [0, 2^32)")
+              .c_str());
+    if (offset + numel > s[3])
       throw nb::value_error((describe("subsets", i) + ": subset was drawn for " +
-                             std::to_string(s[3]) + " elements, the parameter has " +
-                             std::to_string(numel))
+                             std::to_string(s[3]) + " elements; the tensor holds " +
+                             std::to_string(numel) + " from global index " + std::to_string(offset))
                                 .c_str());
     return SubsetRule{static_cast<uint32_t>(s[0]), static_cast<uint32_t>(s[1]), s[2]};
   }

@@ -34,7 +34,7 @@ struct CudaBackend {
     const int64_t* rule = typed_buffer<int64_t>(subset, kDeviceType, 4, describe("subsets", i));
     dev.check(subset, describe("subsets", i));
     return CudaSparseSpamTensor{b.param,        b.grad, b.exp_avg, b.exp_avg_sq, b.compact,
-                                b.block_starts, rule,   0.0f,      b.q8};
+                                b.block_starts, rule,   b.offset,  0.0f,         b.q8};
   }
 
   // Stable-SPAM's device scratch (cuda_api.h), held for the call so its memory stays the

@@ -5,9 +5,18 @@
 // numel; sparse_subset.h). What is done with the subset rule and the block starts is the
 // backend's (Backend::sparse_tensor): the CPU reads and checks them on the host, the CUDA
 // kernel reads them on the device.
+//
+// A tensor may be a shard of its parameter (docs/algorithms.md §13.3): `offsets[i]` (keyword,
+// default 0) is the global flat index of its element 0, the rule's numel is the parameter's
+// global element count, and the compact moments and block starts are local.
 #pragma once
 
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/vector.h>
+
 #include <limits>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "../spam/cpu_ops.h"
@@ -22,13 +31,30 @@ struct SparseBuffers {
   TensorRef exp_avg, exp_avg_sq;  // compact, parameter dtype (unused if q8 is active)
   int64_t compact = 0;
   const int64_t* block_starts = nullptr;
+  int64_t offset = 0;  // global flat index of param's element 0
   Quant8Moments q8;
 };
+
+// Flat indices enter the subset hash as uint32: a parameter has fewer than 2^32 elements.
+constexpr int64_t kMaxSparseNumel = std::numeric_limits<uint32_t>::max();
+
+// offsets[i], or 0 when no offsets were given. A shard must lie in [0, 2^32): the rest of the
+// range (offset + numel <= the rule's numel) is checked where the rule is read.
+inline std::vector<int64_t> convert_offsets(const std::optional<std::vector<int64_t>>& offsets,
+                                            size_t n) {
+  if (!offsets) return std::vector<int64_t>(n, 0);
+  if (offsets->size() != n)
+    throw nb::value_error(("offsets: " + std::to_string(offsets->size()) + " entries for " +
+                           std::to_string(n) + " tensors")
+                              .c_str());
+  return *offsets;
+}
 
 inline std::vector<SparseBuffers> convert_sparse_buffers(
     const ArrayList& params, const ArrayList& grads, const ArrayList& exp_avgs,
     const ArrayList& exp_avg_sqs, const ArrayList& absmax_m, const ArrayList& absmax_v,
-    const ArrayList& block_starts, const ArrayList& subsets, int device_type, SameDevice& dev,
+    const ArrayList& block_starts, const ArrayList& subsets,
+    const std::optional<std::vector<int64_t>>& offsets, int device_type, SameDevice& dev,
     bool& any_q8) {
   const size_t n = params.size();
   check_columns(n, {{grads, "grads"},
@@ -38,6 +64,7 @@ inline std::vector<SparseBuffers> convert_sparse_buffers(
                     {absmax_v, "absmax_v"},
                     {block_starts, "block_starts"},
                     {subsets, "subsets"}});
+  const std::vector<int64_t> offset = convert_offsets(offsets, n);
   auto full = [&](const nb::ndarray<>& a, const char* what, size_t i) {
     return device_float_ref(a, what, i, device_type, dev);
   };
@@ -49,10 +76,16 @@ inline std::vector<SparseBuffers> convert_sparse_buffers(
     t.param = full(params[i], "params", i);
     t.grad = full(grads[i], "grads", i);
     check_same(t.param, t.grad, describe("grads", i));
-    if (t.param.numel > std::numeric_limits<uint32_t>::max())
+    if (t.param.numel > kMaxSparseNumel)
       throw nb::value_error((describe("params", i) + ": sparse momentum supports parameters "
                                                      "of fewer than 2^32 elements")
                                 .c_str());
+    if (offset[i] < 0 || offset[i] > kMaxSparseNumel - t.param.numel)
+      throw nb::value_error((describe("offsets", i) + ": offset " + std::to_string(offset[i]) +
+                             " + " + std::to_string(t.param.numel) +
+                             " local elements must lie in [0, 2^32)")
+                                .c_str());
+    t.offset = offset[i];
     const int64_t k = static_cast<int64_t>(exp_avgs[i].size());
     if (k > t.param.numel)
       throw nb::value_error(
@@ -106,12 +139,12 @@ void bind_sparse_batch(nb::module_& m) {
           [](Batch* self, ArrayList params, ArrayList grads, ArrayList exp_avgs,
              ArrayList exp_avg_sqs, ArrayList absmax_m, ArrayList absmax_v, ArrayList block_starts,
              ArrayList subsets, nb::ndarray<> counters, ArrayList m_map, ArrayList v_map,
-             uintptr_t stream) {
+             uintptr_t stream, const std::optional<std::vector<int64_t>>& offsets) {
             SameDevice dev;
             bool any_q8 = false;
-            const std::vector<SparseBuffers> buffers =
-                convert_sparse_buffers(params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v,
-                                       block_starts, subsets, Backend::kDeviceType, dev, any_q8);
+            const std::vector<SparseBuffers> buffers = convert_sparse_buffers(
+                params, grads, exp_avgs, exp_avg_sqs, absmax_m, absmax_v, block_starts, subsets,
+                offsets, Backend::kDeviceType, dev, any_q8);
             std::vector<typename Backend::SparseTensor> tensors;
             tensors.reserve(buffers.size());
             for (size_t i = 0; i < buffers.size(); ++i)
@@ -125,7 +158,7 @@ void bind_sparse_batch(nb::module_& m) {
           },
           "params"_a, "grads"_a, "exp_avgs"_a, "exp_avg_sqs"_a, "absmax_m"_a, "absmax_v"_a,
           "block_starts"_a, "subsets"_a, "counters"_a, "m_map"_a, "v_map"_a, nb::kw_only(),
-          "stream"_a = 0)
+          "stream"_a = 0, "offsets"_a = nb::none())
       .def("__len__", &Batch::size);
 }
 

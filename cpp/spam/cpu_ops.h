@@ -18,17 +18,20 @@ void cpu_spam_step(const std::vector<SpamTensor>& tensors, const SpamHyper& hype
                    const QuantMaps& maps, int64_t* counters);
 
 // A parameter of a sparse-momentum group (docs/algorithms.md §3): moments exist only for the
-// entries selected by `subset` (sparse_subset.h), stored compactly in index order. CPU only:
-// the CUDA step keeps the rule on the device (CudaSparseSpamTensor, cuda_sparse_api.h).
+// entries selected by `subset` (sparse_subset.h), stored compactly in index order. The tensor
+// may be a shard of the parameter: its element i is the global flat index offset + i
+// (§13.3); compact moments and block starts are local. CPU only: the CUDA step keeps the rule
+// on the device (CudaSparseSpamTensor, cuda_sparse_api.h).
 struct SparseSpamTensor {
-  TensorRef param, grad;          // full size (numel N), same dtype
+  TensorRef param, grad;          // local (numel N, the whole parameter unless sharded), same dtype
   TensorRef exp_avg, exp_avg_sq;  // compact: `compact` values in the parameter dtype (unused if q8)
   int64_t compact;                // K = number of selected entries
-  const int64_t* block_starts;    // [ceil(K/256)]: parameter index of the first selected entry
+  const int64_t* block_starts;    // [ceil(K/256)]: local index of the first selected entry
                                   // of each compact block of 256
-  SubsetRule subset;
-  float update_scale;  // lr * s * sqrt(bc2) / bc1
-  Quant8Moments q8;    // over the compact array (K codes, ceil(K/256) absmax)
+  SubsetRule subset;              // the rule of the whole (global) parameter
+  int64_t offset;                 // global flat index of param's element 0 (a shard; else 0)
+  float update_scale;             // lr * s * sqrt(bc2) / bc1
+  Quant8Moments q8;               // over the compact array (K codes, ceil(K/256) absmax)
 };
 
 // One sparse SPAM step over all tensors of a group: OpenMP over compact blocks; each block

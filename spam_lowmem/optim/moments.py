@@ -45,8 +45,11 @@ FP32_KEYS = ("exp_avg_absmax", "exp_avg_sq_absmax")
 INDEX_KEYS = ("subset", "compact_block_starts")
 
 
-def wants_8bit(p: torch.Tensor, group: dict[str, Any]) -> bool:
-    return group.get("state_bits", 32) == 8 and p.numel() >= group.get("min_8bit_size", 4096)
+def wants_8bit(p: torch.Tensor, group: dict[str, Any], numel: int | None = None) -> bool:
+    """Whether ``p`` gets 8-bit moments; ``numel``: the size to hold against ``min_8bit_size``
+    when ``p`` is a shard (the whole parameter's, so that every shard decides alike)."""
+    size = p.numel() if numel is None else numel
+    return group.get("state_bits", 32) == 8 and size >= group.get("min_8bit_size", 4096)
 
 
 def init_moments(p: torch.Tensor, state: dict[str, Any], quantized: bool) -> None:

@@ -6,7 +6,7 @@ specification recommends is an explicit keyword.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -19,12 +19,18 @@ from ..schedules import is_reset_call, spam_clip_active, spam_update_scale, spam
 from . import moments
 from .base import DeviceBatch, SpikeAwareOptimizer
 
-__all__ = ["DEFAULT_SUBSET_SEED", "SPAM"]
+__all__ = ["DEFAULT_SUBSET_SEED", "SUBSET_DRAWS", "BASE_SEED_KEY", "SPAM"]
 
-#: the subset seed used when ``subset_seed=None``: fixed, so that all ranks of a distributed run
-#: agree (a seed drawn from each process's global RNG would differ between ranks, which would then
-#: update different entries of their replicas and diverge)
-DEFAULT_SUBSET_SEED = 0
+#: the base seed used when ``subset_seed=None`` (:data:`spam_lowmem.sparse_subset.DEFAULT_SUBSET_SEED`,
+#: 0): fixed, so that all ranks of a distributed run agree
+DEFAULT_SUBSET_SEED = subsets.DEFAULT_SUBSET_SEED
+#: the state key of a sparse parameter counting the subsets it has had, the ``draw`` of its next
+#: one (docs/algorithms.md §3)
+SUBSET_DRAWS = "subset_draws"
+#: the group key holding the base seed of the group's subsets (the ``subset_seed`` argument, or
+#: :data:`DEFAULT_SUBSET_SEED`): saved with the param groups, so that a checkpoint alone fixes
+#: the subsets a resumed run draws, whatever seed the resuming optimizer was built with
+BASE_SEED_KEY = "subset_base_seed"
 
 
 class _SPAMCall(NamedTuple):
@@ -91,12 +97,16 @@ class SPAM(SpikeAwareOptimizer):
         sparse_weight_decay: False (default, as implemented by the authors): weight decay is
             a no-op in a sparse group. True (clean-up): selected entries get ``p -= lr*wd*p``
             after their update; unselected entries still get nothing.
-        subset_seed: seed of the optimizer's own generator that draws the subsets (its state
-            is saved by :meth:`state_dict`, so a resumed run draws the same next subset): an
-            int in [0, 2**64). None (default): the fixed :data:`DEFAULT_SUBSET_SEED` (0), not a
-            random draw, so that every process of a distributed run (DDP ranks, which each step
-            their own replica) selects the same subsets without communicating; pass distinct
-            seeds to vary the subsets between runs.
+        subset_seed: base seed of the subsets, an int in [0, 2**64): subset number ``n`` (0 the
+            initial one, then one per reset) of the parameter at position ``i`` (flattened over
+            the param groups) hashes with the seed
+            :func:`spam_lowmem.sparse_subset.subset_seed` ``(subset_seed, i, n)``, a pure
+            function, so a resumed run draws the same next subsets and no generator state
+            needs saving (``n`` is saved in the state, the base seed in every param group as
+            ``subset_base_seed``, which a loaded state dict brings along). None (default): the fixed
+            :data:`DEFAULT_SUBSET_SEED` (0), not a random draw, so that every process of a
+            distributed run (DDP ranks, which each step their own replica) selects the same
+            subsets without communicating; pass distinct seeds to vary the subsets between runs.
 
     Notes:
         * ``p.grad`` is not modified (the authors write the clipped values into it; nothing
@@ -112,8 +122,9 @@ class SPAM(SpikeAwareOptimizer):
           absmax), plus ``subset`` (int64 ``[seed, t_hash, t_index, numel]``) and
           ``compact_block_starts`` (int64, ceil(K/256)). Drawing a subset builds full-size
           temporaries (int64 hashes, a bool mask) once per ``reset_interval`` calls; the step
-          itself allocates nothing full-size. The state dict also holds
-          ``"subset_generator"`` (uint8 generator state).
+          itself allocates nothing full-size. ``subset_draws`` (int) counts the subsets the
+          parameter has had (the draw number of its next one). A ``"subset_generator"`` entry
+          of state dicts saved by earlier versions is ignored on load.
     """
 
     KIND = "SPAM"
@@ -122,10 +133,17 @@ class SPAM(SpikeAwareOptimizer):
 
     def _configure(self, settings: SPAMSettings) -> None:  # type: ignore[override]
         self._subset_seed = check_subset_seed(settings.subset_seed)  # before the first step needs it
-        self._subset_gen: torch.Generator | None = None
+        self._pending_rules: dict[int, torch.Tensor] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        base = DEFAULT_SUBSET_SEED if self._subset_seed is None else self._subset_seed
+        self.param_groups[-1].setdefault(BASE_SEED_KEY, base)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
+        if BASE_SEED_KEY in group and check_subset_seed(group[BASE_SEED_KEY]) is None:
+            raise ValueError(f"Invalid {BASE_SEED_KEY}: None (expected an int in [0, 2**64))")
         if group.get("density", 1.0) < 1.0:
             for p in group["params"]:
                 if p.device.type not in ("cpu", "cuda"):
@@ -139,82 +157,146 @@ class SPAM(SpikeAwareOptimizer):
     def _is_sparse(group: dict[str, Any]) -> bool:
         return group.get("density", 1.0) < 1.0
 
-    def _generator(self) -> torch.Generator:
-        if self._subset_gen is None:
-            seed = DEFAULT_SUBSET_SEED if self._subset_seed is None else self._subset_seed
-            self._subset_gen = torch.Generator().manual_seed(seed)
-        return self._subset_gen
+    # Seams for a distributed layer (FSDP2 shards dim 0 of a parameter across ranks): the two
+    # hooks below say where a parameter's tensor lies in the whole parameter and how the ranks
+    # sum counts. Subsets are defined on the whole parameter's flat indices (docs/algorithms.md
+    # §13.3), so each rank's shard steps exactly the entries the unsharded optimizer would.
+    def _shard_geometry(self, p: torch.Tensor) -> tuple[int, int, int]:
+        """``(global_numel, offset, local_numel)`` of the tensor ``p`` the optimizer steps: the
+        element count of the whole parameter, the global flat index of ``p``'s element 0, and
+        ``p``'s own element count (``offset + local_numel <= global_numel``). Default (one
+        process): ``p`` is the whole parameter. A sharded parameter (the rows ``[row0, row0 +
+        r)`` of dim 0) returns ``(full.numel(), row0 * row_numel, p.numel())``."""
+        n = p.numel()
+        return n, 0, n
+
+    def _subset_reduce_sum(self, group: dict[str, Any]) -> Callable[[torch.Tensor], None] | None:
+        """How the ranks that share ``group``'s parameters sum an int64 tensor in place (e.g.
+        ``torch.distributed.all_reduce`` over the shard group), used to draw the exact initial
+        subsets of sharded parameters from local hashes only
+        (:func:`spam_lowmem.sparse_subset.exact_rules`; every rank then calls it the same
+        number of times with the same shapes). None (default): each parameter's subset is found
+        from the hashes of all its elements, in this process."""
+        return None
+
+    def _param_indices(self) -> dict[int, int]:
+        """``id(p)`` -> the parameter's position flattened over ``param_groups`` in order (the
+        ``param_index`` of its subset seeds)."""
+        out: dict[int, int] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                out[id(p)] = len(out)
+        return out
+
+    def _subset_seed_for(self, group: dict[str, Any], param_index: int, draw: int) -> int:
+        """The hash seed of subset ``draw`` of the parameter at ``param_index`` (§3, §13.3)."""
+        base = group.get(BASE_SEED_KEY)
+        if base is None:  # a group pickled before the key existed
+            base = DEFAULT_SUBSET_SEED if self._subset_seed is None else self._subset_seed
+        return subsets.subset_seed(base, param_index, draw)
+
+    @staticmethod
+    def _draws_since_call_one(group: dict[str, Any]) -> int:
+        """The subsets a parameter stepped since call 1 has had after ``group["calls"]`` calls:
+        the count assumed for a state saved before ``subset_draws`` was recorded."""
+        interval = group["reset_interval"]
+        return 1 + (group["calls"] // interval if interval > 0 else 0)
+
+    def _exact_rules(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The initial subsets (draw 0, exactly floor(d * numel) entries) of ``params``, drawn
+        together: when sharded, one search whose few sums cover all of them."""
+        indices = self._param_indices()
+        seeds = [self._subset_seed_for(group, indices[id(p)], 0) for p in params]
+        geometry = [self._shard_geometry(p) for p in params]
+        density = group["density"]
+        reduce_sum = self._subset_reduce_sum(group)
+        if reduce_sum is None:
+            return [subsets.exact_rule(seed, g[0], density, p.device) for p, seed, g in zip(params, seeds, geometry)]
+        return subsets.exact_rules(
+            seeds,
+            [g[0] for g in geometry],
+            density,
+            params[0].device,
+            offsets=[g[1] for g in geometry],
+            counts=[g[2] for g in geometry],
+            reduce_sum=reduce_sum,
+        )
+
+    def _gather(self, group: dict[str, Any]) -> dict[torch.device, DeviceBatch]:
+        # A sparse group draws the initial subsets of the parameters this call initialises in
+        # one batch before gathering (_init_state takes them), so that a sharded group costs one
+        # search, not one per parameter.
+        if self._is_sparse(group):
+            fresh = [p for p in group["params"] if p.grad is not None and not self.state.get(p)]
+            if fresh:
+                self._pending_rules = dict(zip((id(p) for p in fresh), self._exact_rules(group, fresh)))
+        try:
+            return super()._gather(group)
+        finally:
+            self._pending_rules = {}
 
     # ------------------------------------------------------------------ copy / pickle
     def _extra_state_keys(self) -> tuple[str, ...]:
+        # "subset_generator": written by versions that drew seeds from a generator; ignored
         return ("_subset_seed", "subset_generator")
 
     def _extra_getstate(self) -> dict[str, Any]:
-        # a torch.Generator is not picklable; its state tensor is
-        gen = self._subset_gen
-        return {"_subset_seed": self._subset_seed, "subset_generator": None if gen is None else gen.get_state()}
+        return {"_subset_seed": self._subset_seed}
 
     def _extra_setstate(self, extra: dict[str, Any]) -> None:
         if "_subset_seed" in extra:
             self._subset_seed = extra["_subset_seed"]
-        if "subset_generator" in extra:
-            gen_state = extra["subset_generator"]
-            self._subset_gen = None if gen_state is None else self._restored_generator(gen_state)
-        for attr, value in (("_subset_seed", None), ("_subset_gen", None)):
+        for attr, value in (("_subset_seed", None), ("_pending_rules", {})):
             if not hasattr(self, attr):
                 setattr(self, attr, value)
 
-    @staticmethod
-    def _restored_generator(gen_state: Any) -> torch.Generator:
-        if not isinstance(gen_state, torch.Tensor):
-            raise ValueError(
-                f"loaded 'subset_generator' is a {type(gen_state).__name__}, not the uint8 state "
-                "tensor of a torch.Generator"
-            )
-        gen = torch.Generator()
-        try:
-            gen.set_state(gen_state.to(dtype=torch.uint8, device="cpu"))
-        except RuntimeError as err:
-            raise ValueError(f"loaded 'subset_generator' is not a valid generator state: {err}") from err
-        return gen
-
     def _set_subset(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], rule: torch.Tensor) -> None:
-        """Install a subset rule: block starts and zero compact moments (full-size temporaries)."""
-        mask = subsets.subset_mask(rule, p.device)
+        """Install a subset rule (drawn for the whole parameter): block starts of ``p``'s own
+        range and zero compact moments (full-size temporaries of ``p``'s size)."""
+        numel, offset, count = self._shard_geometry(p)
+        mask = subsets.subset_mask(rule, p.device, offset=offset, count=count)
         state["subset"] = rule.to(p.device)
         state["compact_block_starts"] = subsets.block_starts(mask)
-        moments.init_compact_moments(p, state, int(mask.sum()), moments.wants_8bit(p, group))
+        # the whole parameter's size decides the precision, so every shard of it decides alike
+        moments.init_compact_moments(p, state, int(mask.sum()), moments.wants_8bit(p, group, numel))
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if not self._is_sparse(group):
             super()._init_state(p, state, group)
             return
         state["step"] = 0
-        seed = subsets.draw_seed(self._generator())
-        self._set_subset(p, state, group, subsets.exact_rule(seed, p.numel(), group["density"], p.device))
+        rule = self._pending_rules.pop(id(p), None)
+        if rule is None:
+            rule = self._exact_rules(group, [p])[0]
+        self._set_subset(p, state, group, rule)
+        state[SUBSET_DRAWS] = 1
 
     def _regenerate(self, group: dict[str, Any]) -> None:
         """A fresh Bernoulli(d) subset for every initialised parameter (on the reset call)."""
+        indices: dict[int, int] | None = None
         for p in group["params"]:
             state = self.state.get(p)
             if state:
-                seed = subsets.draw_seed(self._generator())
-                self._set_subset(p, state, group, subsets.bernoulli_rule(seed, p.numel(), group["density"]))
-
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        if self._subset_gen is not None:
-            sd["subset_generator"] = self._subset_gen.get_state()
-        return sd
+                indices = self._param_indices() if indices is None else indices
+                draw = state.get(SUBSET_DRAWS, self._draws_since_call_one(group))
+                seed = self._subset_seed_for(group, indices[id(p)], draw)
+                rule = subsets.bernoulli_rule(seed, self._shard_geometry(p)[0], group["density"])
+                self._set_subset(p, state, group, rule)
+                state[SUBSET_DRAWS] = draw + 1
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`SpikeAwareOptimizer.load_state_dict`; the saved groups' base seed
+        (``subset_base_seed``) replaces this optimizer's, as every other group value does. A
+        ``"subset_generator"`` entry (state dicts saved when subset seeds came from a generator)
+        is ignored: seeds are now derived (docs/algorithms.md §3); such a state dict keeps this
+        optimizer's base seed, and a sparse state without ``subset_draws`` continues as if its
+        parameter had been stepped since call 1."""
         state_dict = dict(state_dict)
-        gen_state = state_dict.pop("subset_generator", None)
-        # built (and so checked) before anything is loaded: a bad one must change nothing
-        gen = None if gen_state is None else self._restored_generator(gen_state)
+        state_dict.pop("subset_generator", None)
         super().load_state_dict(state_dict)
-        if gen is not None:
-            self._subset_gen = gen
+        base = DEFAULT_SUBSET_SEED if self._subset_seed is None else self._subset_seed
+        for group in self.param_groups:  # groups saved before the base seed was recorded
+            group.setdefault(BASE_SEED_KEY, base)
 
     def _check_loaded_state(self, p: torch.Tensor, saved: dict[str, Any], group: dict[str, Any], where: str) -> None:
         # Sparse momentum is structural: the state must match both the group here and the saved
@@ -240,18 +322,24 @@ class SPAM(SpikeAwareOptimizer):
         if not isinstance(rule, torch.Tensor) or rule.dtype != torch.int64 or rule.numel() != 4:
             raise ValueError(f"loaded 'subset' for {where} is not an int64 [seed, t_hash, t_index, numel]")
         seed, t_hash, t_index, numel = (int(x) for x in rule.tolist())
-        if numel != p.numel():
-            raise ValueError(f"loaded subset was drawn for {numel} elements; {where} has {p.numel()}")
+        global_numel, offset, count = self._shard_geometry(p)  # the rule is the whole parameter's
+        if numel != global_numel:
+            raise ValueError(f"loaded subset was drawn for {numel} elements; {where} has {global_numel}")
         if not (0 <= seed <= subsets.M32 and 0 <= t_hash <= subsets.M32 and -1 <= t_index < max(numel, 1)):
             raise ValueError(
                 f"loaded subset {[seed, t_hash, t_index, numel]} for {where} is out of range "
                 "(seed and t_hash in [0, 2**32), t_index in [-1, numel))"
             )
+        draws = saved.get(SUBSET_DRAWS, 1)  # absent: saved before it was recorded
+        if not isinstance(draws, int) or isinstance(draws, bool) or draws < 1:
+            raise ValueError(
+                f"loaded '{SUBSET_DRAWS}' of {where} is {draws!r}; expected an int >= 1 (the subsets drawn so far)"
+            )
         if moments.is_quantized(saved):
             for key in ("exp_avg_codes", "exp_avg_sq_codes"):
                 if saved[key].dtype != torch.uint8:
                     raise ValueError(f"loaded '{key}' of {where} has dtype {saved[key].dtype}; expected uint8 codes")
-        mask = subsets.subset_mask(rule.cpu())  # load-time full-size temporary
+        mask = subsets.subset_mask(rule.cpu(), offset=offset, count=count)  # load-time temporary, p's size
         k = int(mask.sum())
         for key in keys:
             want = (k + 255) // 256 if key in moments.FP32_KEYS else k
@@ -313,42 +401,28 @@ class SPAM(SpikeAwareOptimizer):
             block_starts=[st["compact_block_starts"] for st in batch.states],
             subsets=[st["subset"] for st in batch.states],
             weight_decay_scale=decay if group["sparse_weight_decay"] else 0.0,
+            offsets=[self._shard_geometry(p)[1] for p in batch.owners],
         )
 
     @contextmanager
     def _group_transaction(self, group: dict[str, Any], call: _SPAMCall, accepted: list[DeviceBatch]) -> Iterator[None]:
-        """A sparse group's reset call replaces subsets and moments before the core runs: keep
-        what it replaces, so that a step the core rejects leaves every state (and the
-        generator) as it was; batches the core already accepted keep their new subsets."""
+        """A sparse group's reset call replaces subsets, moments and draw counts before the core
+        runs: keep what it replaces, so that a step the core rejects leaves every state as it
+        was; batches the core already accepted keep their new subsets. Seeds are derived per
+        parameter and draw, so no other state is shared between the batches."""
         if not (self._is_sparse(group) and call.reset):
             yield
             return
-        undo = self._subset_snapshot(group)
+        # shallow copies: a reset assigns new tensors and counts, it does not write the old ones
+        undo = {id(p): dict(self.state[p]) for p in group["params"] if self.state.get(p)}
         try:
             self._regenerate(group)
             yield
         except BaseException:
-            self._restore_subsets(group, undo, {id(p) for batch in accepted for p in batch.owners})
+            done = {id(p) for batch in accepted for p in batch.owners}
+            for p in group["params"]:
+                if id(p) in undo and id(p) not in done:
+                    state = self.state[p]
+                    state.clear()
+                    state.update(undo[id(p)])
             raise
-
-    def _subset_snapshot(self, group: dict[str, Any]) -> tuple[dict[int, dict[str, Any]], torch.Tensor | None]:
-        """Shallow copies of the group's states (a reset assigns new tensors, it does not write
-        the old ones) and the generator state."""
-        states = {id(p): dict(self.state[p]) for p in group["params"] if self.state.get(p)}
-        gen = None if self._subset_gen is None else self._subset_gen.get_state()
-        return states, gen
-
-    def _restore_subsets(
-        self, group: dict[str, Any], undo: tuple[dict[int, dict[str, Any]], torch.Tensor | None], done: set[int]
-    ) -> None:
-        states, gen = undo
-        for p in group["params"]:
-            if id(p) in states and id(p) not in done:
-                state = self.state[p]
-                state.clear()
-                state.update(states[id(p)])
-        if not done:  # batches that completed drew from the generator; their draws stand
-            if gen is None:
-                self._subset_gen = None
-            else:
-                self._generator().set_state(gen)

@@ -107,10 +107,8 @@ class ReferenceSPAM(ReferenceOptimizer):
 
     def _configure(self, settings: SPAMSettings) -> None:  # type: ignore[override]
         seed = settings.subset_seed
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        #: draws the subset seeds in the same order as :class:`spam_lowmem.SPAM`
-        self.subset_generator = torch.Generator().manual_seed(int(seed))
+        #: the base of the subset seeds, as :class:`spam_lowmem.SPAM`'s (docs/algorithms.md §3)
+        self.subset_base_seed = subsets.DEFAULT_SUBSET_SEED if seed is None else int(seed)
 
     def _begin_call(self, group: dict[str, Any], n: int) -> None:
         if group.get("density", 1.0) < 1.0 and is_reset_call(n, group["reset_interval"]):
@@ -180,8 +178,12 @@ class ReferenceSPAM(ReferenceOptimizer):
 
     # ------------------------------------------------------------------ sparse momentum
     def _new_mask(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], *, exact: bool) -> None:
-        """A new subset: exactly floor(d*numel) entries (first) or Bernoulli(d) (at resets)."""
-        seed = subsets.draw_seed(self.subset_generator)
+        """A new subset: exactly floor(d*numel) entries (first) or Bernoulli(d) (at resets),
+        hashed with the seed of draw ``subset_draws`` of ``p``'s position in the optimizer."""
+        index = [id(q) for g in self.param_groups for q in g["params"]].index(id(p))
+        draw = state.get("subset_draws", 0)
+        seed = subsets.subset_seed(self.subset_base_seed, index, draw)
+        state["subset_draws"] = draw + 1
         d = float(group["density"])
         rule = subsets.exact_rule(seed, p.numel(), d, p.device) if exact else subsets.bernoulli_rule(seed, p.numel(), d)
         state["subset"] = rule

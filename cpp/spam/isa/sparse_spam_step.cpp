@@ -4,9 +4,10 @@
 // index order as a compact array of K values (dense in the parameter dtype, or 8-bit codes
 // with one absmax per 256 compact values). The work unit is one compact block c of <= 256
 // values: starting at the parameter index block_starts[c] (its first selected entry), walk
-// the parameter in windows, hash every index (vectorised), pack p and g of the selected entries
-// until the block's values are consumed (fp32 on x86: 8-lane windows, sparse_windows.h; else
-// an index list and scalar gathers), run spam_element on the packed (p, g, m, v), write p back
+// the parameter in windows, hash every index (vectorised; a shard of a parameter hashes its
+// global indices through shard_rule, docs/algorithms.md §13.3), pack p and g of the selected
+// entries until the block's values are consumed (fp32 on x86: 8-lane windows, sparse_windows.h;
+// else an index list and scalar gathers), run spam_element on the packed (p, g, m, v), write p back
 // and (8-bit) requantise the block. One pass, nothing full-size allocated, unselected entries
 // never written. OpenMP over runs of compact blocks of every tensor of the group.
 #include <algorithm>
@@ -121,13 +122,15 @@ bool collect_indices(const SubsetRule& r, int64_t start, int64_t numel, int n,
   return found >= n && idx[0] == start;
 }
 
-// Parameter indices of the block's n selected entries (portable path, and bf16/fp16).
-bool block_indices(const SparseSpamTensor& t, int64_t c, int n, int64_t* __restrict idx) {
+// Local indices of the block's n selected entries (portable path, and bf16/fp16); `rule` is
+// the tensor's rule rebased to local indices (shard_rule).
+bool block_indices(const SparseSpamTensor& t, const SubsetRule& rule, int64_t c, int n,
+                   int64_t* __restrict idx) {
 #if defined(__AVX512F__)
-  return collect_indices_avx512(t.subset, t.block_starts[c], t.param.numel, n, idx);
+  return collect_indices_avx512(rule, t.block_starts[c], t.param.numel, n, idx);
 #else
   const int64_t span = t.compact > 0 ? (t.param.numel * kQuantBlock) / t.compact : kQuantBlock;
-  return collect_indices(t.subset, t.block_starts[c], t.param.numel, n, span, idx);
+  return collect_indices(rule, t.block_starts[c], t.param.numel, n, span, idx);
 #endif
 }
 
@@ -158,13 +161,16 @@ bool sparse_block(const SparseSpamTensor& t, int64_t c, const SpamHyper& h, cons
   float pv[kQuantBlock], gv[kQuantBlock];
 #endif
   int64_t idx[kQuantBlock + kWalkMax];  // 256 values plus one window of overshoot
+  // The walk runs over local indices: a shard's rule is rebased once (§13.3; offset 0 leaves
+  // it as it is), so the hash loops below are those of an unsharded tensor.
+  const SubsetRule rule = shard_rule(t.subset, t.offset);
   if constexpr (kUseWindows<T>) {
 #if defined(__AVX2__)
-    if (!gather_windows(t.subset, t.block_starts[c], t.param.numel, n, p, g, pv, gv, windows))
+    if (!gather_windows(rule, t.block_starts[c], t.param.numel, n, p, g, pv, gv, windows))
       return false;
 #endif
   } else {
-    if (!block_indices(t, c, n, idx)) return false;
+    if (!block_indices(t, rule, c, n, idx)) return false;
     for (int j = 0; j < n; ++j) {
       pv[j] = Storage<T>::load(p, idx[j]);
       gv[j] = Storage<T>::load(g, idx[j]);
