@@ -93,12 +93,27 @@ def full(t: Any) -> Any:
 
 
 def snapshot(net: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """Full (unsharded) parameters and state tensors, the spike counts and the memory report."""
+    """Full (unsharded) parameters and state tensors (from ``state_dict()``, sparse moments
+    expanded to the parameter's shape, without the per-rank compact block starts), the spike
+    counts and the memory report."""
+    from spam_lowmem.sparse_subset import subset_mask
+
     params = {name: full(p.detach()).clone() for name, p in net.named_parameters()}
+    sd = opt.state_dict()
+    saved, ids = sd["state"], {}
+    for saved_group, group in zip(sd["param_groups"], opt.param_groups):
+        ids.update({id(p): pid for pid, p in zip(saved_group["params"], group["params"])})
     state = {}
     for name, p in net.named_parameters():
-        st = opt.state.get(p, {})
-        state[name] = {k: (full(v).clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+        st = {k: (full(v).clone() if isinstance(v, torch.Tensor) else v) for k, v in saved.get(ids[id(p)], {}).items()}
+        st.pop("compact_block_starts", None)
+        if "subset" in st and st["exp_avg"].dim() == 1:  # compact over the whole parameter
+            mask = subset_mask(st["subset"])
+            for key in ("exp_avg", "exp_avg_sq"):
+                dense = torch.zeros(p.shape, dtype=st[key].dtype)
+                dense.view(-1)[mask] = st[key]
+                st[key] = dense
+        state[name] = st
     return {"params": params, "state": state, "spikes": opt.spike_stats(), "memory": opt.memory_report()}
 
 

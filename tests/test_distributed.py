@@ -137,8 +137,11 @@ def test_spike_stats_and_memory_report_are_global(runs: dict[str, Any], config: 
         assert want["spikes"]["clipped"] > 0  # the scenario really clips
     mem_got, mem_want = got["memory"], want["memory"]
     assert mem_got["world_size"] == 2
-    # shards summed, replicated state (counts, Stable-SPAM statistics, subset rules) once
-    assert mem_got["total_bytes"] == mem_want["total_bytes"]
+    # shards summed, replicated state (counts, Stable-SPAM statistics, subset rules) once; a
+    # sparse parameter's compact block starts (8 bytes per 256 selected entries) are per rank,
+    # so each rank's partial last block adds at most one
+    slack = 8 * sum(1 for e in mem_want["params"] if e["density"] < 1)
+    assert 0 <= mem_got["total_bytes"] - mem_want["total_bytes"] <= slack
     # rank 0 holds the larger half of each uneven split: a bit more than half of the total
     assert 0.5 * mem_want["total_bytes"] <= mem_got["local_total_bytes"] < 0.52 * mem_want["total_bytes"]
 

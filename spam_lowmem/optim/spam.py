@@ -16,7 +16,7 @@ from .. import functional as F
 from .. import sparse_subset as subsets
 from ..hyperparams import SPAMSettings, check_subset_seed, settings_constructor
 from ..schedules import is_reset_call, spam_clip_active, spam_update_scale, spam_warmup_factor
-from . import moments
+from . import moments, sharding
 from .base import DeviceBatch, SpikeAwareOptimizer
 
 __all__ = ["DEFAULT_SUBSET_SEED", "SUBSET_DRAWS", "BASE_SEED_KEY", "SPAM"]
@@ -167,6 +167,9 @@ class SPAM(SpikeAwareOptimizer):
         ``p``'s own element count (``offset + local_numel <= global_numel``). Default (one
         process): ``p`` is the whole parameter. A sharded parameter (the rows ``[row0, row0 +
         r)`` of dim 0) returns ``(full.numel(), row0 * row_numel, p.numel())``."""
+        info = sharding.shard_info(p)
+        if info is not None:  # a DTensor: its local rows within the whole parameter
+            return info.global_numel, info.flat_offset, info.local_rows * info.row_numel
         n = p.numel()
         return n, 0, n
 
@@ -175,9 +178,25 @@ class SPAM(SpikeAwareOptimizer):
         ``torch.distributed.all_reduce`` over the shard group), used to draw the exact initial
         subsets of sharded parameters from local hashes only
         (:func:`spam_lowmem.sparse_subset.exact_rules`; every rank then calls it the same
-        number of times with the same shapes). None (default): each parameter's subset is found
-        from the hashes of all its elements, in this process."""
-        return None
+        number of times with the same shapes). None when no parameter of the group is sharded:
+        each parameter's subset is found from the hashes of all its elements, in this process.
+
+        The search sums the counts of all the group's new parameters at once, so a group must
+        be sharded as a whole (FSDP2 shards every parameter of a module over one mesh):
+        NotImplementedError for a group that mixes sharded and unsharded parameters or two
+        process groups."""
+        infos = [sharding.shard_info(p) for p in group["params"]]
+        shard_groups = {info.group() for info in infos if info is not None and info.sharded}
+        if not shard_groups:
+            return None
+        if len(shard_groups) > 1 or any(info is None or not info.sharded for info in infos):
+            raise NotImplementedError(
+                "spam_lowmem: a sparse-momentum group (density < 1) mixes parameters sharded over "
+                "different process groups, or sharded and unsharded ones; put them in separate "
+                "param groups"
+            )
+        shard_group = shard_groups.pop()
+        return lambda counts: torch.distributed.all_reduce(counts, group=shard_group)
 
     def _param_indices(self) -> dict[int, int]:
         """``id(p)`` -> the parameter's position flattened over ``param_groups`` in order (the
@@ -254,6 +273,14 @@ class SPAM(SpikeAwareOptimizer):
         """Install a subset rule (drawn for the whole parameter): block starts of ``p``'s own
         range and zero compact moments (full-size temporaries of ``p``'s size)."""
         numel, offset, count = self._shard_geometry(p)
+        info = sharding.shard_info(p)
+        if info is not None and info.sharded and moments.wants_8bit(p, group, numel):
+            raise NotImplementedError(
+                "spam_lowmem: sparse momentum with 8-bit moments on a sharded parameter: the 8-bit "
+                "blocks of its compact values would depend on where the shard starts, so results "
+                "and checkpoints would depend on the world size. Use state_bits=32 for the sparse "
+                "group under FSDP (or min_8bit_size above its parameters' sizes)"
+            )
         mask = subsets.subset_mask(rule, p.device, offset=offset, count=count)
         state["subset"] = rule.to(p.device)
         state["compact_block_starts"] = subsets.block_starts(mask)
@@ -293,10 +320,88 @@ class SPAM(SpikeAwareOptimizer):
         parameter had been stepped since call 1."""
         state_dict = dict(state_dict)
         state_dict.pop("subset_generator", None)
+        state_dict["state"] = self._compacted(state_dict)
         super().load_state_dict(state_dict)
         base = DEFAULT_SUBSET_SEED if self._subset_seed is None else self._subset_seed
         for group in self.param_groups:  # groups saved before the base seed was recorded
             group.setdefault(BASE_SEED_KEY, base)
+
+    # ------------------------------------------------------------------ sparse state of DTensors
+    # A DTensor parameter's compact moments differ between ranks (each holds its rows' selected
+    # entries) and their lengths depend on the split, so DCP can neither save them as plain
+    # tensors (it would treat them as replicated and keep rank 0's) nor reshard them. state_dict()
+    # therefore gives them expanded: DTensors of the parameter's shape and placements, zero where
+    # unselected; load_state_dict() compacts any expanded (or whole-parameter compact) moments for
+    # this rank's rows again. The subset rule and the draw count are the same on every rank.
+    def state_dict(self) -> dict[str, Any]:
+        """As :meth:`torch.optim.Optimizer.state_dict`; the sparse moments of DTensor parameters
+        are expanded to DTensors (see above) so that DCP saves and reshards them."""
+        sd = super().state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        for pid, st in list(sd["state"].items()):
+            p = params[pid]
+            if "subset" in st and sharding.is_dtensor(p) and not moments.is_quantized(st):
+                sd["state"][pid] = self._expanded(p, st)
+        return sd
+
+    def _local_mask(self, p: torch.Tensor, rule: torch.Tensor) -> torch.Tensor:
+        _, offset, count = self._shard_geometry(p)
+        return subsets.subset_mask(rule.cpu(), offset=offset, count=count).to(p.device)
+
+    def _expanded(self, p: torch.Tensor, st: dict[str, Any]) -> dict[str, Any]:
+        info = sharding.shard_info(p)
+        mask = self._local_mask(p, st["subset"])
+        out = {k: v for k, v in st.items() if k != "compact_block_starts"}  # per rank, recomputed on load
+        local_shape = sharding.local_tensor(p).shape
+        for key in moments.DENSE_KEYS:
+            dense = torch.zeros(local_shape, dtype=st[key].dtype, device=p.device)
+            dense.view(-1)[mask] = st[key]
+            out[key] = sharding.distribute_like(dense, info)
+        return out
+
+    def _compacted(self, state_dict: dict[str, Any]) -> dict[Any, Any]:
+        """The saved states with expanded sparse moments (``state_dict()`` of DTensor parameters,
+        or a full-size copy of one) compacted for this optimizer's parameters; a whole-parameter
+        compact state loaded into a sharded parameter is cut to its rows. Others unchanged."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        where = dict(zip(ids, params))
+        out = {}
+        for pid, saved in state_dict["state"].items():
+            p = where.get(pid)
+            rule = saved.get("subset") if isinstance(saved, dict) else None
+            value = saved.get("exp_avg") if isinstance(saved, dict) else None
+            if p is None or not isinstance(rule, torch.Tensor) or not isinstance(value, torch.Tensor):
+                out[pid] = saved
+                continue
+            expanded = tuple(value.shape) == tuple(p.shape) and value.dim() == 2
+            whole = sharding.shard_info(p) is not None and value.dim() == 1 and self._shard_geometry(p)[2] != p.numel()
+            if not (expanded or whole) or rule.numel() != 4:
+                out[pid] = saved
+                continue
+            out[pid] = self._compact_for(p, saved, rule, expanded)
+        return out
+
+    def _compact_for(
+        self, p: torch.Tensor, saved: dict[str, Any], rule: torch.Tensor, expanded: bool
+    ) -> dict[str, Any]:
+        info = sharding.shard_info(p)
+        mask = self._local_mask(p, rule)
+        new = dict(saved)
+        for key in moments.DENSE_KEYS:
+            value = saved[key]
+            if sharding.is_dtensor(value):
+                value = value.redistribute(info.mesh, info.placements).to_local() if info else value.full_tensor()
+            elif not expanded:  # compact over the whole parameter: place it, then take the rows
+                full_mask = subsets.subset_mask(rule.cpu()).to(value.device)
+                dense = torch.zeros(p.shape, dtype=value.dtype, device=value.device)
+                dense.view(-1)[full_mask] = value
+                value = dense
+            if info is not None and tuple(value.shape) == tuple(p.shape):  # a full-size tensor
+                value = value[info.row_offset : info.row_offset + info.local_rows]
+            new[key] = value.reshape(-1).to(p.device)[mask].contiguous()
+        new["compact_block_starts"] = subsets.block_starts(mask)
+        return new
 
     def _check_loaded_state(self, p: torch.Tensor, saved: dict[str, Any], group: dict[str, Any], where: str) -> None:
         # Sparse momentum is structural: the state must match both the group here and the saved
