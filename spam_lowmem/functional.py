@@ -4,7 +4,9 @@ Each step function updates every tensor of one parameter group on one device in 
 a single call into the core (one OpenMP region on CPU, multi-tensor launches on the current
 CUDA stream, no host synchronisation). Moments are dense (``exp_avgs[i]`` in the parameter
 dtype, ``absmax_*[i]`` empty) or 8-bit (``exp_avgs[i]`` uint8 codes, ``absmax_*[i]`` one
-float32 per 256 elements; see :mod:`spam_lowmem.qmap`). Callers pass detached, C-contiguous
+float32 per block of 256: 1-D for flat blocks, 2-D ``[R, ceil(L/256)]`` for blocks restarting
+at each of R rows, as :func:`spam_lowmem.qmap.absmax_shape` gives; the core reads the layout
+from that shape). Callers pass detached, C-contiguous
 tensors; the optimizers in :mod:`spam_lowmem.optim` take care of that.
 
 Packed 4-bit weights (:class:`spam_lowmem.quant4.PackedWeight`) can be stepped in place by
@@ -27,7 +29,7 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from . import _backend
-from .qmap import num_blocks, quant_map
+from .qmap import absmax_shape, num_blocks, quant_map
 from .quant4 import PackedWeight
 
 __all__ = [
@@ -462,17 +464,25 @@ def adamw_step(
     )
 
 
-def quantize_blockwise(x: torch.Tensor, *, signed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blockwise 8-bit quantisation (blocks of 256, fp32 absmax, dynamic map).
+def quantize_blockwise(
+    x: torch.Tensor, *, signed: bool = True, flat: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit quantisation (blocks of 256, fp32 absmax, dynamic map), in the layout of
+    the optimizers' 8-bit moments (docs/algorithms.md §13.2).
 
-    Returns ``(codes, absmax)``: uint8 codes shaped like ``x.flatten()`` and one float32
-    absmax per block. ``signed`` picks the map (True: values in [-1, 1]; False: [0, 1]).
+    Returns ``(codes, absmax)``: uint8 codes shaped like ``x``, and one float32 absmax per
+    block. For ``x.dim() >= 2`` the blocks restart at each of its ``R = x.shape[0]`` rows:
+    absmax ``[R, ceil(L/256)]`` with ``L = x.numel() / R``; for 0-D/1-D ``x``, or with
+    ``flat=True``, they run over the flattened tensor: codes ``[numel]`` and absmax
+    ``[ceil(numel/256)]`` (the layout before rows). ``signed`` picks the map (True: values in
+    [-1, 1]; False: [0, 1]).
     """
     _check_quant_input(x)
     src = x.detach().contiguous()
-    blocks = num_blocks(src.numel())
-    codes = torch.empty(src.numel(), dtype=torch.uint8, device=src.device)
-    absmax = torch.empty(blocks, dtype=torch.float32, device=src.device)
+    if flat:
+        src = src.reshape(-1)
+    codes = torch.empty(src.shape, dtype=torch.uint8, device=src.device)
+    absmax = torch.empty(absmax_shape(src.shape), dtype=torch.float32, device=src.device)
     _backend.module_for(src.device).quantize_blockwise(
         to_dlpack(src),
         to_dlpack(codes),
@@ -486,12 +496,16 @@ def quantize_blockwise(x: torch.Tensor, *, signed: bool = True) -> tuple[torch.T
 def dequantize_blockwise(
     codes: torch.Tensor, absmax: torch.Tensor, *, signed: bool = True, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """Inverse of :func:`quantize_blockwise`: a flat tensor of ``codes.numel()`` values."""
+    """Inverse of :func:`quantize_blockwise`: a tensor shaped like ``codes``. The layout comes
+    from ``absmax``: 1-D ``[ceil(numel/256)]`` is flat, 2-D ``[R, ceil(L/256)]`` restarts the
+    blocks at each of ``R`` rows of ``L = codes.numel() / R`` elements."""
     if codes.dtype != torch.uint8:
         raise TypeError(f"dequantize_blockwise: codes must be uint8, got {codes.dtype}")
-    if absmax.dtype != torch.float32 or absmax.numel() != num_blocks(codes.numel()):
-        raise ValueError("dequantize_blockwise: absmax must be float32 with one entry per 256 codes")
-    out = torch.empty(codes.numel(), dtype=dtype, device=codes.device)
+    if absmax.dtype != torch.float32 or absmax.dim() not in (1, 2):
+        raise ValueError("dequantize_blockwise: absmax must be float32, 1-D (flat) or 2-D [rows, blocks per row]")
+    if absmax.dim() == 1 and absmax.numel() != num_blocks(codes.numel()):
+        raise ValueError("dequantize_blockwise: a 1-D absmax needs one entry per 256 codes")
+    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
     _backend.module_for(codes.device).dequantize_blockwise(
         to_dlpack(codes.contiguous()),
         to_dlpack(absmax.contiguous()),

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .qmap import num_blocks
+from .qmap import block_layout, num_blocks
 from .sparse import DEFAULT_TARGETS, _target_linears, sparse_param_groups
 
 __all__ = ["PRESETS", "Plan", "Preset", "format_bytes", "parse_budget", "plan", "predict_param_bytes"]
@@ -253,9 +253,11 @@ def parse_budget(budget: Any, model: nn.Module | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------- prediction
-def _moment_bytes(count: int, quantized: bool, element_size: int) -> int:
+def _moment_bytes(count: int, quantized: bool, element_size: int, blocks: int | None = None) -> int:
+    """Two moments of ``count`` values; 8-bit: codes and ``blocks`` absmax each (flat blocks,
+    ``num_blocks(count)``, unless given)."""
     if quantized:
-        return 2 * count + 2 * 4 * (num_blocks(count))
+        return 2 * count + 2 * 4 * (num_blocks(count) if blocks is None else blocks)
     return 2 * count * element_size
 
 
@@ -272,10 +274,12 @@ def predict_param_bytes(
 
     Dense: two moments in the parameter dtype (``2 numel element_size``), or 8-bit when
     ``state_bits == 8`` and ``numel >= min_8bit_size``: ``2 numel`` codes +
-    ``2 * 4 ceil(numel/256)`` absmax bytes. Sparse (SPAM, ``density < 1``): the same over the
-    ``k = floor(d numel)`` selected entries (8-bit decided by the full ``numel``), plus the
-    subset rule (32 bytes) and ``compact_block_starts`` (``8 ceil(k/256)``). Stable-SPAM adds
-    ``grad_stats`` (12 bytes per tensor).
+    ``2 * 4 R ceil(L/256)`` absmax bytes (blocks restart at each of the ``R`` rows of ``L``
+    elements of a ``dim() >= 2`` parameter; ``ceil(numel/256)`` for 1-D). Sparse (SPAM,
+    ``density < 1``): the same over the ``k = floor(d numel)`` selected entries (flat blocks;
+    8-bit decided by the full ``numel``), plus the subset rule (32 bytes) and
+    ``compact_block_starts`` (``8 ceil(k/256)``). Stable-SPAM adds ``grad_stats`` (12 bytes per
+    tensor).
     """
     numel = p.numel()
     element_size = torch.empty((), dtype=dtype or p.dtype).element_size()
@@ -285,7 +289,8 @@ def predict_param_bytes(
         blocks = num_blocks(k)
         total = _moment_bytes(k, quantized, element_size) + _SUBSET_RULE_BYTES + 8 * blocks
     else:
-        total = _moment_bytes(numel, quantized, element_size)
+        rows, per_row = block_layout(p.shape)
+        total = _moment_bytes(numel, quantized, element_size, rows * per_row)
     if optimizer == "stable-spam":
         total += _STABLE_SPAM_EXTRA
     return total

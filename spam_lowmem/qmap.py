@@ -31,11 +31,23 @@ cpp/spam/quant8.h, which documents both layouts).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["QuantMap", "dynamic_map", "quant_map", "BLOCK_SIZE", "BUCKETS", "num_blocks", "V_FLOOR"]
+__all__ = [
+    "QuantMap",
+    "dynamic_map",
+    "quant_map",
+    "BLOCK_SIZE",
+    "BUCKETS",
+    "absmax_shape",
+    "block_layout",
+    "num_blocks",
+    "V_FLOOR",
+]
 
 BLOCK_SIZE = 256
 
@@ -43,6 +55,27 @@ BLOCK_SIZE = 256
 def num_blocks(n: int) -> int:
     """Blocks of :data:`BLOCK_SIZE` covering ``n`` elements (one absmax each; the last may be partial)."""
     return -(-n // BLOCK_SIZE)
+
+
+def block_layout(shape: Sequence[int]) -> tuple[int, int]:
+    """``(rows, blocks_per_row)`` of the 8-bit blocks of a dense moment of a tensor of ``shape``.
+
+    A tensor of ``dim() >= 2`` restarts its blocks at each of its ``shape[0]`` rows (row length
+    ``L = prod(shape[1:])``, ``num_blocks(L)`` blocks a row, the last one partial when
+    ``L % 256 != 0``), so that any split of its rows (FSDP2's ``Shard(0)``) falls between blocks;
+    a 0-D or 1-D tensor is one row of all its elements (the flat layout). docs/algorithms.md §13.2.
+    """
+    if len(shape) < 2:
+        return 1, num_blocks(math.prod(shape))
+    return int(shape[0]), num_blocks(math.prod(shape[1:]))
+
+
+def absmax_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """Shape of the float32 absmax of a dense 8-bit moment of a tensor of ``shape``:
+    ``[rows, blocks_per_row]`` for ``dim() >= 2`` (:func:`block_layout`), else
+    ``[num_blocks(numel)]`` (flat). The core reads the layout from this shape."""
+    rows, per_row = block_layout(shape)
+    return (rows, per_row) if len(shape) >= 2 else (per_row,)
 
 
 BUCKET_BASE = (127 - 24) << 8  # float bits of 2^-24, >> 15 (sign, 8 exponent, 8 mantissa bits)

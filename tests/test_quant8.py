@@ -256,7 +256,11 @@ def test_lockstep_against_reference(name: str, dtype: torch.dtype) -> None:
                 total += d.numel()
                 mismatched += int((d > 0).sum())
                 far += int((d > 1).sum())
-            torch.testing.assert_close(so["exp_avg_absmax"], sr["exp_avg_absmax"], rtol=1e-5, atol=0)
+            # rows of 257 end in a 1-element block, whose absmax is one |m|: where m cancels, fp32
+            # rounding of its terms (FMA contraction in the kernel) is relative to the tensor's
+            # moment scale, not to that small |m|
+            scale = float(sr["exp_avg_absmax"].max())
+            torch.testing.assert_close(so["exp_avg_absmax"], sr["exp_avg_absmax"], rtol=1e-5, atol=1e-6 * scale)
             for key in sr:  # re-sync the reference to the kernel
                 if isinstance(sr[key], torch.Tensor):
                     sr[key].copy_(so[key])
@@ -298,7 +302,8 @@ def test_state_bytes_are_exact() -> None:
     opt.step()
     report = opt.memory_report()
     blocks = lambda n: (n + 255) // 256  # noqa: E731
-    expected = sum(2 * n + 2 * 4 * blocks(n) for n in (512 * 1376, 4097)) + 2 * 4 * 100
+    # the matrix's blocks restart at each of its 512 rows: 6 a row (5 of 256 and one of 96)
+    expected = 2 * 512 * 1376 + 2 * 4 * 512 * blocks(1376) + 2 * 4097 + 2 * 4 * blocks(4097) + 2 * 4 * 100
     assert report["total_bytes"] == expected
     assert report["fallbacks"] == [2]
     assert [e["state_bits"] for e in report["params"]] == [8, 8, 32]

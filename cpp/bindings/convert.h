@@ -124,13 +124,52 @@ class SameDevice {
   int device_ = -1;
 };
 
+// The block layout (quant8.h, BlockRows) of `count` 8-bit values from the shape of their absmax
+// array `a`: 1-D [num_blocks(count)] is flat; 2-D [R, num_blocks(L)] is R rows of L = count / R
+// (blocks restarting at each row; R = 0 is an empty shard, count 0). `rows_allowed` is false for
+// arrays that are flat by definition (the compact moments of sparse momentum).
+inline BlockRows q8_layout(const nb::ndarray<>& a, int64_t count, bool rows_allowed,
+                           const std::string& name) {
+  auto fail = [&](const std::string& why) { throw nb::value_error((name + ": " + why).c_str()); };
+  if (a.ndim() == 1) {
+    if (static_cast<int64_t>(a.shape(0)) != num_blocks(count))
+      fail("need one float32 absmax per 256 moment entries (a 1-D absmax is the flat layout)");
+    return flat_blocks(count);
+  }
+  if (a.ndim() != 2 || !rows_allowed)
+    fail(rows_allowed ? "absmax must be 1-D (flat blocks) or 2-D [rows, blocks per row]"
+                      : "absmax must be 1-D: these moments use the flat block layout");
+  const int64_t rows = static_cast<int64_t>(a.shape(0));
+  const int64_t per_row = static_cast<int64_t>(a.shape(1));
+  if (rows == 0) {
+    if (count != 0) fail("an absmax of 0 rows needs an empty tensor");
+    return BlockRows{};
+  }
+  if (count % rows != 0)
+    fail("absmax has " + std::to_string(rows) + " rows, which do not divide the " +
+         std::to_string(count) + " elements");
+  const int64_t row_len = count / rows;
+  if (per_row != num_blocks(row_len))
+    fail("absmax rows need one float32 absmax per 256 elements of a row (" +
+         std::to_string(num_blocks(row_len)) + " for rows of " + std::to_string(row_len) +
+         "), got " + std::to_string(per_row));
+  return rows_of_blocks(rows, row_len);
+}
+
 // 8-bit moments of tensor i: `count` uint8 codes for m and for v (the parameter's numel, or
-// the compact count of a sparse tensor) and one float32 absmax per 256 of them.
+// the compact count of a sparse tensor) and float32 absmax laid out as q8_layout says, the same
+// for m and v.
 inline Quant8Moments convert_q8_moments(const nb::ndarray<>& m_codes, const nb::ndarray<>& v_codes,
                                         const nb::ndarray<>& m_absmax,
                                         const nb::ndarray<>& v_absmax, int64_t count,
-                                        int device_type, SameDevice& dev, size_t i) {
-  const int64_t blocks = num_blocks(count);
+                                        bool rows_allowed, int device_type, SameDevice& dev,
+                                        size_t i) {
+  const BlockRows rows = q8_layout(m_absmax, count, rows_allowed, describe("absmax_m", i));
+  q8_layout(v_absmax, count, rows_allowed, describe("absmax_v", i));
+  if (m_absmax.ndim() != v_absmax.ndim() || m_absmax.shape(0) != v_absmax.shape(0))
+    throw nb::value_error(
+        (describe("absmax_v", i) + ": absmax of m and v differ in layout").c_str());
+  const int64_t blocks = rows.total(count);
   auto codes = [&](const nb::ndarray<>& a, const char* what) {
     uint8_t* ptr = typed_buffer<uint8_t>(a, device_type, count, describe(what, i));
     if (static_cast<int64_t>(a.size()) != count)
@@ -140,20 +179,17 @@ inline Quant8Moments convert_q8_moments(const nb::ndarray<>& m_codes, const nb::
   };
   auto absmax = [&](const nb::ndarray<>& a, const char* what) {
     float* ptr = typed_buffer<float>(a, device_type, blocks, describe(what, i));
-    if (static_cast<int64_t>(a.size()) != blocks)
-      throw nb::value_error((describe(what, i) + ": need one float32 absmax per 256 moment "
-                                                 "entries")
-                                .c_str());
     dev.check(a, describe(what, i));
     return ptr;
   };
   return Quant8Moments{codes(m_codes, "exp_avgs"), absmax(m_absmax, "absmax_m"),
-                       codes(v_codes, "exp_avg_sqs"), absmax(v_absmax, "absmax_v")};
+                       codes(v_codes, "exp_avg_sqs"), absmax(v_absmax, "absmax_v"), rows};
 }
 
 // The buffers of an Adam-family step, converted and cross-checked. Moments are either
 // dense (exp_avg / exp_avg_sq in the parameter dtype; absmax entries unused) or 8-bit
-// (exp_avg / exp_avg_sq hold uint8 codes, absmax_m / absmax_v one float32 per 256-block).
+// (exp_avg / exp_avg_sq hold uint8 codes, absmax_m / absmax_v one float32 per block: 1-D flat,
+// or 2-D [rows, blocks per row] with blocks restarting at each row, q8_layout).
 struct StepBuffers {
   std::vector<TensorRef> p, g, m, v;
   std::vector<Quant8Moments> q8;
@@ -210,7 +246,7 @@ inline StepBuffers convert_step_buffers(const ArrayList& params, const ArrayList
                                 .c_str());
     if (exp_avgs[i].dtype() == nb::dtype<uint8_t>()) {
       q = convert_q8_moments(exp_avgs[i], exp_avg_sqs[i], absmax_m[i], absmax_v[i], b.p[i].numel,
-                             device_type, dev, i);
+                             true, device_type, dev, i);
       b.any_q8 = true;
       b.m.push_back(TensorRef{});
       b.v.push_back(TensorRef{});

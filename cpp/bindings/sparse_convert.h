@@ -100,7 +100,7 @@ inline std::vector<SparseBuffers> convert_sparse_buffers(
                                                            "values")
                                 .c_str());
     if (exp_avgs[i].dtype() == nb::dtype<uint8_t>()) {
-      t.q8 = convert_q8_moments(exp_avgs[i], exp_avg_sqs[i], absmax_m[i], absmax_v[i], k,
+      t.q8 = convert_q8_moments(exp_avgs[i], exp_avg_sqs[i], absmax_m[i], absmax_v[i], k, false,
                                 device_type, dev, i);
       any_q8 = true;
     } else {

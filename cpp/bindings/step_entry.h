@@ -97,12 +97,14 @@ void stable_spam_step(const StepBatch<Backend>& b, const AdamHyper& h, const Sta
 }
 
 // The arrays of one 8-bit (de)quantisation: a float tensor, its codes and block absmax, and the
-// code map, all on one device. Codes and absmax must cover the float tensor's elements.
+// code map, all on one device. Codes must cover the float tensor's elements; the absmax shape
+// gives the block layout (flat when 1-D, restarting at each row when 2-D; q8_layout).
 template <class Backend>
 struct Q8Call {
   TensorRef dense;
   uint8_t* codes;
   float* absmax;
+  BlockRows rows;
   QuantMap map;
   typename Backend::Context ctx;
 };
@@ -117,10 +119,11 @@ Q8Call<Backend> convert_q8_call(const nb::ndarray<>& dense, const char* dense_na
   dev.check(dense, dense_name);
   uint8_t* c = typed_buffer<uint8_t>(codes, kDev, ref.numel, "codes");
   dev.check(codes, "codes");
-  float* a = typed_buffer<float>(absmax, kDev, num_blocks(ref.numel), "absmax");
+  const BlockRows rows = q8_layout(absmax, ref.numel, true, "absmax");
+  float* a = typed_buffer<float>(absmax, kDev, rows.total(ref.numel), "absmax");
   dev.check(absmax, "absmax");
   const QuantMap q = convert_device_map(map, kDev, "map", dev);
-  return {ref, c, a, q, Backend::context(dev.device(), stream)};
+  return {ref, c, a, rows, q, Backend::context(dev.device(), stream)};
 }
 
 template <class Backend>
@@ -128,7 +131,7 @@ void quantize_blockwise(const nb::ndarray<>& x, const nb::ndarray<>& codes,
                         const nb::ndarray<>& absmax, const ArrayList& map, uintptr_t stream) {
   const Q8Call<Backend> q = convert_q8_call<Backend>(x, "x", codes, absmax, map, stream);
   nb::gil_scoped_release release;
-  Backend::call(Backend::quantize, q.ctx, q.dense, q.codes, q.absmax, q.map);
+  Backend::call(Backend::quantize, q.ctx, q.dense, q.codes, q.absmax, q.rows, q.map);
 }
 
 template <class Backend>
@@ -137,7 +140,7 @@ void dequantize_blockwise(const nb::ndarray<>& codes, const nb::ndarray<>& absma
   const Q8Call<Backend> q = convert_q8_call<Backend>(out, "out", codes, absmax, map, stream);
   nb::gil_scoped_release release;
   Backend::call(Backend::dequantize, q.ctx, static_cast<const uint8_t*>(q.codes),
-                static_cast<const float*>(q.absmax), q.dense, q.map);
+                static_cast<const float*>(q.absmax), q.rows, q.dense, q.map);
 }
 
 template <class Backend>
@@ -164,7 +167,9 @@ void bind_steps(nb::module_& m) {
         "stable_spam_step's reduce_stats).");
   m.def("quantize_blockwise", &quantize_blockwise<Backend>, "x"_a, "codes"_a, "absmax"_a, "map"_a,
         nb::kw_only(), "stream"_a = 0,
-        "Blockwise (256) 8-bit quantisation of x into codes and absmax (quant8.h).");
+        "Blockwise (256) 8-bit quantisation of x into codes and absmax (quant8.h): a 1-D absmax "
+        "[ceil(numel/256)] gives flat blocks, a 2-D one [R, ceil(L/256)] blocks restarting at "
+        "each of R rows of L = numel/R elements.");
   m.def("dequantize_blockwise", &dequantize_blockwise<Backend>, "codes"_a, "absmax"_a, "out"_a,
         "map"_a, nb::kw_only(), "stream"_a = 0, "Inverse of quantize_blockwise, written into out.");
   Backend::bind_extras(m);

@@ -101,13 +101,14 @@ void cpu_element_step(const std::vector<ElementTensor<A>>& t, const typename A::
 SPAM_ELEMENT_ALGORITHMS(SPAM_INSTANTIATE)
 #undef SPAM_INSTANTIATE
 
-void cpu_quantize_blockwise(const TensorRef& x, uint8_t* codes, float* absmax, const QuantMap& m) {
-  SPAM_DISPATCH(cpu_quantize_blockwise, x, codes, absmax, m);
+void cpu_quantize_blockwise(const TensorRef& x, uint8_t* codes, float* absmax,
+                            const BlockRows& rows, const QuantMap& m) {
+  SPAM_DISPATCH(cpu_quantize_blockwise, x, codes, absmax, rows, m);
 }
 
-void cpu_dequantize_blockwise(const uint8_t* codes, const float* absmax, const TensorRef& out,
-                              const QuantMap& m) {
-  SPAM_DISPATCH(cpu_dequantize_blockwise, codes, absmax, out, m);
+void cpu_dequantize_blockwise(const uint8_t* codes, const float* absmax, const BlockRows& rows,
+                              const TensorRef& out, const QuantMap& m) {
+  SPAM_DISPATCH(cpu_dequantize_blockwise, codes, absmax, rows, out, m);
 }
 
 const char* cpu_isa_name() { return isa_name(isa()); }

@@ -28,8 +28,10 @@ namespace spam {
   template <class A>                                                                              \
   void cpu_element_step(const std::vector<ElementTensor<A>>&, const typename A::Hyper&,           \
                         const QuantMaps&, int64_t*);                                              \
-  void cpu_quantize_blockwise(const TensorRef&, uint8_t*, float*, const QuantMap&);               \
-  void cpu_dequantize_blockwise(const uint8_t*, const float*, const TensorRef&, const QuantMap&); \
+  void cpu_quantize_blockwise(const TensorRef&, uint8_t*, float*, const BlockRows&,               \
+                              const QuantMap&);                                                   \
+  void cpu_dequantize_blockwise(const uint8_t*, const float*, const BlockRows&, const TensorRef&, \
+                                const QuantMap&);                                                 \
   }
 
 SPAM_DECLARE_CPU_KERNELS(isa_baseline)

@@ -55,10 +55,12 @@ template <class A>
 void cpu_element_step(const std::vector<ElementTensor<A>>& tensors, const typename A::Hyper& hyper,
                       const QuantMaps& maps, int64_t* counters);
 
-// Blockwise quantisation of whole tensors (functional.quantize_blockwise and friends).
-void cpu_quantize_blockwise(const TensorRef& x, uint8_t* codes, float* absmax, const QuantMap& map);
-void cpu_dequantize_blockwise(const uint8_t* codes, const float* absmax, const TensorRef& out,
-                              const QuantMap& map);
+// Blockwise quantisation of whole tensors (functional.quantize_blockwise and friends): codes
+// [numel], absmax [rows.total(numel)], blocks laid out by `rows` (quant8.h).
+void cpu_quantize_blockwise(const TensorRef& x, uint8_t* codes, float* absmax,
+                            const BlockRows& rows, const QuantMap& map);
+void cpu_dequantize_blockwise(const uint8_t* codes, const float* absmax, const BlockRows& rows,
+                              const TensorRef& out, const QuantMap& map);
 
 // Number of OpenMP threads the core will use, and the kernel build chosen for this CPU
 // (for benchmarks and diagnostics).

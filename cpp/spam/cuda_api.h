@@ -61,12 +61,13 @@ void cuda_element_step(const std::vector<ElementTensor<A>>& tensors, const typen
                        const QuantMaps& maps, int64_t* counters, const CudaContext& ctx);
 
 // Blockwise 8-bit quantisation of a whole device tensor (cpu_quantize_blockwise): codes
-// [x.numel], absmax [ceil(numel / 256)]. Only map.buckets is read.
-void cuda_quantize_blockwise(const TensorRef& x, uint8_t* codes, float* absmax, const QuantMap& map,
-                             const CudaContext& ctx);
+// [x.numel], absmax [rows.total(numel)], blocks laid out by `rows` (quant8.h). Only map.buckets
+// is read.
+void cuda_quantize_blockwise(const TensorRef& x, uint8_t* codes, float* absmax,
+                             const BlockRows& rows, const QuantMap& map, const CudaContext& ctx);
 
 // Inverse of cuda_quantize_blockwise into `out` (any float dtype). Only map.values is read.
-void cuda_dequantize_blockwise(const uint8_t* codes, const float* absmax, const TensorRef& out,
-                               const QuantMap& map, const CudaContext& ctx);
+void cuda_dequantize_blockwise(const uint8_t* codes, const float* absmax, const BlockRows& rows,
+                               const TensorRef& out, const QuantMap& map, const CudaContext& ctx);
 
 }  // namespace spam

@@ -1,7 +1,8 @@
 // quant8.h — blockwise 8-bit quantisation of optimizer state, one definition for CPU and CUDA.
 //
 // Format (the numerics of bitsandbytes' and torchao's 8-bit optimizers, so results compare):
-//   * blocks of kQuantBlock = 256 consecutive elements, one fp32 absmax per block;
+//   * blocks of kQuantBlock = 256 consecutive elements that restart at each row of a matrix
+//     (BlockRows below; the last block of a row may be partial), one fp32 absmax per block;
 //   * a code is an index into a sorted 256-entry map of values in [-1, 1] (signed "dynamic"
 //     map, first moment) or [1e-7, 1] (unsigned, second moment); x = map[code] * absmax.
 //     The unsigned map has no zero: a tiny v reads back as 1e-7 * absmax, never as 0 under a
@@ -53,6 +54,95 @@ namespace spam {
 constexpr int64_t kQuantBlock = 256;
 // Blocks of kQuantBlock covering n elements (the last one may be partial): one absmax each.
 SPAM_HD constexpr int64_t num_blocks(int64_t n) { return (n + kQuantBlock - 1) / kQuantBlock; }
+
+// Where the blocks of one tensor's 8-bit moments lie (docs/algorithms.md §13.2). Blocks restart
+// at every row of the parameter (dim 0), so that any split of the rows between ranks (FSDP2's
+// Shard(0): 129 rows = 65 + 64) cuts between blocks and each shard's state is a slice of the
+// whole's. A [3, 600] tensor, row length L = 600:
+//
+//   row 0:  | block 0: 0..255   | block 1: 256..511   | block 2: 512..599 (88)   |
+//   row 1:  | block 3: 600..855 | block 4: 856..1111  | block 5: 1112..1199 (88) |
+//   row 2:  | block 6 ...       | block 7 ...         | block 8 ... (88)         |
+//   absmax [3, 3]: row r holds blocks 3r .. 3r + 2;  codes [3, 600], element i has code i
+//
+// The flat layout (1-D tensors, sparse compact arrays) is one row of the whole tensor. A row
+// length that is a multiple of kQuantBlock gives the flat blocks, so it is stored as flat
+// (rows_of_blocks), and the step loops see exactly the blocks they always did. The binding
+// derives the layout from the absmax shape and checks it against numel (convert.h q8_layout);
+// the functions below assume a tensor with numel > 0 (so blocks_per_row > 0).
+struct BlockRows {
+  int64_t row_len = 0;         // elements per row (L)
+  int64_t blocks_per_row = 0;  // num_blocks(row_len); the last block of a row may be partial
+
+  // One row of the whole tensor (as flat_blocks and rows_of_blocks make it for 1-D tensors and
+  // rows of whole blocks): its blocks are the 256-element pieces of the flattened tensor.
+  SPAM_HD bool flat(int64_t numel) const { return row_len >= numel; }
+  // Blocks (absmax entries) of a tensor of numel elements laid out this way.
+  SPAM_HD int64_t total(int64_t numel) const {
+    return row_len > 0 ? numel / row_len * blocks_per_row : 0;
+  }
+  // First element of block b, and its length (<= kQuantBlock).
+  SPAM_HD int64_t block_start(int64_t b) const {
+    const int64_t row = b / blocks_per_row;
+    return row * row_len + (b - row * blocks_per_row) * kQuantBlock;
+  }
+  SPAM_HD int64_t block_len(int64_t b) const {
+    const int64_t col = (b % blocks_per_row) * kQuantBlock;
+    return row_len - col < kQuantBlock ? row_len - col : kQuantBlock;
+  }
+  // The block holding element i.
+  SPAM_HD int64_t block_of(int64_t i) const {
+    const int64_t row = i / row_len;
+    return row * blocks_per_row + (i - row * row_len) / kQuantBlock;
+  }
+  // The first block whose start is >= element i (total() when there is none). A worker given
+  // the elements [begin, end) processes the blocks whose start lies in them, from
+  // first_block_at_or_after(begin) up to first_block_at_or_after(end): consecutive ranges then
+  // share no block and miss none, wherever their edges fall (a block may run past end).
+  SPAM_HD int64_t first_block_at_or_after(int64_t i) const {
+    if (row_len <= 0) return 0;
+    const int64_t row = i / row_len;
+    const int64_t col = i - row * row_len;
+    // col < row_len <= blocks_per_row * kQuantBlock, so this is at most blocks_per_row (the
+    // next row's first block)
+    return row * blocks_per_row + num_blocks(col);
+  }
+};
+
+// One row of n elements: the flat layout.
+SPAM_HD BlockRows flat_blocks(int64_t n) { return BlockRows{n, num_blocks(n)}; }
+
+// `rows` rows of row_len elements each; stored flat when the rows hold whole blocks (the same
+// blocks either way, and the loops' cheapest case).
+SPAM_HD BlockRows rows_of_blocks(int64_t rows, int64_t row_len) {
+  if (row_len % kQuantBlock == 0) return flat_blocks(rows * row_len);
+  return BlockRows{row_len, num_blocks(row_len)};
+}
+
+// A walk over consecutive blocks (the CPU loop, and each CUDA warp's stride) without a division
+// per block: blocks tile the tensor, so the next one starts where this one ends.
+struct BlockWalk {
+  int64_t block;  // index into absmax
+  int64_t start;  // first element
+  int64_t col;    // start's offset in its row
+  int len;        // elements, <= kQuantBlock
+};
+
+SPAM_HD BlockWalk walk_at(const BlockRows& rows, int64_t b) {
+  const int64_t start = rows.block_start(b);
+  const int64_t col = (b % rows.blocks_per_row) * kQuantBlock;
+  return BlockWalk{b, start, col, static_cast<int>(rows.block_len(b))};
+}
+
+SPAM_HD void walk_next(const BlockRows& rows, BlockWalk& w) {
+  ++w.block;
+  w.start += w.len;
+  w.col += w.len;
+  if (w.col >= rows.row_len) w.col = 0;
+  const int64_t left = rows.row_len - w.col;
+  w.len = static_cast<int>(left < kQuantBlock ? left : kQuantBlock);
+}
+
 constexpr int kQuantCodes = 256;
 // Buckets cover |x| in [2^-24, 1]; everything below 2^-24 shares bucket 0 (all maps have no
 // midpoint below 1e-7), everything above 1 (only NaN after normalisation) the last one.

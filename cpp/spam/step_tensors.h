@@ -18,13 +18,16 @@ struct Counters {
   enum : int { kClipped = 0, kNonFinite = 1, kCount = 2 };
 };
 
-// 8-bit blockwise moments of one tensor (quant8.h): codes [numel] and one absmax per
-// 256-element block. All null when the tensor keeps dense moments (exp_avg/exp_avg_sq).
+// 8-bit blockwise moments of one tensor (quant8.h): codes [numel] and one absmax per block,
+// the blocks laid out by `rows` (restarting at each row of a dense moment of a matrix; flat for
+// 1-D tensors and sparse compact arrays). Pointers null when the tensor keeps dense moments
+// (exp_avg/exp_avg_sq).
 struct Quant8Moments {
   uint8_t* m_codes = nullptr;
   float* m_absmax = nullptr;
   uint8_t* v_codes = nullptr;
   float* v_absmax = nullptr;
+  BlockRows rows;
   bool active() const { return m_codes != nullptr; }
 };
 

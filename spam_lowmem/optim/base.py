@@ -54,7 +54,6 @@ import torch
 from .. import _backend
 from ..functional import element_algorithms, element_step
 from ..hyperparams import Settings, check_count
-from ..qmap import num_blocks
 from . import moments, sharding, state_checks
 from . import packed as packed_policy
 from .params import DeviceBatch, check_plain_tensor, split_named
@@ -557,6 +556,7 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
             for key, value in self.state[p].items():  # the core needs contiguous state
                 if isinstance(value, torch.Tensor):
                     self.state[p][key] = value.contiguous()
+            moments.conform_loaded_layout(p, self.state[p])  # an old flat 8-bit state: reshaped
             info = sharding.shard_info(p)
             if info is not None:
                 moments.shard_loaded_state(p, self.state[p], info)
@@ -608,16 +608,9 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
             raise ValueError(f"loaded state for {where} lacks {missing}: it was not saved by {type(self).__name__}")
         self._check_loaded_tensors(saved, (*keys, *self._fp32_state_keys), where)
         if moments.is_quantized(saved):
-            blocks = num_blocks(p.numel())
-            for key in ("exp_avg_codes", "exp_avg_sq_codes"):
-                if saved[key].dtype != torch.uint8 or saved[key].numel() != p.numel():
-                    raise ValueError(
-                        f"loaded '{key}' does not hold one uint8 code per element of "
-                        f"{where} (got {saved[key].dtype}, {saved[key].numel()} entries)"
-                    )
-            for key in moments.FP32_KEYS:
-                if saved[key].numel() != blocks:
-                    raise ValueError(f"loaded '{key}' has {saved[key].numel()} blocks; {where} has {blocks}")
+            problem = moments.loaded_layout_problem(p, saved)
+            if problem is not None:
+                raise ValueError(f"{problem} ({where})")
         else:
             for key in moments.DENSE_KEYS:
                 if tuple(saved[key].shape) != shape:

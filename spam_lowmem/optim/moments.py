@@ -1,12 +1,19 @@
 """Adam moments in either precision, behind one interface for the optimizers.
 
 Dense (``state_bits=32``): ``exp_avg``, ``exp_avg_sq`` in the parameter dtype (torch's
-convention). 8-bit (``state_bits=8``): blockwise codes and absmax (spam_lowmem/qmap.py)::
+convention). 8-bit (``state_bits=8``): blockwise codes and absmax (spam_lowmem/qmap.py), for a
+parameter of shape ``[R, ...]`` (row length ``L = numel / R``)::
 
-    exp_avg_codes     uint8   [numel]            signed dynamic map
-    exp_avg_absmax    float32 [ceil(numel/256)]
-    exp_avg_sq_codes  uint8   [numel]            unsigned dynamic map
-    exp_avg_sq_absmax float32 [ceil(numel/256)]
+    exp_avg_codes     uint8   [R, ...]  (shaped like the parameter)   signed dynamic map
+    exp_avg_absmax    float32 [R, ceil(L/256)]
+    exp_avg_sq_codes  uint8   [R, ...]                                unsigned dynamic map
+    exp_avg_sq_absmax float32 [R, ceil(L/256)]
+
+Blocks of 256 restart at each row (the last block of a row may be partial), so any split of
+the rows between ranks (FSDP2's ``Shard(0)``) is block-aligned and each shard's state is the
+slice of the whole's. A [3, 600] parameter, per row: | 256 | 256 | 88 |, absmax [3, 3]. 1-D
+parameters keep the flat layout (codes ``[numel]``, absmax ``[ceil(numel/256)]``), as do the
+compact arrays of sparse momentum. docs/algorithms.md §13.2.
 
 Parameters under ``min_8bit_size`` elements keep dense moments even when 8-bit is asked for
 (their state is negligible and their statistics noisy); :meth:`memory_report` lists them.
@@ -14,23 +21,27 @@ Parameters under ``min_8bit_size`` elements keep dense moments even when 8-bit i
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
-from ..qmap import num_blocks, quant_map
+from ..qmap import absmax_shape, num_blocks, quant_map
 from . import sharding
 
 __all__ = [
+    "CODE_KEYS",
     "DENSE_KEYS",
     "FP32_KEYS",
     "INDEX_KEYS",
     "QUANT_KEYS",
+    "conform_loaded_layout",
     "dequantized_moments",
     "init_compact_moments",
     "init_moments",
     "init_sharded_moments",
     "is_quantized",
+    "loaded_layout_problem",
     "memory_report",
     "moment_args",
     "shard_loaded_state",
@@ -41,6 +52,7 @@ __all__ = [
 DENSE_KEYS = ("exp_avg", "exp_avg_sq")
 QUANT_KEYS = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
 FP32_KEYS = ("exp_avg_absmax", "exp_avg_sq_absmax")
+CODE_KEYS = ("exp_avg_codes", "exp_avg_sq_codes")
 #: sparse momentum (spam_lowmem/sparse_subset.py): the subset rule and the compact block starts
 INDEX_KEYS = ("subset", "compact_block_starts")
 
@@ -58,10 +70,10 @@ def init_moments(p: torch.Tensor, state: dict[str, Any], quantized: bool) -> Non
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return
-    blocks = num_blocks(p.numel())
+    blocks = absmax_shape(p.shape)  # [R, blocks per row], or flat for 1-D
     for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
         zero = quant_map(signed).zero_code
-        state[f"{key}_codes"] = torch.full((p.numel(),), zero, dtype=torch.uint8, device=p.device)
+        state[f"{key}_codes"] = torch.full(p.shape, zero, dtype=torch.uint8, device=p.device)
         state[f"{key}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
 
 
@@ -130,6 +142,49 @@ def shard_loaded_state(p: torch.Tensor, state: dict[str, Any], info: sharding.Sh
         )
 
 
+def loaded_layout_problem(p: torch.Tensor, saved: dict[str, Any]) -> str | None:
+    """Why the saved 8-bit dense moments of ``p`` cannot be loaded, or None. Codes need one uint8
+    per element; absmax the layout's shape (:func:`spam_lowmem.qmap.absmax_shape`), or, for a
+    state saved by a version whose blocks ran over the flattened tensor (absmax 1-D of
+    ``ceil(numel/256)``), rows of a multiple of 256 elements, whose blocks are the same."""
+    for key in CODE_KEYS:
+        if saved[key].dtype != torch.uint8 or saved[key].numel() != p.numel():
+            return (
+                f"loaded '{key}' does not hold one uint8 code per element (got {saved[key].dtype}, "
+                f"{saved[key].numel()} entries)"
+            )
+    want = absmax_shape(p.shape)
+    for key in FP32_KEYS:
+        got = tuple(saved[key].shape)
+        if got == want:
+            continue
+        if p.dim() >= 2 and got == (num_blocks(p.numel()),):
+            row_len = math.prod(p.shape[1:])
+            if row_len % 256 == 0 or p.numel() == 0:
+                continue  # the old flat blocks are these blocks (or none): reshaped on load
+            return (
+                f"loaded '{key}' was saved with the flat 8-bit block layout of an earlier "
+                "spam_lowmem version (blocks of 256 over the flattened tensor); this version's "
+                f"blocks restart at each row (docs/algorithms.md §13.2), and rows of {row_len} "
+                "elements are no multiple of 256, so the saved blocks cannot be loaded into the row "
+                "layout (re-create the 8-bit state, e.g. by loading without optimizer state)"
+            )
+        return f"loaded '{key}' has shape {list(got)}; the 8-bit blocks need absmax of shape {list(want)}"
+    return None
+
+
+def conform_loaded_layout(p: torch.Tensor, state: dict[str, Any]) -> None:
+    """Give checked, loaded 8-bit dense moments of ``p`` the layout's shapes (codes shaped like
+    ``p``, absmax :func:`~spam_lowmem.qmap.absmax_shape`): an old flat state of rows of whole
+    blocks holds the same data, reshaped. Contiguous, as the core needs."""
+    if not is_quantized(state) or "subset" in state:  # sparse: compact arrays stay flat
+        return
+    for key in CODE_KEYS:
+        state[key] = state[key].reshape(p.shape).contiguous()
+    for key in FP32_KEYS:
+        state[key] = state[key].reshape(absmax_shape(p.shape)).contiguous()
+
+
 def init_compact_moments(p: torch.Tensor, state: dict[str, Any], compact: int, quantized: bool) -> None:
     """Zero moments for ``compact`` selected entries of ``p`` (sparse momentum): 1-D arrays of
     ``compact`` values in ``p``'s dtype, or ``compact`` codes and ``ceil(compact/256)`` absmax."""
@@ -169,7 +224,7 @@ def moment_args(states: list[dict[str, Any]], device: torch.device) -> dict[str,
 
 
 def dequantized_moments(p: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(m, v) as float tensors shaped like ``p`` (for inspection and tests)."""
+    """(m, v) as float32 tensors shaped like ``p`` (for inspection and tests)."""
     if not is_quantized(state):
         return state["exp_avg"].float(), state["exp_avg_sq"].float()
     from ..functional import dequantize_blockwise

@@ -114,8 +114,10 @@ class SPAM(SpikeAwareOptimizer):
         * State per parameter: ``step`` (int) and the moments: ``exp_avg``, ``exp_avg_sq`` in
           the parameter dtype (torch's convention; bf16 parameters keep bf16 moments, the
           papers' "pure BF16" setting), 2 x parameter bytes; or with ``state_bits=8``
-          ``exp_avg_codes``/``exp_avg_sq_codes`` (uint8) and ``*_absmax`` (fp32 per 256),
-          2 + 8/256 bytes per element. Each group keeps its call count in
+          ``exp_avg_codes``/``exp_avg_sq_codes`` (uint8, the parameter's shape) and
+          ``*_absmax`` (fp32 per block of 256; blocks restart at each row of a matrix, absmax
+          ``[rows, ceil(row_len/256)]``, :mod:`spam_lowmem.optim.moments`), about 2 + 8/256
+          bytes per element. Each group keeps its call count in
           ``group["calls"]``, so schedules survive ``state_dict()``/``load_state_dict()``.
         * Sparse groups (d < 1): the moments are compact 1-D arrays of the K selected entries
           in flat-index order (K values in the parameter dtype, or K codes + ceil(K/256)

@@ -4,8 +4,9 @@
 // An optimizer supplies an element function fn(p, g, m, v) -> ElementFlags (math.h) per
 // tensor; these loops load and store the storage types around it:
 //   dense moments: one pass, p/g/m/v in the parameter dtype;
-//   8-bit moments: per 256-element block, dequantise m and v into registers/stack, run fn,
-//                  take the new per-block absmax, requantise (quant8.h) — one pass over memory;
+//   8-bit moments: per block of <= 256 elements (blocks restart at each row, quant8.h
+//                  BlockRows), dequantise m and v into registers/stack, run fn, take the new
+//                  per-block absmax, requantise — one pass over memory;
 //   packed 4-bit parameter (dense moments): per quantisation group, unpack, run fn,
 //                  re-quantise with stochastic rounding (packed_loop.h) — one pass as well.
 #pragma once
@@ -220,7 +221,10 @@ inline void quant8_block(T* p, const T* g, int n, uint8_t* __restrict m_codes,
   quantize_run(v, v_codes, n, v_absmax, maps.v);
 }
 
-// [begin, end) starts on a block boundary (chunks are multiples of kQuantBlock).
+// The blocks whose start lies in [begin, end) (q.rows: flat, or restarting at each row;
+// quant8.h). Chunks are cut in element space, so with rows whose length is no multiple of 256 a
+// block may start before `begin` (the previous chunk's) or run past `end` (this chunk's). For
+// flat blocks begin is a multiple of 256 and these are the blocks [begin/256, ceil(end/256)).
 template <typename T, typename Fn>
 void run_quant8(const TensorRef& param, const TensorRef& grad, const Quant8Moments& q,
                 const QuantMaps& maps, int64_t begin, int64_t end, const Fn& fn, int64_t& clipped,
@@ -233,14 +237,18 @@ void run_quant8(const TensorRef& param, const TensorRef& grad, const Quant8Momen
   uint8_t* __restrict v_codes = q.v_codes;
   float* __restrict m_absmax = q.m_absmax;
   float* __restrict v_absmax = q.v_absmax;
-  for (int64_t b0 = begin; b0 < end; b0 += kQuantBlock) {
-    const int n = static_cast<int>(std::min<int64_t>(kQuantBlock, end - b0));
-    const int64_t block = b0 / kQuantBlock;
-    const int64_t next = b0 + kQuantBlock;
-    if (next + kQuantBlock <= end)
-      prefetch_step_block(p + next, g + next, m_codes + next, v_codes + next);
-    quant8_block(p + b0, g + b0, n, m_codes + b0, v_codes + b0, m_absmax[block], v_absmax[block],
-                 maps, fn, clipped, nonfinite);
+  const BlockRows rows = q.rows;
+  const int64_t last = rows.first_block_at_or_after(end);
+  BlockWalk w = walk_at(rows, rows.first_block_at_or_after(begin));
+  while (w.block < last) {
+    BlockWalk next = w;
+    walk_next(rows, next);
+    if (next.start + kQuantBlock <= end)
+      prefetch_step_block(p + next.start, g + next.start, m_codes + next.start,
+                          v_codes + next.start);
+    quant8_block(p + w.start, g + w.start, w.len, m_codes + w.start, v_codes + w.start,
+                 m_absmax[w.block], v_absmax[w.block], maps, fn, clipped, nonfinite);
+    w = next;
   }
 }
 
