@@ -3,7 +3,9 @@
 Every candidate steps its own copy of the same parameters and gradients; candidates are
 timed round-robin in one run. Printed: median step time, IQR, achieved GB/s (bytes the
 step must move / time), that figure as a share of a same-size tensor copy, and ratios to
-torch.optim.AdamW(fused=True) and to our pure-PyTorch reference SPAM.
+torch.optim.AdamW(fused=True) and to our pure-PyTorch reference SPAM. pytorch_optimizer 4.x's
+pure-PyTorch SPAM and StableSPAM are rows when it is installed (``pip install ".[bench]"``),
+with the same hyper-parameters as ours.
 
     python benchmarks/bench_step.py                      # CPU, fp32
     python benchmarks/bench_step.py --device cuda --dtype bf16 --out bench_out/step.jsonl
@@ -12,6 +14,7 @@ torch.optim.AdamW(fused=True) and to our pure-PyTorch reference SPAM.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -65,15 +68,86 @@ def sparse_bytes(shapes: list[tuple[str, tuple[int, ...]]], density: float, bits
     return per_elem
 
 
+#: pytorch_optimizer's keywords for our class defaults (spam_lowmem/hyperparams.py): SPAM's post-reset warmup
+#: is its ``warmup_epoch``, the clip delay ``grad_accu_steps``, the reset interval
+#: ``update_proj_gap``; density 1 is dense momentum (its 2-D tensors still go through a mask).
+#: Stable-SPAM's gammas are ``gamma1, gamma2, theta``, ``t_max`` its ``total_steps``.
+PYTORCH_OPTIMIZER_KWARGS: dict[str, dict[str, Any]] = {
+    "SPAM": dict(
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        density=1.0,
+        weight_decay=0.0,
+        warmup_epoch=150,
+        threshold=5000,
+        grad_accu_steps=20,
+        update_proj_gap=500,
+        eps=1e-6,
+    ),
+    "StableSPAM": dict(
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        gamma1=0.7,
+        gamma2=0.9,
+        theta=0.999,
+        t_max=None,
+        eta_min=0.5,
+        weight_decay=0.0,
+        update_proj_gap=1000,
+        eps=1e-8,
+    ),
+}
+
+
+def pytorch_optimizer_candidates(notes: list[dict[str, Any]]) -> dict[str, tuple[Factory, Callable[[int], float]]]:
+    """pytorch_optimizer's SPAM and StableSPAM rows. Each keyword is checked against the
+    constructor's signature and the optimizer built once on a tiny tensor first, so that a
+    signature that changed (a keyword renamed in a later 4.x) is reported in ``notes`` (one
+    JSON line each) instead of guessed around or failing the whole run."""
+    try:
+        import pytorch_optimizer
+    except ImportError:
+        print("# pytorch_optimizer not installed: rows skipped")
+        notes.append({"bench": "step", "candidate": "pytorch_optimizer", "skipped": "pytorch_optimizer not installed"})
+        return {}
+    from importlib.metadata import version
+
+    found = version("pytorch_optimizer")
+    cands: dict[str, tuple[Factory, Callable[[int], float]]] = {}
+    for cls_name, kwargs in PYTORCH_OPTIMIZER_KWARGS.items():
+        name = f"{cls_name} (pytorch_optimizer {found})"
+        cls = getattr(pytorch_optimizer, cls_name, None)
+        problem = None if cls is not None else f"pytorch_optimizer {found} has no {cls_name}"
+        if cls is not None:
+            # its constructor takes **kwargs, so a renamed keyword would be swallowed silently
+            named = set(inspect.signature(cls).parameters)
+            unknown = sorted(set(kwargs) - named)
+            if unknown:
+                problem = f"{cls_name} {found} has no keyword(s) {unknown} (its signature: {sorted(named)})"
+        if cls is not None and problem is None:
+            try:
+                cls([torch.nn.Parameter(torch.zeros(2, 2))], **kwargs)
+            except (TypeError, ValueError) as exc:
+                problem = f"{cls_name}(**{kwargs}) failed: {type(exc).__name__}: {exc}"
+        if problem:
+            print(f"# {name}: row skipped: {problem}")
+            notes.append({"bench": "step", "candidate": name, "skipped": problem})
+            continue
+        cands[name] = (lambda ps, cls=cls, kwargs=kwargs: cls(ps, **kwargs), dense_bytes)
+    return cands
+
+
 def candidates(
     device: str,
     shapes: list[tuple[str, tuple[int, ...]]] | None = None,
+    notes: list[dict[str, Any]] | None = None,
 ) -> dict[str, tuple[Factory, Callable[[int], float]]]:
     """name -> (optimizer factory, bytes the step must move per element, given the element size).
 
     Every dense Adam-family step reads p, g, m, v and writes p, m, v: 7 element-sized
     transfers per parameter. 8-bit moments move 4 bytes per element instead of 4 elements: p r/w + g r in the
     parameter dtype, plus 1-byte codes of m and v read and written (absmax is 1/64 of that).
+    Rows skipped for a missing or incompatible package are appended to ``notes``.
     """
     cands: dict[str, tuple[Factory, Callable[[int], float]]] = {
         "torch AdamW (foreach)": (lambda ps: torch.optim.AdamW(ps, foreach=True), dense_bytes),
@@ -110,6 +184,7 @@ def candidates(
         cands["torchao AdamW8bit"] = (lambda ps: TorchaoAdamW8bit(ps), q8_bytes)
     except ImportError:
         print("# torchao not installed: its row is skipped")
+    cands.update(pytorch_optimizer_candidates(notes if notes is not None else []))
     return cands
 
 
@@ -138,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     dtype = DTYPES[args.dtype]
     shapes = C.llama_shapes(C.LLAMA_60M["hidden"], args.layers, C.LLAMA_60M["ffn"], C.LLAMA_60M["vocab"])
     numel = sum(torch.Size(s).numel() for _, s in shapes)
-    cands = candidates(args.device, shapes)
+    notes: list[dict[str, Any]] = []
+    cands = candidates(args.device, shapes, notes)
     if args.only:
         keep = [s.strip().lower() for s in args.only.split(",")]
         cands = {k: v for k, v in cands.items() if any(s in k.lower() for s in keep)}
@@ -148,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         steps[name] = opt.step
     env = C.environment(args.device)
     copy_gbps = C.copy_bandwidth(numel, dtype, args.device)
-    slow = {n: 30.0 for n in steps if "reference" in n}
+    slow = {n: 30.0 for n in steps if "reference" in n or "pytorch_optimizer" in n}
     times = C.time_interleaved(steps, args.device, warmup=args.warmup, rounds=args.rounds, max_seconds=slow)
 
     summary = {n: C.summarize(t) for n, t in times.items()}
@@ -211,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         ],
         rows,
     )
-    C.write_jsonl(args.out, records)
+    C.write_jsonl(args.out, records + [{**note, "env": env} for note in notes])
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Public API: :class:`SPAM`, :class:`StableSPAM`, :class:`AdamW` (C++/CUDA core, 32- or 8-bit
 state, sparse momentum), :func:`quantize_model` / :class:`QuantLinear` (4-bit weight training),
 :mod:`spam_lowmem.reference` (pure-PyTorch oracle), :mod:`spam_lowmem.functional` (stateless
-core entry points).
+core entry points), :mod:`spam_lowmem.integrations` (Hugging Face Trainer; not imported here, so
+that ``import spam_lowmem`` never imports transformers).
 """
 
 from __future__ import annotations
