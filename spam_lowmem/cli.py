@@ -5,6 +5,8 @@
     spam-lowmem train --optimizer stable-spam --weight-bits 4 --quant-format fp4 --out runs/w4
     spam-lowmem compare --out runs/cmp
     spam-lowmem compare --four-bit --out runs/cmp4
+    spam-lowmem compare --tune-lr --seeds 0,1 --out runs/tuned
+    spam-lowmem compare --preset paper-small --out runs/paper-small
     spam-lowmem density --model 60m --rank 128
     spam-lowmem train --nproc 2 --fsdp --optimizer spam --out runs/fsdp      # 2 ranks, FSDP2
     python -m torch.distributed.run --nproc-per-node 2 -m spam_lowmem.cli train --fsdp --out runs/fsdp

@@ -5,7 +5,14 @@ Each optimizer trains in its own ``python -m spam_lowmem.cli train`` process (fo
 optimizer does not stop the others. The corpus is tokenized once into ``OUT/cache``.
 
 Outputs in ``OUT``: ``results.md`` (summary and table), ``results.csv``, ``results.jsonl`` (one
-line per optimizer), ``loss_curves.png``, ``memory.png``, and each run's own folder.
+line per optimizer), ``loss_curves.png``, ``memory.png``, ``spikes.png`` (loss, gradient norm and
+spike-clipped entries per step, :mod:`.plots`), and each run's own folder.
+
+As evidence (:mod:`.tuning`): ``--tune-lr`` picks each optimizer's rate from a grid on a
+validation split of the training text, ``--seeds`` repeats the chosen runs, and the report gives
+mean and spread over seeds; then runs live in ``runs/NAME/lrLR`` (grid) and ``runs/NAME/seedS``,
+and ``runs.csv`` lists them. ``--preset`` (:mod:`.presets`) and ``--stress`` set up longer or
+harsher comparisons.
 """
 
 from __future__ import annotations

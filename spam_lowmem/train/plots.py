@@ -42,6 +42,7 @@ def plot_spikes(path: Path, runs: Sequence[tuple[str, list[dict[str, Any]]]]) ->
     norm_ax.set_yscale("log")
     norm_ax.set_ylabel("global grad norm\n(before clipping/step)")
     clip_ax.set_yscale("symlog", linthresh=1)
+    clip_ax.set_ylim(bottom=0)  # counts: never negative
     clip_ax.set_ylabel("spike-clipped entries")
     if not clipped_any:
         clip_ax.text(0.5, 0.5, "no optimizer here reports spike counts", ha="center", transform=clip_ax.transAxes)
