@@ -5,6 +5,8 @@
     spam-lowmem train --optimizer stable-spam --weight-bits 4 --quant-format fp4 --out runs/w4
     spam-lowmem compare --out runs/cmp
     spam-lowmem compare --four-bit --out runs/cmp4
+    spam-lowmem compare --tune-lr --seeds 0,1 --out runs/tuned
+    spam-lowmem compare --preset paper-small --out runs/paper-small
     spam-lowmem density --model 60m --rank 128
     spam-lowmem train --nproc 2 --fsdp --optimizer spam --out runs/fsdp      # 2 ranks, FSDP2
     python -m torch.distributed.run --nproc-per-node 2 -m spam_lowmem.cli train --fsdp --out runs/fsdp
@@ -147,7 +149,66 @@ def _quant_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _reset_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--reset-interval",
+        type=_non_negative,
+        default=None,
+        help="SPAM/Stable-SPAM momentum-reset period in steps, 0: never (default: the class's, 500 / 1000)",
+    )
+    p.add_argument(
+        "--reset-warmup",
+        type=_non_negative,
+        default=None,
+        help="SPAM's post-reset warmup in steps (default: the class's, 150)",
+    )
+
+
+def _evidence_flags(p: argparse.ArgumentParser) -> None:
+    """compare: rate tuning on the validation split, several seeds, presets, stress scenarios."""
+    from .train.presets import PRESETS
+
+    p.add_argument(
+        "--tune-lr",
+        action="store_true",
+        help="per optimizer, train each rate of a grid, choose the lowest validation loss (a split "
+        "of the training text, not the held-out one), then run the chosen rate once per seed",
+    )
+    p.add_argument(
+        "--lr-grid",
+        default=None,
+        metavar="LR,LR,...",
+        help="the rates tried by --tune-lr, for every optimizer (default: each optimizer's rate x 1/3, 1, 3)",
+    )
+    p.add_argument(
+        "--tune-steps",
+        type=_positive,
+        default=None,
+        help="steps per grid run (default --steps; then the grid run at the chosen rate is reused as the first seed)",
+    )
+    p.add_argument(
+        "--seeds",
+        default=None,
+        metavar="S,S,...",
+        help="seeds of the reported runs (default --seed; with --tune-lr, --seed and --seed+1)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        default=None,
+        help="paper-small: adamw, spam, stable-spam on the tiny model, 600 steps with 3 momentum resets "
+        "and SPAM's post-reset warmup, --tune-lr, 2 seeds (about 30 min on 2 CPU cores); flags given win",
+    )
+    p.add_argument(
+        "--stress",
+        choices=("lr", "w4a4"),
+        default=None,
+        help="lr: every learning rate x10; w4a4: 4-bit weights and activations (as --four-bit); "
+        "the report says which runs diverged or spiked",
+    )
+
+
+def build_parser(compare_defaults: dict[str, object] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spam-lowmem", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -196,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
         "16: unquantised (default)",
     )
     _quant_flags(t)
+    _reset_args(t)
+    t.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="share of the packed training sequences kept apart as a validation split, scored at the "
+        "end as final_val_loss (default 0: none)",
+    )
     t.add_argument(
         "--nproc",
         type=_positive,
@@ -234,7 +303,18 @@ def build_parser() -> argparse.ArgumentParser:
         "stable-spam) with 4-bit weights and activations, plus unquantised 16-bit AdamW",
     )
     _quant_flags(c)
+    _evidence_flags(c)
+    _reset_args(c)
+    c.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="share of the packed training sequences kept apart as the validation split "
+        "(default 0.05 with --tune-lr, else 0)",
+    )
     _common(c)
+    if compare_defaults:
+        c.set_defaults(**compare_defaults)
 
     d = sub.add_parser("density", help="SPAM density with the state memory of GaLore at a rank")
     d.add_argument("--model", choices=_MODELS, default="60m")
@@ -274,6 +354,10 @@ def _train_config(args: argparse.Namespace, optimizer: str) -> TrainConfig:
         galore_rank=args.galore_rank,
         galore_gap=args.galore_gap,
         galore_scale=args.galore_scale,
+        val_fraction=getattr(args, "val_fraction", None) or 0.0,
+        # compare passes these to the SPAM family only (compare._reset_flags); train checks them
+        reset_interval=getattr(args, "reset_interval", None),
+        reset_warmup=getattr(args, "reset_warmup", None),
         **_quant_config(args),
     )
 
@@ -371,6 +455,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "preset", None):  # parse again with the preset as defaults: given flags win
+            from .train.presets import PRESETS
+
+            args = build_parser(PRESETS[args.preset]).parse_args(argv)
     except SystemExit as exc:  # argparse already printed the usage error (or the help)
         return exc.code if isinstance(exc.code, int) else 2
     try:

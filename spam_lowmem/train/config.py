@@ -38,7 +38,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json")
 #: logistics that do not change the training trajectory
 MAY_CHANGE_ON_RESUME = frozenset({"eval_every", "save_every"})
 #: keys added after the first release, with the value that a config.json written without them meant
-_ADDED_KEYS = {"weight_bits": 16}
+_ADDED_KEYS = {"weight_bits": 16, "val_fraction": 0.0, "reset_interval": None, "reset_warmup": None}
 QUANT_FORMATS = ("int4", "fp4")
 WEIGHT_STORAGES = ("fake", "packed")
 
@@ -77,6 +77,12 @@ class TrainConfig:
     quant_format: str | None = None
     weight_storage: str | None = None
     quant_group_size: int | None = None
+    # fraction of the packed training sequences kept apart as a validation split (data.split_validation),
+    # for choosing a learning rate without looking at the held-out split; 0 = none
+    val_fraction: float = 0.0
+    # SPAM / Stable-SPAM momentum-reset period and SPAM's post-reset warmup; None = the class defaults
+    reset_interval: int | None = None
+    reset_warmup: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +120,12 @@ class TrainConfig:
             )
         if self.density is not None and not 0.0 < self.density <= 1.0:
             raise UsageError(f"--density must be in (0, 1], got {self.density}")
+        if not 0.0 <= self.val_fraction < 0.5:
+            raise UsageError(f"--val-fraction must be in [0, 0.5), got {self.val_fraction}")
+        if self.reset_interval is not None and self.reset_interval < 0:
+            raise UsageError(f"--reset-interval must be >= 0 (0: never reset), got {self.reset_interval}")
+        if self.reset_warmup is not None and self.reset_warmup < 0:
+            raise UsageError(f"--reset-warmup must be >= 0, got {self.reset_warmup}")
         if self.galore_rank is not None and self.galore_rank <= 0:
             raise UsageError(f"--galore-rank must be > 0, got {self.galore_rank}")
         self.validate_quant()

@@ -43,6 +43,7 @@ __all__ = [
     "train_tokenizer",
     "prepare_corpus",
     "pack",
+    "split_validation",
     "eval_batches",
     "unigram_cross_entropy",
 ]
@@ -299,6 +300,25 @@ def pack(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     """Non-overlapping ``seq_len`` windows of the stream (the tail shorter than one is dropped)."""
     n = len(tokens) // seq_len
     return tokens[: n * seq_len].reshape(n, seq_len)
+
+
+def split_validation(chunks: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(training chunks, validation chunks): the last ``ceil(fraction * n)`` packed training
+    sequences become the validation split (none when ``fraction`` is 0).
+
+    Carved from the *training* text, never from the held-out documents, so that choosing a
+    learning rate on it leaves the held-out loss an unbiased report. The cut is at the end of
+    the packed stream (contiguous text, not a random sample) and a pure function of the corpus,
+    so every run of a comparison validates on the same sequences and trains on the same others.
+    """
+    if fraction <= 0:
+        return chunks, chunks[:0]
+    n_val = math.ceil(fraction * len(chunks))
+    if n_val >= len(chunks):
+        raise UsageError(
+            f"a validation fraction of {fraction:g} leaves no training sequence ({len(chunks)} in all); use more text"
+        )
+    return chunks[: len(chunks) - n_val], chunks[len(chunks) - n_val :]
 
 
 class BatchStream:

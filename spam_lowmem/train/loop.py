@@ -39,7 +39,7 @@ from .memory import PeakMemory, optimizer_state_bytes
 from .model import build_model, count_parameters, get_spec
 from .optimizers import SPAM_FAMILY, build_optimizer, parse_budget, planned_kwargs
 
-__all__ = ["WarmupCosine", "evaluate", "resolve_device", "train"]
+__all__ = ["WarmupCosine", "evaluate", "grad_norm", "resolve_device", "train"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -93,6 +93,31 @@ def evaluate(
         total, summed = rt.sum([total, count])
         count = int(summed)
     return total / count, count
+
+
+def grad_norm(parameters: Sequence[torch.nn.Parameter]) -> float:
+    """The global L2 norm of the gradients (NaN/inf if any entry is), read without changing them.
+
+    Logged per step so that a gradient spike shows next to the loss; taken before clipping and
+    before ``opt.step()``. Under FSDP2 the gradients are DTensor shards and the norm is reduced
+    over the mesh (``full_tensor``); under DDP every rank holds the same all-reduced gradients.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _spike_counts(opt: torch.optim.Optimizer) -> dict[str, int]:
+    """Spike-clipped and non-finite gradient entries since the last call (SPAM family only)."""
+    stats = getattr(opt, "spike_stats", None)
+    if stats is None:
+        return {}
+    read = stats()
+    return {"clipped": int(read["clipped"]), "nonfinite": int(read["nonfinite"])}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -263,12 +288,22 @@ def _warm_up(device: torch.device) -> None:
 
 def _optimizer_kwargs(cfg: TrainConfig, model: torch.nn.Module, budget: int | None) -> dict[str, Any]:
     if budget is not None:
-        return planned_kwargs(model, budget, cfg.optimizer)
-    extra: dict[str, Any] = {}
+        return {**planned_kwargs(model, budget, cfg.optimizer), **_reset_kwargs(cfg)}
+    extra = _reset_kwargs(cfg)
     if cfg.state_bits is not None:
         extra["state_bits"] = cfg.state_bits
     if cfg.density is not None:
         extra["density"] = cfg.density
+    return extra
+
+
+def _reset_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """The momentum-reset keywords given (``reset_interval``; SPAM also ``warmup_steps``)."""
+    extra: dict[str, Any] = {}
+    if cfg.reset_interval is not None:
+        extra["reset_interval"] = cfg.reset_interval
+    if cfg.reset_warmup is not None:
+        extra["warmup_steps"] = cfg.reset_warmup
     return extra
 
 
@@ -348,8 +383,15 @@ def _check_options(cfg: TrainConfig) -> int | None:
         for f, v in (("--state-bits", cfg.state_bits), ("--density", cfg.density), ("--budget", budget))
         if v is not None
     ]
-    if given and cfg.optimizer not in SPAM_FAMILY:
-        raise UsageError(f"{', '.join(given)} only apply to {' and '.join(SPAM_FAMILY)}, not to {cfg.optimizer}")
+    resets = [
+        f for f, v in (("--reset-interval", cfg.reset_interval), ("--reset-warmup", cfg.reset_warmup)) if v is not None
+    ]
+    if (given or resets) and cfg.optimizer not in SPAM_FAMILY:
+        raise UsageError(
+            f"{', '.join(given + resets)} only apply to {' and '.join(SPAM_FAMILY)}, not to {cfg.optimizer}"
+        )
+    if cfg.reset_warmup is not None and cfg.optimizer != "spam":
+        raise UsageError("--reset-warmup is SPAM's post-reset warmup; Stable-SPAM has none (drop it)")
     if budget is not None and len(given) > 1:
         raise UsageError(
             "--budget chooses the optimizer settings itself; do not combine it with --state-bits or --density"
@@ -527,8 +569,10 @@ def train(
     corpus = _on_main(
         rt, lambda: D.prepare_corpus(cfg.data or None, cfg.vocab_size, cache_dir or out / "cache", loaded=docs)
     )
-    stream = D.BatchStream(D.pack(corpus.train_tokens, cfg.seq_len), cfg.batch_size, cfg.seed)
+    train_chunks, val_chunks = D.split_validation(D.pack(corpus.train_tokens, cfg.seq_len), cfg.val_fraction)
+    stream = D.BatchStream(train_chunks, cfg.batch_size, cfg.seed)
     held = D.eval_batches(D.pack(corpus.eval_tokens, cfg.seq_len), cfg.batch_size, cfg.eval_batches)
+    val = D.eval_batches(val_chunks, cfg.batch_size, cfg.eval_batches) if len(val_chunks) else []
 
     _warm_up(device)
     random.seed(cfg.seed)
@@ -643,9 +687,14 @@ def train(
                 loss_sum += loss.detach().item()
             if rt.distributed:  # equal slices: the mean of the ranks' losses is the global batch's
                 loss_sum = rt.sum([loss_sum])[0] / rt.world_size
+            # the norm before clipping and before the step: the spike the optimizer is about to see
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                norm_now = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            else:
+                norm_now = grad_norm(list(model.parameters()))
             opt.step()
+            spikes = _spike_counts(opt)  # one host sync per step; every rank calls it (FSDP2 reduces)
             sched.step()
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":
@@ -663,6 +712,8 @@ def train(
                     "lr": lr_now,
                     "tokens": step * tokens_per_step,
                     "seconds": round(dt, 5),
+                    "grad_norm": norm_now,
+                    **spikes,
                 }
             )
             diverged = not math.isfinite(train_loss)
@@ -702,6 +753,7 @@ def train(
     finished = step >= cfg.steps or diverged
     if finished and eval_step != step:
         eval_loss, eval_tokens = evaluate(model, held, device, rt)
+    val_loss = evaluate(model, val, device, rt)[0] if finished and val else None
     state_bytes = optimizer_state_bytes(opt)  # this rank's (a DTensor counts its local shard)
     # FSDP2: the ranks hold disjoint shards, the whole state is their sum; DDP: each holds all
     total_state_bytes = int(rt.sum([state_bytes])[0]) if rt.mode == "fsdp" else state_bytes
@@ -717,6 +769,7 @@ def train(
         "final_eval_loss": eval_loss,
         "final_eval_ppl": _ppl(eval_loss),
         "eval_tokens": eval_tokens,
+        "final_val_loss": val_loss,  # on the validation split (val_fraction > 0), for choosing settings
         "unigram_eval_loss": D.unigram_cross_entropy(corpus.train_tokens, held, corpus.vocab_size),
         "optimizer_state_bytes": total_state_bytes,
         "peak_memory_bytes": memory.peak_bytes(),
