@@ -125,9 +125,18 @@ def test_fsdp2_two_ranks_match_one_process(fsdp2: Any, single: dict[str, Path]) 
 
 
 def test_resume_across_world_sizes(
-    corpus: Path, cache: Path, fsdp2: Any, single: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    corpus: Path,
+    cache: Path,
+    fsdp2: Any,
+    single: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """2 FSDP2 ranks to step 2, then 1 to step 4, then 2 DDP ranks to the end: 2 -> 1, 1 -> 2."""
+    # --nproc re-launches `python -m spam_lowmem.cli` in the working directory: not the source
+    # checkout, whose uncompiled package would shadow the installed one (docs/design.md T8)
+    monkeypatch.chdir(tmp_path)
     whole, _ = fsdp2
     out = tmp_path / "split"
     args = micro_args(corpus, cache, out) + ["--fsdp"]

@@ -331,11 +331,12 @@ def test_reads_happen_on_every_rank_at_step_end_never_in_on_log(
         assert eval_logs == {"eval_loss": 1.0}  # evaluation logs are left alone
 
 
-def test_import_spam_lowmem_does_not_import_transformers() -> None:
+def test_import_spam_lowmem_does_not_import_transformers(tmp_path: Path) -> None:
     import subprocess
 
     code = (
         "import sys, spam_lowmem, spam_lowmem.integrations as i; "
         "i.build_optimizer; assert 'transformers' not in sys.modules, 'imported'"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # cwd away from the source checkout, whose uncompiled package would shadow the installed one
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
